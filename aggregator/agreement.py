@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from aggregator.errors import AgreementFailed, PartialSumRefused
 
+
 def intersect_received(
     received_sets: Mapping[str, Collection[str]],
     aggregator_ids: Collection[str],
