@@ -1,10 +1,54 @@
-"""`tessera broker ...` sub-commands."""
+"""`tessera provision ...`: the broker package's sub-commands."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from broker.federation import load_federation
+from broker.provision import provision
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this package's sub-commands to the `tessera` parser."""
-    del commands  # sub-commands arrive with the broker issue
+    parser = commands.add_parser(
+        "provision",
+        help="create the federation CA, certificates, keys, roster, broker config and bundles",
+        description=(
+            "Provision a federation from FEDERATION.toml (see broker/examples/). Refuses to "
+            "replace an existing CA; --reuse-ca issues new members under it."
+        ),
+    )
+    parser.add_argument("federation", type=Path, help="the FEDERATION.toml file")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--reuse-ca",
+        action="store_true",
+        help="keep the CA and existing members in --out; issue only new members",
+    )
+    parser.add_argument(
+        "--broker-user",
+        default="mosquitto",
+        help="user Mosquitto switches to when started as root (default: mosquitto)",
+    )
+    parser.set_defaults(handler=_provision)
+
+
+def _provision(args: argparse.Namespace) -> int:
+    federation = load_federation(args.federation)
+    result = provision(federation, args.out, reuse_ca=args.reuse_ca, run_as_user=args.broker_user)
+    print(
+        f"provisioned federation {federation.id!r} in {result.out} "
+        f"(roster v{result.roster_version})"
+    )
+    if result.issued:
+        print(f"  issued: {', '.join(result.issued)}")
+    if result.kept:
+        print(f"  kept:   {', '.join(result.kept)}")
+    if result.not_in_federation:
+        print(
+            f"  NOT in {args.federation.name} any more, left on disk but dropped from roster "
+            f"and ACL: {', '.join(result.not_in_federation)}"
+        )
+    print(f"  keep {result.out / 'coordinator'} offline; hand each bundles/<id>/ to its member")
+    return 0

@@ -1,0 +1,348 @@
+"""Chunk frames and their reassembly: pure, no paho; the clock is injected.
+
+Every payload crosses the wire as one or more chunk frames (a small payload is one frame),
+so the receiver checks one SHA-256 per chunk and one over the whole payload, always.
+Frame layout (big-endian, 109-byte header then the chunk bytes)::
+
+    magic      4   b"TSCK"
+    version    1   1
+    payload_id 16  random per payload (os.urandom)
+    index      4   0-based chunk index
+    count      4   number of chunks, >= 1
+    chunk_size 4   bytes in every chunk but the last (offset = index * chunk_size)
+    total_size 8   bytes in the whole payload
+    payload_sha256 32
+    chunk_sha256   32  over this chunk's bytes
+    chunk_len  4   bytes that follow
+    data       chunk_len
+
+Reassembly keeps at most ``max_transfers`` open transfers and ``max_total_bytes`` of
+declared payload across them, and spools a transfer larger than ``spool_threshold`` to a
+temporary file instead of memory. A repeated identical chunk is ignored (QoS 1 may deliver
+twice); a chunk that conflicts with one already held is rejected; a transfer with no
+progress for ``timeout_s`` is dropped and recorded in ``expired``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from broker.errors import ChunkError, PayloadTooLargeError
+
+MAGIC = b"TSCK"
+VERSION = 1
+_HEADER = struct.Struct(">4sB16sIIIQ32s32sI")
+HEADER_SIZE = _HEADER.size
+PAYLOAD_ID_SIZE = 16
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkFrame:
+    """One chunk of one payload, as it travels in one MQTT message."""
+
+    payload_id: bytes
+    index: int
+    count: int
+    chunk_size: int
+    total_size: int
+    payload_sha256: bytes
+    chunk_sha256: bytes
+    data: bytes
+
+    def to_bytes(self) -> bytes:
+        """Encode the frame (header then data)."""
+        header = _HEADER.pack(
+            MAGIC,
+            VERSION,
+            self.payload_id,
+            self.index,
+            self.count,
+            self.chunk_size,
+            self.total_size,
+            self.payload_sha256,
+            self.chunk_sha256,
+            len(self.data),
+        )
+        return header + self.data
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ChunkFrame:
+        """Decode and check one frame: lengths, geometry and the chunk's own SHA-256."""
+        if len(raw) < HEADER_SIZE:
+            raise ChunkError(f"chunk frame of {len(raw)} bytes is shorter than its header")
+        magic, version, pid, index, count, chunk_size, total, psha, csha, clen = (
+            _HEADER.unpack_from(raw)
+        )
+        if magic != MAGIC or version != VERSION:
+            raise ChunkError(
+                f"not a chunk frame of version {VERSION} (magic {magic!r}, v{version})"
+            )
+        data = bytes(raw[HEADER_SIZE:])
+        if clen != len(data):
+            raise ChunkError(f"chunk frame declares {clen} data bytes but carries {len(data)}")
+        frame = cls(pid, index, count, chunk_size, total, psha, csha, data)
+        _check_geometry(frame)
+        if hashlib.sha256(data).digest() != csha:
+            raise ChunkError(f"chunk {index} of payload {pid.hex()} fails its SHA-256")
+        return frame
+
+
+def _check_geometry(frame: ChunkFrame) -> None:
+    if frame.count < 1 or frame.index >= frame.count:
+        raise ChunkError(f"chunk index {frame.index} is outside count {frame.count}")
+    if frame.chunk_size < 1:
+        raise ChunkError("chunk frame declares chunk size 0")
+    expected_count = max(1, -(-frame.total_size // frame.chunk_size))
+    if frame.count != expected_count:
+        raise ChunkError(
+            f"chunk count {frame.count} does not match {frame.total_size} bytes "
+            f"in chunks of {frame.chunk_size} ({expected_count})"
+        )
+    last = frame.total_size - (frame.count - 1) * frame.chunk_size
+    expected_len = last if frame.index == frame.count - 1 else frame.chunk_size
+    if len(frame.data) != expected_len:
+        raise ChunkError(
+            f"chunk {frame.index} has {len(frame.data)} bytes, expected {expected_len}"
+        )
+
+
+def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[ChunkFrame]:
+    """Cut ``payload`` into frames under one fresh random payload id."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size {chunk_size} must be at least 1")
+    view = memoryview(payload)
+    payload_id = os.urandom(PAYLOAD_ID_SIZE)
+    payload_sha = hashlib.sha256(view).digest()
+    count = max(1, -(-len(view) // chunk_size))
+    for index in range(count):
+        data = bytes(view[index * chunk_size : (index + 1) * chunk_size])
+        yield ChunkFrame(
+            payload_id,
+            index,
+            count,
+            chunk_size,
+            len(view),
+            payload_sha,
+            hashlib.sha256(data).digest(),
+            data,
+        )
+
+
+@dataclass(frozen=True)
+class ReassemblyLimits:
+    """Bounds on what a Reassembler will hold."""
+
+    max_payload_bytes: int = 256 << 20
+    max_transfers: int = 16
+    max_total_bytes: int = 512 << 20
+    spool_threshold: int = 8 << 20
+    timeout_s: float = 600.0
+    spool_dir: Path | None = None
+    remember_completed: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_payload_bytes", "max_transfers", "max_total_bytes", "remember_completed"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ReassemblyLimits.{name} must be at least 1")
+        if self.timeout_s <= 0:
+            raise ValueError(f"ReassemblyLimits.timeout_s {self.timeout_s} must be positive")
+
+
+@dataclass(frozen=True)
+class ExpiredTransfer:
+    """A transfer dropped because it stopped making progress."""
+
+    key: str
+    payload_id: str
+    received: int
+    count: int
+    total_size: int
+
+
+@dataclass
+class _Transfer:
+    first: ChunkFrame
+    started: float
+    last_progress: float
+    hashes: dict[int, bytes] = field(default_factory=dict)
+    buffer: bytearray | None = None
+    spool: BinaryIO | None = None
+
+    def write(self, frame: ChunkFrame) -> None:
+        offset = frame.index * frame.chunk_size
+        if self.buffer is not None:
+            self.buffer[offset : offset + len(frame.data)] = frame.data
+        else:
+            assert self.spool is not None
+            self.spool.seek(offset)
+            self.spool.write(frame.data)
+
+    def read_all(self) -> bytes:
+        if self.buffer is not None:
+            return bytes(self.buffer)
+        assert self.spool is not None
+        self.spool.seek(0)
+        return self.spool.read()
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+        self.buffer = None
+
+
+class Reassembler:
+    """Collects chunk frames per (key, payload id) and returns each payload once, verified.
+
+    ``key`` is where the frames came from (the topic), so one sender cannot complete or
+    disturb a transfer on another topic. Not thread-safe: call from one thread.
+    """
+
+    def __init__(self, limits: ReassemblyLimits, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._open: dict[tuple[str, bytes], _Transfer] = {}
+        self._done: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self.expired: deque[ExpiredTransfer] = deque(maxlen=1024)
+
+    @property
+    def open_transfers(self) -> int:
+        """How many transfers are partly received."""
+        return len(self._open)
+
+    @property
+    def held_bytes(self) -> int:
+        """Declared bytes of every open transfer (the budget ``max_total_bytes`` bounds)."""
+        return sum(t.first.total_size for t in self._open.values())
+
+    def accept(self, key: str, frame: ChunkFrame) -> bytes | None:
+        """Take one frame; return the whole payload when this frame completes it, else None.
+
+        Raises ChunkError for a conflicting chunk or a payload whose hash fails, and
+        PayloadTooLargeError when a limit would be broken. Identical repeats return None.
+        """
+        self.expire()
+        ident = (key, frame.payload_id)
+        if ident in self._done:
+            log.info(
+                "ignoring repeated chunk %d of completed payload %s",
+                frame.index,
+                frame.payload_id.hex(),
+            )
+            return None
+        transfer = self._open.get(ident) or self._start(ident, frame)
+        first = transfer.first
+        if (frame.count, frame.chunk_size, frame.total_size, frame.payload_sha256) != (
+            first.count,
+            first.chunk_size,
+            first.total_size,
+            first.payload_sha256,
+        ):
+            raise ChunkError(
+                f"chunk {frame.index} of payload {frame.payload_id.hex()} conflicts with the "
+                "transfer's declared size or hash; rejected"
+            )
+        held = transfer.hashes.get(frame.index)
+        if held is not None:
+            if held != frame.chunk_sha256:
+                raise ChunkError(
+                    f"chunk {frame.index} of payload {frame.payload_id.hex()} differs from the "
+                    "copy already received; rejected"
+                )
+            log.info(
+                "ignoring repeated chunk %d of payload %s", frame.index, frame.payload_id.hex()
+            )
+            return None
+        transfer.write(frame)
+        transfer.hashes[frame.index] = frame.chunk_sha256
+        transfer.last_progress = self._clock()
+        if len(transfer.hashes) < first.count:
+            return None
+        return self._finish(ident, transfer)
+
+    def expire(self) -> list[ExpiredTransfer]:
+        """Drop transfers idle longer than the timeout; record and return them."""
+        now = self._clock()
+        dropped = []
+        for ident, transfer in list(self._open.items()):
+            if now - transfer.last_progress >= self.limits.timeout_s:
+                del self._open[ident]
+                transfer.close()
+                record = ExpiredTransfer(
+                    ident[0],
+                    ident[1].hex(),
+                    len(transfer.hashes),
+                    transfer.first.count,
+                    transfer.first.total_size,
+                )
+                self.expired.append(record)
+                dropped.append(record)
+                log.warning(
+                    "dropped incomplete transfer %s on %s: %d of %d chunks after %.0f s idle",
+                    record.payload_id,
+                    record.key,
+                    record.received,
+                    record.count,
+                    self.limits.timeout_s,
+                )
+        return dropped
+
+    def close(self) -> None:
+        """Drop every open transfer and release its memory or spool file."""
+        for transfer in self._open.values():
+            transfer.close()
+        self._open.clear()
+
+    def _start(self, ident: tuple[str, bytes], frame: ChunkFrame) -> _Transfer:
+        limits = self.limits
+        if frame.total_size > limits.max_payload_bytes:
+            raise PayloadTooLargeError(
+                f"payload {frame.payload_id.hex()} declares {frame.total_size} bytes, over the "
+                f"limit of {limits.max_payload_bytes}; raise max_payload_bytes if this is expected"
+            )
+        if len(self._open) >= limits.max_transfers:
+            raise PayloadTooLargeError(
+                f"{len(self._open)} transfers already open (limit {limits.max_transfers}); "
+                f"payload {frame.payload_id.hex()} refused"
+            )
+        if self.held_bytes + frame.total_size > limits.max_total_bytes:
+            raise PayloadTooLargeError(
+                f"payload {frame.payload_id.hex()} of {frame.total_size} bytes would exceed the "
+                f"{limits.max_total_bytes} bytes held across open transfers; refused"
+            )
+        now = self._clock()
+        transfer = _Transfer(first=frame, started=now, last_progress=now)
+        if frame.total_size > limits.spool_threshold:
+            # Large payloads go to an anonymous temporary file, so memory stays bounded by
+            # max_transfers * spool_threshold whatever senders declare.
+            transfer.spool = tempfile.TemporaryFile(dir=limits.spool_dir)
+        else:
+            transfer.buffer = bytearray(frame.total_size)
+        self._open[ident] = transfer
+        return transfer
+
+    def _finish(self, ident: tuple[str, bytes], transfer: _Transfer) -> bytes:
+        del self._open[ident]
+        try:
+            payload = transfer.read_all()
+        finally:
+            transfer.close()
+        self._done[ident] = None
+        while len(self._done) > self.limits.remember_completed:
+            self._done.popitem(last=False)
+        if hashlib.sha256(payload).digest() != transfer.first.payload_sha256:
+            raise ChunkError(
+                f"payload {ident[1].hex()} on {ident[0]} fails its whole-payload SHA-256; dropped"
+            )
+        return payload

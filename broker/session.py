@@ -1,0 +1,444 @@
+"""The MQTT session: a thin wrapper over paho-mqtt 2.x that services use.
+
+What it guarantees:
+- MQTT v5 over TLS with a client certificate (the broker maps it to the username), server
+  certificate and host name checked against the federation CA; plaintext only when the
+  config says ``insecure_plaintext`` (the development broker).
+- QoS 1 everywhere, a persistent session (clean start off, session expiry), so messages
+  published while a client is away are queued for it by the broker.
+- Reconnect with exponential backoff and jitter, in the session's own network thread.
+- Presence: "online" retained on connect, "offline" as the last will and on close.
+- Bounded: at most ``max_inflight`` unacknowledged publishes, ``max_queued`` queued ones,
+  and ``receive_maximum`` unacknowledged deliveries. Messages are acknowledged only after
+  their handler has run, so the broker's flow control bounds the receive queue, and a
+  crash before handling means redelivery, not loss.
+- Size limits before any work: the broker is told our Maximum Packet Size and drops larger
+  messages; anything larger that still arrives is dropped before a handler sees it.
+- Errors are exceptions (BrokerError subclasses), never return codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+import socks
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from broker.errors import (
+    BrokerError,
+    NotAuthorizedError,
+    NotConnectedError,
+    PayloadTooLargeError,
+    PublishError,
+)
+from broker.topics import validate_filter, validate_publish_topic
+from tessera.errors import ConfigError
+
+NOT_AUTHORIZED = 135
+Handler = Callable[[str, bytes], None]
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The federation CA and this client's certificate and private key (PEM)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class HttpProxy:
+    """An HTTP proxy that allows CONNECT to the broker (hospital egress)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything a Session needs; validated on construction."""
+
+    client_id: str
+    host: str
+    port: int
+    tls: TlsFiles | None
+    transport: Literal["tcp", "websockets"] = "tcp"
+    websocket_path: str = "/mqtt"
+    proxy: HttpProxy | None = None
+    presence_topic: str | None = None
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+    max_inflight: int = 20
+    max_queued: int = 1000
+    receive_maximum: int = 64
+    max_packet_bytes: int = 2 << 20
+    reconnect_min_s: float = 0.25
+    reconnect_max_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    insecure_plaintext: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tls is None and not self.insecure_plaintext:
+            raise ConfigError(
+                "SessionConfig.tls is missing: production sessions need the CA, client "
+                "certificate and key; set insecure_plaintext=True only for the dev broker"
+            )
+        if self.transport not in ("tcp", "websockets"):
+            raise ConfigError(f"transport {self.transport!r} must be 'tcp' or 'websockets'")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} must be 1-65535")
+        checks = {
+            "keepalive_s": (5, 65535),
+            "session_expiry_s": (0, 0xFFFFFFFF),
+            "max_inflight": (1, 65535),
+            "max_queued": (1, 1 << 20),
+            "receive_maximum": (1, 65535),
+            "max_packet_bytes": (1024, 268435455),
+        }
+        for name, (low, high) in checks.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(f"SessionConfig.{name} = {value} must be in [{low}, {high}]")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError("reconnect_min_s must be positive and at most reconnect_max_s")
+
+
+class PublishHandle:
+    """The broker's answer to one QoS 1 publish; ``wait`` raises unless it was accepted."""
+
+    def __init__(self, topic: str, mid: int) -> None:
+        self.topic = topic
+        self.mid = mid
+        self._done = threading.Event()
+        self._reason: int | None = None
+
+    def _complete(self, reason: int) -> None:
+        self._reason = reason
+        self._done.set()
+
+    def wait(self, timeout: float) -> None:
+        """Block until PUBACK; raise NotAuthorizedError (135), PublishError or on timeout."""
+        if not self._done.wait(timeout):
+            raise PublishError(
+                f"no PUBACK for {self.topic} within {timeout} s; the session keeps retrying "
+                "(it is queued), wait longer or check the broker"
+            )
+        assert self._reason is not None
+        if self._reason == NOT_AUTHORIZED:
+            raise NotAuthorizedError(f"broker refused publish to {self.topic}: not authorized")
+        if self._reason >= 0x80:
+            raise PublishError(f"broker refused publish to {self.topic}: reason {self._reason}")
+
+
+class Session:
+    """One client connection. Use as a context manager, or ``start()`` and ``close()``."""
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self._client = self._build_client(config)
+        self._lock = threading.Lock()
+        self._pending: dict[int, PublishHandle] = {}
+        self._early: dict[int, int] = {}
+        self._internal_mids: set[int] = set()
+        self._subscribed: dict[int, tuple[threading.Event, list[int]]] = {}
+        self._handlers: dict[str, Handler] = {}
+        self._inbox: queue.Queue[tuple[int, mqtt.MQTTMessage] | None] = queue.Queue(
+            maxsize=2 * config.receive_maximum
+        )
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._generation = 0
+        self._attempt = 0
+        self._last_error = "not attempted yet"
+        self._rng = random.Random()  # jitter only; nothing secret comes from it
+        self._threads: list[threading.Thread] = []
+        self.dropped_oversized = 0
+        self.handler_failures = 0
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> Session:
+        """Start the network and dispatch threads; connecting happens in the background."""
+        if self._threads:
+            raise BrokerError("session already started; create a new Session to reconnect")
+        for target, name in ((self._network_loop, "net"), (self._dispatch_loop, "dispatch")):
+            thread = threading.Thread(
+                target=target, name=f"mqtt-{name}-{self.config.client_id}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def wait_connected(self, timeout: float) -> None:
+        """Block until connected; raise NotConnectedError with the last failure otherwise."""
+        if not self._connected.wait(timeout):
+            raise NotConnectedError(
+                f"{self.config.client_id} not connected to {self.config.host}:{self.config.port} "
+                f"after {timeout} s; last error: {self._last_error}"
+            )
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session is connected right now."""
+        return self._connected.is_set()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Publish "offline" presence, disconnect cleanly (no last will), stop the threads."""
+        if self._stop.is_set():
+            return
+        if self._connected.is_set() and self.config.presence_topic:
+            try:
+                self.publish(self.config.presence_topic, b"offline", retain=True).wait(timeout)
+            except BrokerError as error:
+                log.warning("could not publish offline presence: %s", error)
+        self._stop.set()
+        self._client.disconnect()
+        self._inbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        self._connected.clear()
+
+    def __enter__(self) -> Session:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- publish / subscribe ------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> PublishHandle:
+        """Queue one QoS 1 publish and return its handle (``handle.wait(t)`` for the PUBACK).
+
+        Works while disconnected: paho keeps the message and sends it on reconnect.
+        """
+        validate_publish_topic(topic)
+        limit = self.config.max_packet_bytes - len(topic.encode()) - 64
+        if len(payload) > limit:
+            raise PayloadTooLargeError(
+                f"payload of {len(payload)} bytes for {topic} is over the {limit}-byte limit; "
+                "send it through broker.transfer (chunked) instead"
+            )
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise PublishError(
+                f"outgoing queue full ({self.config.max_queued} messages); wait for PUBACKs"
+            )
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise PublishError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        handle = PublishHandle(topic, info.mid)
+        with self._lock:
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = handle
+        if early is not None:
+            handle._complete(early)
+        return handle
+
+    def subscribe(self, topic_filter: str, handler: Handler, timeout: float = 10.0) -> None:
+        """Subscribe at QoS 1 and route matching messages to ``handler(topic, payload)``.
+
+        Raises NotAuthorizedError when the broker's ACL refuses the filter. The handler
+        runs on the session's dispatch thread; the message is acknowledged after it returns.
+        """
+        validate_filter(topic_filter)
+        if not self._connected.is_set():
+            raise NotConnectedError(f"subscribe to {topic_filter} needs a connection first")
+        with self._lock:
+            self._handlers[topic_filter] = handler
+        try:
+            reasons = self._subscribe_and_wait([topic_filter], timeout)
+        except BrokerError:
+            with self._lock:
+                self._handlers.pop(topic_filter, None)
+            raise
+        if reasons[0] >= 0x80:
+            with self._lock:
+                self._handlers.pop(topic_filter, None)
+            if reasons[0] == NOT_AUTHORIZED:
+                raise NotAuthorizedError(f"broker refused subscription to {topic_filter}")
+            raise BrokerError(f"broker refused subscription to {topic_filter}: {reasons[0]}")
+
+    def _subscribe_and_wait(self, filters: list[str], timeout: float) -> list[int]:
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        done = threading.Event()
+        reasons: list[int] = []
+        rc, mid = self._client.subscribe([(f, options) for f in filters])
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise NotConnectedError(f"subscribe to {filters} failed: {mqtt.error_string(rc)}")
+        with self._lock:
+            self._subscribed[mid] = (done, reasons)
+        if not done.wait(timeout):
+            raise BrokerError(f"no SUBACK for {filters} within {timeout} s")
+        return reasons
+
+    # -- paho plumbing ------------------------------------------------------------------
+
+    def _build_client(self, config: SessionConfig) -> mqtt.Client:
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            transport=config.transport,
+            manual_ack=True,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(config.max_inflight)
+        client.max_queued_messages_set(config.max_queued)
+        client.connect_timeout = config.connect_timeout_s
+        if config.transport == "websockets":
+            client.ws_set_options(path=config.websocket_path)
+        if config.proxy is not None:
+            client.proxy_set(
+                proxy_type=socks.HTTP, proxy_addr=config.proxy.host, proxy_port=config.proxy.port
+            )
+        if config.tls is not None:
+            client.tls_set_context(_tls_context(config.tls))
+        if config.presence_topic:
+            client.will_set(config.presence_topic, b"offline", qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry_s
+        props.ReceiveMaximum = self.config.receive_maximum
+        props.MaximumPacketSize = self.config.max_packet_bytes
+        return props
+
+    def _network_loop(self) -> None:
+        socket_open = False
+        while not self._stop.is_set():
+            if not socket_open:
+                try:
+                    self._client.connect(
+                        self.config.host,
+                        self.config.port,
+                        keepalive=self.config.keepalive_s,
+                        clean_start=False,
+                        properties=self._connect_properties(),
+                    )
+                    socket_open = True
+                except (OSError, ssl.SSLError, socks.ProxyError, ValueError) as error:
+                    self._last_error = f"{type(error).__name__}: {error}"
+                    self._backoff()
+                    continue
+            rc = self._client.loop(timeout=0.5)
+            if rc != mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                socket_open = False
+                self._connected.clear()
+                self._backoff()
+
+    def _backoff(self) -> None:
+        # Exponential backoff with "equal jitter": spreads a fleet of nodes reconnecting
+        # after a broker restart, and never waits less than half the current step.
+        step = min(self.config.reconnect_max_s, self.config.reconnect_min_s * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        self._stop.wait(step / 2 + self._rng.uniform(0, step / 2))
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._last_error = f"broker refused connection: {reason}"
+            log.warning("%s: %s", self.config.client_id, self._last_error)
+            return
+        self._attempt = 0
+        with self._lock:
+            self._generation += 1
+            filters = list(self._handlers)
+        if filters and not flags.session_present:
+            # The broker lost our session (expiry, or a broker without persistence):
+            # subscribe again; nothing to wait for on the network thread.
+            options = SubscribeOptions(qos=1, retainHandling=1)
+            client.subscribe([(f, options) for f in filters])
+        if self.config.presence_topic:
+            info = client.publish(self.config.presence_topic, b"online", qos=1, retain=True)
+            # Its PUBACK arrives later on this same thread, so registering now is race-free.
+            self._internal_mids.add(info.mid)
+        self._connected.set()
+        log.info("%s connected (session present: %s)", self.config.client_id, flags.session_present)
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            self._last_error = f"disconnected: {reason}"
+            log.warning("%s %s", self.config.client_id, self._last_error)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        value = int(reason.value) if hasattr(reason, "value") else int(reason)
+        with self._lock:
+            if mid in self._internal_mids:
+                self._internal_mids.discard(mid)
+                return
+            handle = self._pending.pop(mid, None)
+            if handle is None:
+                self._early[mid] = value
+        if handle is not None:
+            handle._complete(value)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        with self._lock:
+            waiter = self._subscribed.pop(mid, None)
+        if waiter is not None:
+            waiter[1].extend(int(r.value) for r in reasons)
+            waiter[0].set()
+
+    def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        if len(message.payload) > self.config.max_packet_bytes:
+            # The broker should never send this (we told it our Maximum Packet Size);
+            # if it does, drop it before any handler or parser touches it.
+            self.dropped_oversized += 1
+            log.warning("dropped oversized message (%d bytes)", len(message.payload))
+            client.ack(message.mid, message.qos)
+            return
+        self._inbox.put((self._generation, message))
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                return
+            generation, message = item
+            with self._lock:
+                handlers = [
+                    h for f, h in self._handlers.items() if mqtt.topic_matches_sub(f, message.topic)
+                ]
+            for handler in handlers:
+                try:
+                    handler(message.topic, message.payload)
+                except Exception:  # a handler bug must not kill delivery to others
+                    self.handler_failures += 1
+                    log.exception("handler for %s raised", message.topic)
+            # After a reconnect the broker redelivers unacknowledged messages under new
+            # packet ids, so an acknowledgement for the old connection is skipped.
+            if generation == self._generation and not self._stop.is_set():
+                self._client.ack(message.mid, message.qos)
+
+
+def _tls_context(files: TlsFiles) -> ssl.SSLContext:
+    for path in (files.ca_file, files.cert_file, files.key_file):
+        if not Path(path).is_file():
+            raise ConfigError(f"TLS file {path} does not exist; point the config at the bundle")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(files.cert_file), str(files.key_file))
+    return context

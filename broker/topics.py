@@ -1,0 +1,193 @@
+"""The MQTT topic schema: one pure module, no paho.
+
+Every topic lives under ``tessera/<federation>/``. Ids in topics are opaque, operator-chosen
+site, aggregator, federation and study ids, never anything about patients. An id is 1-64
+characters of ``[A-Za-z0-9_-]``, starting with a letter or digit, so that it can never be
+an MQTT wildcard, a level separator, or a ``$`` system topic.
+
+    tessera/<fed>/<study>/round                      RoundOpen, RoundAbort  aggregators -> all
+    tessera/<fed>/<study>/share/<aggregator>/<node>  ShareEnvelope          node -> aggregator
+    tessera/<fed>/<study>/received/<aggregator>      ReceivedSet            aggregator -> aggs
+    tessera/<fed>/<study>/participants               ParticipantSet         leader -> aggs
+    tessera/<fed>/<study>/partial/<to>/<from>        PartialSum             aggregator -> agg
+    tessera/<fed>/<study>/release                    ModelRelease           aggregators -> all
+    tessera/<fed>/presence/<client>                  "online"/"offline"     each client, retained
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from broker.errors import TopicError
+
+ROOT = "tessera"
+MAX_ID_LENGTH = 64
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class Kind(Enum):
+    """The kinds of topic in the schema; the value is the topic template."""
+
+    ROUND = "tessera/{federation}/{study}/round"
+    SHARE = "tessera/{federation}/{study}/share/{aggregator}/{node}"
+    RECEIVED = "tessera/{federation}/{study}/received/{aggregator}"
+    PARTICIPANTS = "tessera/{federation}/{study}/participants"
+    PARTIAL = "tessera/{federation}/{study}/partial/{to_aggregator}/{from_aggregator}"
+    RELEASE = "tessera/{federation}/{study}/release"
+    PRESENCE = "tessera/{federation}/presence/{client}"
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A parsed topic: its kind and the ids it names (None where the kind has no such id)."""
+
+    kind: Kind
+    federation: str
+    study: str | None = None
+    aggregator: str | None = None
+    node: str | None = None
+    from_aggregator: str | None = None
+    client: str | None = None
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a valid opaque id, else raise TopicError saying why."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise TopicError(
+            f"{what} {value!r} is not a valid id: use 1-{MAX_ID_LENGTH} characters of "
+            "letters, digits, '-' or '_', starting with a letter or digit (no '/', '+', '#', '$')"
+        )
+    return value
+
+
+def validate_study(study: str) -> str:
+    """A study id: a valid id other than "presence", which names the presence subtree."""
+    validate_id(study, "study id")
+    if study == "presence":
+        raise TopicError("study id 'presence' is reserved for presence topics; choose another")
+    return study
+
+
+def round_topic(federation: str, study: str) -> str:
+    """Round control (RoundOpen, RoundAbort), published by aggregators, read by everyone."""
+    return f"{_base(federation, study)}/round"
+
+
+def share_topic(federation: str, study: str, aggregator: str, node: str) -> str:
+    """One node's share addressed to one aggregator."""
+    validate_id(aggregator, "aggregator id")
+    validate_id(node, "node id")
+    return f"{_base(federation, study)}/share/{aggregator}/{node}"
+
+
+def shares_for_aggregator(federation: str, study: str, aggregator: str) -> str:
+    """Subscription filter for every share addressed to ``aggregator``."""
+    validate_id(aggregator, "aggregator id")
+    return f"{_base(federation, study)}/share/{aggregator}/+"
+
+
+def received_topic(federation: str, study: str, aggregator: str) -> str:
+    """An aggregator's signed set of nodes whose shares it holds."""
+    validate_id(aggregator, "aggregator id")
+    return f"{_base(federation, study)}/received/{aggregator}"
+
+
+def participants_topic(federation: str, study: str) -> str:
+    """The leader's agreed participant set."""
+    return f"{_base(federation, study)}/participants"
+
+
+def partial_topic(federation: str, study: str, to_aggregator: str, from_aggregator: str) -> str:
+    """A partial sum sealed from one aggregator to another."""
+    validate_id(to_aggregator, "aggregator id")
+    validate_id(from_aggregator, "aggregator id")
+    return f"{_base(federation, study)}/partial/{to_aggregator}/{from_aggregator}"
+
+
+def partials_for_aggregator(federation: str, study: str, aggregator: str) -> str:
+    """Subscription filter for every partial sum addressed to ``aggregator``."""
+    validate_id(aggregator, "aggregator id")
+    return f"{_base(federation, study)}/partial/{aggregator}/+"
+
+
+def release_topic(federation: str, study: str) -> str:
+    """Jointly signed model releases."""
+    return f"{_base(federation, study)}/release"
+
+
+def presence_topic(federation: str, client: str) -> str:
+    """A client's retained presence ("online", or "offline" as its last will)."""
+    validate_id(federation, "federation id")
+    validate_id(client, "client id")
+    return f"{ROOT}/{federation}/presence/{client}"
+
+
+def parse(topic: str) -> Topic:
+    """Parse a concrete topic (no wildcards) into a Topic; raise TopicError if it is not one."""
+    parts = topic.split("/") if isinstance(topic, str) else []
+    if len(parts) < 3 or parts[0] != ROOT:
+        raise TopicError(f"topic {topic!r} is not in the Tessera schema (must start {ROOT}/)")
+    try:
+        federation = validate_id(parts[1], "federation id")
+        if parts[2] == "presence" and len(parts) == 4:
+            return Topic(Kind.PRESENCE, federation, client=validate_id(parts[3], "client id"))
+        study = validate_study(parts[2])
+        rest = parts[3:]
+        return _parse_study_topic(federation, study, rest)
+    except TopicError as error:
+        raise TopicError(f"topic {topic!r} is not in the Tessera schema: {error}") from None
+
+
+def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
+    simple = {"round": Kind.ROUND, "participants": Kind.PARTICIPANTS, "release": Kind.RELEASE}
+    if len(rest) == 1 and rest[0] in simple:
+        return Topic(simple[rest[0]], federation, study)
+    if len(rest) == 2 and rest[0] == "received":
+        return Topic(Kind.RECEIVED, federation, study, aggregator=validate_id(rest[1]))
+    if len(rest) == 3 and rest[0] == "share":
+        return Topic(
+            Kind.SHARE,
+            federation,
+            study,
+            aggregator=validate_id(rest[1]),
+            node=validate_id(rest[2]),
+        )
+    if len(rest) == 3 and rest[0] == "partial":
+        return Topic(
+            Kind.PARTIAL,
+            federation,
+            study,
+            aggregator=validate_id(rest[1]),
+            from_aggregator=validate_id(rest[2]),
+        )
+    raise TopicError(f"unknown topic kind {'/'.join(rest)!r}")
+
+
+def validate_publish_topic(topic: str) -> str:
+    """A topic one may publish to: non-empty UTF-8, no wildcards, no NUL, at most 65535 bytes."""
+    if not isinstance(topic, str) or not topic:
+        raise TopicError(f"publish topic {topic!r} is empty; give a concrete topic")
+    if "+" in topic or "#" in topic or "\0" in topic or len(topic.encode()) > 65535:
+        raise TopicError(f"publish topic {topic!r} has a wildcard, a NUL or is too long")
+    return topic
+
+
+def validate_filter(topic_filter: str) -> str:
+    """A subscription filter: '#' only as the whole last level, '+' only as a whole level."""
+    if not isinstance(topic_filter, str) or not topic_filter or "\0" in topic_filter:
+        raise TopicError(f"topic filter {topic_filter!r} is empty or has a NUL")
+    levels = topic_filter.split("/")
+    for position, level in enumerate(levels):
+        if "#" in level and (level != "#" or position != len(levels) - 1):
+            raise TopicError(f"topic filter {topic_filter!r}: '#' must be the whole last level")
+        if "+" in level and level != "+":
+            raise TopicError(f"topic filter {topic_filter!r}: '+' must be a whole level")
+    return topic_filter
+
+
+def _base(federation: str, study: str) -> str:
+    validate_id(federation, "federation id")
+    validate_study(study)
+    return f"{ROOT}/{federation}/{study}"

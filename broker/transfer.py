@@ -1,0 +1,126 @@
+"""Chunked payload transfer over a Session: the glue between session.py and chunking.py.
+
+Every payload goes out as chunk frames (one frame when it is small), with a sliding window
+of unacknowledged publishes so a 100 MB release never sits in paho's queue all at once.
+The receiver checks each frame, reassembles within ReassemblyLimits, and hands each
+verified payload to the callback exactly once (repeats from QoS 1 redelivery are dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from broker.chunking import (
+    DEFAULT_CHUNK_SIZE,
+    HEADER_SIZE,
+    ChunkFrame,
+    Reassembler,
+    ReassemblyLimits,
+    split_payload,
+)
+from broker.errors import BrokerError, ChunkError, PayloadTooLargeError
+from broker.session import PublishHandle, Session
+
+PayloadHandler = Callable[[str, bytes], None]
+log = logging.getLogger(__name__)
+
+
+def max_chunk_size(session: Session, topic_room: int = 256) -> int:
+    """The largest chunk that fits the session's packet limit with header and topic."""
+    return session.config.max_packet_bytes - HEADER_SIZE - topic_room - 64
+
+
+def send_payload(
+    session: Session,
+    topic: str,
+    payload: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    timeout_s: float = 300.0,
+    retain: bool = False,
+) -> bytes:
+    """Publish ``payload`` on ``topic`` as chunk frames; return its payload id once all are acked.
+
+    Raises NotAuthorizedError if the broker refuses, PublishError if acknowledgements stop
+    for ``timeout_s`` (each frame stays queued in the session and is resent on reconnect).
+    ``retain`` is allowed only for a payload that fits one frame, since MQTT retains one
+    message per topic.
+    """
+    if chunk_size > max_chunk_size(session):
+        raise PayloadTooLargeError(
+            f"chunk_size {chunk_size} does not fit the session's max_packet_bytes "
+            f"{session.config.max_packet_bytes}; use at most {max_chunk_size(session)}"
+        )
+    if retain and len(payload) > chunk_size:
+        raise BrokerError(
+            f"cannot retain a {len(payload)}-byte payload: it needs several chunks and MQTT "
+            "retains one message per topic; publish it unretained (persistent sessions queue it)"
+        )
+    window: deque[PublishHandle] = deque()
+    payload_id = b""
+    for frame in split_payload(payload, chunk_size):
+        payload_id = frame.payload_id
+        window.append(session.publish(topic, frame.to_bytes(), retain=retain))
+        while len(window) >= session.config.max_inflight:
+            window.popleft().wait(timeout_s)
+    while window:
+        window.popleft().wait(timeout_s)
+    return payload_id
+
+
+class PayloadReceiver:
+    """Subscribes to chunked payloads and delivers each verified payload once.
+
+    ``rejected`` counts frames refused (malformed, conflicting, over a limit); expired
+    transfers are in ``reassembler.expired``. A background thread expires stalled transfers
+    every ``timeout_s / 4`` even when no frame arrives.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        limits: ReassemblyLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session = session
+        self.reassembler = Reassembler(limits or ReassemblyLimits(), clock)
+        self.rejected = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="transfer-expiry", daemon=True)
+        self._sweeper.start()
+
+    def subscribe(
+        self, topic_filter: str, on_payload: PayloadHandler, timeout: float = 10.0
+    ) -> None:
+        """Deliver each complete, verified payload on ``topic_filter`` to ``on_payload``."""
+
+        def on_frame(topic: str, raw: bytes) -> None:
+            try:
+                frame = ChunkFrame.from_bytes(raw)
+                with self._lock:
+                    payload = self.reassembler.accept(topic, frame)
+            except (ChunkError, PayloadTooLargeError) as error:
+                self.rejected += 1
+                log.warning("rejected chunk on %s: %s", topic, error)
+                return
+            if payload is not None:
+                on_payload(topic, payload)
+
+        self.session.subscribe(topic_filter, on_frame, timeout)
+
+    def close(self) -> None:
+        """Stop the expiry thread and drop partial transfers (the session stays open)."""
+        self._stop.set()
+        self._sweeper.join(5)
+        with self._lock:
+            self.reassembler.close()
+
+    def _sweep(self) -> None:
+        interval = max(0.05, self.reassembler.limits.timeout_s / 4)
+        while not self._stop.wait(interval):
+            with self._lock:
+                self.reassembler.expire()
