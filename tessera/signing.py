@@ -1,1 +1,141 @@
-"""Placeholder: being written for issue 2."""
+"""Ed25519 signatures for envelopes and releases.
+
+Every signature covers a domain tag, so a signature made for one purpose (an envelope) can
+never be presented as one for another (a model release). Envelope signatures cover the
+header and the SHA-256 of the payload, so a large payload is hashed once and the signed
+message stays small.
+
+Guarantees: `verify_*` returns only when the signature is valid for exactly these bytes and
+this key, and otherwise raises `AuthenticationError`, which says nothing more on purpose.
+There is no boolean form. A caller must never catch `AuthenticationError` and carry on with
+the data, and must never choose the public key from the message being verified: keys come
+from the federation manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from tessera.errors import AuthenticationError, ConfigError
+from tessera.files import read_private_file, write_private_file
+
+SIGNATURE_LENGTH = 64
+PUBLIC_KEY_LENGTH = 32
+
+# Domain tags. Each is distinct and ends in NUL, so no tag is a prefix of another.
+ENVELOPE_DOMAIN = b"tessera/envelope-signature/v1\x00"
+RELEASE_DOMAIN = b"tessera/model-release-signature/v1\x00"
+
+
+def generate_signing_key() -> Ed25519PrivateKey:
+    """A fresh Ed25519 key from the operating system's cryptographic generator."""
+    return Ed25519PrivateKey.generate()
+
+
+def save_private_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> None:
+    """Write the key as unencrypted PKCS#8 PEM, atomically, with mode 0600.
+
+    The file is protected by its mode only; never put it on a shared or backed-up volume
+    that ignores permissions.
+    """
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_private_file(path, pem)
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """Load a key written by `save_private_key`.
+
+    Raises ConfigError (with the fix) when the file is missing, readable by group or others,
+    not PEM, or not an Ed25519 key.
+    """
+    pem = read_private_file(path, "signing key")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"signing key {path} is not an unencrypted PEM private key; "
+            "regenerate it with `tessera provision`"
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(
+            f"signing key {path} is a {type(key).__name__}, not Ed25519; "
+            "regenerate it with `tessera provision`"
+        )
+    return key
+
+
+def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    """The raw 32-byte public key, as the manifest stores it."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def load_public_key(raw: bytes) -> Ed25519PublicKey:
+    """Parse a raw 32-byte Ed25519 public key; ConfigError if it is not one."""
+    if len(raw) != PUBLIC_KEY_LENGTH:
+        raise ConfigError(
+            f"an Ed25519 public key is {PUBLIC_KEY_LENGTH} raw bytes, got {len(raw)}; "
+            "copy the key from the federation manifest unchanged"
+        )
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def key_fingerprint(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """A short, stable name for a public key (hex of the first 16 bytes of its SHA-256)."""
+    return "ed25519:" + hashlib.sha256(public_key_bytes(key)).hexdigest()[:32]
+
+
+def sign_message(key: Ed25519PrivateKey, domain: bytes, message: bytes) -> bytes:
+    """Sign `message` under `domain` (one of this module's *_DOMAIN tags)."""
+    return key.sign(_tagged(domain, message))
+
+
+def verify_message(
+    public_key: Ed25519PublicKey, domain: bytes, message: bytes, signature: bytes
+) -> None:
+    """Return only if `signature` is `public_key`'s over `message` under `domain`.
+
+    Raises AuthenticationError otherwise, without saying why.
+    """
+    if len(signature) != SIGNATURE_LENGTH:
+        raise AuthenticationError("signature did not verify")
+    try:
+        public_key.verify(signature, _tagged(domain, message))
+    except InvalidSignature:
+        raise AuthenticationError("signature did not verify") from None
+
+
+def sign_envelope(key: Ed25519PrivateKey, header: bytes, payload: bytes) -> bytes:
+    """Sign an envelope: the domain tag, the header, and SHA-256 of the payload."""
+    return sign_message(key, ENVELOPE_DOMAIN, _envelope_digest_input(header, payload))
+
+
+def verify_envelope(
+    public_key: Ed25519PublicKey, header: bytes, payload: bytes, signature: bytes
+) -> None:
+    """Return only if the envelope signature is valid; raise AuthenticationError otherwise."""
+    verify_message(public_key, ENVELOPE_DOMAIN, _envelope_digest_input(header, payload), signature)
+
+
+def _envelope_digest_input(header: bytes, payload: bytes) -> bytes:
+    # The header is length-prefixed so that no header/payload split is ambiguous.
+    return struct.pack(">Q", len(header)) + header + hashlib.sha256(payload).digest()
+
+
+def _tagged(domain: bytes, message: bytes) -> bytes:
+    if domain not in (ENVELOPE_DOMAIN, RELEASE_DOMAIN):
+        raise ValueError(
+            f"unknown signature domain {domain!r}; use signing.ENVELOPE_DOMAIN or "
+            "signing.RELEASE_DOMAIN"
+        )
+    return domain + message

@@ -1,0 +1,95 @@
+"""Atomic file writes, and the private-file rules that key files follow.
+
+A write either leaves the old file or the complete new one on disk, never a torn mix: the
+bytes go to a temporary file in the same folder, are flushed to the disk (fsync), and then
+replace the target with one `os.replace`. The folder is fsynced too, so the rename itself
+survives a power cut. A private file (a key) is created with mode 0600 from its very first
+byte: `os.open` sets the mode at creation, so there is no window in which another user could
+open it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from tessera.errors import ConfigError
+
+PRIVATE_MODE = 0o600
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically; a crash leaves the old or the new file, whole.
+
+    The new file gets exactly `mode` (not filtered by the umask). Callers must never write
+    secrets with this function's default mode; use `write_private_file`.
+    """
+    target = Path(path)
+    folder = target.parent
+    # A random name in the same folder: the same file system (so os.replace is atomic), and
+    # O_EXCL refuses to reuse a name that an attacker or a crashed run left behind.
+    temporary = folder / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            os.fchmod(descriptor, mode)
+            view = memoryview(data)
+            while view:
+                written = os.write(descriptor, view)
+                view = view[written:]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)
+
+
+def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write a secret atomically with mode 0600 (owner read and write, nobody else)."""
+    atomic_write(path, data, mode=PRIVATE_MODE)
+
+
+def read_private_file(path: str | os.PathLike[str], what: str) -> bytes:
+    """Read a secret, refusing it when group or others may read or write it.
+
+    `what` names the file in error messages ("signing key"). Raises ConfigError with the fix
+    when the file is missing, is not a regular file, or is too open.
+    """
+    target = Path(path)
+    try:
+        status = target.stat()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{what} {target} does not exist; create it with `tessera provision` "
+            "or point the configuration at the right file"
+        ) from None
+    if not stat.S_ISREG(status.st_mode):
+        raise ConfigError(f"{what} {target} is not a regular file; point at the key file itself")
+    loose = stat.S_IMODE(status.st_mode) & 0o077
+    if loose:
+        raise ConfigError(
+            f"{what} {target} has mode {stat.S_IMODE(status.st_mode):04o}, so other users may "
+            f"read it; run `chmod 600 {target}` (and rotate the key if others could read it)"
+        )
+    return target.read_bytes()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable; skipped where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        # Some file systems (and all of Windows) refuse fsync on a folder; the data itself
+        # is already durable, only the rename's durability is best effort there.
+        pass
+    finally:
+        os.close(descriptor)
