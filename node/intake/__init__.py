@@ -1,0 +1,1 @@
+"""DICOM intake: watched folder, C-STORE receiver, quarantine ledger and preprocessing cache."""

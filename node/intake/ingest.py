@@ -1,0 +1,266 @@
+"""One intake pass over the watched folder: incremental, parallel, restartable.
+
+A file is named by the keyed hash of its path relative to the intake root. It is skipped
+when its size and mtime are unchanged since it was last ingested (or quarantined) under the
+current preprocessing digest; when only the stat changed, a keyed content hash decides. Files
+that disappeared drop out of the dataset, and their cached arrays are removed. Everything
+else is decoded in a process pool (2 workers by default: one per core), in small batches,
+with a bounded number in flight so memory stays flat however large the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.errors import NodeError
+from node.intake import index
+from node.intake.labels import folder_label, load_manifest
+from node.intake.worker import (
+    TEMP_PREFIX,
+    FileTask,
+    WorkerContext,
+    array_path,
+    ingest_batch,
+)
+from node.logs import log_event
+from node.phi import keyed_hash, load_or_create_site_secret
+from node.preprocess import PreprocessConfig
+from node.screen import IntakeLimits, quiet_pydicom
+
+LOGGER = logging.getLogger("tessera.node.intake")
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    """The intake's configuration: where DICOM arrives, where state lives, what to produce."""
+
+    intake_dir: Path
+    state_dir: Path
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    limits: IntakeLimits = field(default_factory=IntakeLimits)
+    label_set: tuple[str, ...] | None = None
+    labels_csv: Path | None = None
+    folder_labels: bool = False
+    workers: int = 2
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers must be 1..64, got {self.workers}")
+        if not 1 <= self.batch_size <= 1024:
+            raise ValueError(f"batch_size must be 1..1024, got {self.batch_size}")
+        if self.folder_labels and not self.label_set:
+            raise ValueError(
+                "folder labels need a label set (e.g. --label-set absent,present): folder "
+                "names outside it are ignored, so patient-named folders never become labels"
+            )
+        if self.label_set is not None and len(set(self.label_set)) != len(self.label_set):
+            raise ValueError(f"label set has duplicates: {self.label_set}")
+
+    @property
+    def cache_dir(self) -> Path:
+        """Root of the preprocessed-array cache."""
+        return self.state_dir / "cache"
+
+
+@dataclass
+class IngestSummary:
+    """Counts from one pass (no identifiers)."""
+
+    seen: int = 0
+    unchanged: int = 0
+    ingested: int = 0
+    quarantined: int = 0
+    dropped: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    labels_out_of_set: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready view."""
+        return {
+            "seen": self.seen,
+            "unchanged": self.unchanged,
+            "ingested": self.ingested,
+            "quarantined": self.quarantined,
+            "dropped": self.dropped,
+            "reasons": dict(sorted(self.reasons.items())),
+            "labels_out_of_set": dict(sorted(self.labels_out_of_set.items())),
+        }
+
+
+def walk_intake(root: Path) -> Iterator[Path]:
+    """Every regular file under `root`, recursively, without following directory links.
+
+    Temp files of the receiver and of the cache (TEMP_PREFIX) are skipped: they are not
+    finished yet.
+    """
+    for directory, subdirs, files in os.walk(root, followlinks=False):
+        subdirs.sort()
+        for name in sorted(files):
+            if name.startswith(TEMP_PREFIX):
+                continue
+            path = Path(directory) / name
+            if path.is_file():
+                yield path
+
+
+def _content_key(path: Path, secret: bytes) -> str | None:
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return keyed_hash("content", digest, secret)
+
+
+def remove_stale_temp_files(cache_dir: Path) -> int:
+    """Delete temp arrays left by a killed run (the cache's own files, never the intake's)."""
+    removed = 0
+    if cache_dir.is_dir():
+        for tmp in cache_dir.rglob(f"{TEMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def run_ingest(cfg: IntakeConfig) -> IngestSummary:
+    """Bring the index and cache up to date with the intake folder; return the counts."""
+    if not cfg.intake_dir.is_dir():
+        # Refuse rather than treat a missing mount as "every file deleted".
+        raise NodeError(
+            f"intake folder {cfg.intake_dir} does not exist or is not a directory; "
+            "check the DICOM mount before ingesting"
+        )
+    secret = load_or_create_site_secret(cfg.state_dir)
+    ctx = WorkerContext(cfg.cache_dir, cfg.preprocess, cfg.limits, secret)
+    conn = index.connect(cfg.state_dir)
+    summary = IngestSummary()
+    try:
+        stale = remove_stale_temp_files(cfg.cache_dir)
+        scan = index.next_scan(conn)
+        index.set_meta(conn, "digest", ctx.digest)
+        index.set_meta(conn, "label_set", json.dumps(list(cfg.label_set or ())))
+        log_event(LOGGER, "intake.start", scan=scan, digest=ctx.digest[:16], stale_temp=stale)
+        _process(cfg, ctx, conn, scan, summary)
+        for key in index.drop_unseen(conn, scan):
+            summary.dropped += 1
+            if not index.still_referenced(conn, key):
+                array_path(cfg.cache_dir, ctx.digest, key).unlink(missing_ok=True)
+        if cfg.labels_csv is not None:
+            manifest = load_manifest(cfg.labels_csv, secret, cfg.label_set)
+            index.replace_manifest(conn, manifest.rows)
+            summary.labels_out_of_set = manifest.out_of_set
+        index.set_meta(conn, "last_summary", json.dumps(summary.as_dict()))
+        log_event(LOGGER, "intake.done", scan=scan, **summary.as_dict())
+    finally:
+        conn.close()
+    return summary
+
+
+def _process(
+    cfg: IntakeConfig, ctx: WorkerContext, conn: index.sqlite3.Connection, scan: int,
+    summary: IngestSummary,
+) -> None:  # fmt: skip
+    batch: list[FileTask] = []
+    pending: set[Future[list[index.FileRecord]]] = set()
+    pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
+
+    def collect(block: bool) -> None:
+        nonlocal pending
+        if not pending:
+            return
+        done, pending = wait(pending, return_when=FIRST_COMPLETED, timeout=None if block else 0)
+        for future in done:
+            _record(conn, future.result(), scan, summary)
+
+    def submit(tasks: list[FileTask]) -> None:
+        if pool is None:
+            with quiet_pydicom():
+                _record(conn, ingest_batch(tasks, ctx), scan, summary)
+            return
+        while len(pending) >= 2 * cfg.workers:
+            collect(block=True)
+        pending.add(pool.submit(ingest_batch, tasks, ctx))
+
+    try:
+        for path in walk_intake(cfg.intake_dir):
+            task = _plan(cfg, ctx, conn, path, scan, summary)
+            if task is not None:
+                batch.append(task)
+                if len(batch) >= cfg.batch_size:
+                    submit(batch)
+                    batch = []
+            if summary.seen % 256 == 0:
+                conn.commit()  # "seen" marks are true whenever they land; commit in chunks
+            collect(block=False)
+        if batch:
+            submit(batch)
+        while pending:
+            collect(block=True)
+    finally:
+        conn.commit()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _plan(
+    cfg: IntakeConfig, ctx: WorkerContext, conn: index.sqlite3.Connection, path: Path,
+    scan: int, summary: IngestSummary,
+) -> FileTask | None:  # fmt: skip
+    """Decide whether `path` needs (re)ingesting; mark it seen when it does not."""
+    summary.seen += 1
+    relative = path.relative_to(cfg.intake_dir)
+    path_key = keyed_hash("path", relative.as_posix(), ctx.secret)
+    try:
+        stat = path.stat()
+    except OSError:
+        return None  # vanished between listing and stat; the next pass settles it
+    stored = index.lookup(conn, path_key)
+    label = folder_label(relative, cfg.label_set or ()) if cfg.folder_labels else None
+    task = FileTask(str(path), path_key, stat.st_size, stat.st_mtime_ns, label)
+    if stored is None:
+        return task
+    size, mtime_ns, content_key, status, digest = stored
+    current = digest == ctx.digest and (
+        status == "quarantined" or _array_present(conn, cfg, ctx, path_key)
+    )
+    if not current:
+        return task
+    if (size, mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        # Touched or copied again: only a change of content means re-ingesting.
+        if _content_key(path, ctx.secret) != content_key:
+            return task
+    index.mark_seen(conn, path_key, scan, stat.st_size, stat.st_mtime_ns)
+    summary.unchanged += 1
+    return None
+
+
+def _array_present(
+    conn: index.sqlite3.Connection, cfg: IntakeConfig, ctx: WorkerContext, path_key: str
+) -> bool:
+    row = conn.execute("SELECT instance_key FROM files WHERE path_key = ?", (path_key,)).fetchone()
+    return bool(row and row[0] and array_path(cfg.cache_dir, ctx.digest, row[0]).is_file())
+
+
+def _record(
+    conn: index.sqlite3.Connection, records: list[index.FileRecord], scan: int,
+    summary: IngestSummary,
+) -> None:  # fmt: skip
+    index.store(conn, records, scan)
+    for record in records:
+        if record.status == "ingested":
+            summary.ingested += 1
+        else:
+            summary.quarantined += 1
+            summary.reasons[record.reason or "unknown"] += 1
+            log_event(
+                LOGGER, "intake.quarantine", logging.WARNING,
+                file=record.path_key, reason=record.reason, detail=record.detail,
+            )  # fmt: skip
