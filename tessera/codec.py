@@ -76,6 +76,10 @@ def check_float(name: str, value: object, minimum: float = 0.0) -> float:
     """Return `value` if it is a finite float >= minimum, else raise CodecError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CodecError(f"{name} {value!r} is not a number")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise CodecError(f"{name} {value!r} is too large for a float") from None
     if not math.isfinite(value) or value < minimum:
         raise CodecError(f"{name} {value!r} must be finite and at least {minimum}")
     return float(value)
@@ -95,51 +99,66 @@ def check_ids(name: str, values: object, *, unique: bool = True) -> tuple[str, .
 
 
 class Writer:
-    """Appends fields in wire order; `finish()` returns the bytes."""
+    """Appends fields in wire order; `finish()` returns the bytes.
+
+    The writer trusts its caller: messages validate every field on construction, so
+    lengths and ranges are already within the schema when a value arrives here.
+    """
 
     def __init__(self, message_type: int) -> None:
         self._parts: list[bytes] = [MAGIC, bytes((VERSION, message_type))]
 
     def u8(self, value: int) -> None:
+        """One unsigned byte."""
         self._parts.append(struct.pack(">B", value))
 
     def u16(self, value: int) -> None:
+        """Unsigned 16-bit, big-endian."""
         self._parts.append(struct.pack(">H", value))
 
     def u32(self, value: int) -> None:
+        """Unsigned 32-bit, big-endian."""
         self._parts.append(struct.pack(">I", value))
 
     def u64(self, value: int) -> None:
+        """Unsigned 64-bit, big-endian."""
         self._parts.append(struct.pack(">Q", value))
 
     def f64(self, value: float) -> None:
+        """IEEE 754 binary64, big-endian."""
         self._parts.append(struct.pack(">d", value))
 
+    def raw(self, value: bytes) -> None:
+        """Bytes whose length the schema fixes (a hash, a signature) or that a prefix gave."""
+        self._parts.append(value)
+
     def hash(self, value: bytes) -> None:
+        """A 32-byte digest."""
         self._parts.append(value)
 
     def id(self, value: str) -> None:
+        """An id: u16 length, then its ASCII bytes."""
         self.text(value)
 
     def text(self, value: str) -> None:
+        """Text: u16 length, then UTF-8."""
         raw = value.encode("utf-8")
         self.u16(len(raw))
         self._parts.append(raw)
 
     def ids(self, values: tuple[str, ...]) -> None:
+        """A list of ids: u16 count, then each id."""
         self.u16(len(values))
         for value in values:
             self.id(value)
 
-    def blob32(self, value: bytes) -> None:
-        self.u32(len(value))
-        self._parts.append(value)
-
     def blob64(self, value: bytes) -> None:
+        """A blob: u64 length, then the bytes."""
         self.u64(len(value))
         self._parts.append(value)
 
     def finish(self) -> bytes:
+        """The encoded message."""
         return b"".join(self._parts)
 
 
@@ -149,7 +168,10 @@ class Reader:
     def __init__(self, data: bytes, what: str) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CodecError(f"{what}: expected bytes, got {type(data).__name__}")
-        self._view = memoryview(data).cast("B")
+        try:
+            self._view = memoryview(data).cast("B")
+        except TypeError:
+            raise CodecError(f"{what}: expected contiguous bytes") from None
         self._at = 0
         self._what = what
 
@@ -168,30 +190,38 @@ class Reader:
         return chunk
 
     def fixed(self, count: int, field: str) -> bytes:
+        """Exactly `count` bytes, as the schema fixes them."""
         return bytes(self._take(count, field))
 
     def u8(self, field: str) -> int:
+        """One unsigned byte."""
         return self._take(1, field)[0]
 
     def u16(self, field: str) -> int:
+        """Unsigned 16-bit, big-endian."""
         return int.from_bytes(self._take(2, field), "big")
 
     def u32(self, field: str) -> int:
+        """Unsigned 32-bit, big-endian."""
         return int.from_bytes(self._take(4, field), "big")
 
     def u64(self, field: str) -> int:
+        """Unsigned 64-bit, big-endian."""
         return int.from_bytes(self._take(8, field), "big")
 
     def f64(self, field: str, minimum: float = 0.0) -> float:
+        """A binary64 that must be finite and at least `minimum`."""
         value: float = struct.unpack(">d", self._take(8, field))[0]
         if not math.isfinite(value) or value < minimum:
             raise CodecError(f"{self._what}: field {field} is {value!r}, not finite >= {minimum}")
         return value
 
     def hash(self, field: str) -> bytes:
+        """A 32-byte digest."""
         return bytes(self._take(HASH_LENGTH, field))
 
     def text(self, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
+        """u16-length-prefixed UTF-8 of at most `limit` bytes."""
         length = self.u16(field)
         if length > limit:
             raise CodecError(f"{self._what}: field {field} is {length} bytes, over {limit}")
@@ -201,22 +231,21 @@ class Reader:
             raise CodecError(f"{self._what}: field {field} is not valid UTF-8") from None
 
     def id(self, field: str) -> str:
+        """An id, checked against the id rule."""
         value = self.text(field, MAX_ID_LENGTH)
         return check_id(f"{self._what}: field {field}", value)
 
     def ids(self, field: str, limit: int = MAX_LIST_COUNT) -> tuple[str, ...]:
+        """A u16-counted list of at most `limit` ids."""
         count = self.u16(field)
         if count > limit:
             raise CodecError(f"{self._what}: field {field} lists {count} ids, over {limit}")
         return tuple(self.id(field) for _ in range(count))
 
-    def blob32(self, field: str, limit: int) -> bytes:
-        return self._blob(self.u32(field), field, limit)
-
     def blob64(self, field: str, limit: int) -> bytes:
-        return self._blob(self.u64(field), field, limit)
-
-    def _blob(self, length: int, field: str, limit: int) -> bytes:
+        """A u64-length-prefixed blob; its declared length is checked against `limit` and
+        against what remains before anything is copied."""
+        length = self.u64(field)
         if length > limit:
             raise CodecError(
                 f"{self._what}: field {field} declares {length} bytes, over its limit {limit}"
@@ -284,7 +313,7 @@ def write_ring(writer: Writer, ring: RingParams) -> None:
     """Write RingParams as a u16-length-prefixed field of its own fixed layout."""
     raw = ring.to_bytes()
     writer.u16(len(raw))
-    writer.hash(raw)  # raw bytes; the length went just before
+    writer.raw(raw)
 
 
 def read_ring(reader: Reader) -> RingParams:

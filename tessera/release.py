@@ -130,7 +130,7 @@ class ModelRelease:
         w.u16(len(self.signatures))
         for signer, signature in self.signatures:
             w.id(signer)
-            w.hash(signature)  # fixed 64 raw bytes
+            w.raw(signature)  # fixed 64 bytes
         return w.finish()
 
     @classmethod

@@ -269,3 +269,12 @@ def test_round_abort_reason_is_limited_utf8() -> None:
         RoundAbort("f", "s", 1, "a", "x" * 1025)
     with pytest.raises(CodecError):
         RoundAbort("f", "s", 1, "a", "\ud800")  # a lone surrogate has no UTF-8 form
+
+
+def test_odd_inputs_are_codec_errors_not_crashes() -> None:
+    with pytest.raises(CodecError, match="too large"):
+        dataclasses.replace(example_round_open(), learning_rate=10**400)
+    with pytest.raises(CodecError, match="contiguous"):
+        decode_message(memoryview(example_round_open().to_bytes())[::2], LIMIT)  # type: ignore[arg-type]
+    with pytest.raises(CodecError, match="expected bytes"):
+        decode_message("TSRM", LIMIT)  # type: ignore[arg-type]
