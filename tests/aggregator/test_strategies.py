@@ -171,8 +171,15 @@ def test_policy_switches_with_hysteresis_and_records_why() -> None:
         algorithm, record = next_algorithm(algorithm, value, round_number, cfg)
         history.append((algorithm, record))
     assert [a for a, _ in history] == [
-        "fedavg", "fedavg", "fedsgd", "fedsgd", "fedsgd", "fedavg", "fedavg", "fedsgd",
-    ]  # fmt: skip
+        "fedavg",
+        "fedavg",
+        "fedsgd",
+        "fedsgd",
+        "fedsgd",
+        "fedavg",
+        "fedavg",
+        "fedsgd",
+    ]
     switches = [r for _, r in history if r is not None]
     assert [(r.round, r.previous, r.chosen) for r in switches] == [
         (3, "fedavg", "fedsgd"),

@@ -1,0 +1,407 @@
+"""The aggregator's durable state: SQLite in WAL mode, with synchronous=FULL.
+
+What it keeps: rounds (stage, base model, ring parameters, deadline, participants, abort
+reason), the shares received per round (node, kind, the seed or the path of the full-share
+file, the envelope digest), the fact that a partial sum was published for a round, the
+server optimiser's state, and the model registry rows (registry.py writes the files).
+
+Ordering rules that make a crash harmless:
+
+- A file (a full share, a model, the optimiser state) is written atomically and fsynced
+  *before* the row that names it is committed, so a committed row never points at a missing
+  or torn file. A crash in between leaves an unnamed file, which is ignored or replaced.
+- The partial-sum fact is committed in the same transaction as the round's move to SUMMING,
+  before anything is published. A restarted aggregator therefore refuses a second sum.
+- Each method is one transaction; SQLite's journal makes it all-or-nothing.
+
+Restart policy: `recover()` aborts every round that was in flight, with reason
+"aggregator restarted", and deletes its shares. Resuming would be possible in principle (every
+share can be re-read from disk), but the other aggregators and the nodes keep their own
+deadlines, so a resumed round would mostly wait for messages that will never come again; an
+abort is announced at once, and the leader opens the next round on a consistent base.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from aggregator.agreement import PublishedSum
+from aggregator.errors import DuplicateShare, PartialSumRefused, StoreError
+from aggregator.records import ModelRecord, RoundRecord, ServerStateRecord, ShareRecord
+from aggregator.rounds import RoundState, Stage
+
+RESTART_REASON = "aggregator restarted"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, stage TEXT NOT NULL,
+    base_model_hash BLOB NOT NULL, ring_params BLOB NOT NULL, vector_length INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL, algorithm TEXT NOT NULL, received INTEGER NOT NULL,
+    close_reason TEXT, participants TEXT, model_version TEXT, abort_reason TEXT,
+    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (study_id, round));
+CREATE TABLE IF NOT EXISTS shares (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, node_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('seed', 'full')), seed BLOB, path TEXT,
+    envelope_digest BLOB NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (study_id, round, node_id));
+CREATE TABLE IF NOT EXISTS partial_sums (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL,
+    decided_ms INTEGER NOT NULL, PRIMARY KEY (study_id, round));
+CREATE TABLE IF NOT EXISTS models (
+    study_id TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL,
+    parent_hash BLOB NOT NULL, model_hash BLOB NOT NULL, onnx_hash BLOB NOT NULL,
+    card_hash BLOB NOT NULL, folder TEXT NOT NULL, card_json TEXT NOT NULL,
+    signatures TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    PRIMARY KEY (study_id, version));
+CREATE TABLE IF NOT EXISTS server_state (
+    study_id TEXT PRIMARY KEY, round INTEGER NOT NULL, algorithm TEXT NOT NULL,
+    path TEXT, updated_ms INTEGER NOT NULL);
+"""
+
+
+class Store:
+    """One aggregator's SQLite state. Every public method is one transaction."""
+
+    def __init__(self, path: Path, shares_dir: Path, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.shares_dir = Path(shares_dir)
+        self._clock = clock
+        self._lock = threading.Lock()  # paho callbacks and the main loop may share the store
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.shares_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._check_schema_version()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"state store {self.path} cannot be opened ({exc}); restore it from a backup "
+                "or move it aside to start empty (the model registry folder stays intact)"
+            ) from None
+
+    def close(self) -> None:
+        """Close the database (a checkpoint folds the WAL back into the main file)."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _check_schema_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"state store {self.path} has schema {row[0]}, this version reads "
+                f"{SCHEMA_VERSION}; run the matching release or migrate the store"
+            )
+
+    # --- rounds -------------------------------------------------------------------------
+
+    def create_round(self, record: RoundRecord) -> None:
+        """Store a new round; StoreError if the study already has that round number."""
+        s, now = record.state, self._now()
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (record.study_id, s.round, s.stage.value, record.base_model_hash,
+                     record.ring_params, record.vector_length, record.deadline_ms,
+                     record.algorithm, s.received, s.close_reason, _ids(s.participants),
+                     s.model_version, s.abort_reason, now, now),
+                )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise StoreError(
+                f"study {record.study_id} already has round {s.round}; "
+                "open the next round number (store.latest_round + 1)"
+            ) from None
+
+    def save_state(self, study_id: str, state: RoundState) -> None:
+        """Persist a state returned by rounds.transition. A finished round is never reopened."""
+        with self._transaction() as db:
+            self._save_state(db, study_id, state)
+
+    def _save_state(self, db: sqlite3.Connection, study_id: str, state: RoundState) -> None:
+        row = db.execute(
+            "SELECT stage FROM rounds WHERE study_id = ? AND round = ?", (study_id, state.round)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"study {study_id} has no round {state.round}; create_round first")
+        stored = Stage(row[0])
+        if stored.is_terminal and stored is not state.stage:
+            raise StoreError(
+                f"round {state.round} is already {stored.name} in the store; a finished round "
+                f"cannot become {state.stage.name} (was it aborted by a restart?)"
+            )
+        db.execute(
+            "UPDATE rounds SET stage=?, received=?, close_reason=?, participants=?, "
+            "model_version=?, abort_reason=?, updated_ms=? WHERE study_id=? AND round=?",
+            (state.stage.value, state.received, state.close_reason, _ids(state.participants),
+             state.model_version, state.abort_reason, self._now(), study_id, state.round),
+        )  # fmt: skip
+
+    def load_round(self, study_id: str, round_number: int) -> RoundRecord | None:
+        """The stored round, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM rounds WHERE study_id = ? AND round = ?", (study_id, round_number)
+            ).fetchone()
+        return None if row is None else _round_from_row(row)
+
+    def list_rounds(self, study_id: str) -> list[RoundRecord]:
+        """Every round of the study, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM rounds WHERE study_id = ? ORDER BY round", (study_id,)
+            ).fetchall()
+        return [_round_from_row(row) for row in rows]
+
+    def latest_round(self, study_id: str) -> int | None:
+        """The highest round number stored for the study, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(round) FROM rounds WHERE study_id = ?", (study_id,)
+            ).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    # --- shares -------------------------------------------------------------------------
+
+    def share_folder(self, study_id: str, round_number: int) -> Path:
+        """Where this round's full-share files go (created on demand)."""
+        folder = self.shares_dir / _safe(study_id) / f"{round_number:010d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def record_share(self, study_id: str, round_number: int, share: ShareRecord) -> None:
+        """Record a received share; DuplicateShare if the node already has one this round.
+
+        A full share's file must already be on disk (written atomically) when this is called.
+        """
+        has_seed, has_path = share.seed is not None, share.path is not None
+        if (has_seed, has_path) != ((True, False) if share.kind == "seed" else (False, True)):
+            raise StoreError(f"share of kind {share.kind!r} must carry exactly its seed or path")
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO shares VALUES (?,?,?,?,?,?,?,?)",
+                    (study_id, round_number, share.node_id, share.kind, share.seed, share.path,
+                     share.envelope_digest, self._now()),
+                )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise DuplicateShare(round_number, share.node_id) from None
+
+    def has_share(self, study_id: str, round_number: int, node_id: str) -> bool:
+        """True when a share from `node_id` is recorded for the round."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM shares WHERE study_id=? AND round=? AND node_id=?",
+                (study_id, round_number, node_id),
+            ).fetchone()
+        return row is not None
+
+    def held_nodes(self, study_id: str, round_number: int) -> tuple[str, ...]:
+        """The sorted node ids this aggregator holds shares from (its ReceivedSet)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT node_id FROM shares WHERE study_id=? AND round=? ORDER BY node_id",
+                (study_id, round_number),
+            ).fetchall()
+        return tuple(row[0] for row in rows)
+
+    def iter_shares(self, study_id: str, round_number: int) -> Iterator[ShareRecord]:
+        """Stream the round's share records in node order; memory does not grow with count."""
+        last = ""
+        while True:  # pages, so that no cursor stays open across other transactions
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT node_id, kind, seed, path, envelope_digest FROM shares "
+                    "WHERE study_id=? AND round=? AND node_id > ? ORDER BY node_id LIMIT 256",
+                    (study_id, round_number, last),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield ShareRecord(row[0], row[1], row[2], row[3], row[4])
+            last = rows[-1][0]
+
+    def purge_shares(self, study_id: str, round_number: int) -> None:
+        """Forget a finished round's shares: rows (with their seeds) and files."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM shares WHERE study_id=? AND round=?", (study_id, round_number))
+        shutil.rmtree(self.shares_dir / _safe(study_id) / f"{round_number:010d}", True)
+
+    # --- the honest-aggregator fact -----------------------------------------------------
+
+    def decide_partial_sum(self, study_id: str, state: RoundState, set_hash: bytes) -> None:
+        """Commit, in one transaction, the round's move to SUMMING and the partial-sum fact.
+
+        Call this after agreement.check_partial_sum_request and before publishing. If a fact
+        already exists for the round, nothing is written and PartialSumRefused is raised.
+        """
+        if state.stage is not Stage.SUMMING:
+            raise StoreError(f"the partial-sum decision goes with stage SUMMING, not {state.stage}")
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO partial_sums VALUES (?,?,?,?)",
+                    (study_id, state.round, set_hash, self._now()),
+                )
+                self._save_state(db, study_id, state)
+        except sqlite3.IntegrityError:
+            raise PartialSumRefused(
+                f"round {state.round}: a partial sum was already decided and published; "
+                "an honest aggregator publishes at most one per round"
+            ) from None
+
+    def published_sum(self, study_id: str, round_number: int) -> PublishedSum | None:
+        """The persisted partial-sum fact of a round, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT participant_set_hash FROM partial_sums WHERE study_id=? AND round=?",
+                (study_id, round_number),
+            ).fetchone()
+        return None if row is None else PublishedSum(round_number, bytes(row[0]))
+
+    # --- models and the optimiser state -------------------------------------------------
+
+    def insert_model(self, record: ModelRecord, server_state: ServerStateRecord | None) -> None:
+        """Register a model version (files already written) and, atomically with it, the
+        optimiser state that produced it. StoreError if the version exists."""
+        signatures = json.dumps([[who, sig.hex()] for who, sig in record.signatures])
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (record.study_id, record.version, record.round, record.parent_hash,
+                     record.model_hash, record.onnx_hash, record.card_hash, record.folder,
+                     record.card_json, signatures, self._now()),
+                )  # fmt: skip
+                if server_state is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO server_state VALUES (?,?,?,?,?)",
+                        (record.study_id, server_state.round, server_state.algorithm,
+                         server_state.path, self._now()),
+                    )  # fmt: skip
+        except sqlite3.IntegrityError:
+            raise StoreError(
+                f"study {record.study_id} already has model version {record.version}; "
+                "versions are never replaced, register the next one"
+            ) from None
+
+    def list_models(self, study_id: str) -> list[ModelRecord]:
+        """Every registered version of the study, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_id, version, round, parent_hash, model_hash, onnx_hash, card_hash,"
+                " folder, card_json, signatures FROM models WHERE study_id=? ORDER BY version",
+                (study_id,),
+            ).fetchall()
+        return [_model_from_row(row) for row in rows]
+
+    def server_state(self, study_id: str) -> ServerStateRecord | None:
+        """The latest stored optimiser state of the study, or None before the first release."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round, algorithm, path FROM server_state WHERE study_id=?", (study_id,)
+            ).fetchone()
+        return None if row is None else ServerStateRecord(int(row[0]), row[1], row[2])
+
+    # --- restart --------------------------------------------------------------------------
+
+    def recover(self) -> list[tuple[str, int]]:
+        """After a restart: abort every round in flight (reason RESTART_REASON) and return
+        the (study, round) pairs aborted.
+
+        No round is in flight afterwards, so every share (rows with their seeds, files, and
+        temporary files a kill left behind) is deleted: nothing secret outlives its round.
+        """
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT study_id, round FROM rounds WHERE stage NOT IN (?, ?) ORDER BY round",
+                (Stage.RELEASED.value, Stage.ABORTED.value),
+            ).fetchall()
+            db.execute(
+                "UPDATE rounds SET stage=?, abort_reason=?, updated_ms=? WHERE stage NOT IN (?,?)",
+                (Stage.ABORTED.value, RESTART_REASON, self._now(), Stage.RELEASED.value,
+                 Stage.ABORTED.value),
+            )  # fmt: skip
+            db.execute("DELETE FROM shares")
+        for child in self.shares_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        return [(study, int(number)) for study, number in rows]
+
+    def integrity_check(self) -> None:
+        """Raise StoreError unless SQLite's own integrity check passes."""
+        with self._lock:
+            result = self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        if result != "ok":
+            raise StoreError(f"state store {self.path} is damaged: {result}")
+
+
+def _ids(ids: tuple[str, ...] | None) -> str | None:
+    return None if ids is None else json.dumps(list(ids))
+
+
+def _safe(study_id: str) -> str:
+    """A study id as a folder name (ids are short ASCII; anything odd is hex-encoded)."""
+    if study_id.replace("-", "").replace("_", "").replace(".", "").isalnum() and study_id.isascii():
+        return study_id
+    return study_id.encode("utf-8").hex()
+
+
+def _round_from_row(row: tuple) -> RoundRecord:  # type: ignore[type-arg]
+    (study_id, number, stage, base, ring, length, deadline, algorithm, received, close,
+     participants, version, abort, _created, _updated) = row  # fmt: skip
+    state = RoundState(
+        round=int(number),
+        stage=Stage(stage),
+        received=int(received),
+        close_reason=close,
+        participants=None if participants is None else tuple(json.loads(participants)),
+        model_version=version,
+        abort_reason=abort,
+    )
+    return RoundRecord(study_id, bytes(base), bytes(ring), int(length), int(deadline), algorithm,
+                       state)  # fmt: skip
+
+
+def _model_from_row(row: tuple) -> ModelRecord:  # type: ignore[type-arg]
+    signatures = tuple((who, bytes.fromhex(sig)) for who, sig in json.loads(row[9]))
+    return ModelRecord(
+        row[0], int(row[1]), int(row[2]), bytes(row[3]), bytes(row[4]), bytes(row[5]),
+        bytes(row[6]), row[7], row[8], signatures,
+    )  # fmt: skip

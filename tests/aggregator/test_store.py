@@ -1,0 +1,206 @@
+"""The SQLite state store: rounds, shares, the partial-sum fact, restart recovery, and a
+process killed with SIGKILL in the middle of writing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aggregator.errors import DuplicateShare, PartialSumRefused, StoreError
+from aggregator.records import RoundRecord, ShareRecord
+from aggregator.rounds import (
+    Abort,
+    CollectionClosed,
+    ParticipantsAgreed,
+    RoundState,
+    Stage,
+    StartCollecting,
+    transition,
+)
+from aggregator.store import RESTART_REASON, Store
+
+STUDY = "study-1"
+
+
+def open_store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "state.sqlite3", tmp_path / "shares")
+
+
+def new_round(store: Store, number: int) -> RoundState:
+    state = RoundState(number)
+    store.create_round(RoundRecord(STUDY, bytes(32), b"ring", 10, 1_000, "fedavg", state))
+    return state
+
+
+def test_wal_and_full_sync_are_on(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with Store(tmp_path / "state.sqlite3", tmp_path / "shares") as store:
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_rounds_round_trip_and_numbers_are_unique(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        state = transition(new_round(store, 1), StartCollecting())
+        store.save_state(STUDY, state)
+        state = transition(state, CollectionClosed("deadline"))
+        store.save_state(STUDY, state)
+        loaded = store.load_round(STUDY, 1)
+        assert loaded is not None and loaded.state == state and loaded.deadline_ms == 1_000
+        with pytest.raises(StoreError, match="already has round 1"):
+            new_round(store, 1)
+        assert store.latest_round(STUDY) == 1 and store.latest_round("other") is None
+        with pytest.raises(StoreError, match="no round 9"):
+            store.save_state(STUDY, RoundState(9))
+
+
+def test_shares_are_unique_per_node_and_streamed_in_order(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        new_round(store, 1)
+        for node in ("site-c", "site-a", "site-b"):
+            store.record_share(STUDY, 1, ShareRecord(node, "seed", os.urandom(32), None, b"d"))
+        with pytest.raises(DuplicateShare, match="site-a"):
+            store.record_share(STUDY, 1, ShareRecord("site-a", "seed", bytes(32), None, b"x"))
+        with pytest.raises(StoreError, match="exactly"):
+            store.record_share(STUDY, 1, ShareRecord("site-d", "full", None, None, b"x"))
+        assert store.held_nodes(STUDY, 1) == ("site-a", "site-b", "site-c")
+        assert [r.node_id for r in store.iter_shares(STUDY, 1)] == ["site-a", "site-b", "site-c"]
+        assert store.has_share(STUDY, 1, "site-b") and not store.has_share(STUDY, 2, "site-b")
+
+
+def test_the_partial_sum_fact_survives_a_restart(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        state = new_round(store, 3)
+        for event in (StartCollecting(), CollectionClosed("all-reported")):
+            state = transition(state, event)
+        state = transition(state, ParticipantsAgreed(("a", "b", "c")))
+        store.decide_partial_sum(STUDY, state, b"h" * 32)
+    with open_store(tmp_path) as store:
+        fact = store.published_sum(STUDY, 3)
+        assert fact is not None and fact.participant_set_hash == b"h" * 32
+        with pytest.raises(PartialSumRefused, match="at most one"):
+            store.decide_partial_sum(STUDY, state, b"g" * 32)
+        assert store.published_sum(STUDY, 3).participant_set_hash == b"h" * 32  # type: ignore[union-attr]
+
+
+def test_recover_aborts_rounds_in_flight_and_drops_their_shares(tmp_path: Path) -> None:
+    with open_store(tmp_path) as store:
+        new_round(store, 1)
+        store.save_state(STUDY, transition(RoundState(1), Abort("deadline with 1 node")))
+        state = transition(new_round(store, 2), StartCollecting())
+        store.save_state(STUDY, state)
+        folder = store.share_folder(STUDY, 2)
+        (folder / "x.share").write_bytes(b"1234")
+        store.record_share(STUDY, 2, ShareRecord("a", "full", None, str(folder / "x.share"), b"d"))
+    with open_store(tmp_path) as store:
+        assert store.recover() == [(STUDY, 2)]
+        second = store.load_round(STUDY, 2)
+        assert second is not None and second.state.stage is Stage.ABORTED
+        assert second.state.abort_reason == RESTART_REASON
+        first = store.load_round(STUDY, 1)
+        assert first is not None and first.state.abort_reason == "deadline with 1 node"
+        assert store.held_nodes(STUDY, 2) == () and not folder.exists()
+        with pytest.raises(StoreError, match="already ABORTED"):
+            store.save_state(STUDY, transition(state, CollectionClosed("deadline")))
+        assert store.recover() == []
+
+
+def test_a_damaged_database_gives_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "state.sqlite3").write_bytes(b"this is not a database, just garbage" * 100)
+    with pytest.raises(StoreError, match="backup"):
+        open_store(tmp_path)
+
+
+# --- SIGKILL in the middle of writing ---------------------------------------------------------
+
+WRITER = r"""
+import os, sys
+from pathlib import Path
+from aggregator.records import RoundRecord, ShareRecord
+from aggregator.rounds import *
+from aggregator.store import Store
+from tessera.files import write_private_file
+
+root = Path(sys.argv[1])
+store = Store(root / "state.sqlite3", root / "shares")
+number = 0
+while True:
+    number += 1
+    state = RoundState(number)
+    store.create_round(RoundRecord("study-1", bytes(32), b"ring", 8192, 0, "fedavg", state))
+    state = transition(state, StartCollecting())
+    store.save_state("study-1", state)
+    for i in range(6):
+        node = f"site-{i}"
+        if i % 2:
+            path = store.share_folder("study-1", number) / f"{node}.share"
+            write_private_file(path, os.urandom(8192 * 4))
+            record = ShareRecord(node, "full", None, str(path), os.urandom(32))
+        else:
+            record = ShareRecord(node, "seed", os.urandom(32), None, os.urandom(32))
+        store.record_share("study-1", number, record)
+        state = transition(state, ShareAccepted(node))
+        store.save_state("study-1", state)
+        print(f"{number} share {i}", flush=True)
+    state = transition(state, CollectionClosed("all-reported"))
+    store.save_state("study-1", state)
+    state = transition(state, ParticipantsAgreed(tuple(f"site-{i}" for i in range(5))))
+    store.decide_partial_sum("study-1", state, os.urandom(32))
+    print(f"{number} decided", flush=True)
+    state = transition(state, PartialSumPublished())
+    store.save_state("study-1", state)
+    state = transition(state, ModelReleased(str(number)))
+    store.save_state("study-1", state)
+    store.purge_shares("study-1", number)
+    print(f"{number} released", flush=True)
+"""
+
+
+@pytest.mark.parametrize("lines_before_kill", [5, 23, 40])
+def test_sigkill_mid_write_reopens_consistent(tmp_path: Path, lines_before_kill: int) -> None:
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    for _ in range(lines_before_kill):
+        assert writer.stdout.readline(), "the writer died on its own"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    assert writer.returncode == -signal.SIGKILL
+
+    with open_store(tmp_path) as store:
+        store.integrity_check()
+        rounds = store.list_rounds(STUDY)
+        assert rounds, "nothing was written before the kill"
+        in_flight = [r.state.round for r in rounds if not r.state.stage.is_terminal]
+        # Whatever the kill interrupted, each round's rows agree with each other.
+        for record in rounds:
+            state, fact = record.state, store.published_sum(STUDY, record.state.round)
+            if state.stage in (Stage.SUMMING, Stage.COMBINING, Stage.RELEASED):
+                assert fact is not None and state.participants is not None
+            else:
+                assert fact is None
+            if state.stage is Stage.COLLECTING:
+                assert state.received == len(store.held_nodes(STUDY, state.round)) or (
+                    state.received + 1 == len(store.held_nodes(STUDY, state.round))
+                )  # killed between the share row and the stage row
+            for share in store.iter_shares(STUDY, state.round):
+                if share.kind == "full":
+                    assert Path(share.path).stat().st_size == 8192 * 4  # type: ignore[arg-type]
+        assert store.recover() == [(STUDY, n) for n in in_flight]
+        for record in store.list_rounds(STUDY):
+            assert record.state.stage in (Stage.RELEASED, Stage.ABORTED)
+            if record.state.round in in_flight:
+                assert record.state.abort_reason == RESTART_REASON
+                assert store.held_nodes(STUDY, record.state.round) == ()
+        leftovers = [p for p in (tmp_path / "shares").rglob("*") if p.is_file()]
+        assert leftovers == []
+        # The restarted aggregator can go on with the next round.
+        new_round(store, max(r.state.round for r in rounds) + 1)
