@@ -11,13 +11,13 @@ The ACL is deny-by-default (Mosquitto refuses anything not granted) and grants:
 
 from __future__ import annotations
 
-import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
 from broker.federation import Federation
 
+_TEMPLATE = Path(__file__).parent / "templates" / "mosquitto.conf.tmpl"
 _PACKET_OVERHEAD = 64 << 10  # MQTT header and topic on top of the largest payload
 
 
@@ -42,11 +42,7 @@ def render_conf(
     run_as_user: str = "mosquitto",
 ) -> str:
     """mosquitto.conf text; ports default to the federation's, bind to all interfaces."""
-    template = (
-        importlib.resources.files("broker")
-        .joinpath("templates/mosquitto.conf.tmpl")
-        .read_text(encoding="utf-8")
-    )
+    template = _TEMPLATE.read_text(encoding="utf-8")
     return Template(template).substitute(
         persistence_dir=str(files.persistence_dir).rstrip("/"),
         run_as_user=run_as_user,

@@ -82,7 +82,8 @@ def provision(
     if reuse_ca and not has_ca:
         raise ProvisioningError(f"--reuse-ca given but {coordinator_dir} holds no CA")
     previous = _previous_roster(out, federation) if has_ca else None
-    for folder in (out, coordinator_dir, out / "broker", out / "bundles"):
+    out.mkdir(parents=True, exist_ok=True)
+    for folder in (coordinator_dir, out / "broker", out / "bundles"):
         folder.mkdir(mode=0o700 if folder == coordinator_dir else 0o755, exist_ok=True)
     os.chmod(coordinator_dir, 0o700)
     if has_ca:

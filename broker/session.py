@@ -25,10 +25,8 @@ import random
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import socks
@@ -44,78 +42,20 @@ from broker.errors import (
     PayloadTooLargeError,
     PublishError,
 )
+from broker.session_config import HttpProxy, SessionConfig, TlsFiles, tls_context
 from broker.topics import validate_filter, validate_publish_topic
-from tessera.errors import ConfigError
+
+__all__ = [
+    "HttpProxy",
+    "PublishHandle",
+    "Session",
+    "SessionConfig",
+    "TlsFiles",
+]
 
 NOT_AUTHORIZED = 135
 Handler = Callable[[str, bytes], None]
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """The federation CA and this client's certificate and private key (PEM)."""
-
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-
-@dataclass(frozen=True)
-class HttpProxy:
-    """An HTTP proxy that allows CONNECT to the broker (hospital egress)."""
-
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """Everything a Session needs; validated on construction."""
-
-    client_id: str
-    host: str
-    port: int
-    tls: TlsFiles | None
-    transport: Literal["tcp", "websockets"] = "tcp"
-    websocket_path: str = "/mqtt"
-    proxy: HttpProxy | None = None
-    presence_topic: str | None = None
-    keepalive_s: int = 30
-    session_expiry_s: int = 7 * 24 * 3600
-    max_inflight: int = 20
-    max_queued: int = 1000
-    receive_maximum: int = 64
-    max_packet_bytes: int = 2 << 20
-    reconnect_min_s: float = 0.25
-    reconnect_max_s: float = 30.0
-    connect_timeout_s: float = 10.0
-    insecure_plaintext: bool = False
-
-    def __post_init__(self) -> None:
-        if self.tls is None and not self.insecure_plaintext:
-            raise ConfigError(
-                "SessionConfig.tls is missing: production sessions need the CA, client "
-                "certificate and key; set insecure_plaintext=True only for the dev broker"
-            )
-        if self.transport not in ("tcp", "websockets"):
-            raise ConfigError(f"transport {self.transport!r} must be 'tcp' or 'websockets'")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"port {self.port} must be 1-65535")
-        checks = {
-            "keepalive_s": (5, 65535),
-            "session_expiry_s": (0, 0xFFFFFFFF),
-            "max_inflight": (1, 65535),
-            "max_queued": (1, 1 << 20),
-            "receive_maximum": (1, 65535),
-            "max_packet_bytes": (1024, 268435455),
-        }
-        for name, (low, high) in checks.items():
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise ConfigError(f"SessionConfig.{name} = {value} must be in [{low}, {high}]")
-        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            raise ConfigError("reconnect_min_s must be positive and at most reconnect_max_s")
 
 
 class PublishHandle:
@@ -155,6 +95,7 @@ class Session:
         self._pending: dict[int, PublishHandle] = {}
         self._early: dict[int, int] = {}
         self._internal_mids: set[int] = set()
+        self._early_subacks: dict[int, list[int]] = {}
         self._subscribed: dict[int, tuple[threading.Event, list[int]]] = {}
         self._handlers: dict[str, Handler] = {}
         self._inbox: queue.Queue[tuple[int, mqtt.MQTTMessage] | None] = queue.Queue(
@@ -254,14 +195,24 @@ class Session:
     def subscribe(self, topic_filter: str, handler: Handler, timeout: float = 10.0) -> None:
         """Subscribe at QoS 1 and route matching messages to ``handler(topic, payload)``.
 
-        Raises NotAuthorizedError when the broker's ACL refuses the filter. The handler
-        runs on the session's dispatch thread; the message is acknowledged after it returns.
+        Called before ``start()``, it only registers the handler, and the subscription goes
+        out on connect; with a persistent session that is what makes messages queued while
+        away reach a handler. Called while connected, it waits for the SUBACK and raises
+        NotAuthorizedError when the broker refuses the filter. The handler runs on the
+        session's dispatch thread; the message is acknowledged after it returns.
         """
         validate_filter(topic_filter)
-        if not self._connected.is_set():
-            raise NotConnectedError(f"subscribe to {topic_filter} needs a connection first")
         with self._lock:
             self._handlers[topic_filter] = handler
+        if not self._threads:
+            return
+        if not self._connected.is_set():
+            with self._lock:
+                self._handlers.pop(topic_filter, None)
+            raise NotConnectedError(
+                f"subscribe to {topic_filter} while disconnected; subscribe before start() "
+                "or after wait_connected()"
+            )
         try:
             reasons = self._subscribe_and_wait([topic_filter], timeout)
         except BrokerError:
@@ -283,7 +234,11 @@ class Session:
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnectedError(f"subscribe to {filters} failed: {mqtt.error_string(rc)}")
         with self._lock:
-            self._subscribed[mid] = (done, reasons)
+            early = self._early_subacks.pop(mid, None)
+            if early is None:
+                self._subscribed[mid] = (done, reasons)
+        if early is not None:
+            return early
         if not done.wait(timeout):
             raise BrokerError(f"no SUBACK for {filters} within {timeout} s")
         return reasons
@@ -309,7 +264,7 @@ class Session:
                 proxy_type=socks.HTTP, proxy_addr=config.proxy.host, proxy_port=config.proxy.port
             )
         if config.tls is not None:
-            client.tls_set_context(_tls_context(config.tls))
+            client.tls_set_context(tls_context(config.tls))
         if config.presence_topic:
             client.will_set(config.presence_topic, b"offline", qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -365,11 +320,14 @@ class Session:
         with self._lock:
             self._generation += 1
             filters = list(self._handlers)
-        if filters and not flags.session_present:
-            # The broker lost our session (expiry, or a broker without persistence):
-            # subscribe again; nothing to wait for on the network thread.
+        if filters:
+            # Subscribe on every connect: covers handlers registered before start() and a
+            # broker that lost our session. Repeating a subscription is harmless, and
+            # retain handling 1 stops retained messages from being resent for it.
             options = SubscribeOptions(qos=1, retainHandling=1)
-            client.subscribe([(f, options) for f in filters])
+            _rc, mid = client.subscribe([(f, options) for f in filters])
+            if mid is not None:
+                self._internal_mids.add(mid)
         if self.config.presence_topic:
             info = client.publish(self.config.presence_topic, b"online", qos=1, retain=True)
             # Its PUBACK arrives later on this same thread, so registering now is race-free.
@@ -396,10 +354,17 @@ class Session:
             handle._complete(value)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        values = [int(r.value) for r in reasons]
         with self._lock:
             waiter = self._subscribed.pop(mid, None)
+            internal = mid in self._internal_mids
+            self._internal_mids.discard(mid)
+            if waiter is None and not internal:
+                self._early_subacks[mid] = values
+        if internal and any(v >= 0x80 for v in values):
+            log.warning("%s: broker refused a subscription (%s)", self.config.client_id, values)
         if waiter is not None:
-            waiter[1].extend(int(r.value) for r in reasons)
+            waiter[1].extend(values)
             waiter[0].set()
 
     def _on_message(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
@@ -422,6 +387,10 @@ class Session:
                 handlers = [
                     h for f, h in self._handlers.items() if mqtt.topic_matches_sub(f, message.topic)
                 ]
+            if not handlers:
+                log.warning(
+                    "no handler for a message on %s; acknowledged and dropped", message.topic
+                )
             for handler in handlers:
                 try:
                     handler(message.topic, message.payload)
@@ -432,13 +401,3 @@ class Session:
             # packet ids, so an acknowledgement for the old connection is skipped.
             if generation == self._generation and not self._stop.is_set():
                 self._client.ack(message.mid, message.qos)
-
-
-def _tls_context(files: TlsFiles) -> ssl.SSLContext:
-    for path in (files.ca_file, files.cert_file, files.key_file):
-        if not Path(path).is_file():
-            raise ConfigError(f"TLS file {path} does not exist; point the config at the bundle")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca_file))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(files.cert_file), str(files.key_file))
-    return context

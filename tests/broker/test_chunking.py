@@ -1,0 +1,212 @@
+"""Chunk frames and the reassembler: geometry, hashes, repeats, conflicts, limits, expiry."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.chunking import (
+    HEADER_SIZE,
+    ChunkFrame,
+    Reassembler,
+    ReassemblyLimits,
+    split_payload,
+)
+from broker.errors import ChunkError, PayloadTooLargeError
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def reassembler(**limits: object) -> tuple[Reassembler, FakeClock]:
+    clock = FakeClock()
+    return Reassembler(ReassemblyLimits(**limits), clock), clock  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.binary(max_size=5000), chunk_size=st.integers(1, 700), seed=st.integers(0, 99))
+def test_any_payload_round_trips_in_any_order(payload: bytes, chunk_size: int, seed: int) -> None:
+    frames = [ChunkFrame.from_bytes(f.to_bytes()) for f in split_payload(payload, chunk_size)]
+    random.Random(seed).shuffle(frames)
+    assembler, _ = reassembler(spool_threshold=2000)
+    results = [assembler.accept("t", f) for f in frames]
+    assert results[-1] == payload
+    assert all(r is None for r in results[:-1])
+    assert assembler.open_transfers == 0
+
+
+def test_frame_layout_is_as_documented() -> None:
+    frame = next(split_payload(b"abcdef", 4))
+    raw = frame.to_bytes()
+    assert raw[:4] == b"TSCK" and raw[4] == 1
+    assert len(raw) == HEADER_SIZE + 4 == 109 + 4
+    assert raw[HEADER_SIZE:] == b"abcd"
+    assert frame.payload_sha256 == hashlib.sha256(b"abcdef").digest()
+    assert frame.count == 2 and frame.total_size == 6
+
+
+def test_empty_payload_is_one_empty_frame() -> None:
+    frames = list(split_payload(b"", 10))
+    assert len(frames) == 1
+    assembler, _ = reassembler()
+    assert assembler.accept("t", ChunkFrame.from_bytes(frames[0].to_bytes())) == b""
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda raw: raw[:50], "shorter than its header"),
+        (lambda raw: b"XXXX" + raw[4:], "not a chunk frame"),
+        (lambda raw: raw[:4] + b"\x02" + raw[5:], "not a chunk frame"),
+        (lambda raw: raw + b"x", "declares"),
+        (lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]), "fails its SHA-256"),
+    ],
+)
+def test_malformed_frames_are_refused(change, message: str) -> None:  # type: ignore[no-untyped-def]
+    raw = next(split_payload(os.urandom(100), 64)).to_bytes()
+    with pytest.raises(ChunkError, match=message):
+        ChunkFrame.from_bytes(change(raw))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"index": 5},
+        {"count": 3},
+        {"chunk_size": 0},
+        {"total_size": 1000},
+    ],
+)
+def test_inconsistent_geometry_is_refused(fields: dict[str, int]) -> None:
+    frame = next(split_payload(os.urandom(100), 64))
+    with pytest.raises(ChunkError):
+        ChunkFrame.from_bytes(replace(frame, **fields).to_bytes())
+
+
+def test_identical_repeat_is_ignored_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    payload = os.urandom(300)
+    first, second, third = split_payload(payload, 100)
+    assembler, _ = reassembler()
+    assert assembler.accept("t", first) is None
+    with caplog.at_level(logging.INFO, logger="broker.chunking"):
+        assert assembler.accept("t", first) is None
+    assert "repeated chunk 0" in caplog.text
+    assert assembler.accept("t", second) is None
+    assert assembler.accept("t", third) == payload
+    # A late repeat after completion neither reopens the transfer nor delivers twice.
+    assert assembler.accept("t", second) is None
+    assert assembler.open_transfers == 0
+
+
+def test_conflicting_chunk_is_rejected_and_the_original_kept() -> None:
+    payload = os.urandom(200)
+    first, second = split_payload(payload, 100)
+    forged_data = os.urandom(100)
+    forged = replace(first, data=forged_data, chunk_sha256=hashlib.sha256(forged_data).digest())
+    assembler, _ = reassembler()
+    assembler.accept("t", first)
+    with pytest.raises(ChunkError, match="differs from the copy already received"):
+        assembler.accept("t", forged)
+    assert assembler.accept("t", second) == payload
+
+
+def test_conflicting_header_is_rejected() -> None:
+    first, _ = split_payload(os.urandom(200), 100)
+    assembler, _ = reassembler()
+    assembler.accept("t", first)
+    other_hash = replace(first, index=1, payload_sha256=b"\x00" * 32)
+    with pytest.raises(ChunkError, match="conflicts with the transfer"):
+        assembler.accept("t", other_hash)
+
+
+def test_wrong_whole_payload_hash_is_refused() -> None:
+    (only,) = split_payload(b"hello", 10)
+    lying = replace(only, payload_sha256=hashlib.sha256(b"other").digest())
+    assembler, _ = reassembler()
+    with pytest.raises(ChunkError, match="whole-payload SHA-256"):
+        assembler.accept("t", lying)
+
+
+def test_same_payload_id_on_another_topic_is_a_separate_transfer() -> None:
+    payload = os.urandom(200)
+    first, second = split_payload(payload, 100)
+    assembler, _ = reassembler()
+    assembler.accept("topic-1", first)
+    assert assembler.accept("topic-2", second) is None
+    assert assembler.open_transfers == 2
+
+
+def test_stalled_transfer_is_dropped_after_the_timeout_and_recorded() -> None:
+    first, _second = split_payload(os.urandom(200), 100)
+    assembler, clock = reassembler(timeout_s=30)
+    assembler.accept("t", first)
+    clock.now += 29
+    assert assembler.expire() == []
+    clock.now += 1
+    (dropped,) = assembler.expire()
+    assert (dropped.key, dropped.received, dropped.count) == ("t", 1, 2)
+    assert list(assembler.expired) == [dropped]
+    assert assembler.open_transfers == 0
+
+
+def test_progress_resets_the_timeout() -> None:
+    payload = os.urandom(300)
+    frames = list(split_payload(payload, 100))
+    assembler, clock = reassembler(timeout_s=30)
+    assembler.accept("t", frames[0])
+    clock.now += 20
+    assembler.accept("t", frames[1])
+    clock.now += 20
+    assert assembler.accept("t", frames[2]) == payload
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"max_payload_bytes": 100}, "over the limit"),
+        ({"max_transfers": 1}, "transfers already open"),
+        ({"max_total_bytes": 300}, "held across open transfers"),
+    ],
+)
+def test_limits_refuse_new_transfers(limits: dict[str, int], message: str) -> None:
+    assembler, _ = reassembler(**limits)
+    small = next(split_payload(os.urandom(100), 50))
+    if "max_payload_bytes" not in limits:
+        assembler.accept("t", small)
+    big = next(split_payload(os.urandom(250), 50))
+    with pytest.raises(PayloadTooLargeError, match=message):
+        assembler.accept("t", big)
+
+
+def test_large_transfers_spool_to_disk_not_memory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    payload = os.urandom(50_000)
+    frames = list(split_payload(payload, 10_000))
+    assembler, _ = reassembler(spool_threshold=20_000, spool_dir=tmp_path)
+    assembler.accept("t", frames[0])
+    transfer = next(iter(assembler._open.values()))
+    assert transfer.buffer is None and transfer.spool is not None
+    for frame in frames[1:-1]:
+        assembler.accept("t", frame)
+    assert assembler.accept("t", frames[-1]) == payload
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_transfers"):
+        ReassemblyLimits(max_transfers=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        ReassemblyLimits(timeout_s=0)

@@ -1,0 +1,194 @@
+"""`tessera provision`: PKI, keys, signed roster, Mosquitto config, bundles, re-runs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support.mosquitto import TEST_FEDERATION as FEDERATION
+
+from broker.bundle import load_bundle
+from broker.errors import ProvisioningError
+from broker.federation import load_federation, parse_federation
+from broker.provision import provision
+from broker.roster import load_roster
+from tessera.cli import main
+from tessera.errors import AuthenticationError, ConfigError
+from tessera.signing import load_public_key
+
+EXAMPLE = Path(__file__).parents[2] / "broker" / "examples" / "FEDERATION.toml"
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_every_private_key_is_0600_and_bundles_are_0700(provisioned: Path) -> None:
+    keys = sorted(provisioned.rglob("*.key"))
+    names = {str(k.relative_to(provisioned)) for k in keys}
+    assert "coordinator/ca.key" in names and "broker/server.key" in names
+    assert "bundles/agg-1/hpke.key" in names and "bundles/site-a/signing.key" in names
+    assert "bundles/site-a/hpke.key" not in names
+    assert all(mode(k) == 0o600 for k in keys)
+    assert mode(provisioned / "coordinator") == 0o700
+    assert all(mode(b) == 0o700 for b in (provisioned / "bundles").iterdir())
+
+
+def test_client_certificate_names_the_member_and_chains_to_the_ca(provisioned: Path) -> None:
+    ca = x509.load_pem_x509_certificate((provisioned / "coordinator/ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((provisioned / "bundles/site-a/client.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "site-a"
+    assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "Hospital A"
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+def test_server_certificate_covers_localhost(provisioned: Path) -> None:
+    cert = x509.load_pem_x509_certificate((provisioned / "broker/server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def test_bundle_loads_with_a_verified_roster_of_every_key(provisioned: Path) -> None:
+    bundle = load_bundle(provisioned / "bundles" / "agg-1")
+    roster = bundle.roster
+    assert roster.site_ids == ("site-a", "site-b")
+    assert roster.aggregator_ids == ("agg-1", "agg-2")
+    assert set(roster.hpke_keys()) == {"agg-1", "agg-2"}
+    assert (
+        roster.member("agg-1").signing_key == bundle.signing_key().public_key().public_bytes_raw()
+    )
+    assert roster.member("agg-1").hpke_key == bundle.hpke_key().public_key().public_bytes_raw()
+    with pytest.raises(ConfigError, match="only aggregators hold HPKE keys"):
+        load_bundle(provisioned / "bundles" / "site-a").hpke_key()
+
+
+def test_tampered_roster_does_not_verify(provisioned: Path, tmp_path: Path) -> None:
+    raw = (provisioned / "roster.json").read_bytes()
+    (tmp_path / "roster.json").write_bytes(raw.replace(b"Hospital A", b"Hospital Z"))
+    coordinator = load_public_key(bytes.fromhex((provisioned / "coordinator.pub").read_text()))
+    load_roster(provisioned / "roster.json", provisioned / "roster.sig", coordinator)
+    with pytest.raises(AuthenticationError):
+        load_roster(tmp_path / "roster.json", provisioned / "roster.sig", coordinator)
+
+
+def test_rerun_refuses_to_replace_the_ca(provisioned: Path) -> None:
+    before = (provisioned / "coordinator/ca.pem").read_bytes()
+    with pytest.raises(ProvisioningError, match="refusing to replace it"):
+        provision(parse_federation(FEDERATION), provisioned)
+    assert (provisioned / "coordinator/ca.pem").read_bytes() == before
+
+
+def test_reuse_ca_keeps_members_and_issues_new_ones(tmp_path: Path) -> None:
+    federation = parse_federation(FEDERATION)
+    first = provision(federation, tmp_path)
+    site_a_key = (tmp_path / "bundles/site-a/signing.key").read_bytes()
+    ca = (tmp_path / "coordinator/ca.pem").read_bytes()
+    grown = dict(FEDERATION, sites=[*FEDERATION["sites"], {"id": "site-c", "name": "C"}])
+    second = provision(parse_federation(grown), tmp_path, reuse_ca=True)
+    assert (first.roster_version, second.roster_version) == (1, 2)
+    assert second.issued == ("site-c",)
+    assert set(second.kept) == {"site-a", "site-b", "agg-1", "agg-2"}
+    assert (tmp_path / "bundles/site-a/signing.key").read_bytes() == site_a_key
+    assert (tmp_path / "coordinator/ca.pem").read_bytes() == ca
+    # Old bundles get the new roster, and it verifies with the unchanged coordinator key.
+    assert load_bundle(tmp_path / "bundles/site-a").roster.site_ids == (
+        "site-a",
+        "site-b",
+        "site-c",
+    )
+    assert "user site-c" in (tmp_path / "broker/acl").read_text()
+
+
+def test_reuse_ca_without_a_ca_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ProvisioningError, match="holds no CA"):
+        provision(parse_federation(FEDERATION), tmp_path, reuse_ca=True)
+
+
+def test_reuse_ca_refuses_another_federations_folder(provisioned: Path) -> None:
+    other = dict(FEDERATION, federation={"id": "other-fed", "leader": "agg-1"})
+    with pytest.raises(ProvisioningError, match="belongs to federation 'fed-test'"):
+        provision(parse_federation(other), provisioned, reuse_ca=True)
+
+
+def test_hospital_name_too_long_for_a_certificate_says_so() -> None:
+    long_name = "The Royal Infirmary and Associated Teaching Hospitals of the North West"
+    data = dict(FEDERATION, sites=[{"id": "site-a", "name": long_name}])
+    with pytest.raises(ConfigError, match=r"71 characters.*at most 64 \(RFC 5280\); shorten it"):
+        parse_federation(data)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"aggregators": [{"id": "agg-1", "name": "A"}]}, "at least two"),
+        ({"sites": []}, "at least one"),
+        ({"federation": {"id": "fed", "leader": "site-a"}}, "leader 'site-a' is not one of"),
+        ({"federation": {"id": "fed/x", "leader": "agg-1"}}, "not a valid id"),
+        ({"sites": [{"id": "agg-1", "name": "dup"}]}, "unique"),
+        ({"sites": [{"id": "s", "name": "n", "mrn": "1"}]}, "exactly 'id' and 'name'"),
+        ({"broker": {"mqtt_port": 0}}, "mqtt_port"),
+        ({"extra": {}}, "unknown table"),
+    ],
+)
+def test_federation_file_errors_name_the_fix(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_federation(dict(FEDERATION, **change))
+
+
+def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
+    acl = (provisioned / "broker/acl").read_text()
+    site_block = acl.split("user site-a\n")[1].split("\n\n")[0].splitlines()
+    assert sorted(site_block) == sorted(
+        [
+            "topic read tessera/fed-test/+/round",
+            "topic read tessera/fed-test/+/release",
+            "topic write tessera/fed-test/+/share/agg-1/site-a",
+            "topic write tessera/fed-test/+/share/agg-2/site-a",
+            "topic write tessera/fed-test/presence/site-a",
+        ]
+    )
+    leader = acl.split("user agg-1\n")[1].split("\n\n")[0]
+    other = acl.split("user agg-2\n")[1].split("\n\n")[0]
+    assert "topic write tessera/fed-test/+/participants" in leader
+    assert "participants" in other and "write tessera/fed-test/+/participants" not in other
+    assert "share/agg-1/+" in leader and "share/agg-1" not in other
+
+
+def test_mosquitto_conf_has_the_security_settings(provisioned: Path) -> None:
+    conf = (provisioned / "broker/mosquitto.conf").read_text()
+    for line in [
+        "per_listener_settings true",
+        "persistence true",
+        "max_packet_size 2162688",
+        "protocol websockets",
+        "listener 443 ",
+        "listener 8883 ",
+    ]:
+        assert line in conf
+    for line in ["require_certificate true", "use_identity_as_username true"]:
+        assert conf.count(line) == 2
+    assert conf.count("allow_anonymous false") == 2
+    assert "allow_anonymous true" not in conf
+
+
+def test_cli_provisions_the_example_and_refuses_a_second_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(["provision", str(EXAMPLE), "--out", str(out)]) == 0
+    assert "issued: site-a, site-b, site-c, agg-uni, agg-ngo" in capsys.readouterr().out
+    document = tomllib.loads((out / "bundles/site-b/bundle.toml").read_text())
+    assert document["member"] == {"id": "site-b", "role": "site", "federation": "demo-fed"}
+    assert main(["provision", str(EXAMPLE), "--out", str(out)]) == 2
+    assert "refusing to replace it" in capsys.readouterr().err
+    assert main(["provision", str(EXAMPLE), "--out", str(out), "--reuse-ca"]) == 0
+    assert load_federation(EXAMPLE).leader == "agg-uni"
+    assert os.access(out / "broker/mosquitto.conf", os.R_OK)

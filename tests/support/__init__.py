@@ -1,0 +1,1 @@
+"""Helpers that start real processes for integration tests (Mosquitto, an HTTP proxy)."""
