@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tessera.codec import (
+    Bytes,
     MessageType,
     Writer,
     begin,
@@ -58,7 +59,7 @@ class ReceivedSet:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ReceivedSet:
+    def from_bytes(cls, data: Bytes) -> ReceivedSet:
         """Decode strictly; ids must arrive sorted and unique (one encoding per set)."""
         r = begin(data, cls.__name__, cls.TYPE)
         context = read_context(r)
@@ -101,7 +102,7 @@ class ParticipantSet:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ParticipantSet:
+    def from_bytes(cls, data: Bytes) -> ParticipantSet:
         """Decode strictly; ids must arrive sorted and unique (one encoding per set)."""
         r = begin(data, cls.__name__, cls.TYPE)
         context = read_context(r)
@@ -147,7 +148,7 @@ class PartialSum:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: bytes, max_payload: int = DEFAULT_MAX_PARTIAL_SUM) -> PartialSum:
+    def from_bytes(cls, data: Bytes, max_payload: int = DEFAULT_MAX_PARTIAL_SUM) -> PartialSum:
         """Decode strictly; a sealed sum over `max_payload` bytes is refused."""
         r = begin(data, cls.__name__, cls.TYPE)
         message = cls(

@@ -36,6 +36,9 @@ from tessera.encoding import RingParams
 from tessera.errors import CodecError
 from tessera.ids import MAX_ID_LENGTH, check_id
 
+# Anything the parsers accept: they read through a memoryview and never keep the original.
+Bytes = bytes | bytearray | memoryview
+
 MAGIC = b"TSRM"
 VERSION = 1
 HASH_LENGTH = 32
@@ -165,7 +168,7 @@ class Writer:
 class Reader:
     """Reads fields in wire order from untrusted bytes; every failure is a CodecError."""
 
-    def __init__(self, data: bytes, what: str) -> None:
+    def __init__(self, data: Bytes, what: str) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CodecError(f"{what}: expected bytes, got {type(data).__name__}")
         try:
@@ -245,12 +248,16 @@ class Reader:
     def blob64(self, field: str, limit: int) -> bytes:
         """A u64-length-prefixed blob; its declared length is checked against `limit` and
         against what remains before anything is copied."""
+        return bytes(self.blob64_view(field, limit))
+
+    def blob64_view(self, field: str, limit: int) -> memoryview:
+        """`blob64` without the copy: a view into the input, valid while the input is."""
         length = self.u64(field)
         if length > limit:
             raise CodecError(
                 f"{self._what}: field {field} declares {length} bytes, over its limit {limit}"
             )
-        return bytes(self._take(length, field))
+        return self._take(length, field)
 
     def done(self) -> None:
         """Refuse trailing bytes: a message ends exactly where its schema does."""
@@ -260,7 +267,7 @@ class Reader:
             )
 
 
-def read_frame(data: bytes, what: str) -> tuple[int, Reader]:
+def read_frame(data: Bytes, what: str) -> tuple[int, Reader]:
     """Check magic and version; return the message type and a reader at the body."""
     reader = Reader(data, what)
     magic = reader.fixed(len(MAGIC), "magic")
@@ -275,7 +282,7 @@ def read_frame(data: bytes, what: str) -> tuple[int, Reader]:
     return reader.u8("type"), reader
 
 
-def begin(data: bytes, what: str, expected: MessageType) -> Reader:
+def begin(data: Bytes, what: str, expected: MessageType) -> Reader:
     """Check the frame and that the type byte is `expected`; return a reader at the body."""
     message_type, reader = read_frame(data, what)
     if message_type != expected:

@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from tessera.codec import VERSION, MessageType, Reader, read_frame
+from tessera.codec import VERSION, Bytes, MessageType, Reader, read_frame
 from tessera.errors import AuthenticationError, CodecError
 from tessera.ids import check_id
 from tessera.messages import (
@@ -62,7 +62,7 @@ class Signed(Generic[M]):
     signer_id: str
 
 
-def decode_message(data: bytes, max_payload: int) -> Message:
+def decode_message(data: Bytes, max_payload: int) -> Message:
     """Decode any message by its type byte; CodecError for unknown types or bad bytes.
 
     `max_payload` bounds the large blobs (partial sums, release payloads).
@@ -110,11 +110,12 @@ def seal_envelope(message: Message, signer_id: str, key: Ed25519PrivateKey) -> b
         )
     body = message.to_bytes()
     header = _header(signer_id, len(body))
-    return header + body + sign_envelope(key, header, body)
+    # One join, not two concatenations: a share envelope can be tens of megabytes.
+    return b"".join((header, body, sign_envelope(key, header, body)))
 
 
 def open_envelope(
-    data: bytes, public_keys: Mapping[str, Ed25519PublicKey], max_size: int
+    data: Bytes, public_keys: Mapping[str, Ed25519PublicKey], max_size: int
 ) -> Signed[Message]:
     """Verify and decode an envelope.
 
@@ -139,7 +140,8 @@ def open_envelope(
             "upgrade the older side"
         )
     signer_id = reader.id("signer")
-    body = reader.blob64("message", max(reader.remaining - 8 - SIGNATURE_LENGTH, 0))
+    # A view, not a copy: the body is hashed and parsed in place.
+    body = reader.blob64_view("message", max(reader.remaining - 8 - SIGNATURE_LENGTH, 0))
     signature = reader.fixed(SIGNATURE_LENGTH, "signature")
     reader.done()
 
@@ -154,7 +156,7 @@ def open_envelope(
 
 
 def open_envelope_as(
-    data: bytes, kind: type[M], public_keys: Mapping[str, Ed25519PublicKey], max_size: int
+    data: Bytes, kind: type[M], public_keys: Mapping[str, Ed25519PublicKey], max_size: int
 ) -> Signed[M]:
     """`open_envelope`, then CodecError unless the message is a `kind`."""
     signed = open_envelope(data, public_keys, max_size)

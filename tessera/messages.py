@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from tessera.agreement import PartialSum, ParticipantSet, ReceivedSet
 from tessera.codec import (
+    Bytes,
     MessageType,
     Writer,
     begin,
@@ -135,7 +136,7 @@ class RoundOpen:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> RoundOpen:
+    def from_bytes(cls, data: Bytes) -> RoundOpen:
         """Decode strictly; CodecError on anything malformed."""
         r = begin(data, cls.__name__, cls.TYPE)
         message = cls(
@@ -202,7 +203,7 @@ class ShareEnvelope:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ShareEnvelope:
+    def from_bytes(cls, data: Bytes) -> ShareEnvelope:
         """Decode strictly; the sealed length is bounded by the declared vector length."""
         r = begin(data, cls.__name__, cls.TYPE)
         head = (
@@ -254,7 +255,7 @@ class RoundAbort:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> RoundAbort:
+    def from_bytes(cls, data: Bytes) -> RoundAbort:
         """Decode strictly; CodecError on anything malformed."""
         r = begin(data, cls.__name__, cls.TYPE)
         message = cls(*read_context(r), r.id("aggregator_id"), r.text("reason", MAX_REASON_LENGTH))

@@ -30,6 +30,7 @@ from typing import ClassVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tessera.codec import (
+    Bytes,
     MessageType,
     Reader,
     Writer,
@@ -65,7 +66,7 @@ class ReleaseBundle:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ReleaseBundle:
+    def from_bytes(cls, data: Bytes) -> ReleaseBundle:
         """Decode strictly; CodecError on anything malformed."""
         r = begin(data, cls.__name__, MessageType.RELEASE_BUNDLE)
         limit = r.remaining
@@ -135,7 +136,7 @@ class ModelRelease:
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, max_payload: int = DEFAULT_MAX_RELEASE_PAYLOAD
+        cls, data: Bytes, max_payload: int = DEFAULT_MAX_RELEASE_PAYLOAD
     ) -> ModelRelease:
         """Decode strictly; a payload over `max_payload` bytes is refused before it is read."""
         r = begin(data, cls.__name__, cls.TYPE)

@@ -32,6 +32,8 @@ PUBLIC_KEY_LENGTH = 32
 ENVELOPE_DOMAIN = b"tessera/envelope-signature/v1\x00"
 RELEASE_DOMAIN = b"tessera/model-release-signature/v1\x00"
 
+Payload = bytes | bytearray | memoryview
+
 
 def generate_signing_key() -> Ed25519PrivateKey:
     """A fresh Ed25519 key from the operating system's cryptographic generator."""
@@ -115,19 +117,19 @@ def verify_message(
         raise AuthenticationError("signature did not verify") from None
 
 
-def sign_envelope(key: Ed25519PrivateKey, header: bytes, payload: bytes) -> bytes:
+def sign_envelope(key: Ed25519PrivateKey, header: bytes, payload: Payload) -> bytes:
     """Sign an envelope: the domain tag, the header, and SHA-256 of the payload."""
     return sign_message(key, ENVELOPE_DOMAIN, _envelope_digest_input(header, payload))
 
 
 def verify_envelope(
-    public_key: Ed25519PublicKey, header: bytes, payload: bytes, signature: bytes
+    public_key: Ed25519PublicKey, header: bytes, payload: Payload, signature: bytes
 ) -> None:
     """Return only if the envelope signature is valid; raise AuthenticationError otherwise."""
     verify_message(public_key, ENVELOPE_DOMAIN, _envelope_digest_input(header, payload), signature)
 
 
-def _envelope_digest_input(header: bytes, payload: bytes) -> bytes:
+def _envelope_digest_input(header: bytes, payload: Payload) -> bytes:
     # The header is length-prefixed so that no header/payload split is ambiguous.
     return struct.pack(">Q", len(header)) + header + hashlib.sha256(payload).digest()
 
