@@ -233,14 +233,12 @@ class RoundAbort:
     def __post_init__(self) -> None:
         check_context(self.federation_id, self.study_id, self.round)
         check_id("aggregator_id", self.aggregator_id)
-        if not isinstance(self.reason, str) or len(self.reason.encode("utf-8", "replace")) > (
-            MAX_REASON_LENGTH
-        ):
-            raise CodecError(f"reason must be text of at most {MAX_REASON_LENGTH} UTF-8 bytes")
         try:
-            self.reason.encode("utf-8")
-        except UnicodeEncodeError:
-            raise CodecError("reason contains characters UTF-8 cannot encode") from None
+            encoded = self.reason.encode("utf-8")
+        except (AttributeError, UnicodeEncodeError):
+            raise CodecError("reason must be text that UTF-8 can encode") from None
+        if len(encoded) > MAX_REASON_LENGTH:
+            raise CodecError(f"reason must be at most {MAX_REASON_LENGTH} UTF-8 bytes")
 
     @property
     def sender_id(self) -> str | None:
