@@ -124,9 +124,10 @@ def open_envelope(
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"envelope: expected bytes, got {type(data).__name__}")
-    if len(data) > max_size:
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_size:
         raise CodecError(
-            f"envelope is {len(data)} bytes, over the limit of {max_size}; refuse it, or raise "
+            f"envelope is {size} bytes, over the limit of {max_size}; refuse it, or raise "
             "the limit if such messages are expected"
         )
     reader = Reader(data, "envelope")
