@@ -116,7 +116,8 @@ class _Table:
         return tuple(value)
 
     def key_bytes(self, key: str) -> bytes:
-        return decode_key(self.string(key, f'{key} = "<base64 of 32 raw bytes>"'), self._where(key))
+        text = self.string(key, f'{key} = "<base64 of 32 raw bytes>"')
+        return decode_key(text, f"manifest {self._where(key)}")
 
     def tables(self, key: str, minimum: int) -> list[_Table]:
         self.used.add(key)
@@ -140,7 +141,8 @@ class _Table:
 
 
 def decode_key(text: str, where: str) -> bytes:
-    """A raw 32-byte public key from 64 hex digits or standard base64; ConfigError if neither."""
+    """A raw 32-byte public key from 64 hex digits or standard base64; ConfigError naming
+    `where` (the key's place, e.g. "manifest sites[0].node_key") if neither."""
     raw: bytes | None = None
     if len(text) == 2 * KEY_LENGTH and re.fullmatch(r"[0-9a-fA-F]+", text):
         raw = bytes.fromhex(text)
@@ -151,7 +153,7 @@ def decode_key(text: str, where: str) -> bytes:
             raw = None
     if raw is None or len(raw) != KEY_LENGTH:
         raise ConfigError(
-            f"manifest {where}: {text!r} is not a raw {KEY_LENGTH}-byte public key; write it "
+            f"{where}: {text!r} is not a raw {KEY_LENGTH}-byte public key; write it "
             "as standard base64 (44 characters) or 64 hex digits"
         )
     return raw

@@ -76,6 +76,7 @@ class MosquittoProcess:
         )
         self.log_path = self.workdir / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
 
     def start(self, timeout: float = 10.0) -> MosquittoProcess:
         """Start the broker and wait until both listeners accept connections."""
@@ -89,6 +90,7 @@ class MosquittoProcess:
             if self._process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited at start:\n{self.log()}")
             if all(_accepts(self.host, p) for p in (self.mqtt_port, self.websockets_port)):
+                self.starts += 1
                 return self
             time.sleep(0.05)
         self.stop()
