@@ -1,0 +1,112 @@
+"""The model card every global model carries (DESIGN.md section 6).
+
+A card says where a model came from and how it was made: its parent, version and round, how
+many sites took part, the strategy (algorithm, server optimiser, every switch of the
+adaptive policy with its reason), the epsilon each site has spent, and the validation
+metrics. It never lists which sites took part; and where fewer than k sites would be named
+(in the epsilon table), it gives only their count and the largest epsilon.
+
+The card is signed jointly (its hash is in the release header), so every aggregator must
+build the same bytes: no clocks, no host names, no aggregator-specific field, and canonical
+JSON (tessera.canonical) for the encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aggregator.errors import RegistryError
+from aggregator.strategies import ALGORITHMS, OPTIMIZERS
+from tessera.canonical import canonical_json
+
+CARD_FORMAT = "tessera-model-card/v1"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The facts of one model version; `to_bytes` gives the signed encoding."""
+
+    federation_id: str
+    study_id: str
+    version: int
+    round: int
+    parent_hash: bytes  # 32 zero bytes for the first model
+    participant_count: int
+    min_participants: int
+    algorithm: str
+    optimizer: str
+    adaptive: bool
+    switches: tuple[Mapping[str, Any], ...] = ()  # SwitchRecord.to_dict() of the lineage
+    epsilon_per_site: Mapping[str, float] = field(default_factory=dict)
+    validation: Mapping[str, float] = field(default_factory=dict)
+    architecture: str = ""
+    layout_digest: bytes = b""  # FlatManifest.digest() of the weights
+
+    def __post_init__(self) -> None:
+        if self.participant_count < self.min_participants:
+            raise RegistryError(
+                f"a model from {self.participant_count} participant(s) cannot be carded or "
+                f"released: the minimum is k={self.min_participants} (abort the round instead)"
+            )
+        if self.version < 0 or self.round < 0:
+            raise RegistryError(f"version {self.version} / round {self.round} must be >= 0")
+        if len(self.parent_hash) != 32:
+            raise RegistryError("parent_hash must be 32 bytes (zeros for the first model)")
+        if self.algorithm not in ALGORITHMS or self.optimizer not in OPTIMIZERS:
+            raise RegistryError(
+                f"strategy {self.algorithm}+{self.optimizer} is unknown; algorithm in "
+                f"{ALGORITHMS}, optimiser in {OPTIMIZERS}"
+            )
+        for table, what in ((self.epsilon_per_site, "epsilon"), (self.validation, "metric")):
+            for name, value in table.items():
+                if not (isinstance(value, int | float) and math.isfinite(value)):
+                    raise RegistryError(f"{what} {name!r} is {value!r}; it must be a finite number")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card as JSON-ready data (hashes in hex)."""
+        return {
+            "format": CARD_FORMAT,
+            "federation": self.federation_id,
+            "study": self.study_id,
+            "version": self.version,
+            "round": self.round,
+            "parent": self.parent_hash.hex(),
+            "participants": {"count": self.participant_count, "minimum": self.min_participants},
+            "strategy": {
+                "algorithm": self.algorithm,
+                "optimizer": self.optimizer,
+                "adaptive": self.adaptive,
+                "switches": [dict(record) for record in self.switches],
+            },
+            "privacy": _privacy_section(self.epsilon_per_site, self.min_participants),
+            "validation": dict(sorted(self.validation.items())),
+            "model": {"architecture": self.architecture, "layout": self.layout_digest.hex()},
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON: the same card gives the same bytes in every aggregator."""
+        return canonical_json(self.to_dict())
+
+
+def _privacy_section(epsilon: Mapping[str, float], k: int) -> dict[str, Any]:
+    """Epsilon per site, or only the count and the maximum where fewer than k are named."""
+    if not epsilon:
+        return {"epsilon_per_site": {}}
+    if len(epsilon) < k:
+        return {"sites": len(epsilon), "epsilon_max": max(float(e) for e in epsilon.values())}
+    return {"epsilon_per_site": {site: float(epsilon[site]) for site in sorted(epsilon)}}
+
+
+def card_from_bytes(data: bytes) -> dict[str, Any]:
+    """Parse card bytes for display; RegistryError unless it is a card of this format."""
+    try:
+        card = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RegistryError(f"model card is not JSON ({exc})") from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise RegistryError(f"model card is not in format {CARD_FORMAT}")
+    return card
