@@ -66,6 +66,26 @@ class Aggregate:
         return self.sum_weighted_loss / self.sum_weight
 
 
+STATS_LENGTH = 3  # weight, weighted loss, weighted squared norm
+
+
+def aggregate_from_vector(decoded: np.ndarray, n: int) -> Aggregate:
+    """Map the decoded sum of the nodes' update vectors onto an Aggregate.
+
+    Assumed layout of one node's vector (DESIGN.md section 3, step 2): the weighted clipped
+    delta w*d, then w, w*loss and w*|d|^2. If `tessera.update_layout` defines another order,
+    map with that module instead; this function is the one place that knows the layout.
+    """
+    vector = np.asarray(decoded, dtype=np.float64)
+    if vector.ndim != 1 or vector.size <= STATS_LENGTH:
+        raise StrategyError(
+            f"decoded aggregate has shape {vector.shape}; expected a delta followed by "
+            f"{STATS_LENGTH} statistics"
+        )
+    weight, loss, sq_norm = (float(x) for x in vector[-STATS_LENGTH:])
+    return Aggregate(vector[:-STATS_LENGTH], weight, loss, sq_norm, n)
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     """Hyperparameters of the server side. Defaults follow Reddi et al. 2021 and Flower."""

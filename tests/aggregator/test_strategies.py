@@ -240,3 +240,13 @@ def test_two_processes_compute_identical_weight_bytes(tmp_path: Path, optimizer:
     assert len(first) > 200_000  # the weights are really in there
     other = run_worker(tmp_path / "c", "fedavgm", {})
     assert other != first  # the comparison can fail: another optimiser gives other bytes
+
+
+def test_the_decoded_vector_maps_onto_an_aggregate() -> None:
+    from aggregator.strategies import aggregate_from_vector
+
+    agg = aggregate_from_vector(np.array([2.0, 4.0, 10.0, 5.0, 7.0]), n=2)
+    np.testing.assert_array_equal(agg.sum_weighted_delta, [2.0, 4.0])
+    assert (agg.sum_weight, agg.sum_weighted_loss, agg.sum_sq_norm, agg.n) == (10, 5, 7, 2)
+    with pytest.raises(StrategyError, match="statistics"):
+        aggregate_from_vector(np.array([1.0, 2.0, 3.0]), n=1)
