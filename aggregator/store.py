@@ -246,7 +246,7 @@ class Store:
             with self._lock:
                 rows = self._db.execute(
                     "SELECT node_id, kind, seed, path, envelope_digest FROM shares "
-                    "WHERE study_id=? AND round=? AND node_id > ? ORDER BY node_id LIMIT 256",
+                    "WHERE study_id=? AND round=? AND node_id > ? ORDER BY node_id LIMIT 64",
                     (study_id, round_number, last),
                 ).fetchall()
             if not rows:
