@@ -1,0 +1,1 @@
+"""Synthetic hospitals: realistic multi-site DICOM with fake PHI and a lesion task."""
