@@ -30,7 +30,8 @@ from aggregator.errors import TransitionRejected
 
 
 class Stage(enum.Enum):
-    """Where a round stands. The value is what the store persists."""
+    """Where a round stands. The value is what the store persists; the declaration order is
+    the happy path, which the store uses to refuse rolling a round back."""
 
     OPEN = "open"
     COLLECTING = "collecting"

@@ -34,10 +34,20 @@ from pathlib import Path
 
 from aggregator.agreement import PublishedSum
 from aggregator.errors import DuplicateShare, PartialSumRefused, StoreError
-from aggregator.records import ModelRecord, RoundRecord, ServerStateRecord, ShareRecord
+from aggregator.records import (
+    ModelRecord,
+    RoundRecord,
+    ServerStateRecord,
+    ShareRecord,
+    ids_json,
+    model_from_row,
+    round_from_row,
+    safe_folder_name,
+)
 from aggregator.rounds import RoundState, Stage
 
 RESTART_REASON = "aggregator restarted"
+_ORDER = {stage: rank for rank, stage in enumerate(Stage)}  # the happy path, in order
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -138,7 +148,7 @@ class Store:
                     "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (record.study_id, s.round, s.stage.value, record.base_model_hash,
                      record.ring_params, record.vector_length, record.deadline_ms,
-                     record.algorithm, s.received, s.close_reason, _ids(s.participants),
+                     record.algorithm, s.received, s.close_reason, ids_json(s.participants),
                      s.model_version, s.abort_reason, now, now),
                 )  # fmt: skip
         except sqlite3.IntegrityError:
@@ -164,10 +174,17 @@ class Store:
                 f"round {state.round} is already {stored.name} in the store; a finished round "
                 f"cannot become {state.stage.name} (was it aborted by a restart?)"
             )
+        # A stage may only stay or move forward (intermediate saves may be skipped), so a
+        # stale state object can never roll a round back.
+        if state.stage is not Stage.ABORTED and _ORDER[state.stage] < _ORDER[stored]:
+            raise StoreError(
+                f"round {state.round} is {stored.name} in the store and cannot move to "
+                f"{state.stage.name}; save the states rounds.transition returns, in order"
+            )
         db.execute(
             "UPDATE rounds SET stage=?, received=?, close_reason=?, participants=?, "
             "model_version=?, abort_reason=?, updated_ms=? WHERE study_id=? AND round=?",
-            (state.stage.value, state.received, state.close_reason, _ids(state.participants),
+            (state.stage.value, state.received, state.close_reason, ids_json(state.participants),
              state.model_version, state.abort_reason, self._now(), study_id, state.round),
         )  # fmt: skip
 
@@ -177,7 +194,7 @@ class Store:
             row = self._db.execute(
                 "SELECT * FROM rounds WHERE study_id = ? AND round = ?", (study_id, round_number)
             ).fetchone()
-        return None if row is None else _round_from_row(row)
+        return None if row is None else round_from_row(row)
 
     def list_rounds(self, study_id: str) -> list[RoundRecord]:
         """Every round of the study, oldest first."""
@@ -185,7 +202,7 @@ class Store:
             rows = self._db.execute(
                 "SELECT * FROM rounds WHERE study_id = ? ORDER BY round", (study_id,)
             ).fetchall()
-        return [_round_from_row(row) for row in rows]
+        return [round_from_row(row) for row in rows]
 
     def latest_round(self, study_id: str) -> int | None:
         """The highest round number stored for the study, or None."""
@@ -199,7 +216,7 @@ class Store:
 
     def share_folder(self, study_id: str, round_number: int) -> Path:
         """Where this round's full-share files go (created on demand)."""
-        folder = self.shares_dir / _safe(study_id) / f"{round_number:010d}"
+        folder = self.shares_dir / safe_folder_name(study_id) / f"{round_number:010d}"
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
@@ -259,7 +276,7 @@ class Store:
         """Forget a finished round's shares: rows (with their seeds) and files."""
         with self._transaction() as db:
             db.execute("DELETE FROM shares WHERE study_id=? AND round=?", (study_id, round_number))
-        shutil.rmtree(self.shares_dir / _safe(study_id) / f"{round_number:010d}", True)
+        shutil.rmtree(self.shares_dir / safe_folder_name(study_id) / f"{round_number:010d}", True)
 
     # --- the honest-aggregator fact -----------------------------------------------------
 
@@ -327,7 +344,7 @@ class Store:
                 " folder, card_json, signatures FROM models WHERE study_id=? ORDER BY version",
                 (study_id,),
             ).fetchall()
-        return [_model_from_row(row) for row in rows]
+        return [model_from_row(row) for row in rows]
 
     def server_state(self, study_id: str) -> ServerStateRecord | None:
         """The latest stored optimiser state of the study, or None before the first release."""
@@ -370,38 +387,3 @@ class Store:
             result = self._db.execute("PRAGMA integrity_check").fetchone()[0]
         if result != "ok":
             raise StoreError(f"state store {self.path} is damaged: {result}")
-
-
-def _ids(ids: tuple[str, ...] | None) -> str | None:
-    return None if ids is None else json.dumps(list(ids))
-
-
-def _safe(study_id: str) -> str:
-    """A study id as a folder name (ids are short ASCII; anything odd is hex-encoded)."""
-    if study_id.replace("-", "").replace("_", "").replace(".", "").isalnum() and study_id.isascii():
-        return study_id
-    return study_id.encode("utf-8").hex()
-
-
-def _round_from_row(row: tuple) -> RoundRecord:  # type: ignore[type-arg]
-    (study_id, number, stage, base, ring, length, deadline, algorithm, received, close,
-     participants, version, abort, _created, _updated) = row  # fmt: skip
-    state = RoundState(
-        round=int(number),
-        stage=Stage(stage),
-        received=int(received),
-        close_reason=close,
-        participants=None if participants is None else tuple(json.loads(participants)),
-        model_version=version,
-        abort_reason=abort,
-    )
-    return RoundRecord(study_id, bytes(base), bytes(ring), int(length), int(deadline), algorithm,
-                       state)  # fmt: skip
-
-
-def _model_from_row(row: tuple) -> ModelRecord:  # type: ignore[type-arg]
-    signatures = tuple((who, bytes.fromhex(sig)) for who, sig in json.loads(row[9]))
-    return ModelRecord(
-        row[0], int(row[1]), int(row[2]), bytes(row[3]), bytes(row[4]), bytes(row[5]),
-        bytes(row[6]), row[7], row[8], signatures,
-    )  # fmt: skip

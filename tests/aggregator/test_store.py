@@ -59,6 +59,10 @@ def test_rounds_round_trip_and_numbers_are_unique(tmp_path: Path) -> None:
         assert store.latest_round(STUDY) == 1 and store.latest_round("other") is None
         with pytest.raises(StoreError, match="no round 9"):
             store.save_state(STUDY, RoundState(9))
+        # A stale state object cannot roll the round back (AGREEING -> COLLECTING).
+        with pytest.raises(StoreError, match="AGREEING in the store and cannot move"):
+            store.save_state(STUDY, transition(RoundState(1), StartCollecting()))
+        assert store.load_round(STUDY, 1).state == state  # type: ignore[union-attr]
 
 
 def test_shares_are_unique_per_node_and_streamed_in_order(tmp_path: Path) -> None:
