@@ -6,7 +6,7 @@ What it guarantees:
   config says ``insecure_plaintext`` (the development broker).
 - QoS 1 everywhere, a persistent session (clean start off, session expiry), so messages
   published while a client is away are queued for it by the broker.
-- Reconnect with exponential backoff and jitter, in the session's own network thread.
+- Reconnect with exponential backoff plus jitter; all socket I/O on paho's network thread.
 - Presence: "online" retained on connect, "offline" as the last will and on close.
 - Bounded: at most ``max_inflight`` unacknowledged publishes, ``max_queued`` queued ones,
   and ``receive_maximum`` unacknowledged deliveries. Messages are acknowledged only after
@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import queue
 import random
-import ssl
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -90,6 +89,7 @@ class Session:
 
     def __init__(self, config: SessionConfig) -> None:
         self.config = config
+        self._v5 = config.protocol == "mqttv5"
         self._client = self._build_client(config)
         self._lock = threading.Lock()
         self._pending: dict[int, PublishHandle] = {}
@@ -114,15 +114,29 @@ class Session:
     # -- life cycle ---------------------------------------------------------------------
 
     def start(self) -> Session:
-        """Start the network and dispatch threads; connecting happens in the background."""
+        """Start paho's network thread and the dispatch thread; connecting is in the background.
+
+        All socket I/O stays on paho's network thread (publish only queues and wakes it), so
+        a TLS connection is never read and written from two threads at once.
+        """
         if self._threads:
             raise BrokerError("session already started; create a new Session to reconnect")
-        for target, name in ((self._network_loop, "net"), (self._dispatch_loop, "dispatch")):
-            thread = threading.Thread(
-                target=target, name=f"mqtt-{name}-{self.config.client_id}", daemon=True
+        self._client.connect_async(
+            self.config.host,
+            self.config.port,
+            keepalive=self.config.keepalive_s,
+            clean_start=False if self._v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=self._connect_properties() if self._v5 else None,
+        )
+        dispatch = threading.Thread(
+            target=self._dispatch_loop, name=f"mqtt-dispatch-{self.config.client_id}", daemon=True
+        )
+        dispatch.start()
+        self._threads.append(dispatch)
+        if self._client.loop_start() != mqtt.MQTT_ERR_SUCCESS:
+            raise BrokerError(
+                f"could not start the MQTT network thread for {self.config.client_id}"
             )
-            thread.start()
-            self._threads.append(thread)
         return self
 
     def wait_connected(self, timeout: float) -> None:
@@ -149,6 +163,7 @@ class Session:
                 log.warning("could not publish offline presence: %s", error)
         self._stop.set()
         self._client.disconnect()
+        self._client.loop_stop()
         self._inbox.put(None)
         for thread in self._threads:
             thread.join(timeout)
@@ -227,10 +242,9 @@ class Session:
             raise BrokerError(f"broker refused subscription to {topic_filter}: {reasons[0]}")
 
     def _subscribe_and_wait(self, filters: list[str], timeout: float) -> list[int]:
-        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
         done = threading.Event()
         reasons: list[int] = []
-        rc, mid = self._client.subscribe([(f, options) for f in filters])
+        rc, mid = self._client.subscribe(self._subscription_list(filters))
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise NotConnectedError(f"subscribe to {filters} failed: {mqtt.error_string(rc)}")
         with self._lock:
@@ -249,10 +263,11 @@ class Session:
         client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            # MQTT 3.1.1 (development broker only) has no clean_start; its session persists.
+            clean_session=None if self._v5 else False,
             transport=config.transport,
             manual_ack=True,
-            reconnect_on_failure=False,
         )
         client.max_inflight_messages_set(config.max_inflight)
         client.max_queued_messages_set(config.max_queued)
@@ -269,10 +284,18 @@ class Session:
             client.will_set(config.presence_topic, b"offline", qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
+        client.reconnect_delay_set(config.reconnect_min_s, config.reconnect_max_s)  # type: ignore[arg-type]
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         return client
+
+    def _subscription_list(self, filters: list[str]) -> list[tuple[str, Any]]:
+        if not self._v5:
+            return [(f, 1) for f in filters]
+        options = SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        return [(f, options) for f in filters]
 
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)
@@ -281,35 +304,21 @@ class Session:
         props.MaximumPacketSize = self.config.max_packet_bytes
         return props
 
-    def _network_loop(self) -> None:
-        socket_open = False
-        while not self._stop.is_set():
-            if not socket_open:
-                try:
-                    self._client.connect(
-                        self.config.host,
-                        self.config.port,
-                        keepalive=self.config.keepalive_s,
-                        clean_start=False,
-                        properties=self._connect_properties(),
-                    )
-                    socket_open = True
-                except (OSError, ssl.SSLError, socks.ProxyError, ValueError) as error:
-                    self._last_error = f"{type(error).__name__}: {error}"
-                    self._backoff()
-                    continue
-            rc = self._client.loop(timeout=0.5)
-            if rc != mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
-                socket_open = False
-                self._connected.clear()
-                self._backoff()
-
-    def _backoff(self) -> None:
-        # Exponential backoff with "equal jitter": spreads a fleet of nodes reconnecting
-        # after a broker restart, and never waits less than half the current step.
+    def _jitter(self) -> None:
+        # paho backs off exponentially (reconnect_min_s doubling up to reconnect_max_s); this
+        # adds a random share of the current step on top, on paho's thread before it
+        # retries, so a fleet of nodes does not reconnect in lockstep after a broker restart.
         step = min(self.config.reconnect_max_s, self.config.reconnect_min_s * 2**self._attempt)
         self._attempt = min(self._attempt + 1, 32)
-        self._stop.wait(step / 2 + self._rng.uniform(0, step / 2))
+        self._stop.wait(self._rng.uniform(0, step))
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        self._last_error = (
+            "connection attempt failed (TCP, proxy or TLS handshake: check the broker address, "
+            "the CA and the client certificate)"
+        )
+        if not self._stop.is_set():
+            self._jitter()
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -324,8 +333,7 @@ class Session:
             # Subscribe on every connect: covers handlers registered before start() and a
             # broker that lost our session. Repeating a subscription is harmless, and
             # retain handling 1 stops retained messages from being resent for it.
-            options = SubscribeOptions(qos=1, retainHandling=1)
-            _rc, mid = client.subscribe([(f, options) for f in filters])
+            _rc, mid = client.subscribe(self._subscription_list(filters))
             if mid is not None:
                 self._internal_mids.add(mid)
         if self.config.presence_topic:
@@ -340,6 +348,7 @@ class Session:
         if not self._stop.is_set():
             self._last_error = f"disconnected: {reason}"
             log.warning("%s %s", self.config.client_id, self._last_error)
+            self._jitter()
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         value = int(reason.value) if hasattr(reason, "value") else int(reason)

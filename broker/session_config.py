@@ -49,12 +49,20 @@ class SessionConfig:
     reconnect_max_s: float = 30.0
     connect_timeout_s: float = 10.0
     insecure_plaintext: bool = False
+    protocol: Literal["mqttv5", "mqttv311"] = "mqttv5"
 
     def __post_init__(self) -> None:
         if self.tls is None and not self.insecure_plaintext:
             raise ConfigError(
                 "SessionConfig.tls is missing: production sessions need the CA, client "
                 "certificate and key; set insecure_plaintext=True only for the dev broker"
+            )
+        if self.protocol not in ("mqttv5", "mqttv311"):
+            raise ConfigError(f"protocol {self.protocol!r} must be 'mqttv5' or 'mqttv311'")
+        if self.protocol == "mqttv311" and not self.insecure_plaintext:
+            raise ConfigError(
+                "MQTT 3.1.1 lacks the reason codes and flow control the services rely on; it is "
+                "allowed only with insecure_plaintext, for the development broker"
             )
         if self.transport not in ("tcp", "websockets"):
             raise ConfigError(f"transport {self.transport!r} must be 'tcp' or 'websockets'")

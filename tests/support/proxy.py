@@ -19,6 +19,8 @@ class ConnectProxy:
         self.tunnels = 0
         self.refused = 0
         self._server = socket.create_server(("127.0.0.1", 0))
+        # close() does not wake a blocked accept() on Linux; a short timeout lets it notice.
+        self._server.settimeout(0.1)
         self.port = int(self._server.getsockname()[1])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
@@ -38,8 +40,11 @@ class ConnectProxy:
         while not self._stop.is_set():
             try:
                 client, _ = self._server.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             threading.Thread(target=self._handle, args=(client,), daemon=True).start()
 
     def _handle(self, client: socket.socket) -> None:
