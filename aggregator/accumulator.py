@@ -136,7 +136,7 @@ class ShareAccumulator:
         name = hashlib.sha256(node_id.encode("utf-8")).hexdigest()[:32]
         path = folder / f"{name}.{secrets.token_hex(4)}.share"
         little = np.ascontiguousarray(share.vector, dtype=self.params.dtype.newbyteorder("<"))
-        write_private_file(path, little.data.cast("B"))
+        write_private_file(path, little.tobytes())
         return ShareRecord(node_id, "full", None, os.fspath(path), envelope_digest)
 
     def _vector_of(self, record: ShareRecord) -> np.ndarray:

@@ -233,7 +233,8 @@ def config_from_mapping(
         if not isinstance(table, Mapping):
             raise AggregatorConfigError(f"[{name}] in {origin} must be a table, got {table!r}")
         sections[name] = _build(cls, table, env, f"{name}.", origin)
-    return _build(AggregatorConfig, top, env, "", origin, sections)
+    config: AggregatorConfig = _build(AggregatorConfig, top, env, "", origin, sections)
+    return config
 
 
 def _build(

@@ -191,8 +191,8 @@ class Registry:
                     record, card_from_bytes(record.card_json.encode()), Path(record.folder)
                 )
         raise RegistryError(
-            f"study {study_id} has no model version {version}; `tessera aggregator models` "
-            "lists the versions"
+            f"study {study_id} has no model version {version}; Registry.list shows the "
+            "registered versions"
         )
 
     def verify(self, study_id: str, version: int) -> ModelVersion:

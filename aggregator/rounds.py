@@ -25,6 +25,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import ClassVar
 
 from aggregator.errors import TransitionRejected
 
@@ -67,7 +68,7 @@ class RoundState:
 class StartCollecting:
     """The RoundOpen is out (leader) or verified (follower): start accepting shares."""
 
-    name = "start-collecting"
+    name: ClassVar[str] = "start-collecting"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class ShareAccepted:
     """One verified, non-duplicate share was accumulated."""
 
     node_id: str
-    name = "share-accepted"
+    name: ClassVar[str] = "share-accepted"
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class CollectionClosed:
     """The deadline passed, or every expected node reported."""
 
     reason: str  # "deadline" or "all-reported"
-    name = "collection-closed"
+    name: ClassVar[str] = "collection-closed"
 
 
 @dataclass(frozen=True)
@@ -91,14 +92,14 @@ class ParticipantsAgreed:
     """The leader's ParticipantSet arrived and passed this aggregator's own checks."""
 
     node_ids: tuple[str, ...]
-    name = "participants-agreed"
+    name: ClassVar[str] = "participants-agreed"
 
 
 @dataclass(frozen=True)
 class PartialSumPublished:
     """This aggregator's one partial sum for the round is recorded and sent."""
 
-    name = "partial-sum-published"
+    name: ClassVar[str] = "partial-sum-published"
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class ModelReleased:
     """The jointly signed release is published."""
 
     version: str
-    name = "model-released"
+    name: ClassVar[str] = "model-released"
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class Abort:
     """End the round without a model, for `reason` (safe to publish: no site names)."""
 
     reason: str
-    name = "abort"
+    name: ClassVar[str] = "abort"
 
 
 Event = (
@@ -127,7 +128,7 @@ Event = (
     | Abort
 )
 
-EVENT_TYPES: tuple[type, ...] = (
+EVENT_TYPES: tuple[type[Event], ...] = (
     StartCollecting,
     ShareAccepted,
     CollectionClosed,
@@ -138,12 +139,12 @@ EVENT_TYPES: tuple[type, ...] = (
 )
 
 
-def _build_moves() -> dict[tuple[Stage, type], Stage]:
+def _build_moves() -> dict[tuple[Stage, type[Event]], Stage]:
     """The whole table of allowed moves, (stage, event type) -> next stage.
 
     Abort is allowed from every non-terminal stage; everything not listed is rejected.
     """
-    moves: dict[tuple[Stage, type], Stage] = {
+    moves: dict[tuple[Stage, type[Event]], Stage] = {
         (Stage.OPEN, StartCollecting): Stage.COLLECTING,
         (Stage.COLLECTING, ShareAccepted): Stage.COLLECTING,
         (Stage.COLLECTING, CollectionClosed): Stage.AGREEING,
@@ -158,7 +159,7 @@ def _build_moves() -> dict[tuple[Stage, type], Stage]:
 
 
 # Read-only view: the table is a constant of the protocol, not state.
-ALLOWED: Mapping[tuple[Stage, type], Stage] = MappingProxyType(_build_moves())
+ALLOWED: Mapping[tuple[Stage, type[Event]], Stage] = MappingProxyType(_build_moves())
 
 
 def allowed_events(stage: Stage) -> tuple[str, ...]:

@@ -126,7 +126,8 @@ def fedavg(
 ) -> tuple[np.ndarray, ServerState]:
     """FedAvg: the sample-weighted mean of the clients' deltas (McMahan et al. 2017)."""
     del config
-    return aggregate.sum_weighted_delta / aggregate.sum_weight, state
+    mean: np.ndarray = aggregate.sum_weighted_delta / aggregate.sum_weight
+    return mean, state
 
 
 def fedsgd(
@@ -246,10 +247,11 @@ def apply_update(weights: np.ndarray, update: np.ndarray) -> np.ndarray:
             f"weights have shape {weights.shape} but the update {update.shape}; "
             "decode the aggregate with the base model's flat layout"
         )
-    result = weights.astype(np.float64) + update
+    result: np.ndarray = weights.astype(np.float64) + update
     if not np.all(np.isfinite(result)):
         raise StrategyError("the update makes weights non-finite; lower the server learning rate")
-    return result.astype(np.float32)
+    new_weights: np.ndarray = result.astype(np.float32)
+    return new_weights
 
 
 # --- The adaptive policy (DESIGN.md section 5) --------------------------------------------
