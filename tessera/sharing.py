@@ -214,21 +214,33 @@ def _check_ring_vector(name: str, vector: np.ndarray, params: RingParams) -> Non
         )
 
 
-def _apply_mask(
-    out: np.ndarray, source: np.ndarray, share: Share, ctx: ShareContext, subtract: bool
+def _apply_masks(
+    out: np.ndarray,
+    source: np.ndarray,
+    shares: Sequence[Share],
+    ctx: ShareContext,
+    subtract: bool,
 ) -> None:
-    """out = source +/- the expansion of share's seed, modulo 2**bits, chunk by chunk.
+    """out = source +/- the expansions of the shares' seeds, modulo 2**bits.
 
-    out may be source itself (in place).
+    Works chunk by chunk, applying every share's keystream to a chunk while it is in the
+    CPU cache, so the vector is swept once however many seeds there are. out may be source.
     """
-    assert share.seed is not None
     wire = out.dtype.newbyteorder("<")
     per_chunk = _CHUNK_BYTES // out.dtype.itemsize
     operation = np.subtract if subtract else np.add
-    chunks = _keystream_chunks(share.seed, ctx, share.aggregator_index, out.nbytes)
-    for start, chunk in zip(range(0, out.size, per_chunk), chunks, strict=True):
+    streams = []
+    for share in shares:
+        assert share.seed is not None
+        streams.append(_keystream_chunks(share.seed, ctx, share.aggregator_index, out.nbytes))
+    for start, chunks in zip(
+        range(0, out.size, per_chunk), zip(*streams, strict=True), strict=True
+    ):
         stop = start + per_chunk
-        operation(source[start:stop], np.frombuffer(chunk, dtype=wire), out=out[start:stop])
+        part, target = source[start:stop], out[start:stop]
+        for chunk in chunks:
+            operation(part, np.frombuffer(chunk, dtype=wire), out=target)
+            part = target
 
 
 def full_share_holder(ctx: ShareContext, n_aggregators: int) -> int:
@@ -270,16 +282,12 @@ def split(
     _check_ring_vector("x_ring", x_ring, params)
     holder = full_share_holder(ctx, n_aggregators)
     full = _new_vector_share_buffer(x_ring.size, params)
-    source = x_ring  # the first mask reads x_ring, later ones update full in place
-    shares: list[Share] = []
-    for index in range(n_aggregators):
-        if index == holder:
-            shares.append(Share(index, None, full))
-            continue
-        share = Share(index, os.urandom(SEED_BYTES), None)
-        _apply_mask(full, source, share, ctx, subtract=True)
-        source = full
-        shares.append(share)
+    shares = [
+        Share(index, None, full) if index == holder else Share(index, os.urandom(SEED_BYTES), None)
+        for index in range(n_aggregators)
+    ]
+    seeded = [share for share in shares if share.seed is not None]
+    _apply_masks(full, x_ring, seeded, ctx, subtract=True)
     return shares
 
 
@@ -298,7 +306,7 @@ def expand(share: Share, ctx: ShareContext, length: int, params: RingParams) -> 
             )
         return share.vector
     vector = np.zeros(length, dtype=params.dtype)
-    _apply_mask(vector, vector, share, ctx, subtract=False)
+    _apply_masks(vector, vector, [share], ctx, subtract=False)
     return vector
 
 
@@ -311,7 +319,7 @@ def accumulate(acc: np.ndarray, share: Share, ctx: ShareContext, params: RingPar
     if share.seed is None:
         add_into(acc, expand(share, ctx, acc.size, params))
     else:
-        _apply_mask(acc, acc, share, ctx, subtract=False)
+        _apply_masks(acc, acc, [share], ctx, subtract=False)
 
 
 def add_into(acc: np.ndarray, vector: np.ndarray) -> None:
