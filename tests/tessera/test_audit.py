@@ -10,11 +10,14 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tessera.audit import (
     KINDS,
@@ -314,3 +317,31 @@ def test_two_processes_appending_at_once_keep_one_chain(tmp_path: Path) -> None:
         assert child.returncode == 0
     entries = read_entries(path)
     assert [e.seq for e in entries] == list(range(1, 301))
+
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=5), max_size=6))
+def test_any_json_fields_round_trip_and_verify(batches: list[dict[str, object]]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "audit.jsonl"
+        with AuditLog.open(path) as log:
+            written = [log.append("release", fields) for fields in batches]
+        entries = read_entries(path)
+        assert [e.fields for e in entries] == batches
+        assert [e.hash for e in entries] == [e.hash for e in written]

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tessera.errors import AuthenticationError, ConfigError
 from tessera.manifest import (
@@ -239,3 +241,37 @@ def test_successor_must_be_a_newer_version_of_the_same_federation(document) -> N
     other["federation"]["id"] = "other-federation"
     with pytest.raises(ConfigError, match="federation 'other-federation'"):
         check_successor(current, manifest_from_dict(other))
+
+
+POSITIVE = st.floats(min_value=1e-12, max_value=1e6, allow_nan=False, allow_infinity=False)
+LABELS = st.lists(st.text(min_size=1, max_size=8).filter(str.strip), min_size=1, max_size=5)
+SCALAR = st.booleans() | st.integers(-(2**40), 2**40) | POSITIVE | st.text(max_size=8)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    epsilon=POSITIVE,
+    delta=st.floats(min_value=1e-300, max_value=0.999, allow_nan=False),
+    clip=POSITIVE,
+    labels=LABELS.filter(lambda xs: len(set(xs)) == len(xs)),
+    preprocessing=st.dictionaries(st.text(min_size=1, max_size=8), SCALAR, max_size=4),
+    order=st.permutations(range(3)),
+)
+def test_any_valid_terms_round_trip_and_ignore_table_order(
+    document, epsilon, delta, clip, labels, preprocessing, order
+) -> None:
+    doc = copy.deepcopy(document)
+    doc["studies"][0].update(
+        dp={"epsilon": epsilon, "delta": delta},
+        clip_norm=clip,
+        labels=labels,
+        preprocessing=preprocessing,
+    )
+    manifest = loads_manifest(tomli_w.dumps(doc))
+    assert loads_manifest(dumps_manifest(manifest)) == manifest
+    assert manifest.studies[0].dp.epsilon == epsilon
+    doc["sites"] = [doc["sites"][i] for i in order]
+    shuffled = loads_manifest(tomli_w.dumps(doc))
+    assert canonical_bytes(shuffled) == canonical_bytes(manifest)
