@@ -43,6 +43,10 @@ class PartialSumRefused(AggregatorError):
         super().__init__(reason)
 
 
+class PartialSumRejected(AggregatorError):
+    """A received partial sum does not belong to this round's agreed set or layout."""
+
+
 class ShareRejected(AggregatorError, ValueError):
     """A share cannot be accumulated: wrong length, wrong kind, or the round is finalised."""
 
