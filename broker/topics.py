@@ -2,8 +2,9 @@
 
 Every topic lives under ``tessera/<federation>/``. Ids in topics are opaque, operator-chosen
 site, aggregator, federation and study ids, never anything about patients. An id is 1-64
-characters of ``[A-Za-z0-9_-]``, starting with a letter or digit, so that it can never be
-an MQTT wildcard, a level separator, or a ``$`` system topic.
+characters of ``[A-Za-z0-9._-]``, starting with a letter or digit (``tessera.ids``, the
+codec's id rule too), so that it can never be an MQTT wildcard, a level separator, or a
+``$`` system topic.
 
     tessera/<fed>/<study>/round                      RoundOpen, RoundAbort  aggregators -> all
     tessera/<fed>/<study>/share/<aggregator>/<node>  ShareEnvelope          node -> aggregator
@@ -16,15 +17,16 @@ an MQTT wildcard, a level separator, or a ``$`` system topic.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 
 from broker.errors import TopicError
+from tessera.errors import CodecError
+from tessera.ids import MAX_ID_LENGTH, check_id
+
+__all__ = ["MAX_ID_LENGTH", "Kind", "Topic", "parse"]
 
 ROOT = "tessera"
-MAX_ID_LENGTH = 64
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class Kind(Enum):
@@ -54,12 +56,10 @@ class Topic:
 
 def validate_id(value: str, what: str = "id") -> str:
     """Return ``value`` if it is a valid opaque id, else raise TopicError saying why."""
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise TopicError(
-            f"{what} {value!r} is not a valid id: use 1-{MAX_ID_LENGTH} characters of "
-            "letters, digits, '-' or '_', starting with a letter or digit (no '/', '+', '#', '$')"
-        )
-    return value
+    try:
+        return check_id(what, value)
+    except CodecError as error:
+        raise TopicError(str(error)) from None
 
 
 def validate_study(study: str) -> str:
