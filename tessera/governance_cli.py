@@ -25,7 +25,7 @@ from tessera.manifest import (
     study_hash,
     verify_manifest,
 )
-from tessera.signing import load_private_key
+from tessera.signing import key_fingerprint, load_private_key, load_public_key
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -81,8 +81,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def fingerprint(raw: bytes) -> str:
-    """A short, stable name for a public key."""
-    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
+    """A short, stable name for a raw public key (tessera.signing's fingerprint)."""
+    return key_fingerprint(load_public_key(raw))
 
 
 def manifest_create(args: argparse.Namespace) -> int:
