@@ -33,7 +33,8 @@ from typing import Any
 
 from node.errors import NodeError
 from tessera.approvals import Approval, find_approval
-from tessera.errors import AuthenticationError, ConfigError
+from tessera.errors import AuthenticationError, CodecError, ConfigError
+from tessera.ids import check_id
 from tessera.manifest import Manifest, decode_key, verify_manifest
 
 # Every reason a round can be refused for, in the order check_round tests them.
@@ -266,8 +267,12 @@ def site_policy_from_dict(data: Mapping[str, Any]) -> SitePolicy:
             f"(known: {', '.join(sorted(known))})"
         )
     site_id = data.get("site_id")
-    if not isinstance(site_id, str) or not site_id:
+    if site_id is None:
         raise ConfigError('site policy site_id is missing; add e.g. site_id = "site-1"')
+    try:
+        check_id("site policy site_id", site_id)
+    except CodecError as error:
+        raise ConfigError(str(error)) from None
     key_text = data.get("coordinator_key")
     if not isinstance(key_text, str):
         raise ConfigError(

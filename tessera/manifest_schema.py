@@ -15,7 +15,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from tessera.errors import ConfigError
+from tessera.errors import CodecError, ConfigError
+from tessera.ids import check_id
 from tessera.manifest_model import (
     FORMAT,
     Aggregator,
@@ -29,7 +30,6 @@ from tessera.manifest_model import (
 
 KEY_LENGTH = 32
 SIGNATURE_LENGTH = 64
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TOP_KEYS = (
     "format",
     "federation",
@@ -73,12 +73,10 @@ class _Table:
 
     def ident(self, key: str, example: str) -> str:
         value = self.string(key, example)
-        if not _ID.match(value):
-            raise ConfigError(
-                f"manifest {self._where(key)}: {value!r} is not a valid id; use 1-64 letters, "
-                "digits, '.', '_' or '-', starting with a letter or digit"
-            )
-        return value
+        try:
+            return check_id(f"manifest {self._where(key)}:", value)
+        except CodecError as error:
+            raise ConfigError(str(error)) from None
 
     def integer(self, key: str, minimum: int, example: str) -> int:
         value = self.raw(key, example)

@@ -284,6 +284,13 @@ def test_policy_errors_name_the_key_and_the_fix(fed, tmp_path, extra, message) -
         load_site_policy(path)
 
 
+def test_policy_site_id_follows_the_id_rule(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="site_id is missing"):
+        load_site_policy(write_policy(tmp_path, "paused = true\n"))
+    with pytest.raises(ConfigError, match="site_id 'site/1' is not a valid id"):
+        load_site_policy(write_policy(tmp_path, 'site_id = "site/1"\n'))
+
+
 def test_policy_without_a_pinned_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="coordinator_key is missing"):
         load_site_policy(write_policy(tmp_path, 'site_id = "site-1"\n'))

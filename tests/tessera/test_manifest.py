@@ -161,6 +161,7 @@ _DELETE = object()
         ("studies/0/labels", ["a", "a"], r"labels: .* lists an entry twice"),
         ("studies/0/preprocessing", {"crop": {"x": 1}}, r"nested tables are not allowed"),
         ("studies/0/id", "chest/xray", r"is not a valid id"),
+        ("studies/0/id", "chest-xray\n", r"is not a valid id"),
         ("sites/1/id", "site-1", r"id 'site-1' appears twice"),
         ("sites/0/node_key", "AAAA", r"sites\[0\]\.node_key: .* not a raw 32-byte public key"),
         ("sites/0/stewards", [], r"sites\[0\]\.stewards: expected at least 1"),
