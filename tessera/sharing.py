@@ -5,17 +5,20 @@ A node splits its encoded vector x (tessera.encoding) into S shares that sum to 
 each stands for the vector its keystream expands to. The remaining share, the only
 full-length one, is x minus the expansions of all the seeds. Any S-1 shares together are
 uniformly random and independent of x (up to the PRG's security), so no coalition of S-1
-aggregators learns anything about one node's vector; only the sum of all S shares does.
+aggregators learns anything about one node's vector from its shares; only all S together
+give x.
 
 The PRG. A seed becomes an AES-256 key through HKDF-SHA256, whose info string binds the
 federation, the study, the round, the node and the aggregator index, each length-prefixed
 so that no two different contexts encode to the same bytes. The mask is the AES-256-CTR
-keystream under that key (a fixed all-zero initial counter is safe because every key is
-used for exactly one keystream), read as little-endian ring elements. The binding means a
-seed replayed into another round, study, node or aggregator expands to an unrelated mask,
-and the per-aggregator keys mean two seeds can never collide into the same mask. AES-CTR
-is used because OpenSSL runs it at several GB/s with AES-NI; numpy's generators are never
-used for masks, because they are predictable from their output.
+keystream under that key (a fixed all-zero initial counter is safe because each key makes
+exactly one keystream), read as little-endian ring elements. Telling such a keystream of
+q blocks from random bytes is as hard as breaking AES, up to q**2 / 2**129 (PRP/PRF
+switching): under 2**-76 for a gigabyte. The binding means a seed replayed into another
+round, study, node or aggregator expands to an unrelated mask, and a seed mistakenly sent
+to two aggregators would still give them unrelated masks. AES-CTR is used because OpenSSL
+runs it at several GB/s with AES-NI; numpy's generators are never used for masks, because
+their state can be recovered from their output.
 
 Which aggregator gets the full share rotates with the round (`full_share_holder`), so the
 upload work of receiving and summing full vectors is spread evenly across aggregators.
