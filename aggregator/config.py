@@ -80,6 +80,8 @@ class RoundSettings:
     prox_mu: float = 0.0
     clip_norm: float = 1.0
     weight_cap: float = 10_000.0  # largest sample weight one node may claim
+    loss_cap: float = 20.0  # nodes clip the validation loss they report to this
+    frac_bits: int = 16  # fixed-point precision of the ring encoding
 
     def __post_init__(self) -> None:
         _check(
@@ -94,9 +96,11 @@ class RoundSettings:
             "learning_rate",
             "clip_norm",
             "weight_cap",
+            "loss_cap",
         ):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, f"round.{name}", value, "use a number > 0")
+        _check(8 <= self.frac_bits <= 32, "round.frac_bits", self.frac_bits, "use 8 to 32 bits")
         _check(self.max_rounds >= 0, "round.max_rounds", self.max_rounds, "use 0 or more")
         _check(self.local_epochs >= 1, "round.local_epochs", self.local_epochs, "use 1 or more")
         _check(self.prox_mu >= 0, "round.prox_mu", self.prox_mu, "use 0 (off) or more")

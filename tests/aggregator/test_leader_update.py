@@ -1,0 +1,109 @@
+"""The leader's round plan and the step from aggregate to next model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from aggregator.config import AggregatorConfig, BrokerSettings, RoundSettings, StrategySettings
+from aggregator.errors import AggregatorConfigError, StrategyError
+from aggregator.leader import plan_round, ring_bound, round_record
+from aggregator.rounds import Stage
+from aggregator.strategies import Aggregate, ServerState
+from aggregator.update import apply_round
+from tessera.encoding import decode, encode
+from tessera.messages import RoundOpen
+from tessera.sharing import combine
+
+CONFIG = AggregatorConfig(
+    aggregator_id="agg-1",
+    federation_id="fed-1",
+    study_id="study-1",
+    leader_id="agg-1",
+    manifest="m.json",
+    signing_key="s.pem",
+    hpke_key="h.pem",  # type: ignore[arg-type]
+    broker=BrokerSettings(tls=False),
+    round=RoundSettings(min_participants=2, local_epochs=3, clip_norm=2.0, weight_cap=500.0),
+)
+NODES = ("site-c", "site-a", "site-b")
+
+
+def plan(config: AggregatorConfig = CONFIG, algorithm: str = "fedavg", nodes=NODES) -> RoundOpen:
+    return plan_round(
+        config,
+        round_number=4,
+        base_model_hash=b"\x05" * 32,
+        model_version=3,
+        algorithm=algorithm,
+        aggregator_ids=("agg-1", "agg-2"),
+        expected_nodes=nodes,
+        vector_length=1000,
+        now_ms=1_000_000,
+    )
+
+
+def test_plans_ask_for_epochs_or_one_step_and_survive_the_wire() -> None:
+    fedavg, fedsgd = plan(), plan(algorithm="fedsgd")
+    assert (fedavg.local_epochs, fedavg.local_steps) == (3, 0)
+    assert (fedsgd.local_epochs, fedsgd.local_steps) == (0, 1)
+    assert fedavg.expected_nodes == ("site-a", "site-b", "site-c")
+    assert fedavg.deadline_ms == 1_000_000 + 600_000
+    assert RoundOpen.from_bytes(fedavg.to_bytes()) == fedavg
+    record = round_record(fedavg)
+    assert record.state.stage is Stage.OPEN and record.state.round == 4
+    assert record.ring_params == fedavg.ring.to_bytes()
+
+
+def test_the_ring_holds_every_node_at_the_bound_without_wrapping() -> None:
+    announcement = plan()
+    bound = ring_bound(CONFIG.round)
+    assert bound == 500.0 * 20.0  # loss_cap dominates clip**2 = 4
+    worst = [encode(np.full(8, bound), announcement.ring)] * 3
+    np.testing.assert_allclose(decode(combine(worst), announcement.ring, 3), 3 * bound)
+    with pytest.raises(ValueError):
+        encode(np.full(8, bound * 1.01), announcement.ring)
+
+
+def test_only_the_leader_plans_and_only_for_at_least_k_nodes() -> None:
+    with pytest.raises(AggregatorConfigError, match="not the leader"):
+        plan(dataclasses.replace(CONFIG, aggregator_id="agg-2"))
+    with pytest.raises(AggregatorConfigError, match="fewer than"):
+        plan(nodes=("site-a",))
+
+
+def params() -> dict[str, np.ndarray]:
+    return {"b": np.array([1.0, 2.0], np.float32), "a": np.array([[0.5], [-0.5]], np.float32)}
+
+
+def test_apply_round_updates_the_named_parameters_and_runs_the_policy() -> None:
+    # flat canonical order is a (2 values) then b (2 values)
+    deltas = [np.array([0.1, 0.1, 0.0, 1.0]), np.array([-0.1, 0.3, 2.0, -1.0])]
+    weights = [1.0, 3.0]
+    aggregate = Aggregate(
+        sum(w * d for w, d in zip(weights, deltas, strict=True)),
+        4.0,
+        4.0 * 0.5,
+        sum(w * float(d @ d) for w, d in zip(weights, deltas, strict=True)),
+        2,
+    )
+    settings = StrategySettings(adaptive=True, lower=0.1, upper=0.5)
+    outcome = apply_round(params(), aggregate, ServerState(), settings, "fedavg", 7)
+    mean = (deltas[0] + 3 * deltas[1]) / 4
+    np.testing.assert_array_equal(
+        outcome.params["a"], (np.array([0.5, -0.5]) + mean[:2]).astype(np.float32).reshape(2, 1)
+    )
+    np.testing.assert_array_equal(
+        outcome.params["b"], (np.array([1, 2]) + mean[2:]).astype(np.float32)
+    )
+    assert outcome.mean_loss == 0.5 and outcome.participants == 2
+    assert outcome.dispersion > 0.5 and outcome.next_algorithm == "fedsgd"
+    assert outcome.switch is not None and outcome.switch.round == 7
+    still = apply_round(
+        params(), aggregate, ServerState(), StrategySettings(adaptive=False), "fedavg", 7
+    )
+    assert still.next_algorithm == "fedavg" and still.switch is None
+    with pytest.raises(StrategyError, match="another model"):
+        apply_round({"a": np.zeros(3, np.float32)}, aggregate, ServerState(), settings, "fedavg", 7)
