@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -57,12 +58,14 @@ __all__ = [
     "GENESIS",
     "KINDS",
     "MAX_ENTRY_BYTES",
+    "REQUIRED_FIELDS",
     "Anchor",
     "AuditEntry",
     "AuditLog",
     "AuditVerificationError",
     "VerifyResult",
     "entry_hash",
+    "epsilon_by_study",
     "export",
     "read_entries",
     "verify",
@@ -76,6 +79,28 @@ KINDS = frozenset(
 )
 # On a node these kinds may carry counts and scalars only, never a list of who or what.
 COUNT_ONLY_KINDS = frozenset({"participant-set", "quarantine"})
+# Fields some kinds must carry, so that logs can be summed and compared with the ledger.
+REQUIRED_FIELDS = {
+    "epsilon-spent": ("study_id", "round", "epsilon"),
+    "round-refused": ("study_id", "round", "reason"),
+}
+
+
+def epsilon_by_study(entries: Iterable[AuditEntry]) -> dict[str, float]:
+    """Total epsilon that `epsilon-spent` entries record, per study id (to compare with the
+    privacy ledger after a run)."""
+    totals: dict[str, float] = {}
+    for entry in entries:
+        if entry.kind == "epsilon-spent":
+            study = str(entry.fields["study_id"])
+            totals[study] = totals.get(study, 0.0) + float(entry.fields["epsilon"])
+    return totals
+
+
+def _is_amount(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and value >= 0
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -155,12 +180,18 @@ class AuditLog:
         """Append one entry durably (one write, flush, fsync) and return it.
 
         ValueError (with the fix) for an unknown kind, fields JSON cannot hold canonically,
-        an entry over MAX_ENTRY_BYTES, or a list in a count-only kind on a node.
+        an entry over MAX_ENTRY_BYTES, a missing REQUIRED_FIELDS entry, a negative or
+        non-numeric `epsilon`, or a list in a count-only kind on a node.
         """
         if kind not in KINDS or kind == "recovery":
             raise ValueError(
                 f"unknown audit kind {kind!r}; use one of {sorted(KINDS - {'recovery'})}"
             )
+        missing = [name for name in REQUIRED_FIELDS.get(kind, ()) if name not in fields]
+        if missing:
+            raise ValueError(f"{kind} entries need the fields {missing}; add them")
+        if kind == "epsilon-spent" and not _is_amount(fields["epsilon"]):
+            raise ValueError(f"epsilon must be a finite number >= 0, got {fields['epsilon']!r}")
         if self._counts_only and kind in COUNT_ONLY_KINDS:
             for name, value in fields.items():
                 if isinstance(value, (list, tuple, dict)):

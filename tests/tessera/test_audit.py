@@ -26,6 +26,7 @@ from tessera.audit import (
     AuditLog,
     AuditVerificationError,
     entry_hash,
+    epsilon_by_study,
     export,
     read_entries,
     verify,
@@ -207,7 +208,13 @@ def test_bad_entries_are_refused_before_writing(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"counts only: write e\.g\. node_ids_count = 2"):
             log.append("participant-set", {"node_ids": ["site-1", "site-2"]})
         with pytest.raises(ValueError, match="must be JSON"):
-            log.append("epsilon-spent", {"epsilon": float("nan")})
+            log.append("release", {"loss": float("nan")})
+        with pytest.raises(ValueError, match=r"need the fields \['round'\]"):
+            log.append("epsilon-spent", {"study_id": "s", "epsilon": 0.1})
+        with pytest.raises(ValueError, match="need the fields"):
+            log.append("round-refused", {"study_id": "s", "round": 1})
+        with pytest.raises(ValueError, match="epsilon must be a finite number >= 0"):
+            log.append("epsilon-spent", {"study_id": "s", "round": 1, "epsilon": -0.1})
         with pytest.raises(ValueError, match="over"):
             log.append("release", {"blob": "x" * MAX_ENTRY_BYTES})
         log.append("participant-set", {"count": 2})
@@ -217,6 +224,15 @@ def test_bad_entries_are_refused_before_writing(tmp_path: Path) -> None:
     assert verify(path).entries == 2
     with pytest.raises(ValueError, match="closed"):
         aggregator_log.append("round-opened", {})
+
+
+def test_epsilon_totals_per_study_come_from_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog.open(path) as log:
+        for study, epsilon in [("a", 0.25), ("b", 1.0), ("a", 0.5), ("a", 0.125)]:
+            log.append("epsilon-spent", {"study_id": study, "round": 1, "epsilon": epsilon})
+        log.append("round-joined", {"study_id": "a", "epsilon": 99.0})
+    assert epsilon_by_study(read_entries(path)) == {"a": 0.875, "b": 1.0}
 
 
 def test_two_writers_on_one_file_never_interleave(tmp_path: Path) -> None:
@@ -239,7 +255,10 @@ CHILD = textwrap.dedent(
     log = AuditLog.open(sys.argv[1])
     for i in range(int(sys.argv[3])):
         try:
-            log.append("epsilon-spent", {"round": i, "epsilon": 0.1, "pad": "x" * 5000})
+            log.append(
+                "epsilon-spent",
+                {"study_id": "s", "round": i, "epsilon": 0.1, "pad": "x" * 5000},
+            )
         except OSError as error:
             print("append failed:", error.errno, flush=True)
             raise SystemExit(3)
