@@ -138,7 +138,12 @@ def build_federation(
     federation_id: str = "test-federation",
 ) -> Federation:
     """A signed manifest for `n_sites` sites and `n_aggregators` aggregators, with keys on
-    disk, and (unless `approve=False`) every site's steward approval of the study."""
+    disk, and (unless `approve=False`) every site's steward approval of the study.
+
+    The study's k is 2, so `n_sites` must be at least 2; manifests need 2 aggregators.
+    """
+    if n_sites < 2 or n_aggregators < 2:
+        raise ValueError("build_federation needs n_sites >= 2 and n_aggregators >= 2")
     site_ids = [f"site-{i}" for i in range(1, n_sites + 1)]
     aggregator_ids = [f"agg-{i}" for i in range(1, n_aggregators + 1)]
     principals = ["coordinator", "auditor", *aggregator_ids]
