@@ -2,7 +2,7 @@
 
 Chi-square goodness of fit on share contents, at a fixed significance ALPHA. Each check is
 on fresh os.urandom seeds, so a correct implementation fails one check with probability
-ALPHA; this file makes about 80 checks, so a false alarm has probability below 1e-4. A
+ALPHA; this file makes 68 checks, so a false alarm has probability below 1e-4. A
 broken PRG (zeros, a counter, a reused seed, a slight bias) gives p-values far below ALPHA,
 as the negative controls at the bottom show through the real `split`.
 """
