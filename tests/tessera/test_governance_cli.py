@@ -125,7 +125,7 @@ def test_audit_verify_and_export(tmp_path: Path, capsys) -> None:
     log_path = tmp_path / "audit.jsonl"
     with AuditLog.open(log_path) as log:
         log.append("round-opened", {"round": 1})
-        log.append("round-refused", {"round": 2, "reason": "paused"})
+        log.append("round-refused", {"study_id": "s", "round": 2, "reason": "paused"})
         anchor = log.anchor().to_text()
     code, out, _ = run(capsys, "audit", "verify", log_path, "--anchor", anchor)
     assert code == 0 and "2 entries, chain intact" in out and anchor in out
