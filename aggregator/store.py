@@ -358,7 +358,7 @@ class Store:
 
     def recover(self) -> list[tuple[str, int]]:
         """After a restart: abort every round in flight (reason RESTART_REASON) and return
-        the (study, round) pairs aborted.
+        the (study, round) pairs aborted. Call once at startup, before any round runs.
 
         No round is in flight afterwards, so every share (rows with their seeds, files, and
         temporary files a kill left behind) is deleted: nothing secret outlives its round.
