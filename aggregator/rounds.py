@@ -29,6 +29,8 @@ from typing import ClassVar
 
 from aggregator.errors import TransitionRejected
 
+CLOSE_REASONS = ("deadline", "all-reported", "participant-set")
+
 
 class Stage(enum.Enum):
     """Where a round stands. The value is what the store persists; the declaration order is
@@ -83,7 +85,9 @@ class ShareAccepted:
 class CollectionClosed:
     """The deadline passed, or every expected node reported."""
 
-    reason: str  # "deadline" or "all-reported"
+    # "deadline", "all-reported", or "participant-set" (a follower got the leader's set
+    # before its own clock reached the deadline)
+    reason: str
     name: ClassVar[str] = "collection-closed"
 
 
@@ -182,10 +186,9 @@ def transition(state: RoundState, event: Event) -> RoundState:
     if isinstance(event, ShareAccepted):
         return replace(state, received=state.received + 1)
     if isinstance(event, CollectionClosed):
-        if event.reason not in ("deadline", "all-reported"):
+        if event.reason not in CLOSE_REASONS:
             raise ValueError(
-                f"collection close reason {event.reason!r} is unknown; "
-                "use 'deadline' or 'all-reported'"
+                f"collection close reason {event.reason!r} is unknown; use one of {CLOSE_REASONS}"
             )
         return replace(state, stage=target, close_reason=event.reason)
     if isinstance(event, ParticipantsAgreed):
