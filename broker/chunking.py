@@ -59,7 +59,7 @@ class ChunkFrame:
     total_size: int
     payload_sha256: bytes
     chunk_sha256: bytes
-    data: bytes
+    data: bytes | memoryview
 
     def to_bytes(self) -> bytes:
         """Encode the frame (header then data)."""
@@ -75,10 +75,10 @@ class ChunkFrame:
             self.chunk_sha256,
             len(self.data),
         )
-        return header + self.data
+        return b"".join((header, self.data))
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> ChunkFrame:
+    def from_bytes(cls, raw: bytes | memoryview) -> ChunkFrame:
         """Decode and check one frame: lengths, geometry and the chunk's own SHA-256."""
         if len(raw) < HEADER_SIZE:
             raise ChunkError(f"chunk frame of {len(raw)} bytes is shorter than its header")
@@ -89,7 +89,8 @@ class ChunkFrame:
             raise ChunkError(
                 f"not a chunk frame of version {VERSION} (magic {magic!r}, v{version})"
             )
-        data = bytes(raw[HEADER_SIZE:])
+        # A view, not a copy: frames are hashed and written into place without copying.
+        data = memoryview(raw).cast("B")[HEADER_SIZE:]
         if clen != len(data):
             raise ChunkError(f"chunk frame declares {clen} data bytes but carries {len(data)}")
         frame = cls(pid, index, count, chunk_size, total, psha, csha, data)
@@ -120,15 +121,26 @@ def _check_geometry(frame: ChunkFrame) -> None:
 
 def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[ChunkFrame]:
     """Cut ``payload`` into frames under one fresh random payload id."""
+    for raw in encode_frames(payload, chunk_size):
+        yield ChunkFrame.from_bytes(raw)
+
+
+def encode_frames(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+    """The encoded frames of ``payload``: what a sender publishes, one MQTT message each.
+
+    Each chunk's bytes are copied once, into its frame; hashing reads the payload in place.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size {chunk_size} must be at least 1")
-    view = memoryview(payload)
+    view = memoryview(payload).cast("B")
     payload_id = os.urandom(PAYLOAD_ID_SIZE)
     payload_sha = hashlib.sha256(view).digest()
     count = max(1, -(-len(view) // chunk_size))
     for index in range(count):
-        data = bytes(view[index * chunk_size : (index + 1) * chunk_size])
-        yield ChunkFrame(
+        data = view[index * chunk_size : (index + 1) * chunk_size]
+        header = _HEADER.pack(
+            MAGIC,
+            VERSION,
             payload_id,
             index,
             count,
@@ -136,8 +148,9 @@ def split_payload(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Itera
             len(view),
             payload_sha,
             hashlib.sha256(data).digest(),
-            data,
+            len(data),
         )
+        yield b"".join((header, data))
 
 
 @dataclass(frozen=True)
@@ -147,7 +160,7 @@ class ReassemblyLimits:
     max_payload_bytes: int = 256 << 20
     max_transfers: int = 16
     max_total_bytes: int = 512 << 20
-    spool_threshold: int = 8 << 20
+    spool_threshold: int = 64 << 20
     timeout_s: float = 600.0
     spool_dir: Path | None = None
     remember_completed: int = 4096

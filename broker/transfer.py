@@ -17,10 +17,11 @@ from collections.abc import Callable
 from broker.chunking import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
+    PAYLOAD_ID_SIZE,
     ChunkFrame,
     Reassembler,
     ReassemblyLimits,
-    split_payload,
+    encode_frames,
 )
 from broker.errors import BrokerError, ChunkError, PayloadTooLargeError
 from broker.session import PublishHandle, Session
@@ -61,9 +62,9 @@ def send_payload(
         )
     window: deque[PublishHandle] = deque()
     payload_id = b""
-    for frame in split_payload(payload, chunk_size):
-        payload_id = frame.payload_id
-        window.append(session.publish(topic, frame.to_bytes(), retain=retain))
+    for raw in encode_frames(payload, chunk_size):
+        payload_id = payload_id or raw[5 : 5 + PAYLOAD_ID_SIZE]
+        window.append(session.publish(topic, raw, retain=retain))
         while len(window) >= session.config.max_inflight:
             window.popleft().wait(timeout_s)
     while window:
