@@ -6,7 +6,9 @@ set leaves out goes to the ledger (the SQLite store), not to memory:
 
 - a seed share: the 32-byte seed; removing it re-expands the keystream and subtracts it;
 - a full-length share: the vector itself, written atomically (0600) to the round's share
-  folder; removing it reads the file back and subtracts it.
+  folder; removing it reads the file back and subtracts it. The file is not fsynced: a
+  share never outlives a crash (store.recover drops them all), so paying a disk flush per
+  node would buy nothing.
 
 `finalize(participants)` subtracts every held node outside the agreed set and returns the
 partial sum over exactly that set. A second share from the same node is refused with
@@ -27,7 +29,6 @@ import numpy as np
 from aggregator.errors import DuplicateShare, ShareRejected
 from aggregator.records import ShareRecord
 from tessera.encoding import RingParams
-from tessera.files import write_private_file
 from tessera.sharing import Share, ShareContext, accumulate, expand
 
 
@@ -136,7 +137,7 @@ class ShareAccumulator:
         name = hashlib.sha256(node_id.encode("utf-8")).hexdigest()[:32]
         path = folder / f"{name}.{secrets.token_hex(4)}.share"
         little = np.ascontiguousarray(share.vector, dtype=self.params.dtype.newbyteorder("<"))
-        write_private_file(path, little.tobytes())
+        _write_share_file(path, little)
         return ShareRecord(node_id, "full", None, os.fspath(path), envelope_digest)
 
     def _vector_of(self, record: ShareRecord) -> np.ndarray:
@@ -180,3 +181,21 @@ class ShareAccumulator:
         result = self._sum
         result.flags.writeable = False
         return result
+
+
+def _write_share_file(path: Path, vector: np.ndarray) -> None:
+    """Write `vector`'s bytes to `path` atomically (temp file + os.replace), mode 0600 from
+    the first byte, without an fsync (see the module docstring)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            view = vector.data.cast("B")
+            while view:
+                view = view[os.write(descriptor, view) :]
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
