@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from broker.topics import TopicError, validate_id
+from broker.errors import TopicError
+from broker.topics import validate_id
 from tessera.errors import ConfigError
 
 MAX_NAME_LENGTH = 64  # RFC 5280 upper bound of commonName and organizationName

@@ -298,7 +298,7 @@ class Session:
         return [(f, options) for f in filters]
 
     def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.config.session_expiry_s
         props.ReceiveMaximum = self.config.receive_maximum
         props.MaximumPacketSize = self.config.max_packet_bytes
@@ -400,9 +400,11 @@ class Session:
                 log.warning(
                     "no handler for a message on %s; acknowledged and dropped", message.topic
                 )
+            payload = message.payload
+            payload = payload if isinstance(payload, bytes) else bytes(payload)
             for handler in handlers:
                 try:
-                    handler(message.topic, message.payload)
+                    handler(message.topic, payload)
                 except Exception:  # a handler bug must not kill delivery to others
                     self.handler_failures += 1
                     log.exception("handler for %s raised", message.topic)

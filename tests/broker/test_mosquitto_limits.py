@@ -1,0 +1,90 @@
+"""Size limits on receipt and stalled transfers, against a real Mosquitto."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from support.mosquitto import MosquittoProcess, SessionFactory
+
+from broker import topics
+from broker.bundle import load_bundle
+from broker.chunking import ReassemblyLimits, encode_frames
+from broker.session_config import tls_context
+from broker.transfer import PayloadReceiver
+
+FED, STUDY = "fed-test", "study-limits"
+
+
+def test_broker_never_delivers_more_than_the_clients_maximum_packet_size(
+    mosquitto: MosquittoProcess, connect: SessionFactory
+) -> None:
+    got: list[bytes] = []
+    small_arrived = threading.Event()
+
+    def on_round(_topic: str, payload: bytes) -> None:
+        got.append(payload)
+        if payload == b"small":
+            small_arrived.set()
+
+    site = connect("site-a", mosquitto, start=False, max_packet_bytes=100_000)
+    site.subscribe(topics.round_topic(FED, STUDY), on_round)
+    site.start().wait_connected(10)
+    aggregator = connect("agg-1", mosquitto)
+    aggregator.publish(topics.round_topic(FED, STUDY), bytes(500_000)).wait(10)
+    aggregator.publish(topics.round_topic(FED, STUDY), b"small").wait(10)
+    assert small_arrived.wait(10)
+    assert got == [b"small"]  # the oversized one never reached the client, let alone a handler
+
+
+def test_broker_refuses_a_packet_over_its_max_packet_size(
+    mosquitto: MosquittoProcess, provisioned: Path
+) -> None:
+    bundle = load_bundle(provisioned / "bundles" / "agg-1")
+    disconnected = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, "agg-1-raw", protocol=mqtt.MQTTv5)
+    client.tls_set_context(tls_context(bundle.tls_files))
+    client.on_disconnect = lambda *_: disconnected.set()
+    connected = threading.Event()
+    client.on_connect = lambda *_: connected.set()
+    client.connect(mosquitto.host, mosquitto.mqtt_port)
+    client.loop_start()
+    try:
+        assert connected.wait(10)
+        # Raw paho has no local limit; Mosquitto's max_packet_size (2 MiB + 64 KiB) applies.
+        info = client.publish(topics.round_topic(FED, STUDY), bytes(3 << 20), qos=1)
+        assert disconnected.wait(10)
+        assert not info.is_published()
+    finally:
+        client.loop_stop()
+
+
+def test_stalled_transfer_is_dropped_by_the_receiver_and_recorded(
+    mosquitto: MosquittoProcess, connect: SessionFactory
+) -> None:
+    now = [0.0]
+    session = connect("agg-1", mosquitto, start=False)
+    receiver = PayloadReceiver(session, ReassemblyLimits(timeout_s=0.2), clock=lambda: now[0])
+    delivered: list[bytes] = []
+    receiver.subscribe(
+        topics.shares_for_aggregator(FED, STUDY, "agg-1"), lambda _t, p: delivered.append(p)
+    )
+    session.start().wait_connected(10)
+    first, _second = list(encode_frames(bytes(2000), 1000))
+    site = connect("site-a", mosquitto)
+    site.publish(topics.share_topic(FED, STUDY, "agg-1", "site-a"), first).wait(10)
+    deadline = time.monotonic() + 10
+    while receiver.reassembler.open_transfers == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert receiver.reassembler.open_transfers == 1
+    now[0] = 1.0  # the transfer has been idle for longer than its timeout
+    while not receiver.reassembler.expired and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (record,) = receiver.reassembler.expired
+    assert (record.received, record.count, record.total_size) == (1, 2, 2000)
+    assert record.key == topics.share_topic(FED, STUDY, "agg-1", "site-a")
+    assert receiver.reassembler.open_transfers == 0 and delivered == []
+    receiver.close()
