@@ -34,6 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from broker.acks import NOT_AUTHORIZED, PublishHandle
 from broker.errors import (
     BrokerError,
     NotAuthorizedError,
@@ -52,36 +53,8 @@ __all__ = [
     "TlsFiles",
 ]
 
-NOT_AUTHORIZED = 135
 Handler = Callable[[str, bytes], None]
 log = logging.getLogger(__name__)
-
-
-class PublishHandle:
-    """The broker's answer to one QoS 1 publish; ``wait`` raises unless it was accepted."""
-
-    def __init__(self, topic: str, mid: int) -> None:
-        self.topic = topic
-        self.mid = mid
-        self._done = threading.Event()
-        self._reason: int | None = None
-
-    def _complete(self, reason: int) -> None:
-        self._reason = reason
-        self._done.set()
-
-    def wait(self, timeout: float) -> None:
-        """Block until PUBACK; raise NotAuthorizedError (135), PublishError or on timeout."""
-        if not self._done.wait(timeout):
-            raise PublishError(
-                f"no PUBACK for {self.topic} within {timeout} s; the session keeps retrying "
-                "(it is queued), wait longer or check the broker"
-            )
-        assert self._reason is not None
-        if self._reason == NOT_AUTHORIZED:
-            raise NotAuthorizedError(f"broker refused publish to {self.topic}: not authorized")
-        if self._reason >= 0x80:
-            raise PublishError(f"broker refused publish to {self.topic}: reason {self._reason}")
 
 
 class Session:
@@ -185,6 +158,8 @@ class Session:
         Works while disconnected: paho keeps the message and sends it on reconnect.
         """
         validate_publish_topic(topic)
+        if self._stop.is_set():
+            raise NotConnectedError(f"session {self.config.client_id} is closed; start a new one")
         limit = self.config.max_packet_bytes - len(topic.encode()) - 64
         if len(payload) > limit:
             raise PayloadTooLargeError(
