@@ -116,6 +116,19 @@ def _general_name(value: str) -> x509.GeneralName:
         return x509.DNSName(value)
 
 
+def server_names(cert_path: Path) -> set[str] | None:
+    """The DNS names and IP addresses a certificate on disk covers; None if there is none."""
+    if not Path(cert_path).exists():
+        return None
+    certificate = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    dns = names.get_values_for_type(x509.DNSName)
+    return set(dns) | {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+
+
 def certificate_pem(certificate: x509.Certificate) -> bytes:
     """PEM bytes of a certificate."""
     return certificate.public_bytes(serialization.Encoding.PEM)

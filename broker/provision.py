@@ -97,8 +97,9 @@ def provision(
     ca_pem = pki.certificate_pem(ca.certificate)
 
     broker_dir = out / "broker"
-    if not (broker_dir / "server.pem").exists():
-        names = tuple(dict.fromkeys(SERVER_NAMES + federation.broker.hostnames))
+    names = tuple(dict.fromkeys(SERVER_NAMES + federation.broker.hostnames))
+    if pki.server_names(broker_dir / "server.pem") != set(names):
+        # New, or the broker's host names changed: issue a server certificate that covers them.
         server = pki.issue_leaf(ca, "tessera-broker", None, server_names=names)
         pki.save(server, broker_dir / "server.pem", broker_dir / "server.key")
     atomic_write(broker_dir / "ca.pem", ca_pem)

@@ -39,17 +39,21 @@ def send_payload(
     session: Session,
     topic: str,
     payload: bytes,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     timeout_s: float = 300.0,
     retain: bool = False,
 ) -> bytes:
     """Publish ``payload`` on ``topic`` as chunk frames; return its payload id once all are acked.
+
+    ``chunk_size`` defaults to 1 MiB, or less where the session's packet limit needs it.
 
     Raises NotAuthorizedError if the broker refuses, PublishError if acknowledgements stop
     for ``timeout_s`` (each frame stays queued in the session and is resent on reconnect).
     ``retain`` is allowed only for a payload that fits one frame, since MQTT retains one
     message per topic.
     """
+    if chunk_size is None:
+        chunk_size = min(DEFAULT_CHUNK_SIZE, max_chunk_size(session))
     if chunk_size > max_chunk_size(session):
         raise PayloadTooLargeError(
             f"chunk_size {chunk_size} does not fit the session's max_packet_bytes "

@@ -192,3 +192,17 @@ def test_cli_provisions_the_example_and_refuses_a_second_run(
     assert main(["provision", str(EXAMPLE), "--out", str(out), "--reuse-ca"]) == 0
     assert load_federation(EXAMPLE).leader == "agg-uni"
     assert os.access(out / "broker/mosquitto.conf", os.R_OK)
+
+
+def test_server_certificate_is_reissued_only_when_host_names_change(tmp_path: Path) -> None:
+    provision(parse_federation(FEDERATION), tmp_path)
+    first = (tmp_path / "broker/server.pem").read_bytes()
+    provision(parse_federation(FEDERATION), tmp_path, reuse_ca=True)
+    assert (tmp_path / "broker/server.pem").read_bytes() == first
+    moved = dict(FEDERATION, broker={"hostnames": ["mqtt.hospital-net.example"]})
+    provision(parse_federation(moved), tmp_path, reuse_ca=True)
+    cert = x509.load_pem_x509_certificate((tmp_path / "broker/server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "mqtt.hospital-net.example" in names.get_values_for_type(x509.DNSName)
+    document = tomllib.loads((tmp_path / "bundles/site-a/bundle.toml").read_text())
+    assert document["broker"]["hostnames"] == ["mqtt.hospital-net.example"]
