@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from broker.devbroker import DevBroker, dev_session_config
+from broker.errors import NotConnectedError
 from broker.session import Session, SessionConfig, TlsFiles
 from broker.transfer import PayloadReceiver, send_payload
 from tessera.errors import ConfigError
@@ -49,3 +50,29 @@ def test_plaintext_and_mqtt_311_need_the_explicit_development_flag() -> None:
             tls=TlsFiles(Path("ca.pem"), Path("c.pem"), Path("c.key")),
             protocol="mqttv311",
         )
+
+
+def test_a_failing_handler_is_counted_and_delivery_goes_on() -> None:
+    seen: list[bytes] = []
+    second = threading.Event()
+
+    def handler(_topic: str, payload: bytes) -> None:
+        seen.append(payload)
+        if payload == b"bad":
+            raise ValueError("handler bug")
+        second.set()
+
+    with DevBroker() as dev:
+        receiver = Session(dev_session_config("agg-1", dev))
+        receiver.subscribe("t/x", handler)
+        receiver.start().wait_connected(10)
+        sender = Session(dev_session_config("site-a", dev)).start()
+        sender.wait_connected(10)
+        sender.publish("t/x", b"bad").wait(10)
+        sender.publish("t/x", b"good").wait(10)
+        assert second.wait(10)
+        assert seen == [b"bad", b"good"] and receiver.handler_failures == 1
+        sender.close()
+        receiver.close()
+        with pytest.raises(NotConnectedError, match="is closed"):
+            sender.publish("t/x", b"late")
