@@ -206,6 +206,7 @@ def decode_dicom_bytes(
         raise UnusableImageError(
             "decompressed-size", f"{len(data)} bytes; the file limit is {limits.max_file_bytes}"
         )
-    ds = read_dataset(data)
-    screen_dataset(ds, limits)
-    return preprocess(ds, cfg)
+    with quiet_pydicom():
+        ds = read_dataset(data)
+        screen_dataset(ds, limits)
+        return preprocess(ds, cfg)

@@ -69,8 +69,31 @@ class IntakeLimits:
 
 def read_dataset(data: bytes) -> Dataset:
     """Parse DICOM bytes (Part 10, or a bare dataset without preamble) into a Dataset."""
-    with quiet_pydicom():
-        return _read_dataset(data)
+    with quiet_pydicom() as signals:
+        ds = _read_dataset(data)
+    if signals.ran_out or _ends_short(ds, len(data)):
+        raise UnusableImageError("truncated", f"file ends inside an element ({len(data)} bytes)")
+    return ds
+
+
+def _ends_short(ds: Dataset, size: int) -> bool:
+    """Whether the file stopped inside its last element, or inside the header of the next.
+
+    pydicom accepts both silently: a short value read, and fewer than 8 bytes where the
+    next element's header should be. Compare the last raw element with what it declares.
+    """
+    tags = sorted(ds.keys())
+    if not tags:
+        return True  # a header with no dataset after it
+    last = ds.get_item(tags[-1])
+    length = getattr(last, "length", None)
+    value = getattr(last, "value", None)
+    if not isinstance(length, int) or length == 0xFFFFFFFF or not isinstance(value, bytes):
+        return False
+    if len(value) < length:
+        return True
+    tell = getattr(last, "value_tell", None)
+    return isinstance(tell, int) and 0 < size - (tell + length) < 8
 
 
 def alternative_plugins(syntax: UID) -> str:
@@ -131,22 +154,41 @@ def frame_count(ds: Dataset) -> int:
     return max(frames, 1)
 
 
+class _ParserSignals(logging.Handler):
+    """Catches pydicom's own log records; keeps only whether the file ran out early."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.ran_out = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Note an 'Unexpected end of file'; drop the record (it may quote values)."""
+        if "end of file" in record.getMessage().lower():
+            self.ran_out = True
+
+
 @contextlib.contextmanager
-def quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom's warnings and log records for the duration.
+def quiet_pydicom() -> Iterator[_ParserSignals]:
+    """Keep pydicom's warnings and log records out of the node's output for the duration.
 
     pydicom quotes element values in both ("Invalid value for VR PN: 'DOE^JANE'"), which
-    would put patient data into the node's logs. The node reports its own reason instead.
+    would put patient data into the node's logs; the node reports its own reason instead.
+    pydicom also *logs*, rather than raises, a file that ends mid-element; the yielded
+    signals object records that, so a truncated file is not mistaken for a short one.
     """
     logger = logging.getLogger("pydicom")
-    saved = logger.disabled
-    logger.disabled = True
+    saved = (logger.handlers[:], logger.propagate, logger.disabled, logger.level)
+    signals = _ParserSignals()
+    logger.handlers[:] = [signals]
+    logger.propagate, logger.disabled = False, False
+    logger.setLevel(logging.DEBUG if logger.level == logging.NOTSET else logger.level)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            yield
+            yield signals
     finally:
-        logger.disabled = saved
+        logger.handlers[:], logger.propagate, logger.disabled = saved[0], saved[1], saved[2]
+        logger.setLevel(saved[3])
 
 
 def screen_dataset(ds: Dataset, limits: IntakeLimits) -> None:

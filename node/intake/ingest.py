@@ -33,7 +33,7 @@ from node.intake.worker import (
 from node.logs import log_event
 from node.phi import keyed_hash, load_or_create_site_secret
 from node.preprocess import PreprocessConfig
-from node.screen import IntakeLimits, quiet_pydicom
+from node.screen import IntakeLimits
 
 LOGGER = logging.getLogger("tessera.node.intake")
 
@@ -182,8 +182,7 @@ def _process(
 
     def submit(tasks: list[FileTask]) -> None:
         if pool is None:
-            with quiet_pydicom():
-                _record(conn, ingest_batch(tasks, ctx), scan, summary)
+            _record(conn, ingest_batch(tasks, ctx), scan, summary)
             return
         while len(pending) >= 2 * cfg.workers:
             collect(block=True)

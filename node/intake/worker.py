@@ -21,7 +21,7 @@ from node.errors import UnusableImageError
 from node.intake.index import FileRecord
 from node.phi import instance_key, keyed_hash
 from node.preprocess import PreprocessConfig, preprocess
-from node.screen import IntakeLimits, read_dataset, screen_dataset
+from node.screen import IntakeLimits, quiet_pydicom, read_dataset, screen_dataset
 
 TEMP_PREFIX = ".tessera-tmp-"
 
@@ -80,6 +80,12 @@ def _uid(ds: Dataset, keyword: str) -> str | None:
 
 def ingest_file(task: FileTask, ctx: WorkerContext) -> FileRecord:
     """Ingest one file and describe the outcome; never raises for a bad file."""
+    # pydicom converts values lazily and warns with the value quoted: keep it quiet throughout.
+    with quiet_pydicom():
+        return _ingest_file(task, ctx)
+
+
+def _ingest_file(task: FileTask, ctx: WorkerContext) -> FileRecord:
     base = {
         "path_key": task.path_key,
         "size": task.size,
