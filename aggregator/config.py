@@ -38,6 +38,7 @@ from typing import Any
 
 from aggregator.errors import AggregatorConfigError, StrategyError
 from aggregator.strategies import ALGORITHMS, OPTIMIZERS, PolicyConfig, StrategyConfig
+from tessera.update_layout import DEFAULT_LOSS_CAP
 
 ENV_PREFIX = "TESSERA_"
 
@@ -79,8 +80,7 @@ class RoundSettings:
     learning_rate: float = 0.01
     prox_mu: float = 0.0
     clip_norm: float = 1.0
-    weight_cap: float = 10_000.0  # largest sample weight one node may claim
-    loss_cap: float = 20.0  # nodes clip the validation loss they report to this
+    loss_cap: float = DEFAULT_LOSS_CAP  # nodes clip the validation loss they report to this
     frac_bits: int = 16  # fixed-point precision of the ring encoding
 
     def __post_init__(self) -> None:
@@ -95,7 +95,6 @@ class RoundSettings:
             "agreement_timeout_s",
             "learning_rate",
             "clip_norm",
-            "weight_cap",
             "loss_cap",
         ):
             value = getattr(self, name)

@@ -1,10 +1,10 @@
 """The leader's pure steps: plan a round (the RoundOpen it announces) and its store record.
 
-The ring encoding is derived from what the announcement itself bounds (DESIGN.md section 3,
-"overflow is impossible by construction"): every coordinate of one node's vector is at most
-weight_cap * max(clip_norm, clip_norm**2, loss_cap) in magnitude (the weighted clipped delta,
-the weight, the weighted loss, the weighted squared norm), and at most len(expected_nodes)
-vectors are summed. `tessera.encoding.derive_ring_params` picks 32 or 64 bits from that.
+The ring encoding is derived from the update layout's bound (DESIGN.md section 3, "overflow
+is impossible by construction"): with weights scaled into (0, 1], every coordinate of one
+node's vector is at most `tessera.update_layout.required_bound(clip_norm, loss_cap)` in
+magnitude, and at most len(expected_nodes) vectors are summed.
+`tessera.encoding.derive_ring_params` picks 32 or 64 bits from that.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from aggregator.rounds import RoundState
 from aggregator.strategies import ALGORITHMS
 from tessera.encoding import RingParams, derive_ring_params
 from tessera.messages import RoundOpen
+from tessera.update_layout import required_bound
 
 
 def ring_bound(settings: RoundSettings) -> float:
     """The largest magnitude any coordinate of one node's update vector may have."""
-    clip = settings.clip_norm
-    return settings.weight_cap * max(clip, clip * clip, settings.loss_cap, 1.0)
+    return required_bound(settings.clip_norm, settings.loss_cap)
 
 
 def ring_for(settings: RoundSettings, n_nodes: int) -> RingParams:
@@ -32,7 +32,7 @@ def ring_for(settings: RoundSettings, n_nodes: int) -> RingParams:
         return derive_ring_params(ring_bound(settings), max(n_nodes, 1), settings.frac_bits)
     except ValueError as exc:
         raise AggregatorConfigError(
-            f"[round] weight_cap, clip_norm, loss_cap and frac_bits do not fit a 64-bit ring "
+            f"[round] clip_norm, loss_cap and frac_bits do not fit a 64-bit ring "
             f"for {n_nodes} nodes ({exc})"
         ) from None
 

@@ -11,11 +11,11 @@ sign are exactly rounded), and the result is cast to float32 once, at the end. A
 that decode the same aggregate therefore compute identical weight bytes. The two reductions
 (the norms in `dispersion`) use numpy's fixed pairwise order; they only steer the policy.
 
-Inputs come from the decoded ring vector (the daemon maps it onto `Aggregate`):
-`sum_weighted_delta` = sum_i w_i d_i, `sum_weight` = sum_i w_i, `sum_weighted_loss` =
-sum_i w_i loss_i, `sum_sq_norm` = sum_i w_i |d_i|^2, where d_i is node i's clipped delta and
-w_i its (capped) sample count. Weighting the squared norm by w_i makes `dispersion` the
-weighted variance of the deltas around their weighted mean.
+Inputs come from the decoded ring vector, laid out by `tessera.update_layout`
+(`aggregate_from_vector`): `sum_weighted_delta` = sum_i w_i d_i, `sum_weight` = sum_i w_i,
+`sum_weighted_loss` = sum_i w_i loss_i, `sum_sq_norm` = sum_i w_i |d_i|^2, where d_i is node
+i's clipped delta and w_i its capped, scaled sample count. Weighting the squared norm by w_i
+makes `dispersion` the weighted variance of the deltas around their weighted mean.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from aggregator.errors import StrategyError
+from tessera.update_layout import split_update_vector
 
 ALGORITHMS = ("fedavg", "fedsgd")
 OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
@@ -66,24 +67,16 @@ class Aggregate:
         return self.sum_weighted_loss / self.sum_weight
 
 
-STATS_LENGTH = 3  # weight, weighted loss, weighted squared norm
-
-
 def aggregate_from_vector(decoded: np.ndarray, n: int) -> Aggregate:
-    """Map the decoded sum of the nodes' update vectors onto an Aggregate.
-
-    Assumed layout of one node's vector (DESIGN.md section 3, step 2): the weighted clipped
-    delta w*d, then w, w*loss and w*|d|^2. If `tessera.update_layout` defines another order,
-    map with that module instead; this function is the one place that knows the layout.
-    """
-    vector = np.asarray(decoded, dtype=np.float64)
-    if vector.ndim != 1 or vector.size <= STATS_LENGTH:
-        raise StrategyError(
-            f"decoded aggregate has shape {vector.shape}; expected a delta followed by "
-            f"{STATS_LENGTH} statistics"
-        )
-    weight, loss, sq_norm = (float(x) for x in vector[-STATS_LENGTH:])
-    return Aggregate(vector[:-STATS_LENGTH], weight, loss, sq_norm, n)
+    """Map the decoded sum of `n` nodes' update vectors (tessera.update_layout) onto an
+    Aggregate; StrategyError if the vector is too short to hold the layout."""
+    try:
+        parts = split_update_vector(decoded)
+    except ValueError as exc:
+        raise StrategyError(str(exc)) from None
+    return Aggregate(
+        parts.weighted_delta, parts.weight, parts.weighted_loss, parts.weighted_sq_norm, n
+    )
 
 
 @dataclass(frozen=True)

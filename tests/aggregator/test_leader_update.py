@@ -26,7 +26,7 @@ CONFIG = AggregatorConfig(
     signing_key="s.pem",
     hpke_key="h.pem",  # type: ignore[arg-type]
     broker=BrokerSettings(tls=False),
-    round=RoundSettings(min_participants=2, local_epochs=3, clip_norm=2.0, weight_cap=500.0),
+    round=RoundSettings(min_participants=2, local_epochs=3, clip_norm=5.0, loss_cap=10.0),
 )
 NODES = ("site-c", "site-a", "site-b")
 
@@ -60,7 +60,7 @@ def test_plans_ask_for_epochs_or_one_step_and_survive_the_wire() -> None:
 def test_the_ring_holds_every_node_at_the_bound_without_wrapping() -> None:
     announcement = plan()
     bound = ring_bound(CONFIG.round)
-    assert bound == 500.0 * 20.0  # loss_cap dominates clip**2 = 4
+    assert bound == 25.0  # clip_norm**2 dominates loss_cap = 10
     worst = [encode(np.full(8, bound), announcement.ring)] * 3
     np.testing.assert_allclose(decode(combine(worst), announcement.ring, 3), 3 * bound)
     with pytest.raises(ValueError):

@@ -42,11 +42,12 @@ from tessera.envelopes import share_binding
 from tessera.messages import ParticipantSet, RoundOpen, ShareEnvelope
 from tessera.sealing import generate_hpke_key, seal
 from tessera.sharing import ShareContext, split
+from tessera.update_layout import pack_update, required_bound, sample_weight
 
 FED, STUDY, ROUND, LENGTH = "fed-1", "study-1", 1, 200
 AGGREGATORS = ("agg-1", "agg-2")
 NODES = ("site-a", "site-b", "site-c", "site-d")
-RING = derive_ring_params(bound=1000.0, max_participants=16, frac_bits=20)
+RING = derive_ring_params(required_bound(1.0), max_participants=16, frac_bits=24)
 OPEN = RoundOpen(
     federation_id=FED,
     study_id=STUDY,
@@ -74,11 +75,11 @@ def node_update(seed: int) -> tuple[np.ndarray, float, float]:
     rng = np.random.default_rng(seed)  # test inputs only
     delta = rng.standard_normal(LENGTH) * 0.01
     delta /= max(1.0, float(np.linalg.norm(delta)))  # clipped to norm 1
-    return delta, float(rng.integers(20, 200)), float(rng.uniform(0.2, 1.0))
+    return delta, sample_weight(int(rng.integers(20, 2000)), 1000), float(rng.uniform(0.2, 1.0))
 
 
 def update_vector(delta: np.ndarray, weight: float, loss: float) -> np.ndarray:
-    return np.concatenate([weight * delta, [weight, weight * loss, weight * float(delta @ delta)]])
+    return pack_update(delta, weight, loss)  # the node's own layout code
 
 
 def node_envelopes(node: str, vector: np.ndarray) -> dict[str, ShareEnvelope]:
