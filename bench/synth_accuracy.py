@@ -70,14 +70,14 @@ def main() -> None:
     x_train, y_train = (torch.from_numpy(a) for a in data["train"])
     x_test, y_test = (torch.from_numpy(a) for a in data["test"])
     model = small_cnn()
-    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(x_train))
-        for i in range(0, len(order), 64):
-            batch = order[i : i + 64]
+        for i in range(0, len(order), 32):
+            batch = order[i : i + 32]
             optimiser.zero_grad()
             loss = loss_fn(model(x_train[batch]), y_train[batch])
             loss.backward()

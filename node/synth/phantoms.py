@@ -17,8 +17,8 @@ import numpy as np
 # Peak lesion contrast in units of the site's noise sigma (tuned, see module docstring).
 # Each lesion draws its own fraction of it from LESION_FAINTEST..1, so some are too faint
 # to see: that, not label noise, keeps a good model below 100 %.
-LESION_CONTRAST = 6.0
-LESION_FAINTEST = 0.2
+LESION_CONTRAST = 12.0
+LESION_FAINTEST = 0.1
 
 
 def _grid(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
