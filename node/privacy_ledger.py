@@ -154,11 +154,13 @@ class PrivacyLedger:
         alone = compose_epsilon([(noise_multiplier, sample_rate, steps)], self.delta,
                                 self.accountant)  # fmt: skip
         if total > self.budget:
-            detail = (f"round {round_number} would raise epsilon from {before:.4g} to "
-                      f"{total:.4g}, over the budget {self.budget:.4g} (delta {self.delta:g})")  # fmt: skip
-            self._data["refusals"].append({"round": round_number, "reason": BudgetExceeded.reason,
-                                           "detail": detail, "prospective_total": total,
-                                           "at": time.time()})  # fmt: skip
+            detail = (
+                f"round {round_number} would raise epsilon from {before:.4g} to {total:.4g}, "
+                f"over the budget {self.budget:.4g} (delta {self.delta:g})"
+            )
+            refusal = {"round": round_number, "reason": BudgetExceeded.reason, "detail": detail,
+                       "prospective_total": total, "at": time.time()}  # fmt: skip
+            self._data["refusals"].append(refusal)
             self._save()
             raise BudgetExceeded(f"{BudgetExceeded.reason}: {detail}")
         charge = RoundCharge(round_number, noise_multiplier, sample_rate, steps, alone, total)

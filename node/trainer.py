@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812 - the usual spelling
+import torch.nn.functional as F
 from torch import nn
 
 from node.errors import NodeError
@@ -82,7 +83,9 @@ class TrainConfig:
         if not (self.learning_rate > 0 and 0 <= self.momentum < 1 and self.prox_mu >= 0):
             raise ValueError("need learning_rate > 0, 0 <= momentum < 1 and prox_mu >= 0")
         if not 0.0 < self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+            raise ValueError(
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,9 @@ def run_local_round(
 ) -> TrainResult:
     """Train `model` in place for one round (see the module docstring)."""
     if images.ndim != 4 or len(images) != len(labels):
-        raise NodeError(f"need images (N, C, H, W) and N labels, got {images.shape}, {labels.shape}")
+        raise NodeError(
+            f"need images (N, C, H, W) and N labels, got {images.shape}, {labels.shape}"
+        )
     train_idx, val_idx = split_validation(len(images), cfg.validation_fraction, cfg.seed)
     steps = planned_steps(len(train_idx), cfg)
     charge = None
@@ -193,7 +198,15 @@ def run_local_round(
         if cfg.dp is None:
             loss = _train_plain(model, x, y, cfg, steps)
         else:
-            loss = _train_dp(model, x, y, cfg, cfg.dp, steps)
+            loss, accounted = _train_dp(model, x, y, cfg, cfg.dp, steps)
+            # The ledger was charged from the plan; refuse to hand out an update if Opacus'
+            # own accountant saw anything else (a silent under-count would void the budget).
+            assert charge is not None
+            if accounted != [(charge.noise_multiplier, charge.sample_rate, charge.steps)]:
+                raise NodeError(
+                    f"DP accounting mismatch: charged {charge}, Opacus accounted {accounted}; "
+                    "the update is discarded"
+                )
     seconds = time.perf_counter() - start
     metrics = evaluate(model, images[val_idx], labels[val_idx])
     seen = steps * min(cfg.batch_size, len(train_idx))
@@ -207,7 +220,9 @@ def _optimizer_and_anchor(
     if not params:
         raise NodeError("no parameter is trainable; check the transfer mode")
     optimizer = torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum)
-    anchor = [(p, p.detach().clone()) for p in params] if cfg.prox_mu > 0 else []
+    anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if cfg.prox_mu > 0:
+        anchor = [(p, p.detach().clone()) for p in params]
     return optimizer, anchor
 
 
@@ -247,7 +262,8 @@ def _train_dp(
     cfg: TrainConfig,
     dp: DPSettings,
     steps: int,
-) -> float:
+) -> tuple[float, list[tuple[float, float, int]]]:
+    """DP-SGD with Opacus; returns the mean loss and Opacus' accountant history."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -255,7 +271,9 @@ def _train_dp(
     noise_seed = dp.noise_seed if dp.noise_seed is not None else int.from_bytes(os.urandom(8))
     noise = torch.Generator(device=x.device).manual_seed(noise_seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=min(cfg.batch_size, len(x)))
-    engine = PrivacyEngine(accountant=dp.accountant)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # see docstring
+        engine = PrivacyEngine(accountant=dp.accountant)
     private, dp_optimizer, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm, poisson_sampling=True, noise_generator=noise,
@@ -263,19 +281,23 @@ def _train_dp(
     set_train_mode(private)
     total, done = 0.0, 0
     try:
-        while done < steps:
-            for xb, yb in dp_loader:
-                dp_optimizer.zero_grad(set_to_none=True)
-                if len(xb):  # Poisson sampling may draw an empty batch: noise-only step
-                    loss = F.cross_entropy(private(xb), yb)
-                    loss.backward()  # type: ignore[no-untyped-call]
-                    total += float(loss.detach())
-                dp_optimizer.step()
-                if anchor:
-                    _proximal_step(anchor, cfg)
-                done += 1
-                if done >= steps:
-                    break
+        with warnings.catch_warnings():
+            # The first layer's input needs no gradient, which makes torch warn every step.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            while done < steps:
+                for xb, yb in dp_loader:
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    if len(xb):  # Poisson sampling may draw an empty batch: noise-only step
+                        loss = F.cross_entropy(private(xb), yb)
+                        loss.backward()  # type: ignore[no-untyped-call]
+                        total += float(loss.detach())
+                    dp_optimizer.step()
+                    if anchor:
+                        _proximal_step(anchor, cfg)
+                    done += 1
+                    if done >= steps:
+                        break
     finally:
         private._close()  # removes Opacus' hooks; `model` keeps the trained weights
-    return total / steps
+    history = [(float(n), float(q), int(k)) for n, q, k in engine.accountant.history]
+    return total / steps, history

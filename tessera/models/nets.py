@@ -10,6 +10,7 @@ Every network has the same three parts, so that transfer learning can name them:
 The backbone is `stem` + `blocks`: exactly the parameters whose names start with `stem.` or
 `blocks.`. Each network takes `norm="batch"` or `norm="group"`; the GroupNorm variant has no
 running statistics, so per-sample gradients (DP-SGD, Opacus) are well defined for it.
+Activations are not in-place: Opacus' backward hooks forbid modifying a hooked output.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _conv_norm_act(
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride, 1, groups=groups, bias=False),
         norm_layer(norm, c_out),
-        act(inplace=True),
+        act(),
     )
 
 
@@ -79,7 +80,7 @@ class BasicBlock(nn.Module):
         self.norm1 = norm_layer(norm, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.norm2 = norm_layer(norm, c_out)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
@@ -98,7 +99,7 @@ def resnet18(channels: int, classes: int, norm: str) -> TesseraNet:
     stem = nn.Sequential(
         nn.Conv2d(channels, 64, 7, 2, 3, bias=False),
         norm_layer(norm, 64),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
         nn.MaxPool2d(3, 2, 1),
     )
     blocks: list[nn.Module] = []
@@ -122,12 +123,12 @@ class InvertedResidual(nn.Module):
             layers += [
                 nn.Conv2d(c_in, hidden, 1, bias=False),
                 norm_layer(norm, hidden),
-                nn.ReLU6(inplace=True),
+                nn.ReLU6(),
             ]
         layers += [
             nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
             norm_layer(norm, hidden),
-            nn.ReLU6(inplace=True),
+            nn.ReLU6(),
             nn.Conv2d(hidden, c_out, 1, bias=False),
             norm_layer(norm, c_out),
         ]
@@ -158,6 +159,6 @@ def mobilenet_v2(channels: int, classes: int, norm: str) -> TesseraNet:
         blocks.append(nn.Sequential(*stage))
         c_in = c_out
     blocks.append(
-        nn.Sequential(nn.Conv2d(c_in, 1280, 1, bias=False), norm_layer(norm, 1280), nn.ReLU6(True))
+        nn.Sequential(nn.Conv2d(c_in, 1280, 1, bias=False), norm_layer(norm, 1280), nn.ReLU6())
     )
     return TesseraNet(stem, blocks, 1280, classes)
