@@ -10,13 +10,16 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from node import intake_cli
+from node import inference_cli, intake_cli
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 # Each adds its sub-commands under `tessera node`.
-NODE_COMMANDS: tuple[Callable[[Subparsers], None], ...] = (intake_cli.register,)
+NODE_COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    intake_cli.register,
+    inference_cli.register,
+)
 
 
 def register(commands: Subparsers) -> None:
