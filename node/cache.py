@@ -1,8 +1,9 @@
 """The training view of the intake: preprocessed arrays, memory-mapped, with their labels.
 
-Arrays live one .npy per instance under `<state>/cache/<digest16>/<kk>/<instance_key>.npy`,
-named by the keyed instance hash and the preprocessing digest, so a new preprocessing
-config never reads arrays made by another. Opening one is an mmap, not a decode.
+Arrays live in fixed-shape shards, `<state>/cache/<digest16>/<token>.npy` of shape
+(n, C, H, W), one per intake batch; the index maps each keyed instance hash to a (shard,
+row). The directory is named by the preprocessing digest, so a new preprocessing config
+never reads arrays made by another. Each shard is memory-mapped once; an item is a view.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from node.errors import NodeError
 from node.intake import index
-from node.intake.worker import array_path
+from node.intake.worker import shard_path
 from node.preprocess import PreprocessConfig
 
 UNLABELLED = -1
@@ -55,12 +56,13 @@ class CachedDataset(Sequence[tuple[np.ndarray, int]]):
         if stored:
             label_set = tuple(str(x) for x in stored)
         else:  # no study label set configured: the labels seen, sorted, define it
-            label_set = tuple(sorted({label for _, label, _ in rows if label is not None}))
+            label_set = tuple(sorted({row[1] for row in rows if row[1] is not None}))
         self.label_set: tuple[str, ...] = label_set
         lookup = {name: i for i, name in enumerate(label_set)}
         keys: list[str] = []
         labels: list[int] = []
-        for key, label, row_split in rows:
+        places: list[tuple[str, int]] = []
+        for key, label, row_split, shard, row in rows:
             value = lookup.get(label, UNLABELLED) if label is not None else UNLABELLED
             if split is not None and row_split != split:
                 continue
@@ -68,24 +70,30 @@ class CachedDataset(Sequence[tuple[np.ndarray, int]]):
                 continue
             keys.append(key)
             labels.append(value)
+            places.append((shard, row))
         self.keys: tuple[str, ...] = tuple(keys)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.cache_dir = self.state_dir / "cache"
+        self._places = places
+        self._shards: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         """Number of instances in this view."""
         return len(self.keys)
 
     def array(self, i: int) -> np.ndarray:
-        """The i-th preprocessed array, memory-mapped read-only."""
-        path = array_path(self.cache_dir, self.digest, self.keys[i])
-        try:
-            return np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            raise NodeError(
-                f"cached array for instance {self.keys[i]} is missing; rerun "
-                "`tessera node ingest` to rebuild it"
-            ) from None
+        """The i-th preprocessed array (C, H, W): a read-only view into a mapped shard."""
+        shard, row = self._places[i]
+        mapped = self._shards.get(shard)
+        if mapped is None:
+            try:
+                mapped = np.load(shard_path(self.cache_dir, self.digest, shard), mmap_mode="r")
+            except FileNotFoundError:
+                raise NodeError(
+                    f"cache shard {shard} is missing; rerun `tessera node ingest` to rebuild it"
+                ) from None
+            self._shards[shard] = mapped
+        return mapped[row]
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:  # type: ignore[override]
         """(array, label index) of the i-th instance."""

@@ -144,8 +144,13 @@ def preprocess(ds: Dataset, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def _grey_to_unit(raw: np.ndarray, ds: Dataset, cfg: PreprocessConfig) -> np.ndarray:
-    with quiet_pydicom():
-        values = apply_modality_lut(raw, ds).astype(np.float64)
+    if "ModalityLUTSequence" in ds or "RescaleSlope" not in ds:
+        with quiet_pydicom():
+            values = apply_modality_lut(raw, ds).astype(np.float64)
+    else:  # the common case, plain rescale: same arithmetic as pydicom's, minus its overhead
+        slope = float(ds.RescaleSlope)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        values = raw.astype(np.float64) * slope + intercept
     fixed = cfg.window_bounds()
     if fixed is not None:
         return _window(values, *fixed)

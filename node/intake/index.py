@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -28,9 +29,12 @@ CREATE TABLE IF NOT EXISTS files (
     accession_key TEXT,
     folder_label TEXT,
     digest TEXT,
+    shard TEXT,
+    row INTEGER,
     scan INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_instance ON files (instance_key);
+CREATE INDEX IF NOT EXISTS files_shard ON files (shard);
 CREATE TABLE IF NOT EXISTS manifest (
     kind TEXT NOT NULL CHECK (kind IN ('instance', 'study', 'accession')),
     key TEXT NOT NULL,
@@ -58,6 +62,8 @@ class FileRecord:
     accession_key: str | None = None
     folder_label: str | None = None
     digest: str | None = None
+    shard: str | None = None
+    row: int | None = None
 
 
 def index_path(state_dir: Path) -> Path:
@@ -71,18 +77,19 @@ def connect(state_dir: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    # NORMAL under WAL: a power cut may lose the last commits, never consistency; the next
+    # pass redoes whatever has no row.
+    conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
     return conn
 
 
-def lookup(conn: sqlite3.Connection, path_key: str) -> tuple[int, int, str, str, str | None] | None:
-    """(size, mtime_ns, content_key, status, digest) stored for a path, or None."""
-    row = conn.execute(
-        "SELECT size, mtime_ns, content_key, status, digest FROM files WHERE path_key = ?",
+def lookup(conn: sqlite3.Connection, path_key: str) -> tuple[Any, ...] | None:
+    """(size, mtime_ns, content_key, status, digest, shard) stored for a path, or None."""
+    return conn.execute(  # type: ignore[no-any-return]
+        "SELECT size, mtime_ns, content_key, status, digest, shard FROM files WHERE path_key = ?",
         (path_key,),
     ).fetchone()
-    return None if row is None else (int(row[0]), int(row[1]), row[2], row[3], row[4])
 
 
 def mark_seen(conn: sqlite3.Connection, path_key: str, scan: int, size: int, mtime_ns: int) -> None:
@@ -97,39 +104,32 @@ def store(conn: sqlite3.Connection, records: Iterable[FileRecord], scan: int) ->
     """Insert or replace records, in one transaction."""
     with conn:
         conn.executemany(
-            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
                     r.path_key, r.size, r.mtime_ns, r.content_key, r.status, r.reason,
                     r.detail, r.instance_key, r.study_key, r.accession_key, r.folder_label,
-                    r.digest, scan,
+                    r.digest, r.shard, r.row, scan,
                 )
                 for r in records
             ],
         )  # fmt: skip
 
 
-def drop_unseen(conn: sqlite3.Connection, scan: int) -> list[str]:
-    """Delete rows of files not seen in `scan` (deleted from the intake); return their instances."""
+def drop_unseen(conn: sqlite3.Connection, scan: int) -> int:
+    """Delete rows of files not seen in `scan` (deleted from the intake); return how many."""
     with conn:
-        gone = [
-            row[0]
-            for row in conn.execute(
-                "SELECT instance_key FROM files WHERE scan != ? AND instance_key IS NOT NULL",
-                (scan,),
-            )
-        ]
-        conn.execute("DELETE FROM files WHERE scan != ?", (scan,))
-    return gone
+        return conn.execute("DELETE FROM files WHERE scan != ?", (scan,)).rowcount
 
 
-def still_referenced(conn: sqlite3.Connection, instance_key: str) -> bool:
-    """Whether any remaining ingested file names this instance."""
-    row = conn.execute(
-        "SELECT 1 FROM files WHERE instance_key = ? AND status = 'ingested' LIMIT 1",
-        (instance_key,),
-    ).fetchone()
-    return row is not None
+def live_shards(conn: sqlite3.Connection, digest: str) -> set[str]:
+    """Shards that at least one ingested row still points at."""
+    rows = conn.execute(
+        "SELECT DISTINCT shard FROM files WHERE status = 'ingested' AND digest = ? "
+        "AND shard IS NOT NULL",
+        (digest,),
+    )
+    return {str(r[0]) for r in rows}
 
 
 def next_scan(conn: sqlite3.Connection) -> int:
@@ -171,7 +171,8 @@ def labelled_instances(
     query = """
         SELECT f.instance_key,
                COALESCE(mi.label, ms.label, ma.label, f.folder_label),
-               COALESCE(mi.split, ms.split, ma.split, 'train')
+               COALESCE(mi.split, ms.split, ma.split, 'train'),
+               f.shard, f.row, MAX(f.rowid)
         FROM files f
         LEFT JOIN manifest mi ON mi.kind = 'instance' AND mi.key = f.instance_key
         LEFT JOIN manifest ms ON ms.kind = 'study' AND ms.key = f.study_key
@@ -180,5 +181,7 @@ def labelled_instances(
         GROUP BY f.instance_key
         ORDER BY f.instance_key
     """
-    for key, label, split in conn.execute(query, (digest,)):
-        yield str(key), (None if label is None else str(label)), str(split)
+    # SQLite takes the bare shard and row from the row holding MAX(rowid): one consistent
+    # (shard, row) pair when several files carry the same instance.
+    for key, label, split, shard, row, _ in conn.execute(query, (digest,)):
+        yield str(key), (None if label is None else str(label)), str(split), str(shard), int(row)

@@ -10,6 +10,8 @@ with a bounded number in flight so memory stays flat however large the folder.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,13 +25,7 @@ from pathlib import Path
 from node.errors import NodeError
 from node.intake import index
 from node.intake.labels import folder_label, load_manifest
-from node.intake.worker import (
-    TEMP_PREFIX,
-    FileTask,
-    WorkerContext,
-    array_path,
-    ingest_batch,
-)
+from node.intake.worker import TEMP_PREFIX, FileTask, WorkerContext, ingest_batch, shard_path
 from node.logs import log_event
 from node.phi import keyed_hash, load_or_create_site_secret
 from node.preprocess import PreprocessConfig
@@ -97,19 +93,34 @@ class IngestSummary:
 
 
 def walk_intake(root: Path) -> Iterator[Path]:
-    """Every regular file under `root`, recursively, without following directory links.
+    """Every regular file under `root`, recursively, in a stable order (see `scan_intake`)."""
+    for path, _ in scan_intake(root):
+        yield path
+
+
+def scan_intake(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """(path, stat) of every regular file under `root`, without following directory links.
 
     Temp files of the receiver and of the cache (TEMP_PREFIX) are skipped: they are not
-    finished yet.
+    finished yet. One stat per file, taken from the directory scan.
     """
-    for directory, subdirs, files in os.walk(root, followlinks=False):
-        subdirs.sort()
-        for name in sorted(files):
-            if name.startswith(TEMP_PREFIX):
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name, reverse=True)
+        except OSError:
+            continue  # unreadable folder: its files count as missing until it is readable
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX):
                 continue
-            path = Path(directory) / name
-            if path.is_file():
-                yield path
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file():
+                    yield Path(entry.path), entry.stat()
+            except OSError:
+                continue
 
 
 def _content_key(path: Path, secret: bytes) -> str | None:
@@ -140,6 +151,29 @@ def run_ingest(cfg: IntakeConfig) -> IngestSummary:
         )
     secret = load_or_create_site_secret(cfg.state_dir)
     ctx = WorkerContext(cfg.cache_dir, cfg.preprocess, cfg.limits, secret)
+    with _exclusive(cfg.state_dir):
+        return _run_locked(cfg, ctx)
+
+
+@contextlib.contextmanager
+def _exclusive(state_dir: Path) -> Iterator[None]:
+    """One intake pass at a time per state directory (a watch loop and a manual run)."""
+    lock_path = state_dir / "intake" / "ingest.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NodeError(
+                f"another intake pass holds {lock_path}; wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(cfg: IntakeConfig, ctx: WorkerContext) -> IngestSummary:
     conn = index.connect(cfg.state_dir)
     summary = IngestSummary()
     try:
@@ -148,13 +182,14 @@ def run_ingest(cfg: IntakeConfig) -> IngestSummary:
         index.set_meta(conn, "digest", ctx.digest)
         index.set_meta(conn, "label_set", json.dumps(list(cfg.label_set or ())))
         log_event(LOGGER, "intake.start", scan=scan, digest=ctx.digest[:16], stale_temp=stale)
-        _process(cfg, ctx, conn, scan, summary)
-        for key in index.drop_unseen(conn, scan):
-            summary.dropped += 1
-            if not index.still_referenced(conn, key):
-                array_path(cfg.cache_dir, ctx.digest, key).unlink(missing_ok=True)
+        shards = _shards_on_disk(cfg, ctx)
+        _process(cfg, ctx, conn, scan, summary, shards)
+        summary.dropped = index.drop_unseen(conn, scan)
+        # Shards no row points at: left by a killed pass, or emptied by deletions/changes.
+        for name in _shards_on_disk(cfg, ctx) - index.live_shards(conn, ctx.digest):
+            shard_path(cfg.cache_dir, ctx.digest, name).unlink(missing_ok=True)
         if cfg.labels_csv is not None:
-            manifest = load_manifest(cfg.labels_csv, secret, cfg.label_set)
+            manifest = load_manifest(cfg.labels_csv, ctx.secret, cfg.label_set)
             index.replace_manifest(conn, manifest.rows)
             summary.labels_out_of_set = manifest.out_of_set
         index.set_meta(conn, "last_summary", json.dumps(summary.as_dict()))
@@ -164,9 +199,16 @@ def run_ingest(cfg: IntakeConfig) -> IngestSummary:
     return summary
 
 
+def _shards_on_disk(cfg: IntakeConfig, ctx: WorkerContext) -> set[str]:
+    folder = shard_path(cfg.cache_dir, ctx.digest, "x").parent
+    if not folder.is_dir():
+        return set()
+    return {p.stem for p in folder.glob("*.npy") if not p.name.startswith(TEMP_PREFIX)}
+
+
 def _process(
     cfg: IntakeConfig, ctx: WorkerContext, conn: index.sqlite3.Connection, scan: int,
-    summary: IngestSummary,
+    summary: IngestSummary, shards: set[str],
 ) -> None:  # fmt: skip
     batch: list[FileTask] = []
     pending: set[Future[list[index.FileRecord]]] = set()
@@ -189,8 +231,8 @@ def _process(
         pending.add(pool.submit(ingest_batch, tasks, ctx))
 
     try:
-        for path in walk_intake(cfg.intake_dir):
-            task = _plan(cfg, ctx, conn, path, scan, summary)
+        for path, stat in scan_intake(cfg.intake_dir):
+            task = _plan(cfg, ctx, conn, path, stat, scan, summary, shards)
             if task is not None:
                 batch.append(task)
                 if len(batch) >= cfg.batch_size:
@@ -211,25 +253,19 @@ def _process(
 
 def _plan(
     cfg: IntakeConfig, ctx: WorkerContext, conn: index.sqlite3.Connection, path: Path,
-    scan: int, summary: IngestSummary,
+    stat: os.stat_result, scan: int, summary: IngestSummary, shards: set[str],
 ) -> FileTask | None:  # fmt: skip
     """Decide whether `path` needs (re)ingesting; mark it seen when it does not."""
     summary.seen += 1
     relative = path.relative_to(cfg.intake_dir)
     path_key = keyed_hash("path", relative.as_posix(), ctx.secret)
-    try:
-        stat = path.stat()
-    except OSError:
-        return None  # vanished between listing and stat; the next pass settles it
     stored = index.lookup(conn, path_key)
     label = folder_label(relative, cfg.label_set or ()) if cfg.folder_labels else None
     task = FileTask(str(path), path_key, stat.st_size, stat.st_mtime_ns, label)
     if stored is None:
         return task
-    size, mtime_ns, content_key, status, digest = stored
-    current = digest == ctx.digest and (
-        status == "quarantined" or _array_present(conn, cfg, ctx, path_key)
-    )
+    size, mtime_ns, content_key, status, digest, shard = stored
+    current = digest == ctx.digest and (status == "quarantined" or shard in shards)
     if not current:
         return task
     if (size, mtime_ns) != (stat.st_size, stat.st_mtime_ns):
@@ -239,13 +275,6 @@ def _plan(
     index.mark_seen(conn, path_key, scan, stat.st_size, stat.st_mtime_ns)
     summary.unchanged += 1
     return None
-
-
-def _array_present(
-    conn: index.sqlite3.Connection, cfg: IntakeConfig, ctx: WorkerContext, path_key: str
-) -> bool:
-    row = conn.execute("SELECT instance_key FROM files WHERE path_key = ?", (path_key,)).fetchone()
-    return bool(row and row[0] and array_path(cfg.cache_dir, ctx.digest, row[0]).is_file())
 
 
 def _record(

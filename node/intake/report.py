@@ -29,7 +29,7 @@ def build_report(state_dir: Path, digest: str) -> dict[str, object]:
             )
         }
         labels: dict[str, int] = {}
-        for _, label, split in index.labelled_instances(conn, digest):
+        for _, label, split, _, _ in index.labelled_instances(conn, digest):
             name = f"{split}/{label if label is not None else '(unlabelled)'}"
             labels[name] = labels.get(name, 0) + 1
         last = json.loads(index.get_meta(conn, "last_summary") or "{}")

@@ -17,7 +17,6 @@ from node.cache import UNLABELLED, CachedDataset
 from node.errors import NodeError
 from node.intake.ingest import IntakeConfig, run_ingest
 from node.intake.report import build_report, format_report, quarantined_paths
-from node.intake.worker import array_path
 from node.phi import SECRET_FILE, instance_key, load_or_create_site_secret
 from node.preprocess import PreprocessConfig
 
@@ -63,7 +62,11 @@ def test_incremental_passes(synth_root: Path, tmp_path: Path) -> None:
     dataset = CachedDataset(state, CFG)
     assert len(dataset) == 10  # 11 files, two of them now the same instance
     assert instance_key(gone, secret) not in dataset.keys
-    assert not array_path(state / "cache", CFG.digest(), instance_key(gone, secret)).exists()
+    # shards nothing points at any more are removed; every remaining one is in use
+    shards = {p.stem for p in (state / "cache").rglob("*.npy")}
+    with sqlite3.connect(state / "intake" / "index.sqlite3") as conn:
+        used = {r[0] for r in conn.execute("SELECT DISTINCT shard FROM files")}
+    assert shards == used
 
 
 def test_dataset_view_labels_and_splits(synth_root: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from node.cache import CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest
-from node.intake.worker import TEMP_PREFIX, array_path
+from node.intake.worker import TEMP_PREFIX, shard_path
 from node.preprocess import PreprocessConfig
 from node.synth.sites import SynthConfig, generate
 
@@ -50,15 +50,14 @@ def test_kill_during_ingest_then_resume(tmp_path: Path) -> None:
     at_kill = ingested_rows(index)
     assert 0 < at_kill < N, f"the kill must land mid-ingest ({at_kill} of {N} rows)"
 
-    # consistent: every committed row's array is complete and loadable
+    # consistent: every committed row points at a complete, loadable shard row
     with sqlite3.connect(index) as conn:
-        keys = [
-            r[0] for r in conn.execute("SELECT instance_key FROM files WHERE status='ingested'")
-        ]
-    assert len(keys) >= at_kill
-    for key in keys:
-        array = np.load(array_path(state / "cache", CFG.digest(), key))
+        rows = conn.execute("SELECT shard, row FROM files WHERE status='ingested'").fetchall()
+    assert len(rows) >= at_kill
+    for shard, row in rows:
+        array = np.load(shard_path(state / "cache", CFG.digest(), shard), mmap_mode="r")[row]
         assert array.shape == (1, 32, 32) and np.isfinite(array).all()
+    keys = rows
 
     resumed = run_ingest(IntakeConfig(intake, state, preprocess=CFG))
     assert resumed.quarantined == 0

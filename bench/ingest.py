@@ -1,0 +1,157 @@
+"""Ingest benchmark: the node's intake against raw pydicom, in the same run.
+
+Prints three ratios:
+1. first-pass ingest throughput (2 workers: decode + preprocess + cache + index) over a
+   plain single-process `pydicom.dcmread(path).pixel_array` loop on the same files
+   (target >= 0.8);
+2. a cached epoch (memory-mapped arrays, read in full) over the first pass (target >= 20x);
+3. peak memory at 10,000 files over 1,000 files, each ingested in a fresh subprocess
+   (target: flat, i.e. about 1.0).
+
+    .venv/bin/python bench/ingest.py --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pydicom
+
+from node.cache import CachedDataset
+from node.intake.ingest import IntakeConfig, run_ingest, walk_intake
+from node.preprocess import PreprocessConfig
+from node.synth.sites import SynthConfig, generate
+
+CFG = PreprocessConfig(size=64)
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "## ingest (`bench/ingest.py`)"
+
+
+def raw_pydicom(files: list[Path]) -> float:
+    """Seconds for dcmread + pixel_array over every file, one process."""
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path in files:
+            pydicom.dcmread(path).pixel_array.sum()
+    return time.perf_counter() - start
+
+
+def cached_epoch(state: Path) -> tuple[float, int]:
+    """Seconds to open the cached dataset and read every array once."""
+    start = time.perf_counter()
+    dataset = CachedDataset(state, CFG)
+    total = 0.0
+    for i in range(len(dataset)):
+        array, _ = dataset[i]
+        total += float(array.sum())
+    return time.perf_counter() - start, len(dataset)
+
+
+def memory_child(intake: Path, state: Path) -> None:
+    """Subprocess body: ingest, then print peak RSS of this process and its workers."""
+    summary = run_ingest(IntakeConfig(intake, state, preprocess=CFG, workers=2))
+    usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"ingested": summary.ingested, "self_kib": usage_self,
+                      "worker_kib": usage_children}))  # fmt: skip
+
+
+def peak_memory(intake: Path, state: Path) -> dict[str, int]:
+    """Run `memory_child` in a fresh interpreter; return its numbers."""
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(intake), str(state)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def link_subset(files: list[Path], target: Path) -> None:
+    """Hard-link `files` into `target` (same bytes, no copy)."""
+    for i, path in enumerate(files):
+        folder = target / f"{i // 100:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(path, folder / f"{i:05d}.dcm")
+
+
+def main() -> None:
+    """Run all three measurements and print (and optionally record) the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=2000, help="files for ratios 1 and 2")
+    parser.add_argument("--memory-files", type=int, default=10_000)
+    parser.add_argument("--record", action="store_true", help="update bench/RESULTS.md")
+    parser.add_argument("--memory-child", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    lines = [f"machine: {os.cpu_count()} cores; images 64x64 synthetic, 5 sites, all 5 "
+             "transfer syntaxes; intake uses 2 workers"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sites = 5
+        per_site = max(args.files, args.memory_files) // sites
+        started = time.perf_counter()
+        generate(SynthConfig(root / "synth", sites=sites, seed=1, images_per_site=per_site))
+        every = sorted(walk_intake(root / "synth"))
+        every = [p for p in every if p.suffix == ".dcm"]
+        lines.append(f"generated {len(every)} files in {time.perf_counter() - started:.0f} s")
+        sample = every[:: max(1, len(every) // args.files)][: args.files]
+        link_subset(sample, root / "sample")
+        files = sorted(walk_intake(root / "sample"))
+        for path in files:  # warm the page cache for both contenders alike
+            path.read_bytes()
+
+        raw = raw_pydicom(files)
+        started = time.perf_counter()
+        run_ingest(IntakeConfig(root / "sample", root / "state", preprocess=CFG, workers=2))
+        first = time.perf_counter() - started
+        epoch, count = cached_epoch(root / "state")
+        assert count == len(files)
+        lines += [
+            f"raw pydicom dcmread+pixel_array: {len(files) / raw:8.0f} files/s",
+            f"first-pass ingest (2 workers):   {len(files) / first:8.0f} files/s",
+            f"cached epoch (mmap):             {len(files) / epoch:8.0f} files/s",
+            f"ratio 1 first pass / raw pydicom: {raw / first:.2f}  (target >= 0.8)",
+            f"ratio 2 cached epoch / first pass: {first / epoch:.1f}x  (target >= 20x)",
+        ]
+
+        small = args.memory_files // 10
+        link_subset(every[:small], root / "mem-small")
+        link_subset(every[: args.memory_files], root / "mem-large")
+        low = peak_memory(root / "mem-small", root / "state-small")
+        high = peak_memory(root / "mem-large", root / "state-large")
+        lines += [
+            f"peak RSS, {low['ingested']} files: main {low['self_kib'] / 1024:.0f} MiB, "
+            f"largest worker {low['worker_kib'] / 1024:.0f} MiB",
+            f"peak RSS, {high['ingested']} files: main {high['self_kib'] / 1024:.0f} MiB, "
+            f"largest worker {high['worker_kib'] / 1024:.0f} MiB",
+            f"ratio 3 peak memory {high['ingested']} / {low['ingested']} files: "
+            f"main {high['self_kib'] / low['self_kib']:.2f}, "
+            f"worker {high['worker_kib'] / low['worker_kib']:.2f}  (target: flat, ~1.0)",
+        ]
+    print("\n".join(lines))
+    if args.record:
+        record(lines)
+
+
+def record(lines: list[str]) -> None:
+    """Replace only this benchmark's section of bench/RESULTS.md."""
+    text = RESULTS.read_text()
+    start = text.index(SECTION) + len(SECTION)
+    end = text.find("\n## ", start)
+    end = len(text) if end == -1 else end
+    body = ("\n\nCommand: `.venv/bin/python bench/ingest.py --record` "
+            f"({time.strftime('%Y-%m-%d', time.gmtime())})\n\n```\n" + "\n".join(lines) + "\n```\n")  # fmt: skip
+    RESULTS.write_text(text[:start] + body + text[end:])
+
+
+if __name__ == "__main__":
+    main()
