@@ -148,8 +148,12 @@ def record(lines: list[str]) -> None:
     start = text.index(SECTION) + len(SECTION)
     end = text.find("\n## ", start)
     end = len(text) if end == -1 else end
-    body = ("\n\nCommand: `.venv/bin/python bench/ingest.py --record` "
-            f"({time.strftime('%Y-%m-%d', time.gmtime())})\n\n```\n" + "\n".join(lines) + "\n```\n")  # fmt: skip
+    when = time.strftime("%Y-%m-%d", time.gmtime())
+    body = (
+        f"\n\nCommand: `.venv/bin/python bench/ingest.py --record` ({when})\n\n```\n"
+        + "\n".join(lines)
+        + "\n```\n"
+    )
     RESULTS.write_text(text[:start] + body + text[end:])
 
 
