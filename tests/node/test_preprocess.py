@@ -174,3 +174,23 @@ def test_errors_and_warnings_never_quote_patient_data() -> None:
     assert error.reason == "unsupported-image"
     assert "Quillfeath" not in str(error)
     assert not [w for w in caught if "Quillfeath" in str(w.message)]
+
+
+def test_missing_decoder_plugin_names_the_package_that_fixes_it() -> None:
+    """With the JPEG 2000 plugins unregistered, as on a node without them installed."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEG2000Lossless
+
+    data = encode(instance(np.zeros((32, 32)), dataclasses.replace(CT, syntax="j2k")))
+    decoder = get_decoder(JPEG2000Lossless)
+    saved = dict(decoder._available)
+    try:
+        for label in list(saved):
+            decoder.remove_plugin(label)
+        assert not decoder.is_available
+        error = reason_of(data)
+    finally:
+        decoder._available.update(saved)
+    assert error.reason == "no-decoder"
+    assert "pylibjpeg-openjpeg" in error.detail
+    assert decoder.is_available and decode_dicom_bytes(data, PreprocessConfig(size=16)).shape
