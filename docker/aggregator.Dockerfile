@@ -22,8 +22,8 @@ COPY broker/ broker/
 COPY node/ node/
 COPY aggregator/ aggregator/
 # A regular (non-editable) install: the runtime stage gets the venv and no source tree.
-RUN /opt/tessera/bin/pip install --no-cache-dir . \
- && /opt/tessera/bin/python -m compileall -q /opt/tessera/lib
+# pip writes the bytecode at install time, so the read-only runtime never needs to.
+RUN /opt/tessera/bin/pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VERSION=0.1.0

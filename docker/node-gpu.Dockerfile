@@ -29,8 +29,8 @@ COPY tessera/ tessera/
 COPY broker/ broker/
 COPY node/ node/
 COPY aggregator/ aggregator/
-RUN /opt/tessera/bin/pip install --no-cache-dir . \
- && /opt/tessera/bin/python -m compileall -q /opt/tessera/lib
+# pip writes the bytecode at install time, so the read-only runtime never needs to.
+RUN /opt/tessera/bin/pip install --no-cache-dir .
 
 FROM ${CUDA_IMAGE} AS runtime
 ARG VERSION=0.1.0

@@ -132,7 +132,7 @@ _BUILTIN_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 def failing_checks(readiness: Mapping[str, ReadinessCheck]) -> list[str]:
-    """Names of the checks that return False or raise (a raising check is not ready)."""
+    """Names of the checks that do not return True (one that raises is not ready either)."""
     failing = []
     for name, check in readiness.items():
         try:
