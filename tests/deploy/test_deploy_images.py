@@ -141,6 +141,8 @@ def test_compose_federation_is_hardened(compose_binary: str) -> None:
             mounts = {v["target"]: v for v in service["volumes"]}
             assert mounts["/var/lib/tessera"]["type"] == "volume", name
             assert mounts["/etc/tessera/bundle"]["read_only"] is True, name
+            (config,) = [m for target, m in mounts.items() if target.endswith(".toml")]
+            assert config["read_only"] is True and Path(config["source"]).is_file(), name
     for site in ("site-a", "site-b", "site-c"):
         mounts = {v["target"]: v for v in services[site]["volumes"]}
         assert mounts["/data/dicom"]["read_only"] is True
