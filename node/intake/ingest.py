@@ -17,10 +17,11 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from node.errors import NodeError
 from node.intake import index
@@ -30,6 +31,7 @@ from node.logs import log_event
 from node.phi import keyed_hash, load_or_create_site_secret
 from node.preprocess import PreprocessConfig
 from node.screen import IntakeLimits
+from tessera.errors import ConfigError
 
 LOGGER = logging.getLogger("tessera.node.intake")
 
@@ -65,6 +67,39 @@ class IntakeConfig:
     def cache_dir(self) -> Path:
         """Root of the preprocessed-array cache."""
         return self.state_dir / "cache"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> IntakeConfig:
+        """Build from a TOML table such as node.toml's `[intake]`; unknown keys are refused.
+
+        Keys: intake_dir, state_dir (required); size, channels, window, frame (the model's
+        PreprocessConfig); min_side, max_side, max_frames, max_decoded_bytes, max_file_bytes
+        (IntakeLimits); label_set, labels_csv, folder_labels, workers, batch_size.
+        """
+        pre = {"size", "channels", "window", "frame", "mean", "std"}
+        lim = {"min_side", "max_side", "max_frames", "max_decoded_bytes", "max_file_bytes"}
+        own = {"label_set", "labels_csv", "folder_labels", "workers", "batch_size"}
+        known = pre | lim | own | {"intake_dir", "state_dir"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown [intake] keys {sorted(unknown)}; known: {sorted(known)}")
+        if "intake_dir" not in data or "state_dir" not in data:
+            raise ConfigError("[intake] needs intake_dir and state_dir")
+        try:
+            label_set = data.get("label_set")
+            return cls(
+                intake_dir=Path(data["intake_dir"]),
+                state_dir=Path(data["state_dir"]),
+                preprocess=PreprocessConfig(**{k: data[k] for k in pre if k in data}),
+                limits=IntakeLimits(**{k: data[k] for k in lim if k in data}),
+                label_set=tuple(label_set) if label_set is not None else None,
+                labels_csv=Path(data["labels_csv"]) if data.get("labels_csv") else None,
+                folder_labels=bool(data.get("folder_labels", False)),
+                workers=int(data.get("workers", 2)),
+                batch_size=int(data.get("batch_size", 16)),
+            )
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"[intake] is invalid: {error}") from None
 
 
 @dataclass

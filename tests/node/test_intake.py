@@ -168,3 +168,33 @@ def test_site_secret_is_private_and_missing_mount_is_refused(tmp_path: Path) -> 
         load_or_create_site_secret(state)
     with pytest.raises(NodeError, match="does not exist"):
         run_ingest(IntakeConfig(tmp_path / "unmounted", tmp_path / "s2"))
+
+
+def test_config_from_a_toml_table(tmp_path: Path) -> None:
+    from tessera.errors import ConfigError
+
+    table = {"intake_dir": "/data/dicom", "state_dir": str(tmp_path), "size": 32,
+             "window": "ct-lung", "label_set": ["absent", "present"], "max_frames": 10}  # fmt: skip
+    cfg = IntakeConfig.from_mapping(table)
+    assert cfg.preprocess == PreprocessConfig(size=32, window="ct-lung")
+    assert cfg.limits.max_frames == 10 and cfg.label_set == LABELS and cfg.workers == 2
+    with pytest.raises(ConfigError, match="unknown"):
+        IntakeConfig.from_mapping({**table, "sizes": 3})
+    with pytest.raises(ConfigError, match="invalid"):
+        IntakeConfig.from_mapping({**table, "size": 3})
+
+
+def test_cli_ingest_and_report(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tessera.cli import main
+
+    intake, labels = site_copy(synth_root, tmp_path, site=3)
+    state = tmp_path / "state"
+    argv = ["node", "ingest", "--intake", str(intake), "--state", str(state), "--size", "32",
+            "--labels", str(labels), "--label-set", "absent,present", "--report"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ingested files:    12" in out and "train/present" in out
+    assert main(["node", "ingest", "--intake", str(tmp_path / "nope"), "--state", str(state)]) == 2
+    assert "does not exist" in capsys.readouterr().err
