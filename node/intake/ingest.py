@@ -19,6 +19,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,24 @@ def _run_locked(cfg: IntakeConfig, ctx: WorkerContext) -> IngestSummary:
     return summary
 
 
+def _batch_result(
+    future: Future[list[index.FileRecord]], cfg: IntakeConfig
+) -> list[index.FileRecord]:
+    """A worker's records; a failure of the node itself (not of a file) becomes a NodeError."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise NodeError(
+            "an intake worker died (killed, or out of memory); rerun the ingest, and lower "
+            "IntakeLimits.max_decoded_bytes if it recurs"
+        ) from None
+    except OSError as error:
+        raise NodeError(
+            f"writing the cache under {cfg.cache_dir} failed ({error.strerror}); free space "
+            "or fix permissions there, then rerun: finished batches are kept"
+        ) from None
+
+
 def _shards_on_disk(cfg: IntakeConfig, ctx: WorkerContext) -> set[str]:
     folder = shard_path(cfg.cache_dir, ctx.digest, "x").parent
     if not folder.is_dir():
@@ -255,7 +274,7 @@ def _process(
             return
         done, pending = wait(pending, return_when=FIRST_COMPLETED, timeout=None if block else 0)
         for future in done:
-            _record(conn, future.result(), scan, summary)
+            _record(conn, _batch_result(future, cfg), scan, summary)
 
     def submit(tasks: list[FileTask]) -> None:
         if pool is None:
