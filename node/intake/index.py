@@ -162,8 +162,8 @@ def replace_manifest(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, st
 
 def labelled_instances(
     conn: sqlite3.Connection, digest: str
-) -> Iterator[tuple[str, str | None, str]]:
-    """(instance_key, label or None, split) for each ingested instance under `digest`.
+) -> Iterator[tuple[str, str | None, str, str, int]]:
+    """(instance_key, label or None, split, shard, row) per ingested instance under `digest`.
 
     A label comes from the manifest by instance, else by study, else by accession, else
     from the class folder; split defaults to 'train'.

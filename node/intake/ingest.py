@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -229,7 +230,7 @@ def _run_locked(cfg: IntakeConfig, ctx: WorkerContext) -> IngestSummary:
             index.replace_manifest(conn, manifest.rows)
             summary.labels_out_of_set = manifest.out_of_set
         index.set_meta(conn, "last_summary", json.dumps(summary.as_dict()))
-        log_event(LOGGER, "intake.done", scan=scan, **summary.as_dict())
+        log_event(LOGGER, "intake.done", scan=scan, summary=summary.as_dict())
     finally:
         conn.close()
     return summary
@@ -261,7 +262,7 @@ def _shards_on_disk(cfg: IntakeConfig, ctx: WorkerContext) -> set[str]:
 
 
 def _process(
-    cfg: IntakeConfig, ctx: WorkerContext, conn: index.sqlite3.Connection, scan: int,
+    cfg: IntakeConfig, ctx: WorkerContext, conn: sqlite3.Connection, scan: int,
     summary: IngestSummary, shards: set[str],
 ) -> None:  # fmt: skip
     batch: list[FileTask] = []
@@ -306,7 +307,7 @@ def _process(
 
 
 def _plan(
-    cfg: IntakeConfig, ctx: WorkerContext, conn: index.sqlite3.Connection, path: Path,
+    cfg: IntakeConfig, ctx: WorkerContext, conn: sqlite3.Connection, path: Path,
     stat: os.stat_result, scan: int, summary: IngestSummary, shards: set[str],
 ) -> FileTask | None:  # fmt: skip
     """Decide whether `path` needs (re)ingesting; mark it seen when it does not."""
@@ -332,7 +333,7 @@ def _plan(
 
 
 def _record(
-    conn: index.sqlite3.Connection, records: list[index.FileRecord], scan: int,
+    conn: sqlite3.Connection, records: list[index.FileRecord], scan: int,
     summary: IngestSummary,
 ) -> None:  # fmt: skip
     index.store(conn, records, scan)

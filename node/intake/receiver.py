@@ -17,10 +17,12 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.errors import NodeError
 from node.intake.worker import TEMP_PREFIX
 from node.logs import log_event
 from node.phi import instance_key, keyed_hash, load_or_create_site_secret
@@ -83,7 +85,7 @@ def _handle_store(event: evt.Event, cfg: ReceiverConfig, secret: bytes) -> int:
     if len(data) > cfg.max_object_bytes:
         log_event(LOGGER, "receiver.too_large", logging.WARNING, size=len(data))
         return STATUS_OUT_OF_RESOURCES
-    sop = str(event.request.AffectedSOPInstanceUID or "")
+    sop = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
     key = (
         instance_key(sop, secret)
         if sop
@@ -113,7 +115,8 @@ def build_ae(cfg: ReceiverConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
     ae.require_called_aet = True
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
     return ae
 
@@ -122,12 +125,13 @@ def start_receiver(cfg: ReceiverConfig) -> ThreadedAssociationServer:
     """Start listening in the background; call `.shutdown()` on the result to stop."""
     secret = load_or_create_site_secret(cfg.state_dir)
     cfg.intake_dir.mkdir(parents=True, exist_ok=True)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, _handle_store, [cfg, secret]),
         (evt.EVT_ACCEPTED, _check_calling, [cfg]),
     ]
     server = build_ae(cfg).start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers)
+    if not isinstance(server, ThreadedAssociationServer):
+        raise NodeError(f"C-STORE receiver did not start on {cfg.host}:{cfg.port}")
     log_event(LOGGER, "receiver.listening", host=cfg.host, port=server.server_address[1],
               ae_title=cfg.ae_title)  # fmt: skip
-    assert isinstance(server, ThreadedAssociationServer)
     return server

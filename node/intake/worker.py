@@ -15,6 +15,7 @@ import os
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -93,7 +94,7 @@ def process_file(task: FileTask, ctx: WorkerContext) -> tuple[FileRecord, np.nda
 
 
 def _process_file(task: FileTask, ctx: WorkerContext) -> tuple[FileRecord, np.ndarray | None]:
-    base = {
+    base: dict[str, Any] = {
         "path_key": task.path_key,
         "size": task.size,
         "mtime_ns": task.mtime_ns,
