@@ -44,7 +44,7 @@ def load_or_create_site_secret(state_dir: Path) -> bytes:
     Refuses a secret file that group or others can read: the keyed hashes are only as
     private as this file.
     """
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = state_dir / SECRET_FILE
     if not path.exists():
         # Write a temp file, then hard-link it into place: the link fails if another

@@ -74,7 +74,8 @@ def index_path(state_dir: Path) -> Path:
 def connect(state_dir: Path) -> sqlite3.Connection:
     """Open (creating if needed) the index, in WAL mode with synchronous commits."""
     path = index_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)  # SQLite gives its -wal and -shm files these modes
     conn = sqlite3.connect(path, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL under WAL: a power cut may lose the last commits, never consistency; the next

@@ -55,11 +55,12 @@ class ReceiverConfig:
 def write_received(intake_dir: Path, name: str, data: bytes) -> Path:
     """Write `data` to `intake_dir/received/name` atomically; return the final path."""
     folder = intake_dir / "received"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     final = folder / name
     tmp = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
     try:
-        with open(tmp, "wb") as handle:
+        # Owner-only: a received object carries the patient's identity in full.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -62,10 +62,11 @@ def shard_path(cache_dir: Path, digest: str, shard: str) -> Path:
 
 def write_array_atomically(path: Path, array: np.ndarray) -> None:
     """Write `array` as .npy via temp file + fsync + rename; readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}.npy"
     try:
-        with open(tmp, "wb") as handle:
+        # Owner-only: preprocessed images are still patient data.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
             handle.flush()
             os.fsync(handle.fileno())

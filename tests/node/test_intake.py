@@ -67,6 +67,10 @@ def test_incremental_passes(synth_root: Path, tmp_path: Path) -> None:
     with sqlite3.connect(state / "intake" / "index.sqlite3") as conn:
         used = {r[0] for r in conn.execute("SELECT DISTINCT shard FROM files")}
     assert shards == used
+    # what the node writes is owner-only: arrays are still images of patients
+    for written in [*(state / "cache").rglob("*.npy"), state / "intake" / "index.sqlite3"]:
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600, written
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
 def test_dataset_view_labels_and_splits(synth_root: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import subprocess
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def test_storescu_objects_land_in_the_dataset(synth_root: Path, tmp_path: Path) 
     secret = load_or_create_site_secret(state)
     uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
     names = sorted(p.name for p in (intake / "received").iterdir())
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (intake / "received").iterdir()}
+    assert modes == {0o600}  # a received object carries PHI in full: owner-only
     assert names == sorted(f"{instance_key(u, secret)}.dcm" for u in uids)
     for uid, original in zip(uids, files, strict=True):
         sent = pydicom.dcmread(original)
