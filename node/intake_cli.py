@@ -7,11 +7,15 @@ and the other packages' commands start fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tessera.errors import ConfigError
 
 if TYPE_CHECKING:
     from node.intake.ingest import IntakeConfig
@@ -133,7 +137,8 @@ def ingest_command(args: argparse.Namespace) -> int:
     from node.logs import configure_json_logging
 
     configure_json_logging()
-    cfg = intake_config(args)
+    with _config_errors():
+        cfg = intake_config(args)
     if not args.report_only:
         stop = _stop_event()
         while True:
@@ -155,8 +160,9 @@ def receive_command(args: argparse.Namespace) -> int:
     from node.logs import configure_json_logging
 
     configure_json_logging()
-    cfg = ReceiverConfig(args.intake, args.state, args.host, args.port, args.ae_title,
-                         tuple(args.allow_aet))  # fmt: skip
+    with _config_errors():
+        cfg = ReceiverConfig(args.intake, args.state, args.host, args.port, args.ae_title,
+                             tuple(args.allow_aet))  # fmt: skip
     server = start_receiver(cfg)
     try:
         _stop_event().wait()
@@ -169,13 +175,23 @@ def synth_command(args: argparse.Namespace) -> int:
     """Write the synthetic hospitals and print the summary path."""
     from node.synth.sites import SynthConfig, generate
 
-    cfg = SynthConfig(out=args.out, sites=args.sites, seed=args.seed,
-                      images_per_site=args.images_per_site, skew=args.skew,
-                      modality=args.modality, size=args.size,
-                      test_fraction=args.test_fraction)  # fmt: skip
+    with _config_errors():
+        cfg = SynthConfig(out=args.out, sites=args.sites, seed=args.seed,
+                          images_per_site=args.images_per_site, skew=args.skew,
+                          modality=args.modality, size=args.size,
+                          test_fraction=args.test_fraction)  # fmt: skip
     generate(cfg)
     print(cfg.out / "synth.json")
     return 0
+
+
+@contextlib.contextmanager
+def _config_errors() -> Iterator[None]:
+    """Turn a config dataclass's ValueError into ConfigError: one line, exit status 2."""
+    try:
+        yield
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _stop_event() -> threading.Event:

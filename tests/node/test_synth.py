@@ -116,3 +116,19 @@ def test_fake_phi_is_present_in_the_files(synth_root: Path) -> None:
     assert len(ds.PatientBirthDate) == 8 and ds.AccessionNumber.startswith("ACC")
     # folders are named by patient ID, as many PACS exports are
     assert any(p.name == ds.PatientID for p in (synth_root / "site-00" / "dicom").iterdir())
+
+
+def test_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tessera.cli import main
+
+    argv = ["synth", "--out", str(tmp_path), "--sites", "2", "--seed", "9", "--size", "24",
+            "--images-per-site", "5", "--modality", "ct", "--skew", "0"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "synth.json").read_text())
+    assert capsys.readouterr().out.strip() == str(tmp_path / "synth.json")
+    assert [s["scanner"]["modality"] for s in summary["per_site"]] == ["CT", "CT"]
+    ds = pydicom.dcmread(next((tmp_path / "site-01").rglob("*.dcm")))
+    assert ds.Modality == "CT" and ds.PhotometricInterpretation == "MONOCHROME1"
+    assert (ds.Rows, ds.Columns) == (24, 24) and float(ds.RescaleIntercept) == -1024.0
+    assert main(["synth", "--out", str(tmp_path), "--sites", "0"]) == 2
+    assert "sites must be 1..64" in capsys.readouterr().err
