@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import UID
 
+from node.codestream import check_codestream
 from node.errors import UnusableImageError
 from node.resize import resize_to_square
 from node.screen import (
@@ -105,6 +106,7 @@ def preprocess(ds: Dataset, cfg: PreprocessConfig) -> np.ndarray:
     """
     frames = frame_count(ds)
     index = frames // 2 if cfg.frame == "middle" else 0
+    check_codestream(ds, index, frames)
     try:
         with quiet_pydicom():
             raw = pixel_array(ds, index=index if frames > 1 else None)
@@ -212,6 +214,6 @@ def decode_dicom_bytes(
             "decompressed-size", f"{len(data)} bytes; the file limit is {limits.max_file_bytes}"
         )
     with quiet_pydicom():
-        ds = read_dataset(data)
+        ds = read_dataset(data, limits)
         screen_dataset(ds, limits)
         return preprocess(ds, cfg)

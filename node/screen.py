@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
+from node.codestream import check_deflate
 from node.errors import UnusableImageError
 
 REASONS: dict[str, str] = {
@@ -67,8 +68,13 @@ class IntakeLimits:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-def read_dataset(data: bytes) -> Dataset:
-    """Parse DICOM bytes (Part 10, or a bare dataset without preamble) into a Dataset."""
+def read_dataset(data: bytes, limits: IntakeLimits | None = None) -> Dataset:
+    """Parse DICOM bytes (Part 10, or a bare dataset without preamble) into a Dataset.
+
+    A deflated dataset is first inflated under a bound (node.codestream.check_deflate).
+    """
+    limits = limits or IntakeLimits()
+    check_deflate(data, limits.max_decoded_bytes + (16 << 20))
     with quiet_pydicom() as signals:
         ds = _read_dataset(data)
     if signals.ran_out or _ends_short(ds, len(data)):

@@ -116,7 +116,7 @@ def _process_file(task: FileTask, ctx: WorkerContext) -> tuple[FileRecord, np.nd
                 "unreadable", f"{type(error).__name__} (errno {error.errno})"
             ) from None
         content_key = keyed_hash("content", hashlib.sha256(data).hexdigest(), ctx.secret)
-        ds = read_dataset(data)
+        ds = read_dataset(data, ctx.limits)
         screen_dataset(ds, ctx.limits)
         array = preprocess(ds, ctx.cfg)
     except UnusableImageError as error:

@@ -194,3 +194,26 @@ def test_missing_decoder_plugin_names_the_package_that_fixes_it() -> None:
     assert error.reason == "no-decoder"
     assert "pylibjpeg-openjpeg" in error.detail
     assert decoder.is_available and decode_dicom_bytes(data, PreprocessConfig(size=16)).shape
+
+
+@pytest.mark.parametrize("syntax", ["j2k", "jpeg", "jpegls"])
+def test_codestream_larger_than_the_header_is_refused_before_decoding(syntax: str) -> None:
+    ds = instance(np.zeros((64, 64)), dataclasses.replace(CT, syntax=syntax))
+    ds.Rows = ds.Columns = 16  # the header understates what the decoder would allocate
+    error = reason_of(encode(ds))
+    assert error.reason == "decompressed-size" and "64x64" in error.detail
+
+
+def test_deflate_bomb_is_refused_before_parsing() -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = instance(np.zeros((16, 16)))
+    ds.PixelData = bytes(40 << 20)  # 40 MiB of zeros deflates to a few dozen KiB
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = encode(ds)
+    assert len(data) < 1 << 20
+    assert reason_of(data, max_decoded_bytes=1 << 20).reason == "decompressed-size"
+    # within the bound, the same kind of file reads normally (and is then screened)
+    small = instance(np.zeros((16, 16)))
+    small.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    assert decode_dicom_bytes(encode(small), PreprocessConfig(size=16)).shape == (1, 16, 16)

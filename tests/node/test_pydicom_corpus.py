@@ -4,8 +4,9 @@ The expected outcome of each file is recorded here, by its path inside pydicom's
 folder. Notes on the less obvious ones:
 - JPEG-lossy.dcm: a malformed JPEG Extended stream that pylibjpeg and Pillow both reject
   (pydicom's own tests decode it only with GDCM) -> corrupt-pixel-data, naming gdcm.
-- JPEG2000-embedded-sequence-delimiter.dcm: the fragment holds a delimiter, not a
-  codestream; Pillow even flags it as a decompression bomb -> corrupt-pixel-data.
+- JPEG2000-embedded-sequence-delimiter.dcm: the first fragment's bytes read as a J2K SIZ
+  declaring far more pixels than the header's Rows x Columns (Pillow, asked to decode it,
+  calls it a decompression bomb) -> decompressed-size, refused before any decoder runs.
 - badVR.dcm: Number of Frames is '1A' -> unsupported-image.
 - meta_missing_tsyntax.dcm, nested_priv_SQ.dcm: pixel data without Rows/Columns.
 - no_meta.dcm: no preamble and a stray leading byte; pydicom mis-parses it even with force.
@@ -38,7 +39,7 @@ EXPECTED: dict[str, str] = {
     "GDCMJ2K_TextGBR.dcm": OK,
     "J2K_pixelrep_mismatch.dcm": OK,
     "JPEG-lossy.dcm": "corrupt-pixel-data",
-    "JPEG2000-embedded-sequence-delimiter.dcm": "corrupt-pixel-data",
+    "JPEG2000-embedded-sequence-delimiter.dcm": "decompressed-size",
     "JPEG2000.dcm": OK,
     "JPEGLSNearLossless_08.dcm": OK,
     "JPEGLSNearLossless_16.dcm": OK,
