@@ -14,7 +14,7 @@ The graph has one input `image` (batch, C, H, W) with a dynamic batch axis and t
 
 Determinism (measured with torch 2.13, onnx 1.23, onnxscript 0.7): the default (dynamo)
 exporter produced byte-identical files for the same weights in separate processes with
-different hash seeds, for small-cnn and mobilenet-v2. `tests/tessera/test_onnx_export.py`
+different hash seeds, for all three registered architectures. `tests/tessera/test_onnx_export.py`
 checks this across two fresh processes, so an upgrade that breaks it fails the build. The
 aggregators still verify rather than trust this: see `verify_export`.
 """
