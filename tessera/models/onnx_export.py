@@ -14,9 +14,10 @@ The graph has one input `image` (batch, C, H, W) with a dynamic batch axis and t
 
 Determinism (measured with torch 2.13, onnx 1.23, onnxscript 0.7): the default (dynamo)
 exporter produced byte-identical files for the same weights in separate processes with
-different hash seeds, for all three registered architectures. `tests/tessera/test_onnx_export.py`
-checks this across two fresh processes, so an upgrade that breaks it fails the build. The
-aggregators still verify rather than trust this: see `verify_export`.
+different hash seeds, for all three registered architectures.
+`tests/tessera/test_onnx_export.py` compares a fresh process with the test's own, so an
+upgrade that breaks this fails the build. Aggregators that cannot reproduce the leader's
+bytes fall back to `verify_export`.
 """
 
 from __future__ import annotations
