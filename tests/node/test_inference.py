@@ -201,3 +201,57 @@ def test_hot_swap_under_concurrent_requests(
         assert body["probabilities"] == expected[version][name]
         seen.add(version)
     assert seen == {"1", "2"}
+
+
+def _served_version(port: int) -> str | None:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/v1/model")
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        conn.close()
+    except OSError:
+        return None
+    return str(body["model_version"]) if response.status == 200 else None
+
+
+def _wait_for_version(port: int, version: str, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _served_version(port) == version:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_serve_command_swaps_a_replaced_model_file(
+    onnx_files: dict[str, bytes], tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import socket
+
+    with socket.socket() as probe:  # a free port for the child
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    model_path = tmp_path / "model.onnx"
+    model_path.write_bytes(onnx_files["1"])
+    state = str(tmp_path / "state")
+    command = [sys.executable, "-m", "tessera.cli", "node", "serve", "--model", str(model_path),
+               "--state", state, "--port", str(port), "--watch", "0.2"]  # fmt: skip
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert _wait_for_version(port, "1")
+        staging = tmp_path / "model.onnx.new"
+        staging.write_bytes(onnx_files["2"])
+        os.replace(staging, model_path)  # how a release is installed: atomically
+        assert _wait_for_version(port, "2")
+        model_path.write_bytes(b"a damaged download")
+        time.sleep(1.0)  # several polls: the bad file is rejected, version 2 keeps serving
+        assert _served_version(port) == "2"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
