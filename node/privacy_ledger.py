@@ -135,6 +135,14 @@ class PrivacyLedger:
         history = [*self._history(), (noise_multiplier, sample_rate, steps)]
         return compose_epsilon(history, self.delta, self.accountant)
 
+    def projected_increment(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """How much a round would add to the composed total: `node.policy`'s projected_epsilon.
+
+        With `state().epsilon_spent` this makes the policy's additive check exact, since
+        spent + increment is the accountant's composed total.
+        """
+        return self.prospective(noise_multiplier, sample_rate, steps) - self.spent
+
     def charge_round(
         self, round_number: int, noise_multiplier: float, sample_rate: float, steps: int
     ) -> RoundCharge:

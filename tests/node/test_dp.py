@@ -71,6 +71,10 @@ def test_rounds_compose_and_the_budget_stops_the_third(tmp_path: Path) -> None:
     with pytest.raises(BudgetExceeded):
         run_local_round(model, x, y, CFG, ledger, round_number=3)
     reopened = _ledger(tmp_path, budget=budget)
+    # What node.policy is given: spent + increment is exactly the composed total.
+    increment = reopened.projected_increment(1.0, 0.25, 4)
+    assert reopened.state().epsilon_spent + increment == pytest.approx(three)
+    assert increment < one_round
     assert reopened.spent == pytest.approx(second.epsilon_total)
     assert [r["round"] for r in reopened.rounds] == [1, 2]
     assert [r["round"] for r in reopened.refusals] == [3]
