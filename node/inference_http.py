@@ -88,6 +88,7 @@ class InferenceServer:
 def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = 60  # seconds a slow or idle client may hold a handler thread
         server_version = "tessera-node"
         sys_version = ""
 
