@@ -88,10 +88,9 @@ def _ends_short(ds: Dataset, size: int) -> bool:
     pydicom accepts both silently: a short value read, and fewer than 8 bytes where the
     next element's header should be. Compare the last raw element with what it declares.
     """
-    tags = sorted(ds.keys())
-    if not tags:
+    if not len(ds):
         return True  # a header with no dataset after it
-    last = ds.get_item(tags[-1])
+    last = ds.get_item(next(reversed(ds.keys())))  # the element parsed last
     length = getattr(last, "length", None)
     value = getattr(last, "value", None)
     if not isinstance(length, int) or length == 0xFFFFFFFF or not isinstance(value, bytes):
@@ -183,6 +182,9 @@ def quiet_pydicom() -> Iterator[_ParserSignals]:
     signals object records that, so a truncated file is not mistaken for a short one.
     """
     logger = logging.getLogger("pydicom")
+    if len(logger.handlers) == 1 and isinstance(logger.handlers[0], _ParserSignals):
+        yield logger.handlers[0]  # already quiet (nested call): reuse the outer capture
+        return
     saved = (logger.handlers[:], logger.propagate, logger.disabled, logger.level)
     signals = _ParserSignals()
     logger.handlers[:] = [signals]
