@@ -39,7 +39,7 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## ingest (`bench/ingest.py`)"
 NOTES = """\
 The reference machine is shared with other work (see the load averages), so ratio 1 moves
-with the load: best-of-3 runs while developing ranged from 0.63 (load ~3.5 on 2 cores) to
+with the load: best-of-3 runs while developing ranged from 0.57 (load ~3.5 on 2 cores) to
 1.05 (quiet). The one-process line is the load-independent view: the intake's CPU per file
 (decode, preprocess, shard write, index) against raw pydicom's, and the ratio two free cores
 give. Ratio 2 reads every array of the epoch from memory-mapped fixed-shape shards. Ratio 3
