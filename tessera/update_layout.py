@@ -29,7 +29,10 @@ import numpy as np
 
 STATS = ("weight", "weighted_loss", "weighted_sq_norm")
 STATS_LENGTH = len(STATS)
+# Protocol constants until the study manifest carries them: every node must use the same
+# cap, or the weighting of the mean is skewed (the bound is safe with any cap, w <= 1).
 DEFAULT_LOSS_CAP = 10.0
+DEFAULT_WEIGHT_CAP = 10_000
 
 
 def required_bound(clip_norm: float, loss_cap: float = DEFAULT_LOSS_CAP) -> float:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from aggregator.strategies import aggregate_from_vector
 from node.errors import NodeError
+from node.privacy_ledger import PrivacyLedger
+from node.round_training import SiteTraining, train_for_round
+from node.trainer import DPSettings
 from node.update import build_update, encode_update
 from tessera.encoding import decode, derive_ring_params
+from tessera.messages import RoundOpen
+from tessera.models import TesseraNet
+from tessera.models.transfer import apply_transfer_mode, trainable_parameters
+from tessera.models.weights import model_hash, state_arrays
 from tessera.sharing import add_into
-from tessera.update_layout import required_bound, split_update_vector
+from tessera.update_layout import required_bound, split_update_vector, vector_length
+from tests.support.models import ingested_site, small_model
 
 
 def _params(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -83,3 +93,52 @@ def test_bad_inputs_are_refused() -> None:
         build_update(base, diverged, 10, 0.1, 1.0, 10)
     with pytest.raises(ValueError):
         build_update(base, base, 0, 0.1, 1.0, 10)
+
+
+def _announcement(model: TesseraNet, algorithm: str = "fedavg", **changes: object) -> RoundOpen:
+    n = sum(v.size for v in trainable_parameters(model).values())
+    fields: dict[str, object] = dict(
+        federation_id="fed-1", study_id="study-1", round=3,
+        base_model_hash=model_hash(state_arrays(model)), model_version=2,
+        deadline_ms=2**40, algorithm=algorithm, local_epochs=1, local_steps=0,
+        learning_rate=0.05, prox_mu=0.0, clip_norm=1.0,
+        ring=derive_ring_params(required_bound(1.0), max_participants=16),
+        min_participants=2, vector_length=vector_length(n), aggregator_ids=("agg-a", "agg-b"),
+        expected_nodes=("site-1", "site-2"), leader_id="agg-a",
+    )  # fmt: skip
+    fields.update(changes)
+    return RoundOpen(**fields)  # type: ignore[arg-type]
+
+
+def test_train_for_round_on_real_dicom_gives_the_encoded_update(tmp_path: Path) -> None:
+    site = ingested_site(tmp_path, images_per_site=16)
+    model, _ = small_model()
+    apply_transfer_mode(model, "head")  # only the head's 130 values travel
+    announcement = _announcement(model)
+    ledger = PrivacyLedger(tmp_path / "ledger.json", "study-1", 50.0, 1e-5)
+    settings = SiteTraining(batch_size=4, dp=DPSettings(1.0, 1.0), weight_cap=100)
+    out = train_for_round(announcement, model, site.images, site.labels, settings, ledger)
+    assert out.encoded.size == announcement.vector_length == 64 * 2 + 2 + 3
+    assert out.encoded.dtype == announcement.ring.dtype
+    decoded = decode(out.encoded, announcement.ring, n_summands=1)
+    assert np.max(np.abs(decoded - out.update.values)) <= 2.0 ** -(announcement.ring.frac_bits + 1)
+    parts = split_update_vector(decoded)
+    assert parts.weight == pytest.approx(out.result.train_samples / 100, abs=1e-4)
+    assert np.linalg.norm(parts.weighted_delta) <= parts.weight * 1.0 + 1e-4
+    assert [r["round"] for r in ledger.rounds] == [3]  # charged under the round's number
+    # The model has moved, so the same announcement no longer names it.
+    with pytest.raises(NodeError, match="not the round's base model"):
+        train_for_round(announcement, model, site.images, site.labels, settings, ledger)
+
+
+def test_train_for_round_refuses_a_layout_mismatch() -> None:
+    model, _ = small_model()
+    x = np.random.default_rng(0).standard_normal((10, 1, 16, 16)).astype(np.float32)
+    y = np.array([0, 1] * 5)
+    full = _announcement(model)  # announced for full training
+    apply_transfer_mode(model, "head")
+    with pytest.raises(NodeError, match="transfer mode or architecture"):
+        train_for_round(full, model, x, y, SiteTraining(batch_size=4), None)
+    sgd = _announcement(model, "fedsgd")
+    out = train_for_round(sgd, model, x, y, SiteTraining(batch_size=4), None)
+    assert out.result.steps == 1 and out.result.dp_charge is None
