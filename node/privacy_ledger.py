@@ -11,6 +11,8 @@ Rules a reviewer can check:
   leave privacy spent but unrecorded. A round whose prospective total would exceed the
   budget is refused before any image is loaded, and the refusal (reason and numbers) is
   recorded in the same file.
+- Charging holds an exclusive flock and re-reads the ledger, so concurrent processes
+  cannot both spend against a stale total.
 - Writes are atomic (`tessera.files.atomic_write`: temp file, fsync, os.replace, folder
   fsync), so a killed process leaves the old or the new ledger, never a torn one.
 - A round number is charged at most once; a replayed RoundOpen cannot spend twice, nor
@@ -20,6 +22,7 @@ Rules a reviewer can check:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import time
@@ -146,7 +149,25 @@ class PrivacyLedger:
     def charge_round(
         self, round_number: int, noise_multiplier: float, sample_rate: float, steps: int
     ) -> RoundCharge:
-        """Charge a round before it trains, or refuse it (recorded) with BudgetExceeded."""
+        """Charge a round before it trains, or refuse it (recorded) with BudgetExceeded.
+
+        Holds an exclusive lock on `<ledger>.lock` and re-reads the file inside it, so two
+        processes (the daemon and a manual `tessera node train`) can never both spend
+        against the same stale total.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._data = self._load()
+                return self._charge_locked(round_number, noise_multiplier, sample_rate, steps)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _charge_locked(
+        self, round_number: int, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> RoundCharge:
         if any(r["round"] == round_number for r in self._data["rounds"]):
             raise NodeError(
                 f"round {round_number} of study {self.study_id} was already charged; a "

@@ -96,9 +96,21 @@ def test_ledger_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         ledger.charge_round(2, 1.0, 0.25, 4)
     monkeypatch.undo()
     assert ledger.path.read_bytes() == good  # the old ledger, whole
-    assert [p.name for p in ledger.path.parent.iterdir()] == [ledger.path.name]  # no temp left
+    left = sorted(p.name for p in ledger.path.parent.iterdir())
+    assert left == [ledger.path.name, ledger.path.name + ".lock"]  # no temp file left
     assert _ledger(tmp_path, budget=100.0).rounds[0]["round"] == 1
     assert oct(ledger.path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_two_ledger_objects_never_spend_against_a_stale_total(tmp_path: Path) -> None:
+    one_round = compose_epsilon([(1.0, 0.25, 4)], 1e-5, "rdp")
+    two = compose_epsilon([(1.0, 0.25, 8)], 1e-5, "rdp")
+    budget = (one_round + two) / 2  # room for exactly one round
+    daemon, manual = _ledger(tmp_path, budget), _ledger(tmp_path, budget)  # both read "0 spent"
+    daemon.charge_round(1, 1.0, 0.25, 4)
+    with pytest.raises(BudgetExceeded):
+        manual.charge_round(2, 1.0, 0.25, 4)  # re-reads under the lock: round 1 is counted
+    assert [r["round"] for r in _ledger(tmp_path, budget).rounds] == [1]
 
 
 def test_ledger_refuses_changed_accounting_and_damage(tmp_path: Path) -> None:
