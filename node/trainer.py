@@ -287,10 +287,16 @@ def _train_dp(
             while done < steps:
                 for xb, yb in dp_loader:
                     dp_optimizer.zero_grad(set_to_none=True)
-                    if len(xb):  # Poisson sampling may draw an empty batch: noise-only step
-                        loss = F.cross_entropy(private(xb), yb)
-                        loss.backward()  # type: ignore[no-untyped-call]
+                    logits = private(xb)
+                    if len(xb):
+                        loss = F.cross_entropy(logits, yb)
                         total += float(loss.detach())
+                    else:
+                        # Poisson sampling drew an empty batch. The step must still run
+                        # (zero-size per-sample gradients, then noise), or whether a step
+                        # happened would depend on the data, which the accounting assumes not.
+                        loss = logits.sum()
+                    loss.backward()  # type: ignore[no-untyped-call]
                     dp_optimizer.step()
                     if anchor:
                         _proximal_step(anchor, cfg)

@@ -157,3 +157,14 @@ def test_dp_noise_is_fresh_unless_seeded_for_tests(tmp_path: Path) -> None:
         runs.append(trainable_parameters(model)["head.weight"])
     assert not np.array_equal(runs[0], runs[1])
     assert np.array_equal(runs[2], runs[3])
+
+
+def test_empty_poisson_batches_still_take_a_noisy_accounted_step(tmp_path: Path) -> None:
+    # 40 training images at batch 1: q = 1/40, so about a third of the 30 steps draw an
+    # empty batch (all 30 non-empty has probability ~1e-6). Each must still be a DP step.
+    x, y = _data()
+    model, _ = small_model()
+    cfg = TrainConfig(local_steps=30, batch_size=1, dp=DPSettings(1.0, 1.0, noise_seed=3))
+    result = run_local_round(model, x, y, cfg, _ledger(tmp_path, 1e6), round_number=1)
+    assert result.dp_charge is not None
+    assert (result.dp_charge.steps, result.dp_charge.sample_rate) == (30, 1 / 40)
