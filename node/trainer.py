@@ -185,6 +185,7 @@ def run_local_round(
     if cfg.dp is not None:
         if ledger is None:
             raise NodeError("DP training needs the site's privacy ledger; none was given")
+        check_dp_compatible(model)  # before charging: a model DP cannot train costs nothing
         # Opacus' Poisson sampler uses q = 1 / (batches per epoch); charge exactly that.
         sample_rate = 1.0 / math.ceil(len(train_idx) / cfg.batch_size)
         charge = ledger.charge_round(round_number, cfg.dp.noise_multiplier, sample_rate, steps)
@@ -211,6 +212,18 @@ def run_local_round(
     metrics = evaluate(model, images[val_idx], labels[val_idx])
     seen = steps * min(cfg.batch_size, len(train_idx))
     return TrainResult(len(train_idx), steps, seen, loss, metrics, device.type, seconds, charge)
+
+
+def check_dp_compatible(model: nn.Module) -> None:
+    """NodeError naming the fix when Opacus cannot compute per-sample gradients of `model`."""
+    from opacus.validators import ModuleValidator
+
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        raise NodeError(
+            f"DP-SGD cannot train this model ({type(problems[0]).__name__}: {problems[0]}); "
+            "use the architecture's GroupNorm variant (norm='group')"
+        )
 
 
 def _optimizer_and_anchor(

@@ -15,6 +15,7 @@ import torch
 from node.errors import NodeError
 from node.privacy_ledger import BudgetExceeded, PrivacyLedger, compose_epsilon
 from node.trainer import DPSettings, TrainConfig, run_local_round
+from tessera.models import ModelSpec, build_model
 from tessera.models.transfer import trainable_parameters
 from tests.support.models import small_model
 
@@ -44,6 +45,7 @@ def test_over_budget_round_is_refused_before_training_and_recorded(tmp_path: Pat
     before = trainable_parameters(model)
     with pytest.raises(BudgetExceeded, match=r"budget-exhausted.*over the budget 1"):
         run_local_round(model, x, y, CFG, ledger, round_number=1)
+    assert ledger.rounds == [] and ledger.spent == 0.0  # refused before anything was charged
     after = trainable_parameters(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # not one step was taken
     on_disk = json.loads(ledger.path.read_text())
@@ -168,3 +170,12 @@ def test_empty_poisson_batches_still_take_a_noisy_accounted_step(tmp_path: Path)
     result = run_local_round(model, x, y, cfg, _ledger(tmp_path, 1e6), round_number=1)
     assert result.dp_charge is not None
     assert (result.dp_charge.steps, result.dp_charge.sample_rate) == (30, 1 / 40)
+
+
+def test_dp_refuses_a_batch_norm_model_with_the_fix(tmp_path: Path) -> None:
+    x, y = _data()
+    model = build_model(ModelSpec("small-cnn", 1, 2, "batch"))
+    ledger = _ledger(tmp_path, 1e6)
+    with pytest.raises(NodeError, match="GroupNorm variant"):
+        run_local_round(model, x, y, CFG, ledger, round_number=1)
+    assert ledger.rounds == [] and ledger.spent == 0.0  # refused before anything was charged
