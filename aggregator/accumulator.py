@@ -29,6 +29,7 @@ import numpy as np
 from aggregator.errors import DuplicateShare, ShareRejected
 from aggregator.records import ShareRecord
 from tessera.encoding import RingParams
+from tessera.files import PRIVATE_MODE, atomic_write
 from tessera.sharing import Share, ShareContext, accumulate, expand
 
 
@@ -184,18 +185,6 @@ class ShareAccumulator:
 
 
 def _write_share_file(path: Path, vector: np.ndarray) -> None:
-    """Write `vector`'s bytes to `path` atomically (temp file + os.replace), mode 0600 from
-    the first byte, without an fsync (see the module docstring)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            view = vector.data.cast("B")
-            while view:
-                view = view[os.write(descriptor, view) :]
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    """Write `vector`'s bytes to `path` atomically, mode 0600 from the first byte, without an
+    fsync (see the module docstring)."""
+    atomic_write(path, vector.data.cast("B"), mode=PRIVATE_MODE, durable=False)

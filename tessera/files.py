@@ -20,11 +20,19 @@ from tessera.errors import ConfigError
 PRIVATE_MODE = 0o600
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: bytes | memoryview,
+    mode: int = 0o644,
+    *,
+    durable: bool = True,
+) -> None:
     """Replace `path` with `data` atomically; a crash leaves the old or the new file, whole.
 
     The new file gets exactly `mode` (not filtered by the umask). Callers must never write
-    secrets with this function's default mode; use `write_private_file`.
+    secrets with this function's default mode; use `write_private_file`. `durable=False`
+    skips both fsyncs: still atomic against a killed process, but a power cut may lose the
+    file; only for data that is worthless after a crash anyway.
     """
     target = Path(path)
     folder = target.parent
@@ -39,14 +47,16 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
             while view:
                 written = os.write(descriptor, view)
                 view = view[written:]
-            os.fsync(descriptor)
+            if durable:
+                os.fsync(descriptor)
         finally:
             os.close(descriptor)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_folder(folder)
+    if durable:
+        _fsync_folder(folder)
 
 
 def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
