@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from broker.federation import load_federation
+from broker.k8s_secrets import check_k8s_names, write_k8s_secrets
 from broker.provision import provision
 
 
@@ -31,11 +32,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default="mosquitto",
         help="user Mosquitto switches to when started as root (default: mosquitto)",
     )
+    parser.add_argument(
+        "--k8s",
+        action="store_true",
+        help=(
+            "also write Kubernetes Secrets into OUT/k8s/: tessera-bundle for each member in "
+            "namespace tessera-<member-id>, tessera-broker-tls in tessera-broker"
+        ),
+    )
     parser.set_defaults(handler=_provision)
 
 
 def _provision(args: argparse.Namespace) -> int:
     federation = load_federation(args.federation)
+    if args.k8s:
+        check_k8s_names(federation)  # refuse an id that makes no namespace before writing
     result = provision(federation, args.out, reuse_ca=args.reuse_ca, run_as_user=args.broker_user)
     print(
         f"provisioned federation {federation.id!r} in {result.out} "
@@ -50,5 +61,8 @@ def _provision(args: argparse.Namespace) -> int:
             f"  NOT in {args.federation.name} any more, left on disk but dropped from roster "
             f"and ACL: {', '.join(result.not_in_federation)}"
         )
+    if args.k8s:
+        written = write_k8s_secrets(federation, args.out)
+        print(f"  k8s Secrets (0600, private keys): {', '.join(str(p) for p in written)}")
     print(f"  keep {result.out / 'coordinator'} offline; hand each bundles/<id>/ to its member")
     return 0
