@@ -83,7 +83,7 @@ class Federation:
         shares = split(encode(x, PARAMS), len(self.aggregators), ctx, PARAMS)
         return [
             seal(
-                share.to_bytes() if copy else share.plaintext(),  # type: ignore[arg-type]
+                share.to_bytes() if copy else share.plaintext(),
                 key.public_key(),
                 binding(node, aggregator, PARAMS),
             )

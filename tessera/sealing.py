@@ -86,8 +86,11 @@ class SealBinding:
         return _INFO_TAG + b"".join(struct.pack(">I", len(part)) + part for part in parts)
 
 
-def seal(plaintext: bytes, recipient: X25519PublicKey, binding: SealBinding) -> bytes:
-    """Encrypt `plaintext` to `recipient` under `binding`, with a fresh ephemeral key."""
+def seal(plaintext: bytes | memoryview, recipient: X25519PublicKey, binding: SealBinding) -> bytes:
+    """Encrypt `plaintext` to `recipient` under `binding`, with a fresh ephemeral key.
+
+    A memoryview is sealed without a copy (the node passes `Share.plaintext()`).
+    """
     return SUITE.encrypt(plaintext, recipient, info=binding.to_info())
 
 
