@@ -356,6 +356,14 @@ class Store:
             ).fetchall()
         return [model_from_row(row) for row in rows]
 
+    def model_index(self) -> list[tuple[str, int, int]]:
+        """(study, version, registration time in ms) of every model, by study then version."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT study_id, version, created_ms FROM models ORDER BY study_id, version"
+            ).fetchall()
+        return [(str(study), int(version), int(ms)) for study, version, ms in rows]
+
     def server_state(self, study_id: str) -> ServerStateRecord | None:
         """The latest stored optimiser state of the study, or None before the first release."""
         with self._lock:
