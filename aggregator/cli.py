@@ -1,10 +1,12 @@
-"""`tessera aggregator ...` sub-commands."""
+"""`tessera aggregator ...` and `tessera models ...` sub-commands: a thin dispatcher."""
 
 from __future__ import annotations
 
 import argparse
 
+from aggregator import models_cli
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this package's sub-commands to the `tessera` parser."""
-    del commands  # sub-commands arrive with the aggregator issue
+    models_cli.register(commands)
