@@ -243,3 +243,25 @@ def test_without_dp_joined_rounds_count_from_the_audit_log(
     second = participate(signed(fed, round_open(ctx, round=2)), ctx, NOW)
     assert isinstance(second, Refused) and second.reason == "max-rounds"
     assert second.messages == ()
+
+
+def test_budget_spent_by_another_process_after_the_check_refuses_without_sending(
+    fed: Federation, data: IngestedSite, tmp_path: Path
+) -> None:
+    ctx = make_ctx(fed, data, tmp_path)
+    assert ctx.ledger is not None
+    path = ctx.ledger.path
+
+    def racing_trainer(*args: Any) -> Any:
+        # A manual run elsewhere spends most of the budget between the check and the charge.
+        PrivacyLedger(path, STUDY_ID, 1000.0, 1e-5).charge_round(99, 0.5, 1.0, 50)
+        return train_for_round(*args)
+
+    ctx = dataclasses.replace(ctx, train=racing_trainer)
+    result = participate(signed(fed, round_open(ctx)), ctx, NOW)
+    assert isinstance(result, Refused) and result.reason == "budget-exhausted"
+    assert result.messages == ()
+    # Round 1 was never charged; the ledger re-read the file and recorded the refusal.
+    assert [r["round"] for r in PrivacyLedger(path, STUDY_ID, 8.0, 1e-5).rounds] == [99]
+    assert [r["round"] for r in ctx.ledger.refusals] == [1]
+    assert kinds(ctx) == ["round-refused"]
