@@ -61,6 +61,7 @@ MAX_ROUND_OPEN_BYTES = 1 << 20
 
 # Refusals found here, beside node.policy.REASONS (which check_round raises).
 PROTOCOL_REASONS = (
+    "dp-required",
     "bad-terms",
     "aggregators-not-in-roster",
     "not-expected",
@@ -275,6 +276,14 @@ def _announcement(round_open: RoundOpen, ctx: ParticipationContext) -> RoundAnno
 
 
 def _check_protocol(round_open: RoundOpen, ctx: ParticipationContext, now: dt.datetime) -> None:
+    if ctx.site.dp is None or ctx.ledger is None:
+        # Every study's terms carry a DP budget per site; training without DP-SGD would
+        # release an update the steward never approved.
+        raise RoundRefused(
+            "dp-required",
+            "the study's terms require DP-SGD with a privacy ledger; configure the site's "
+            "DP settings (noise multiplier) and the study's ledger",
+        )
     roster = set(ctx.aggregator_hpke_keys)
     if set(round_open.aggregator_ids) != roster or set(ctx.aggregator_signing_keys) != roster:
         raise RoundRefused(

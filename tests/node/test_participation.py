@@ -172,6 +172,8 @@ def site_policy(**changes: Any) -> Change:
 
 
 REFUSALS: list[tuple[str, Change]] = [
+    ("dp-required", lambda ctx: (dataclasses.replace(ctx, site=dataclasses.replace(ctx.site,
+                                                                                  dp=None)), {})),
     ("wrong-federation", round_change(federation_id="other-federation")),
     ("unapproved-study", ctx_change(approvals=[])),
     ("paused", site_policy(paused=True)),
@@ -231,18 +233,15 @@ def test_an_announcement_not_from_the_leader_is_refused_unaudited(
     assert read_entries(ctx.audit.path) == []  # forgeries cannot fill the log
 
 
-def test_without_dp_joined_rounds_count_from_the_audit_log(
+def test_without_dp_or_a_ledger_no_round_is_joined(
     fed: Federation, data: IngestedSite, tmp_path: Path
 ) -> None:
     ctx = make_ctx(fed, data, tmp_path, site=SiteTraining(batch_size=4, weight_cap=100),
                    ledger=None)  # fmt: skip
-    ctx = dataclasses.replace(ctx, policy=dataclasses.replace(ctx.policy, max_rounds=1))
-    first = participate(signed(fed, round_open(ctx, algorithm="fedsgd")), ctx, NOW)
-    assert isinstance(first, Joined) and first.epsilon_spent == 0.0 and len(first.messages) == 2
-    assert kinds(ctx) == ["round-joined"]
-    second = participate(signed(fed, round_open(ctx, round=2)), ctx, NOW)
-    assert isinstance(second, Refused) and second.reason == "max-rounds"
-    assert second.messages == ()
+    result = participate(signed(fed, round_open(ctx, algorithm="fedsgd")), ctx, NOW)
+    assert isinstance(result, Refused) and result.reason == "dp-required"
+    assert result.messages == () and ctx.train.calls == 0  # type: ignore[attr-defined]
+    assert kinds(ctx) == ["round-refused"]
 
 
 def test_budget_spent_by_another_process_after_the_check_refuses_without_sending(
