@@ -37,12 +37,11 @@ from aggregator.strategies import (
     build_strategy,
     dispersion,
 )
-from tessera.encoding import derive_ring_params, encode
-from tessera.envelopes import share_binding
-from tessera.messages import ParticipantSet, RoundOpen, ShareEnvelope
-from tessera.sealing import generate_hpke_key, seal
-from tessera.sharing import ShareContext, split
-from tessera.update_layout import pack_update, required_bound, sample_weight
+from tessera.encoding import derive_ring_params
+from tessera.messages import ParticipantSet, RoundOpen
+from tessera.sealing import generate_hpke_key
+from tessera.update_layout import pack_update, required_bound
+from tests.support.shares import node_envelopes, node_update
 
 FED, STUDY, ROUND, LENGTH = "fed-1", "study-1", 1, 200
 AGGREGATORS = ("agg-1", "agg-2")
@@ -69,36 +68,11 @@ OPEN = RoundOpen(
     leader_id="agg-1",
 )
 HPKE = {agg: generate_hpke_key() for agg in AGGREGATORS}
-
-
-def node_update(seed: int) -> tuple[np.ndarray, float, float]:
-    rng = np.random.default_rng(seed)  # test inputs only
-    delta = rng.standard_normal(LENGTH) * 0.01
-    delta /= max(1.0, float(np.linalg.norm(delta)))  # clipped to norm 1
-    return delta, sample_weight(int(rng.integers(20, 2000)), 1000), float(rng.uniform(0.2, 1.0))
+PUBLIC = {agg: key.public_key() for agg, key in HPKE.items()}
 
 
 def update_vector(delta: np.ndarray, weight: float, loss: float) -> np.ndarray:
     return pack_update(delta, weight, loss)  # the node's own layout code
-
-
-def node_envelopes(node: str, vector: np.ndarray) -> dict[str, ShareEnvelope]:
-    ctx = ShareContext(FED, STUDY, ROUND, node)
-    shares = split(encode(vector, RING), len(AGGREGATORS), ctx, RING)
-    return {
-        agg: ShareEnvelope(
-            FED,
-            STUDY,
-            ROUND,
-            OPEN.base_model_hash,
-            node,
-            agg,
-            RING,
-            OPEN.vector_length,
-            seal(share.to_bytes(), HPKE[agg].public_key(), share_binding(OPEN, node, agg)),
-        )
-        for agg, share in zip(AGGREGATORS, shares, strict=True)
-    }
 
 
 def test_a_round_with_a_partial_dropout_gives_fedavg_over_the_agreed_set(tmp_path: Path) -> None:
@@ -127,9 +101,11 @@ def test_a_round_with_a_partial_dropout_gives_fedavg_over_the_agreed_set(tmp_pat
             ledger=stores[agg],
         )
 
-    updates = {node: node_update(i) for i, node in enumerate(NODES)}
+    updates = {node: node_update(i, LENGTH) for i, node in enumerate(NODES)}
     for node, (delta, weight, loss) in updates.items():
-        for agg, envelope in node_envelopes(node, update_vector(delta, weight, loss)).items():
+        for agg, envelope in node_envelopes(
+            OPEN, node, update_vector(delta, weight, loss), PUBLIC
+        ).items():
             if node == "site-d" and agg == "agg-2":
                 continue  # this node's second share never arrives
             check_share_envelope(envelope, OPEN, agg, states[agg].stage)

@@ -1,0 +1,525 @@
+"""The aggregator's protocol as an event-driven object over explicit state (no MQTT here).
+
+`AggregatorService` takes messages in (`on_message(topic, payload)`), time in (`tick(now)`)
+and, for the leader, `open_round()`; each returns the `Outgoing` messages to publish. The
+transport (the later `tessera aggregator run`) only moves bytes. Every message is a signed
+envelope, opened with the roster's keys and checked against this aggregator's own round
+state; whatever fails is logged (event, round, reason: never share content, never PHI) and
+dropped. `on_message` never raises for bad input.
+
+Flow per round (DESIGN.md section 3): RoundOpen (leader signs; followers verify) ->
+ShareEnvelope (admission, open, accumulate; the first copy wins) -> at the deadline or once
+every expected node reported, a signed ReceivedSet -> the leader intersects and publishes
+the ParticipantSet, or a RoundAbort below k -> each aggregator checks the set, publishes its
+one partial sum -> on the S-1 others: combine, strategy, release, signature exchange
+(aggregator.release_build) -> the leader publishes the fully signed release, retained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from aggregator.accumulator import ShareAccumulator
+from aggregator.admission import (
+    aggregator_index,
+    check_share_envelope,
+    collection_close_reason,
+    open_share,
+)
+from aggregator.agreement import check_partial_sum_request, intersect_received
+from aggregator.config import AggregatorConfig
+from aggregator.errors import AgreementFailed, DuplicateShare
+from aggregator.leader import plan_round, round_record
+from aggregator.partials import open_partial_sum, seal_partial_sums
+from aggregator.registry import GENESIS_PARENT, Registry, weights_bytes
+from aggregator.release_build import (
+    BuiltRelease,
+    add_noted_signature,
+    build_signed_release,
+    is_signature_note,
+    signature_note,
+)
+from aggregator.rounds import (
+    Abort,
+    CollectionClosed,
+    Event,
+    ModelReleased,
+    PartialSumPublished,
+    ParticipantsAgreed,
+    RoundState,
+    ShareAccepted,
+    Stage,
+    StartCollecting,
+    transition,
+)
+from aggregator.store import Store
+from aggregator.strategies import ServerState, server_state_from_bytes
+from broker import topics
+from tessera.envelopes import Message, open_envelope, require_fields, seal_envelope
+from tessera.errors import TesseraError
+from tessera.flatten import flatten
+from tessera.messages import (
+    ModelRelease,
+    PartialSum,
+    ParticipantSet,
+    ReceivedSet,
+    RoundAbort,
+    RoundOpen,
+    ShareEnvelope,
+)
+from tessera.update_layout import vector_length
+
+log = logging.getLogger("tessera.aggregator.service")
+MAX_MESSAGE = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceKeys:
+    """This aggregator's own private keys."""
+
+    signing: Ed25519PrivateKey
+    hpke: X25519PrivateKey
+
+
+@dataclass(frozen=True)
+class RosterKeys:
+    """Public keys from the federation manifest; `aggregator_ids` order is the index order."""
+
+    aggregator_ids: tuple[str, ...]
+    aggregator_signing: Mapping[str, Ed25519PublicKey]
+    aggregator_hpke: Mapping[str, X25519PublicKey]
+    node_signing: Mapping[str, Ed25519PublicKey]
+
+
+@dataclass
+class _Round:
+    """What this aggregator keeps in memory for the round in progress."""
+
+    announcement: RoundOpen
+    state: RoundState
+    accumulator: ShareAccumulator
+    base_params: Mapping[str, np.ndarray]
+    version: int
+    parent_hash: bytes
+    received: dict[str, tuple[str, ...]] = field(default_factory=dict)  # leader only
+    set_hash: bytes | None = None
+    partials: dict[str, PartialSum] = field(default_factory=dict)
+    own_partial: np.ndarray | None = None
+    built: BuiltRelease | None = None
+    notes: dict[str, ModelRelease] = field(default_factory=dict)  # leader only
+
+
+class AggregatorService:
+    """One aggregator's protocol state machine (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        keys: ServiceKeys,
+        roster: RosterKeys,
+        store: Store,
+        registry: Registry,
+        clock: Callable[[], float],
+        *,
+        genesis: Mapping[str, np.ndarray],
+        export_onnx: Callable[[Mapping[str, np.ndarray]], bytes],
+    ) -> None:
+        self.config, self.keys, self.roster = config, keys, roster
+        self.store, self.registry, self.clock = store, registry, clock
+        self.genesis, self.export_onnx = genesis, export_onnx
+        self.current: _Round | None = None
+        self._keys_all = {**roster.aggregator_signing, **roster.node_signing}
+        self._handlers: dict[topics.Kind, Callable[[Message, str], list[Outgoing]]] = {
+            topics.Kind.ROUND: self._on_round,
+            topics.Kind.SHARE: self._on_share,
+            topics.Kind.RECEIVED: self._on_received,
+            topics.Kind.PARTICIPANTS: self._on_participants,
+            topics.Kind.PARTIAL: self._on_partial,
+            topics.Kind.RELEASE: self._on_release,
+        }
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    @property
+    def me(self) -> str:
+        """This aggregator's id."""
+        return self.config.aggregator_id
+
+    def _send(self, topic: str, message: Message, retain: bool = False) -> Outgoing:
+        return Outgoing(topic, seal_envelope(message, self.me, self.keys.signing), retain)
+
+    def _move(self, event: Event) -> None:
+        assert self.current is not None
+        self.current.state = transition(self.current.state, event)
+        self.store.save_state(self.config.study_id, self.current.state)
+
+    def _base(self) -> tuple[Mapping[str, np.ndarray], int, bytes]:
+        """The base model (params, its version, the new model's parent hash)."""
+        latest = self.registry.latest(self.config.study_id)
+        if latest is None:
+            return self.genesis, 0, GENESIS_PARENT
+        record = latest.record
+        return (
+            self.registry.weights(record.study_id, record.version),
+            record.version,
+            record.model_hash,
+        )
+
+    def _begin(self, announcement: RoundOpen) -> None:
+        params, version, parent = self._base()
+        self.store.create_round(round_record(announcement))
+        accumulator = ShareAccumulator(
+            federation_id=announcement.federation_id,
+            study_id=announcement.study_id,
+            round_number=announcement.round,
+            aggregator_index=aggregator_index(announcement, self.me),
+            params=announcement.ring,
+            length=announcement.vector_length,
+            ledger=self.store,
+        )
+        state = RoundState(announcement.round)
+        self.current = _Round(announcement, state, accumulator, params, version + 1, parent)
+        self._move(StartCollecting())
+
+    def _abort(self, reason: str) -> list[Outgoing]:
+        assert self.current is not None
+        self._move(Abort(reason))
+        a = self.current.announcement
+        log.warning(
+            "round aborted", extra={"event": "round-abort", "round": a.round, "reason": reason}
+        )
+        abort = RoundAbort(a.federation_id, a.study_id, a.round, self.me, reason)
+        # Retained, so that it replaces the retained RoundOpen: a late node must not train.
+        return [self._send(topics.round_topic(a.federation_id, a.study_id), abort, retain=True)]
+
+    # --- the leader opens ------------------------------------------------------------------
+
+    def open_round(self, expected_nodes: tuple[str, ...]) -> list[Outgoing]:
+        """Leader only: plan the next round over `expected_nodes`, record it, sign RoundOpen."""
+        if self.current is not None and not self.current.state.stage.is_terminal:
+            self._abort("superseded by the next round")
+        params, _, _ = self._base()
+        vector, _ = flatten(params)
+        stored = self.store.server_state(self.config.study_id)
+        latest = self.store.latest_round(self.config.study_id) or 0
+        announcement = plan_round(
+            self.config,
+            round_number=latest + 1,
+            base_model_hash=hashlib.sha256(weights_bytes(params)).digest(),
+            model_version=self._base()[1],
+            algorithm=stored.algorithm if stored else self.config.round.algorithm,
+            aggregator_ids=self.roster.aggregator_ids,
+            expected_nodes=expected_nodes,
+            vector_length=vector_length(vector.size),
+            now_ms=int(self.clock() * 1000),
+        )
+        self._begin(announcement)
+        topic = topics.round_topic(announcement.federation_id, announcement.study_id)
+        return [self._send(topic, announcement, retain=True)]
+
+    # --- messages in -----------------------------------------------------------------------
+
+    def on_message(self, topic: str, payload: bytes) -> list[Outgoing]:
+        """Handle one message; a rejected one is logged and answers []. Never raises for
+        bad input (a bug in this code still raises)."""
+        kind: topics.Kind | None = None
+        try:
+            kind = topics.parse(topic).kind
+            handler = self._handlers.get(kind)
+            if handler is None:
+                return []
+            signed = open_envelope(payload, self._keys_all, MAX_MESSAGE)
+            if signed.signer_id == self.me:
+                return []  # our own publication, echoed by the broker
+            return handler(signed.message, signed.signer_id)
+        except (TesseraError, ValueError) as exc:
+            # ValueError covers CodecError and the admission errors; no share content or
+            # site data is in these messages, and AuthenticationError stays vague.
+            log.warning(
+                "message rejected",
+                extra={
+                    "event": "message-rejected",
+                    "kind": None if kind is None else kind.name,
+                    "error": type(exc).__name__,
+                    "reason": str(exc),
+                    "round": None if self.current is None else self.current.state.round,
+                },
+            )
+            return []
+
+    def _context(self, message: Message, **more: object) -> _Round:
+        """The current round, after checking the message belongs to it."""
+        if self.current is None:
+            raise AgreementFailed("no round is open at this aggregator")
+        a = self.current.announcement
+        require_fields(
+            message, federation_id=a.federation_id, study_id=a.study_id, round=a.round, **more
+        )
+        return self.current
+
+    def _on_round(self, message: Message, signer: str) -> list[Outgoing]:
+        if isinstance(message, RoundAbort):
+            current = self._context(message)
+            if signer not in current.announcement.aggregator_ids or current.state.stage.is_terminal:
+                return []
+            self._move(Abort(f"aborted by {signer}: {message.reason}"))
+            return []
+        if not isinstance(message, RoundOpen):
+            raise AgreementFailed(f"{type(message).__name__} on the round topic")
+        if signer != self.config.leader_id or message.leader_id != signer:
+            raise AgreementFailed(
+                f"RoundOpen signed by {signer!r}, the leader is {self.config.leader_id!r}"
+            )
+        require_fields(
+            message, federation_id=self.config.federation_id, study_id=self.config.study_id
+        )
+        if self.current is not None and message.round <= self.current.state.round:
+            raise AgreementFailed(f"RoundOpen for round {message.round} is not new")
+        params, _, _ = self._base()
+        if message.base_model_hash != hashlib.sha256(weights_bytes(params)).digest():
+            raise AgreementFailed(
+                f"round {message.round} starts from a base model this aggregator does not hold"
+            )
+        if self.current is not None and not self.current.state.stage.is_terminal:
+            self._move(Abort("superseded by the next round"))
+        self._begin(message)
+        return self._maybe_close(None)
+
+    def _on_share(self, message: Message, signer: str) -> list[Outgoing]:
+        if not isinstance(message, ShareEnvelope):
+            raise AgreementFailed(f"{type(message).__name__} on a share topic")
+        current = self._context(message)
+        check_share_envelope(message, current.announcement, self.me, current.state.stage)
+        share = open_share(message, current.announcement, self.me, self.keys.hpke)
+        digest = hashlib.sha256(message.sealed).digest()
+        try:
+            current.accumulator.add(message.node_id, share, envelope_digest=digest)
+        except DuplicateShare:
+            log.info(
+                "duplicate share ignored",
+                extra={"event": "share-duplicate", "round": message.round},
+            )
+            return []
+        self._move(ShareAccepted(message.node_id))
+        return self._maybe_close(None)
+
+    def tick(self, now: float | None = None) -> list[Outgoing]:
+        """Advance on time: close collection at the deadline, abort a stalled round."""
+        if self.current is None or self.current.state.stage.is_terminal:
+            return []
+        now_ms = int((self.clock() if now is None else now) * 1000)
+        stalled = self.current.announcement.deadline_ms + int(
+            self.config.round.agreement_timeout_s * 1000
+        )
+        if self.current.state.stage is not Stage.COLLECTING and now_ms >= stalled:
+            return self._abort("the round did not finish within the agreement timeout")
+        return self._maybe_close(now_ms)
+
+    def _maybe_close(self, now_ms: int | None) -> list[Outgoing]:
+        """Step 5: publish the ReceivedSet once the deadline passed or all nodes reported."""
+        current = self.current
+        if current is None or current.state.stage is not Stage.COLLECTING:
+            return []
+        a = current.announcement
+        held = self.store.held_nodes(a.study_id, a.round)
+        if now_ms is None:  # on a share: only "everyone reported" can close early
+            reason = "all-reported" if set(a.expected_nodes) <= set(held) else None
+        else:
+            reason = collection_close_reason(now_ms, a.deadline_ms, held, a.expected_nodes)
+        if reason is None:
+            return []
+        self._move(CollectionClosed(reason))
+        if self.config.is_leader:
+            current.received[self.me] = held
+            return self._maybe_agree()
+        received = ReceivedSet(a.federation_id, a.study_id, a.round, self.me, held)
+        return [self._send(topics.received_topic(a.federation_id, a.study_id, self.me), received)]
+
+    def _on_received(self, message: Message, signer: str) -> list[Outgoing]:
+        if not isinstance(message, ReceivedSet) or not self.config.is_leader:
+            return []
+        current = self._context(message)
+        if signer not in current.announcement.aggregator_ids or signer in current.received:
+            raise AgreementFailed(f"ReceivedSet from {signer!r} is unexpected or repeated")
+        current.received[signer] = tuple(message.node_ids)
+        return self._maybe_agree()
+
+    def _maybe_agree(self) -> list[Outgoing]:
+        """Leader: once every ReceivedSet is in, publish the intersection or abort below k."""
+        current = self.current
+        assert current is not None
+        a = current.announcement
+        if current.state.stage is not Stage.AGREEING or set(a.aggregator_ids) - set(
+            current.received
+        ):
+            return []
+        try:
+            agreed = intersect_received(
+                current.received, a.aggregator_ids, a.expected_nodes, a.min_participants
+            )
+        except AgreementFailed as exc:
+            return self._abort(exc.reason)
+        participants = ParticipantSet(a.federation_id, a.study_id, a.round, self.me, agreed)
+        out = [self._send(topics.participants_topic(a.federation_id, a.study_id), participants)]
+        return out + self._agree(participants)
+
+    def _on_participants(self, message: Message, signer: str) -> list[Outgoing]:
+        if not isinstance(message, ParticipantSet):
+            return []
+        current = self._context(message)
+        leader = current.announcement.leader_id
+        if signer != leader or message.leader_id != leader:
+            raise AgreementFailed(f"ParticipantSet signed by {signer!r}, not the round's leader")
+        if current.state.stage is Stage.COLLECTING:
+            self._move(CollectionClosed("participant-set"))
+        return self._agree(message)
+
+    def _agree(self, participants: ParticipantSet) -> list[Outgoing]:
+        """Step 6: check the set ourselves, commit the one partial sum, seal and send it."""
+        current = self.current
+        assert current is not None
+        a = current.announcement
+        members = check_partial_sum_request(
+            round_number=a.round,
+            requested=participants.node_ids,
+            requested_hash=participants.digest(),
+            held=self.store.held_nodes(a.study_id, a.round),
+            expected_nodes=a.expected_nodes,
+            min_participants=a.min_participants,
+            already_published=self.store.published_sum(a.study_id, a.round),
+        )
+        current.state = transition(current.state, ParticipantsAgreed(members))
+        current.set_hash = participants.digest()
+        self.store.decide_partial_sum(a.study_id, current.state, current.set_hash)
+        current.own_partial = current.accumulator.finalize(members)
+        sealed = seal_partial_sums(
+            current.own_partial, a, self.me, current.set_hash, self.roster.aggregator_hpke
+        )
+        out = [
+            self._send(
+                topics.partial_topic(a.federation_id, a.study_id, m.to_aggregator, self.me), m
+            )
+            for m in sealed
+        ]
+        self._move(PartialSumPublished())
+        return out + self._maybe_combine()
+
+    def _on_partial(self, message: Message, signer: str) -> list[Outgoing]:
+        if not isinstance(message, PartialSum):
+            return []
+        current = self._context(message, to_aggregator=self.me)
+        if message.from_aggregator in current.partials:
+            raise AgreementFailed(
+                f"second partial sum from {message.from_aggregator!r}; first wins"
+            )
+        current.partials[message.from_aggregator] = message  # opened once the set is agreed
+        return self._maybe_combine()
+
+    def _maybe_combine(self) -> list[Outgoing]:
+        """Step 7: with all S-1 other partial sums in, build and sign the release."""
+        current = self.current
+        assert current is not None
+        a = current.announcement
+        others = set(a.aggregator_ids) - {self.me}
+        if (
+            current.state.stage is not Stage.COMBINING
+            or current.built
+            or others - set(current.partials)
+        ):
+            return []
+        assert current.set_hash is not None and current.own_partial is not None
+        vectors = {self.me: current.own_partial}
+        for other in sorted(others):
+            try:
+                vectors[other] = open_partial_sum(
+                    current.partials[other], a, self.me, self.keys.hpke, current.set_hash
+                )
+            except (TesseraError, ValueError) as exc:
+                return self._abort(f"partial sum from {other} refused: {type(exc).__name__}")
+        stored = self.store.server_state(a.study_id)
+        server_state = (
+            server_state_from_bytes(Path(stored.path).read_bytes())
+            if stored is not None and stored.path is not None
+            else ServerState()
+        )
+        current.built = build_signed_release(
+            config=self.config,
+            announcement=a,
+            partials=vectors,
+            participants=len(current.state.participants or ()),
+            base_params=current.base_params,
+            server_state=server_state,
+            version=current.version,
+            parent_hash=current.parent_hash,
+            onnx=self.export_onnx,
+            key=self.keys.signing,
+        )
+        if self.config.is_leader:
+            return self._maybe_release()
+        note = signature_note(current.built.release, self.me)
+        return [self._send(topics.release_topic(a.federation_id, a.study_id), note)]
+
+    def _on_release(self, message: Message, signer: str) -> list[Outgoing]:
+        if not isinstance(message, ModelRelease):
+            return []
+        current = self._context(message)
+        if signer not in current.announcement.aggregator_ids:
+            raise AgreementFailed(f"release published by {signer!r}, not an aggregator")
+        if is_signature_note(message):
+            if not self.config.is_leader or message.signatures[0][0] != signer:
+                return []
+            current.notes[signer] = message
+            return self._maybe_release()
+        built = current.built
+        if built is None or current.state.stage is not Stage.COMBINING:
+            raise AgreementFailed("a release arrived before this aggregator computed its own")
+        if message.model_hash != built.release.model_hash or self.me not in dict(
+            message.signatures
+        ):
+            raise AgreementFailed("the release differs from the model this aggregator computed")
+        self._register(message)
+        return []
+
+    def _maybe_release(self) -> list[Outgoing]:
+        """Leader, step 8: add every follower's noted signature; publish when all S signed."""
+        current = self.current
+        assert current is not None and current.built is not None
+        release = current.built.release
+        for signer, note in sorted(current.notes.items()):
+            release = add_noted_signature(release, note, self.roster.aggregator_signing[signer])
+        if set(dict(release.signatures)) != set(current.announcement.aggregator_ids):
+            return []
+        self._register(release)
+        a = current.announcement
+        return [self._send(topics.release_topic(a.federation_id, a.study_id), release, retain=True)]
+
+    def _register(self, release: ModelRelease) -> None:
+        current = self.current
+        assert current is not None and current.built is not None
+        outcome = current.built.outcome
+        keys = {a: self.roster.aggregator_signing[a] for a in current.announcement.aggregator_ids}
+        self.registry.register(
+            release, keys, server_state=outcome.server_state, next_algorithm=outcome.next_algorithm
+        )
+        self._move(ModelReleased(str(release.version)))
+        log.info(
+            "model released",
+            extra={"event": "model-released", "round": release.round, "version": release.version},
+        )

@@ -1,0 +1,283 @@
+"""AggregatorService end to end in one process: a leader and a follower, four simulated nodes
+with real sharing, HPKE and Ed25519 envelopes, wired by a tiny in-memory message loop that
+routes like the broker's ACL (shares and partial sums only to their addressee).
+
+The ONNX exporter is a deterministic stand-in (a digest of the weights): the export itself
+is tested in tests/tessera/test_onnx_export.py; here it only has to be the same bytes at
+both aggregators, which the release signatures then cover."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.config import AggregatorConfig, BrokerSettings, RoundSettings
+from aggregator.registry import Registry, load_weights, weights_bytes
+from aggregator.rounds import Stage
+from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
+from aggregator.store import Store
+from broker import topics
+from tessera.envelopes import open_envelope, seal_envelope
+from tessera.flatten import flatten
+from tessera.messages import ModelRelease, RoundAbort, RoundOpen, ShareEnvelope
+from tessera.release import verify_release
+from tessera.sealing import generate_hpke_key
+from tessera.signing import generate_signing_key
+from tessera.update_layout import pack_update
+from tests.support.shares import node_envelopes, node_update
+
+FED, STUDY, LEADER = "fed-1", "study-1", "agg-1"
+AGGREGATORS = ("agg-1", "agg-2")
+NODES = ("site-a", "site-b", "site-c", "site-d")
+GENESIS = {
+    "layer.weight": np.linspace(-1, 1, 40, dtype=np.float32).reshape(4, 10),
+    "layer.bias": np.zeros(4, dtype=np.float32),
+}
+N_PARAMS = 44
+
+
+def fake_onnx(params: Mapping[str, np.ndarray]) -> bytes:
+    return b"onnx-stand-in:" + hashlib.sha256(weights_bytes(params)).digest()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Federation:
+    """Two services, the nodes' keys, and the message loop between them."""
+
+    def __init__(self, root: Path) -> None:
+        self.clock = Clock()
+        signing = {a: generate_signing_key() for a in AGGREGATORS}
+        hpke = {a: generate_hpke_key() for a in AGGREGATORS}
+        self.node_keys = {n: generate_signing_key() for n in NODES}
+        self.hpke_public = {a: k.public_key() for a, k in hpke.items()}
+        self.agg_public = {a: k.public_key() for a, k in signing.items()}
+        roster = RosterKeys(
+            aggregator_ids=AGGREGATORS,
+            aggregator_signing=self.agg_public,
+            aggregator_hpke=self.hpke_public,
+            node_signing={n: k.public_key() for n, k in self.node_keys.items()},
+        )
+        self.services: dict[str, AggregatorService] = {}
+        for agg in AGGREGATORS:
+            config = AggregatorConfig(
+                aggregator_id=agg,
+                federation_id=FED,
+                study_id=STUDY,
+                leader_id=LEADER,
+                manifest=root / "manifest.json",
+                signing_key=root / agg / "signing.pem",
+                hpke_key=root / agg / "hpke.pem",
+                state_dir=root / agg,
+                broker=BrokerSettings(tls=False),
+                round=RoundSettings(min_participants=3, collect_timeout_s=60, frac_bits=24),
+            )
+            store = Store(config.database_path, config.shares_dir, clock=self.clock)
+            self.services[agg] = AggregatorService(
+                config,
+                ServiceKeys(signing[agg], hpke[agg]),
+                roster,
+                store,
+                Registry(store, config.registry_dir),
+                self.clock,
+                genesis=GENESIS,
+                export_onnx=fake_onnx,
+            )
+        self.wire: list[Outgoing] = []
+
+    def deliver(self, outgoing: Iterable[Outgoing]) -> None:
+        """Publish, and keep delivering whatever the services answer, in order."""
+        queue = deque(outgoing)
+        while queue:
+            out = queue.popleft()
+            self.wire.append(out)
+            topic = topics.parse(out.topic)
+            for agg, service in self.services.items():
+                if (
+                    topic.kind in (topics.Kind.SHARE, topics.Kind.PARTIAL)
+                    and topic.aggregator != agg
+                ):
+                    continue  # the broker's ACL: only the addressee reads it
+                queue.extend(service.on_message(out.topic, out.payload))
+
+    def announcement(self) -> RoundOpen:
+        current = self.services[LEADER].current
+        assert current is not None
+        return current.announcement
+
+    def shares(self, node: str, seed: int) -> tuple[np.ndarray, dict[str, Outgoing]]:
+        """One node's update (delta, weight, loss packed) and its signed share per aggregator."""
+        a = self.announcement()
+        delta, weight, loss = node_update(seed, N_PARAMS)
+        envelopes = node_envelopes(a, node, pack_update(delta, weight, loss), self.hpke_public)
+        return np.array([*delta * weight, weight]), {
+            agg: self.signed_share(env, node) for agg, env in envelopes.items()
+        }
+
+    def signed_share(self, envelope: ShareEnvelope, node: str) -> Outgoing:
+        payload = seal_envelope(envelope, node, self.node_keys[node])
+        return Outgoing(topics.share_topic(FED, STUDY, envelope.aggregator_id, node), payload)
+
+    def held(self, agg: str) -> tuple[str, ...]:
+        service = self.services[agg]
+        assert service.current is not None
+        return service.store.held_nodes(STUDY, service.current.state.round)
+
+    def stage(self, agg: str) -> Stage:
+        current = self.services[agg].current
+        assert current is not None
+        return current.state.stage
+
+    def past_deadline(self) -> None:
+        self.clock.now = self.announcement().deadline_ms / 1000 + 1
+        for service in self.services.values():
+            self.deliver(service.tick())
+
+    def published(self, kind: type) -> list[tuple[Outgoing, object]]:
+        keys = {**self.agg_public}
+        out = []
+        for item in self.wire:
+            if topics.parse(item.topic).kind in (topics.Kind.ROUND, topics.Kind.RELEASE):
+                message = open_envelope(item.payload, keys, 1 << 30).message
+                if isinstance(message, kind):
+                    out.append((item, message))
+        return out
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+def run_round(fed: Federation, skip: set[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Open a round, send every node's shares except `skip` (node, aggregator) pairs."""
+    fed.deliver(fed.services[LEADER].open_round(NODES))
+    clear = {}
+    for seed, node in enumerate(NODES):
+        clear[node], outgoing = fed.shares(node, seed)
+        fed.deliver(out for agg, out in outgoing.items() if (node, agg) not in skip)
+    return clear
+
+
+def test_a_full_round_releases_one_model_signed_by_both(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fed = Federation(tmp_path)
+    fed.deliver(fed.services[LEADER].open_round(NODES))
+    assert fed.stage("agg-2") is Stage.COLLECTING  # the follower verified the RoundOpen
+
+    clear = {}
+    for seed, node in enumerate(NODES):
+        clear[node], outgoing = fed.shares(node, seed)
+        if node == "site-a":  # a second, different share from the same node: first wins
+            _, again = fed.shares(node, 99)
+            fed.deliver([outgoing["agg-1"], again["agg-1"], outgoing["agg-1"]])
+            fed.deliver([outgoing["agg-2"]])
+            assert len(events(caplog, "share-duplicate")) == 2
+            continue
+        # site-d reaches only the leader, so it is left out
+        fed.deliver(out for agg, out in outgoing.items() if (node, agg) != ("site-d", "agg-2"))
+    assert fed.held("agg-1") == NODES
+    assert fed.stage("agg-1") is Stage.AGREEING  # every expected node reported
+    assert fed.stage("agg-2") is Stage.COLLECTING
+    fed.past_deadline()
+
+    for agg in AGGREGATORS:
+        assert fed.stage(agg) is Stage.RELEASED
+        current = fed.services[agg].current
+        assert current is not None and current.state.participants == NODES[:3]  # not site-d
+    (note_out, note), (final_out, final) = fed.published(ModelRelease)
+    assert isinstance(note, ModelRelease) and isinstance(final, ModelRelease)
+    # the follower's signature note: no payload, its one signature, not retained
+    assert note.payload == b"" and [s for s, _ in note.signatures] == ["agg-2"]
+    assert not note_out.retain and final_out.retain
+    assert {s for s, _ in final.signatures} == set(AGGREGATORS)
+    verify_release(final, fed.agg_public)
+
+    versions = [fed.services[a].registry.latest(STUDY) for a in AGGREGATORS]
+    assert versions[0] is not None and versions[1] is not None
+    assert versions[0].record.model_hash == versions[1].record.model_hash == final.model_hash
+    weights = [v.weights_path.read_bytes() for v in versions]
+    assert weights[0] == weights[1]
+    assert versions[0].card == versions[1].card
+    assert versions[0].card["participants"]["count"] == 3
+
+    agreed = [clear[n] for n in ("site-a", "site-b", "site-c")]
+    total = np.sum(agreed, axis=0)
+    mean_delta = total[:-1] / total[-1]
+    new, _ = flatten(load_weights(weights[0]))
+    base, _ = flatten(GENESIS)
+    np.testing.assert_allclose(new - base, mean_delta, atol=1e-5)
+
+
+def test_fewer_than_k_aborts_with_a_reason_and_releases_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fed = Federation(tmp_path)
+    run_round(fed, skip={("site-c", "agg-2"), ("site-d", "agg-2")})
+    fed.past_deadline()
+    ((abort_out, abort),) = fed.published(RoundAbort)
+    assert isinstance(abort, RoundAbort) and abort_out.retain
+    assert "fewer than the minimum k=3" in abort.reason and "site" not in abort.reason
+    for agg in AGGREGATORS:
+        assert fed.stage(agg) is Stage.ABORTED
+        assert fed.services[agg].registry.latest(STUDY) is None
+    assert not fed.published(ModelRelease)
+    assert not [o for o in fed.wire if topics.parse(o.topic).kind is topics.Kind.PARTIAL]
+
+
+def test_forged_misrouted_and_replayed_shares_are_rejected_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fed = Federation(tmp_path)
+    run_round(fed, skip=set())
+    fed.past_deadline()
+    assert fed.stage("agg-2") is Stage.RELEASED
+    old = [o for o in fed.wire if topics.parse(o.topic).kind is topics.Kind.SHARE]
+
+    fed.deliver(fed.services[LEADER].open_round(NODES))
+    assert fed.stage("agg-2") is Stage.COLLECTING  # round 2 opened on the released model
+    leader = fed.services[LEADER]
+    _, fresh = fed.shares("site-a", 7)
+    mallory = generate_signing_key()
+    envelope = open_envelope(fresh["agg-1"].payload, fed.services[LEADER]._keys_all, 1 << 30)
+    assert isinstance(envelope.message, ShareEnvelope)
+    tampered = bytearray(fresh["agg-1"].payload)
+    tampered[-80] ^= 1
+    attempts = [
+        old[0].payload,  # replay of round 1
+        seal_envelope(envelope.message, "site-a", mallory),  # forged signature
+        bytes(tampered),  # changed in transit
+        fresh["agg-2"].payload,  # meant for the other aggregator
+        b"not an envelope",
+    ]
+    topic = fresh["agg-1"].topic
+    for payload in attempts:
+        assert leader.on_message(topic, payload) == []
+    rejected = events(caplog, "message-rejected")
+    assert len(rejected) == len(attempts)
+    assert [r.error for r in rejected] == [  # type: ignore[attr-defined]
+        "AuthenticationError",
+        "AuthenticationError",
+        "AuthenticationError",
+        "ShareRejected",
+        "CodecError",
+    ]
+    assert "round differs" in rejected[0].reason  # type: ignore[attr-defined]
+    assert "addressed to 'agg-2'" in rejected[3].reason  # type: ignore[attr-defined]
+    assert fed.held("agg-1") == ()
+    fed.deliver([fresh["agg-1"]])
+    assert fed.held("agg-1") == ("site-a",)

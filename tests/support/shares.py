@@ -1,0 +1,49 @@
+"""Simulated nodes for aggregator tests: a clipped update and its real sealed shares."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from tessera.encoding import encode
+from tessera.envelopes import share_binding
+from tessera.messages import RoundOpen, ShareEnvelope
+from tessera.sealing import seal
+from tessera.sharing import ShareContext, split
+from tessera.update_layout import sample_weight
+
+
+def node_update(seed: int, length: int) -> tuple[np.ndarray, float, float]:
+    """A node's clipped delta (norm <= 1), its sample weight and validation loss."""
+    rng = np.random.default_rng(seed)  # test inputs only, never masks
+    delta = rng.standard_normal(length) * 0.01
+    delta /= max(1.0, float(np.linalg.norm(delta)))
+    return delta, sample_weight(int(rng.integers(20, 2000)), 1000), float(rng.uniform(0.2, 1.0))
+
+
+def node_envelopes(
+    announcement: RoundOpen,
+    node: str,
+    vector: np.ndarray,
+    hpke_public: Mapping[str, X25519PublicKey],
+) -> dict[str, ShareEnvelope]:
+    """The node's ShareEnvelope to each aggregator of the round: split, sealed, unsigned."""
+    a = announcement
+    ctx = ShareContext(a.federation_id, a.study_id, a.round, node)
+    shares = split(encode(vector, a.ring), len(a.aggregator_ids), ctx, a.ring)
+    return {
+        agg: ShareEnvelope(
+            a.federation_id,
+            a.study_id,
+            a.round,
+            a.base_model_hash,
+            node,
+            agg,
+            a.ring,
+            a.vector_length,
+            seal(share.to_bytes(), hpke_public[agg], share_binding(a, node, agg)),
+        )
+        for agg, share in zip(a.aggregator_ids, shares, strict=True)
+    }
