@@ -47,6 +47,11 @@ class PartialSumRejected(AggregatorError):
     """A received partial sum does not belong to this round's agreed set or layout."""
 
 
+class MessageRejected(AggregatorError):
+    """A verified message that does not fit this aggregator's state: wrong sender role,
+    wrong topic, not the current round, or out of order. Logged and dropped."""
+
+
 class ShareRejected(AggregatorError, ValueError):
     """A share cannot be accumulated: wrong length, wrong kind, or the round is finalised."""
 

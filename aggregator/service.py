@@ -20,12 +20,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from aggregator.accumulator import ShareAccumulator
 from aggregator.admission import (
@@ -36,12 +33,11 @@ from aggregator.admission import (
 )
 from aggregator.agreement import check_partial_sum_request, intersect_received
 from aggregator.config import AggregatorConfig
-from aggregator.errors import AgreementFailed, DuplicateShare
+from aggregator.errors import AgreementFailed, DuplicateShare, MessageRejected
 from aggregator.leader import plan_round, round_record
 from aggregator.partials import open_partial_sum, seal_partial_sums
 from aggregator.registry import GENESIS_PARENT, Registry, weights_bytes
 from aggregator.release_build import (
-    BuiltRelease,
     add_noted_signature,
     build_signed_release,
     is_signature_note,
@@ -60,11 +56,18 @@ from aggregator.rounds import (
     StartCollecting,
     transition,
 )
+from aggregator.service_state import (
+    Outgoing,
+    RosterKeys,
+    RoundMemory,
+    ServiceKeys,
+    check_topic,
+)
 from aggregator.store import Store
 from aggregator.strategies import ServerState, server_state_from_bytes
 from broker import topics
 from tessera.envelopes import Message, open_envelope, require_fields, seal_envelope
-from tessera.errors import TesseraError
+from tessera.errors import AuthenticationError, TesseraError
 from tessera.flatten import flatten
 from tessera.messages import (
     ModelRelease,
@@ -79,51 +82,6 @@ from tessera.update_layout import vector_length
 
 log = logging.getLogger("tessera.aggregator.service")
 MAX_MESSAGE = 512 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One message to publish."""
-
-    topic: str
-    payload: bytes
-    retain: bool = False
-
-
-@dataclass(frozen=True)
-class ServiceKeys:
-    """This aggregator's own private keys."""
-
-    signing: Ed25519PrivateKey
-    hpke: X25519PrivateKey
-
-
-@dataclass(frozen=True)
-class RosterKeys:
-    """Public keys from the federation manifest; `aggregator_ids` order is the index order."""
-
-    aggregator_ids: tuple[str, ...]
-    aggregator_signing: Mapping[str, Ed25519PublicKey]
-    aggregator_hpke: Mapping[str, X25519PublicKey]
-    node_signing: Mapping[str, Ed25519PublicKey]
-
-
-@dataclass
-class _Round:
-    """What this aggregator keeps in memory for the round in progress."""
-
-    announcement: RoundOpen
-    state: RoundState
-    accumulator: ShareAccumulator
-    base_params: Mapping[str, np.ndarray]
-    version: int
-    parent_hash: bytes
-    received: dict[str, tuple[str, ...]] = field(default_factory=dict)  # leader only
-    set_hash: bytes | None = None
-    partials: dict[str, PartialSum] = field(default_factory=dict)
-    own_partial: np.ndarray | None = None
-    built: BuiltRelease | None = None
-    notes: dict[str, ModelRelease] = field(default_factory=dict)  # leader only
 
 
 class AggregatorService:
@@ -144,7 +102,7 @@ class AggregatorService:
         self.config, self.keys, self.roster = config, keys, roster
         self.store, self.registry, self.clock = store, registry, clock
         self.genesis, self.export_onnx = genesis, export_onnx
-        self.current: _Round | None = None
+        self.current: RoundMemory | None = None
         self._keys_all = {**roster.aggregator_signing, **roster.node_signing}
         self._handlers: dict[topics.Kind, Callable[[Message, str], list[Outgoing]]] = {
             topics.Kind.ROUND: self._on_round,
@@ -195,7 +153,7 @@ class AggregatorService:
             ledger=self.store,
         )
         state = RoundState(announcement.round)
-        self.current = _Round(announcement, state, accumulator, params, version + 1, parent)
+        self.current = RoundMemory(announcement, state, accumulator, params, version + 1, parent)
         self._move(StartCollecting())
 
     def _abort(self, reason: str) -> list[Outgoing]:
@@ -248,6 +206,7 @@ class AggregatorService:
             signed = open_envelope(payload, self._keys_all, MAX_MESSAGE)
             if signed.signer_id == self.me:
                 return []  # our own publication, echoed by the broker
+            check_topic(topics.parse(topic), signed.message)
             return handler(signed.message, signed.signer_id)
         except (TesseraError, ValueError) as exc:
             # ValueError covers CodecError and the admission errors; no share content or
@@ -264,10 +223,10 @@ class AggregatorService:
             )
             return []
 
-    def _context(self, message: Message, **more: object) -> _Round:
+    def _context(self, message: Message, **more: object) -> RoundMemory:
         """The current round, after checking the message belongs to it."""
         if self.current is None:
-            raise AgreementFailed("no round is open at this aggregator")
+            raise MessageRejected("no round is open at this aggregator")
         a = self.current.announcement
         require_fields(
             message, federation_id=a.federation_id, study_id=a.study_id, round=a.round, **more
@@ -282,19 +241,19 @@ class AggregatorService:
             self._move(Abort(f"aborted by {signer}: {message.reason}"))
             return []
         if not isinstance(message, RoundOpen):
-            raise AgreementFailed(f"{type(message).__name__} on the round topic")
+            raise MessageRejected(f"{type(message).__name__} on the round topic")
         if signer != self.config.leader_id or message.leader_id != signer:
-            raise AgreementFailed(
+            raise MessageRejected(
                 f"RoundOpen signed by {signer!r}, the leader is {self.config.leader_id!r}"
             )
         require_fields(
             message, federation_id=self.config.federation_id, study_id=self.config.study_id
         )
         if self.current is not None and message.round <= self.current.state.round:
-            raise AgreementFailed(f"RoundOpen for round {message.round} is not new")
+            raise MessageRejected(f"RoundOpen for round {message.round} is not new")
         params, _, _ = self._base()
         if message.base_model_hash != hashlib.sha256(weights_bytes(params)).digest():
-            raise AgreementFailed(
+            raise MessageRejected(
                 f"round {message.round} starts from a base model this aggregator does not hold"
             )
         if self.current is not None and not self.current.state.stage.is_terminal:
@@ -304,7 +263,7 @@ class AggregatorService:
 
     def _on_share(self, message: Message, signer: str) -> list[Outgoing]:
         if not isinstance(message, ShareEnvelope):
-            raise AgreementFailed(f"{type(message).__name__} on a share topic")
+            raise MessageRejected(f"{type(message).__name__} on a share topic")
         current = self._context(message)
         check_share_envelope(message, current.announcement, self.me, current.state.stage)
         share = open_share(message, current.announcement, self.me, self.keys.hpke)
@@ -357,7 +316,7 @@ class AggregatorService:
             return []
         current = self._context(message)
         if signer not in current.announcement.aggregator_ids or signer in current.received:
-            raise AgreementFailed(f"ReceivedSet from {signer!r} is unexpected or repeated")
+            raise MessageRejected(f"ReceivedSet from {signer!r} is unexpected or repeated")
         current.received[signer] = tuple(message.node_ids)
         return self._maybe_agree()
 
@@ -386,7 +345,7 @@ class AggregatorService:
         current = self._context(message)
         leader = current.announcement.leader_id
         if signer != leader or message.leader_id != leader:
-            raise AgreementFailed(f"ParticipantSet signed by {signer!r}, not the round's leader")
+            raise MessageRejected(f"ParticipantSet signed by {signer!r}, not the round's leader")
         if current.state.stage is Stage.COLLECTING:
             self._move(CollectionClosed("participant-set"))
         return self._agree(message)
@@ -426,7 +385,7 @@ class AggregatorService:
             return []
         current = self._context(message, to_aggregator=self.me)
         if message.from_aggregator in current.partials:
-            raise AgreementFailed(
+            raise MessageRejected(
                 f"second partial sum from {message.from_aggregator!r}; first wins"
             )
         current.partials[message.from_aggregator] = message  # opened once the set is agreed
@@ -481,29 +440,44 @@ class AggregatorService:
             return []
         current = self._context(message)
         if signer not in current.announcement.aggregator_ids:
-            raise AgreementFailed(f"release published by {signer!r}, not an aggregator")
+            raise MessageRejected(f"release published by {signer!r}, not an aggregator")
         if is_signature_note(message):
             if not self.config.is_leader or message.signatures[0][0] != signer:
                 return []
+            if signer in current.notes:
+                raise MessageRejected(f"a second signature note from {signer!r}; the first counts")
+            if current.built is not None:  # else it waits, and is checked once we built ours
+                add_noted_signature(
+                    current.built.release, message, self.roster.aggregator_signing[signer]
+                )
             current.notes[signer] = message
             return self._maybe_release()
         built = current.built
         if built is None or current.state.stage is not Stage.COMBINING:
-            raise AgreementFailed("a release arrived before this aggregator computed its own")
+            raise MessageRejected("a release arrived before this aggregator computed its own")
         if message.model_hash != built.release.model_hash or self.me not in dict(
             message.signatures
         ):
-            raise AgreementFailed("the release differs from the model this aggregator computed")
+            raise MessageRejected("the release differs from the model this aggregator computed")
         self._register(message)
         return []
 
     def _maybe_release(self) -> list[Outgoing]:
         """Leader, step 8: add every follower's noted signature; publish when all S signed."""
         current = self.current
-        assert current is not None and current.built is not None
+        assert current is not None
+        if current.built is None:
+            return []
         release = current.built.release
         for signer, note in sorted(current.notes.items()):
-            release = add_noted_signature(release, note, self.roster.aggregator_signing[signer])
+            try:
+                release = add_noted_signature(release, note, self.roster.aggregator_signing[signer])
+            except AuthenticationError:  # an early note that does not match ours: forget it
+                del current.notes[signer]
+                log.warning(
+                    "signature note refused",
+                    extra={"event": "message-rejected", "round": release.round, "kind": "RELEASE"},
+                )
         if set(dict(release.signatures)) != set(current.announcement.aggregator_ids):
             return []
         self._register(release)

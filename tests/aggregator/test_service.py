@@ -8,10 +8,11 @@ both aggregators, which the release signatures then cover."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +97,19 @@ class Federation:
                 export_onnx=fake_onnx,
             )
         self.wire: list[Outgoing] = []
+        self.lost: list[Outgoing] = []
 
-    def deliver(self, outgoing: Iterable[Outgoing]) -> None:
-        """Publish, and keep delivering whatever the services answer, in order."""
+    def deliver(
+        self, outgoing: Iterable[Outgoing], drop: Callable[[Outgoing], bool] = lambda o: False
+    ) -> None:
+        """Publish, and keep delivering whatever the services answer, in order; messages
+        `drop` picks are lost on the way (kept in `self.lost`)."""
         queue = deque(outgoing)
         while queue:
             out = queue.popleft()
+            if drop(out):
+                self.lost.append(out)
+                continue
             self.wire.append(out)
             topic = topics.parse(out.topic)
             for agg, service in self.services.items():
@@ -140,10 +148,12 @@ class Federation:
         assert current is not None
         return current.state.stage
 
-    def past_deadline(self) -> None:
-        self.clock.now = self.announcement().deadline_ms / 1000 + 1
+    def past_deadline(
+        self, drop: Callable[[Outgoing], bool] = lambda o: False, extra_s: float = 1
+    ) -> None:
+        self.clock.now = self.announcement().deadline_ms / 1000 + extra_s
         for service in self.services.values():
-            self.deliver(service.tick())
+            self.deliver(service.tick(), drop)
 
     def published(self, kind: type) -> list[tuple[Outgoing, object]]:
         keys = {**self.agg_public}
@@ -160,13 +170,17 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecor
     return [r for r in caplog.records if getattr(r, "event", None) == name]
 
 
-def run_round(fed: Federation, skip: set[tuple[str, str]]) -> dict[str, np.ndarray]:
+def run_round(
+    fed: Federation,
+    skip: set[tuple[str, str]],
+    drop: Callable[[Outgoing], bool] = lambda o: False,
+) -> dict[str, np.ndarray]:
     """Open a round, send every node's shares except `skip` (node, aggregator) pairs."""
     fed.deliver(fed.services[LEADER].open_round(NODES))
     clear = {}
     for seed, node in enumerate(NODES):
         clear[node], outgoing = fed.shares(node, seed)
-        fed.deliver(out for agg, out in outgoing.items() if (node, agg) not in skip)
+        fed.deliver((out for agg, out in outgoing.items() if (node, agg) not in skip), drop)
     return clear
 
 
@@ -257,27 +271,95 @@ def test_forged_misrouted_and_replayed_shares_are_rejected_and_logged(
     assert isinstance(envelope.message, ShareEnvelope)
     tampered = bytearray(fresh["agg-1"].payload)
     tampered[-80] ^= 1
-    attempts = [
-        old[0].payload,  # replay of round 1
-        seal_envelope(envelope.message, "site-a", mallory),  # forged signature
-        bytes(tampered),  # changed in transit
-        fresh["agg-2"].payload,  # meant for the other aggregator
-        b"not an envelope",
-    ]
     topic = fresh["agg-1"].topic
-    for payload in attempts:
-        assert leader.on_message(topic, payload) == []
+    attempts = [
+        (topic, old[0].payload),  # replay of round 1
+        (topic, seal_envelope(envelope.message, "site-a", mallory)),  # forged signature
+        (topic, bytes(tampered)),  # changed in transit
+        (topic, fresh["agg-2"].payload),  # topic and message disagree
+        (fresh["agg-2"].topic, fresh["agg-2"].payload),  # the broker routed it wrongly
+        (topic, b"not an envelope"),
+    ]
+    for where, payload in attempts:
+        assert leader.on_message(where, payload) == []
     rejected = events(caplog, "message-rejected")
-    assert len(rejected) == len(attempts)
     assert [r.error for r in rejected] == [  # type: ignore[attr-defined]
         "AuthenticationError",
         "AuthenticationError",
         "AuthenticationError",
+        "MessageRejected",
         "ShareRejected",
         "CodecError",
     ]
     assert "round differs" in rejected[0].reason  # type: ignore[attr-defined]
-    assert "addressed to 'agg-2'" in rejected[3].reason  # type: ignore[attr-defined]
+    assert "addressed to 'agg-2'" in rejected[4].reason  # type: ignore[attr-defined]
     assert fed.held("agg-1") == ()
     fed.deliver([fresh["agg-1"]])
     assert fed.held("agg-1") == ("site-a",)
+
+
+def kind_of(out: Outgoing) -> topics.Kind:
+    return topics.parse(out.topic).kind
+
+
+def test_a_round_open_not_signed_by_the_leader_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fed = Federation(tmp_path)
+    genuine = fed.services[LEADER].open_round(NODES)
+    (announcement,) = [o for o in genuine if kind_of(o) is topics.Kind.ROUND]
+    message = open_envelope(announcement.payload, fed.agg_public, 1 << 20).message
+    assert isinstance(message, RoundOpen)
+    # a key on the roster, naming itself leader of a round it made up
+    usurper = dataclasses.replace(message, leader_id="site-a", aggregator_ids=("site-a", "agg-2"))
+    forged = seal_envelope(usurper, "site-a", fed.node_keys["site-a"])
+    follower = fed.services["agg-2"]
+    assert follower.on_message(announcement.topic, forged) == []
+    assert follower.current is None
+    (rejected,) = events(caplog, "message-rejected")
+    assert "the leader is 'agg-1'" in rejected.reason  # type: ignore[attr-defined]
+    fed.deliver(genuine)
+    assert fed.stage("agg-2") is Stage.COLLECTING
+
+
+def test_a_lost_received_set_aborts_at_the_agreement_timeout(tmp_path: Path) -> None:
+    fed = Federation(tmp_path)
+    run_round(fed, skip={("site-d", "agg-2")})
+
+    def lost(out: Outgoing) -> bool:
+        return kind_of(out) is topics.Kind.RECEIVED
+
+    fed.past_deadline(drop=lost)
+    assert fed.lost and fed.stage("agg-1") is Stage.AGREEING
+    timeout = fed.services[LEADER].config.round.agreement_timeout_s
+    fed.past_deadline(extra_s=timeout + 1)
+    ((_, abort),) = fed.published(RoundAbort)
+    assert isinstance(abort, RoundAbort) and "agreement timeout" in abort.reason
+    assert fed.stage("agg-1") is Stage.ABORTED and fed.stage("agg-2") is Stage.ABORTED
+    assert not fed.published(ModelRelease)
+
+
+def test_a_bad_signature_note_is_refused_and_the_genuine_one_completes_the_release(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fed = Federation(tmp_path)
+
+    def note(out: Outgoing) -> bool:
+        return kind_of(out) is topics.Kind.RELEASE
+
+    run_round(fed, skip=set(), drop=note)  # everyone reports: no deadline needed
+    (held,) = fed.lost
+    genuine = open_envelope(held.payload, fed.agg_public, 1 << 20).message
+    assert isinstance(genuine, ModelRelease)
+    bad = dataclasses.replace(genuine, signatures=(("agg-2", bytes(64)),))
+    other = dataclasses.replace(genuine, version=genuine.version + 1)
+    for message in (bad, other):
+        payload = seal_envelope(message, "agg-2", fed.services["agg-2"].keys.signing)
+        assert fed.services[LEADER].on_message(held.topic, payload) == []
+    assert fed.stage("agg-1") is Stage.COMBINING
+    assert [r.error for r in events(caplog, "message-rejected")] == [  # type: ignore[attr-defined]
+        "AuthenticationError",
+        "AuthenticationError",
+    ]
+    fed.deliver([held])
+    assert fed.stage("agg-1") is Stage.RELEASED and fed.stage("agg-2") is Stage.RELEASED
