@@ -13,6 +13,13 @@ every expected node reported, a signed ReceivedSet -> the leader intersects and 
 the ParticipantSet, or a RoundAbort below k -> each aggregator checks the set, publishes its
 one partial sum -> on the S-1 others: combine, strategy, release, signature exchange
 (aggregator.release_build) -> the leader publishes the fully signed release, retained.
+
+Order does not matter within a round: a ReceivedSet, partial sum or signature note that
+arrives before this aggregator is ready is kept (first copy wins) and used when it is. The
+leader keeps its own ReceivedSet instead of publishing it. A RoundAbort is published
+retained so that it replaces the retained RoundOpen. A round is not resumed after a
+restart: the caller runs `store.recover()` first (it aborts rounds in flight and deletes
+their shares), and the service starts with no round until the next RoundOpen.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ from aggregator.admission import (
 )
 from aggregator.agreement import check_partial_sum_request, intersect_received
 from aggregator.config import AggregatorConfig
-from aggregator.errors import AgreementFailed, DuplicateShare, MessageRejected
+from aggregator.errors import (
+    AggregatorConfigError,
+    AgreementFailed,
+    DuplicateShare,
+    MessageRejected,
+)
 from aggregator.leader import plan_round, round_record
 from aggregator.partials import open_partial_sum, seal_partial_sums
 from aggregator.registry import GENESIS_PARENT, Registry, weights_bytes
@@ -103,6 +115,12 @@ class AggregatorService:
         self.store, self.registry, self.clock = store, registry, clock
         self.genesis, self.export_onnx = genesis, export_onnx
         self.current: RoundMemory | None = None
+        shared = set(roster.aggregator_signing) & set(roster.node_signing)
+        if shared:
+            raise AggregatorConfigError(
+                f"ids {sorted(shared)} name both an aggregator and a node; every member of "
+                "the federation needs its own id (fix the manifest)"
+            )
         self._keys_all = {**roster.aggregator_signing, **roster.node_signing}
         self._handlers: dict[topics.Kind, Callable[[Message, str], list[Outgoing]]] = {
             topics.Kind.ROUND: self._on_round,
@@ -384,6 +402,8 @@ class AggregatorService:
         if not isinstance(message, PartialSum):
             return []
         current = self._context(message, to_aggregator=self.me)
+        if signer not in current.announcement.aggregator_ids:
+            raise MessageRejected(f"partial sum signed by {signer!r}, not an aggregator")
         if message.from_aggregator in current.partials:
             raise MessageRejected(
                 f"second partial sum from {message.from_aggregator!r}; first wins"

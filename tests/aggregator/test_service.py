@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig, BrokerSettings, RoundSettings
+from aggregator.errors import AggregatorConfigError
 from aggregator.registry import Registry, load_weights, weights_bytes
 from aggregator.rounds import Stage
 from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
@@ -98,15 +99,17 @@ class Federation:
             )
         self.wire: list[Outgoing] = []
         self.lost: list[Outgoing] = []
+        self.newest_first = False
 
     def deliver(
         self, outgoing: Iterable[Outgoing], drop: Callable[[Outgoing], bool] = lambda o: False
     ) -> None:
-        """Publish, and keep delivering whatever the services answer, in order; messages
-        `drop` picks are lost on the way (kept in `self.lost`)."""
+        """Publish, and keep delivering whatever the services answer, in order (newest
+        first when `self.newest_first`); messages `drop` picks are lost on the way (kept in
+        `self.lost`)."""
         queue = deque(outgoing)
         while queue:
-            out = queue.popleft()
+            out = queue.pop() if self.newest_first else queue.popleft()
             if drop(out):
                 self.lost.append(out)
                 continue
@@ -363,3 +366,41 @@ def test_a_bad_signature_note_is_refused_and_the_genuine_one_completes_the_relea
     ]
     fed.deliver([held])
     assert fed.stage("agg-1") is Stage.RELEASED and fed.stage("agg-2") is Stage.RELEASED
+
+
+def test_messages_that_overtake_each_other_still_give_one_release(tmp_path: Path) -> None:
+    """Newest first: the leader's partial sum reaches the follower before the participant
+    set, and the follower's signature note can reach the leader before its own release."""
+    fed = Federation(tmp_path)
+    fed.newest_first = True
+    run_round(fed, skip={("site-d", "agg-2")})
+    fed.past_deadline()
+    order = [kind_of(o) for o in fed.wire]
+    assert order.index(topics.Kind.PARTIAL) < order.index(topics.Kind.PARTICIPANTS)
+    to_leader = [i for i, o in enumerate(fed.wire) if topics.parse(o.topic).aggregator == LEADER]
+    assert order.index(topics.Kind.RELEASE) < to_leader[-1]  # the note came first
+    for agg in AGGREGATORS:
+        assert fed.stage(agg) is Stage.RELEASED
+    versions = [fed.services[a].registry.latest(STUDY) for a in AGGREGATORS]
+    assert versions[0] and versions[1]
+    assert versions[0].record.model_hash == versions[1].record.model_hash
+
+
+def test_ids_shared_by_a_node_and_an_aggregator_are_refused(tmp_path: Path) -> None:
+    fed = Federation(tmp_path)
+    service = fed.services["agg-2"]
+    roster = dataclasses.replace(
+        service.roster,
+        node_signing={**service.roster.node_signing, "agg-1": fed.agg_public["agg-1"]},
+    )
+    with pytest.raises(AggregatorConfigError, match=r"\['agg-1'\] name both"):
+        AggregatorService(
+            service.config,
+            service.keys,
+            roster,
+            service.store,
+            service.registry,
+            fed.clock,
+            genesis=GENESIS,
+            export_onnx=fake_onnx,
+        )
