@@ -26,29 +26,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from aggregator.accumulator import ShareAccumulator
 from aggregator.admission import (
-    aggregator_index,
     check_share_envelope,
     collection_close_reason,
     open_share,
 )
 from aggregator.agreement import check_partial_sum_request, intersect_received
-from aggregator.config import AggregatorConfig
 from aggregator.errors import (
-    AggregatorConfigError,
     AgreementFailed,
     DuplicateShare,
     MessageRejected,
 )
-from aggregator.leader import plan_round, round_record
+from aggregator.leader import plan_round
 from aggregator.partials import open_partial_sum, seal_partial_sums
-from aggregator.registry import GENESIS_PARENT, Registry, weights_bytes
+from aggregator.registry import weights_bytes
 from aggregator.release_build import (
     add_noted_signature,
     build_signed_release,
@@ -58,27 +52,23 @@ from aggregator.release_build import (
 from aggregator.rounds import (
     Abort,
     CollectionClosed,
-    Event,
     ModelReleased,
     PartialSumPublished,
     ParticipantsAgreed,
-    RoundState,
     ShareAccepted,
     Stage,
-    StartCollecting,
     transition,
 )
+from aggregator.service_core import ServiceCore
 from aggregator.service_state import (
     Outgoing,
     RosterKeys,
-    RoundMemory,
     ServiceKeys,
     check_topic,
 )
-from aggregator.store import Store
 from aggregator.strategies import ServerState, server_state_from_bytes
 from broker import topics
-from tessera.envelopes import Message, open_envelope, require_fields, seal_envelope
+from tessera.envelopes import Message, open_envelope, require_fields
 from tessera.errors import AuthenticationError, TesseraError
 from tessera.flatten import flatten
 from tessera.messages import (
@@ -92,98 +82,25 @@ from tessera.messages import (
 )
 from tessera.update_layout import vector_length
 
+__all__ = ["AggregatorService", "Outgoing", "RosterKeys", "ServiceKeys"]
+
 log = logging.getLogger("tessera.aggregator.service")
 MAX_MESSAGE = 512 * 1024 * 1024
 
 
-class AggregatorService:
+class AggregatorService(ServiceCore):
     """One aggregator's protocol state machine (see the module docstring)."""
 
-    def __init__(
-        self,
-        config: AggregatorConfig,
-        keys: ServiceKeys,
-        roster: RosterKeys,
-        store: Store,
-        registry: Registry,
-        clock: Callable[[], float],
-        *,
-        genesis: Mapping[str, np.ndarray],
-        export_onnx: Callable[[Mapping[str, np.ndarray]], bytes],
-    ) -> None:
-        self.config, self.keys, self.roster = config, keys, roster
-        self.store, self.registry, self.clock = store, registry, clock
-        self.genesis, self.export_onnx = genesis, export_onnx
-        self.current: RoundMemory | None = None
-        shared = set(roster.aggregator_signing) & set(roster.node_signing)
-        if shared:
-            raise AggregatorConfigError(
-                f"ids {sorted(shared)} name both an aggregator and a node; every member of "
-                "the federation needs its own id (fix the manifest)"
-            )
-        self._keys_all = {**roster.aggregator_signing, **roster.node_signing}
-        self._handlers: dict[topics.Kind, Callable[[Message, str], list[Outgoing]]] = {
+    def _handler(self, kind: topics.Kind) -> Callable[[Message, str], list[Outgoing]] | None:
+        """The step for a topic kind; None for kinds an aggregator does not act on."""
+        return {
             topics.Kind.ROUND: self._on_round,
             topics.Kind.SHARE: self._on_share,
             topics.Kind.RECEIVED: self._on_received,
             topics.Kind.PARTICIPANTS: self._on_participants,
             topics.Kind.PARTIAL: self._on_partial,
             topics.Kind.RELEASE: self._on_release,
-        }
-
-    # --- helpers ---------------------------------------------------------------------------
-
-    @property
-    def me(self) -> str:
-        """This aggregator's id."""
-        return self.config.aggregator_id
-
-    def _send(self, topic: str, message: Message, retain: bool = False) -> Outgoing:
-        return Outgoing(topic, seal_envelope(message, self.me, self.keys.signing), retain)
-
-    def _move(self, event: Event) -> None:
-        assert self.current is not None
-        self.current.state = transition(self.current.state, event)
-        self.store.save_state(self.config.study_id, self.current.state)
-
-    def _base(self) -> tuple[Mapping[str, np.ndarray], int, bytes]:
-        """The base model (params, its version, the new model's parent hash)."""
-        latest = self.registry.latest(self.config.study_id)
-        if latest is None:
-            return self.genesis, 0, GENESIS_PARENT
-        record = latest.record
-        return (
-            self.registry.weights(record.study_id, record.version),
-            record.version,
-            record.model_hash,
-        )
-
-    def _begin(self, announcement: RoundOpen) -> None:
-        params, version, parent = self._base()
-        self.store.create_round(round_record(announcement))
-        accumulator = ShareAccumulator(
-            federation_id=announcement.federation_id,
-            study_id=announcement.study_id,
-            round_number=announcement.round,
-            aggregator_index=aggregator_index(announcement, self.me),
-            params=announcement.ring,
-            length=announcement.vector_length,
-            ledger=self.store,
-        )
-        state = RoundState(announcement.round)
-        self.current = RoundMemory(announcement, state, accumulator, params, version + 1, parent)
-        self._move(StartCollecting())
-
-    def _abort(self, reason: str) -> list[Outgoing]:
-        assert self.current is not None
-        self._move(Abort(reason))
-        a = self.current.announcement
-        log.warning(
-            "round aborted", extra={"event": "round-abort", "round": a.round, "reason": reason}
-        )
-        abort = RoundAbort(a.federation_id, a.study_id, a.round, self.me, reason)
-        # Retained, so that it replaces the retained RoundOpen: a late node must not train.
-        return [self._send(topics.round_topic(a.federation_id, a.study_id), abort, retain=True)]
+        }.get(kind)
 
     # --- the leader opens ------------------------------------------------------------------
 
@@ -218,7 +135,7 @@ class AggregatorService:
         kind: topics.Kind | None = None
         try:
             kind = topics.parse(topic).kind
-            handler = self._handlers.get(kind)
+            handler = self._handler(kind)
             if handler is None:
                 return []
             signed = open_envelope(payload, self._keys_all, MAX_MESSAGE)
@@ -240,16 +157,6 @@ class AggregatorService:
                 },
             )
             return []
-
-    def _context(self, message: Message, **more: object) -> RoundMemory:
-        """The current round, after checking the message belongs to it."""
-        if self.current is None:
-            raise MessageRejected("no round is open at this aggregator")
-        a = self.current.announcement
-        require_fields(
-            message, federation_id=a.federation_id, study_id=a.study_id, round=a.round, **more
-        )
-        return self.current
 
     def _on_round(self, message: Message, signer: str) -> list[Outgoing]:
         if isinstance(message, RoundAbort):
