@@ -14,10 +14,16 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import TypeVar
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from tessera.errors import ConfigError
 
 PRIVATE_MODE = 0o600
+
+Key = TypeVar("Key")
 
 
 def atomic_write(
@@ -103,3 +109,27 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def load_private_pem(
+    path: str | os.PathLike[str], what: str, key_type: type[Key], algorithm: str
+) -> Key:
+    """Load an unencrypted PEM private key of `key_type` from a private (0600) file.
+
+    Raises ConfigError, naming `what` and the fix, when the file is missing, readable by
+    others, not PEM, or a key of another algorithm.
+    """
+    pem = read_private_file(path, what)
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"{what} {path} is not an unencrypted PEM private key; "
+            "regenerate it with `tessera provision`"
+        ) from None
+    if not isinstance(key, key_type):
+        raise ConfigError(
+            f"{what} {path} is a {type(key).__name__}, not {algorithm}; "
+            "regenerate it with `tessera provision`"
+        )
+    return key

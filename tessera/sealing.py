@@ -26,12 +26,12 @@ import os
 import struct
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from tessera.errors import AuthenticationError, ConfigError
-from tessera.files import read_private_file, write_private_file
+from tessera.files import load_private_pem, write_private_file
 from tessera.ids import check_id
 
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
@@ -121,20 +121,7 @@ def save_hpke_key(key: X25519PrivateKey, path: str | os.PathLike[str]) -> None:
 
 def load_hpke_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
     """Load a key written by `save_hpke_key`; ConfigError (with the fix) if it is unusable."""
-    pem = read_private_file(path, "HPKE key")
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ConfigError(
-            f"HPKE key {path} is not an unencrypted PEM private key; "
-            "regenerate it with `tessera provision`"
-        ) from None
-    if not isinstance(key, X25519PrivateKey):
-        raise ConfigError(
-            f"HPKE key {path} is a {type(key).__name__}, not X25519; "
-            "regenerate it with `tessera provision`"
-        )
-    return key
+    return load_private_pem(path, "HPKE key", X25519PrivateKey, "X25519")  # type: ignore[type-abstract]
 
 
 def hpke_public_bytes(key: X25519PrivateKey | X25519PublicKey) -> bytes:

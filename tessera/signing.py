@@ -18,12 +18,12 @@ import hashlib
 import os
 import struct
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tessera.errors import AuthenticationError, ConfigError
-from tessera.files import read_private_file, write_private_file
+from tessera.files import load_private_pem, write_private_file
 
 SIGNATURE_LENGTH = 64
 PUBLIC_KEY_LENGTH = 32
@@ -60,20 +60,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     Raises ConfigError (with the fix) when the file is missing, readable by group or others,
     not PEM, or not an Ed25519 key.
     """
-    pem = read_private_file(path, "signing key")
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ConfigError(
-            f"signing key {path} is not an unencrypted PEM private key; "
-            "regenerate it with `tessera provision`"
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(
-            f"signing key {path} is a {type(key).__name__}, not Ed25519; "
-            "regenerate it with `tessera provision`"
-        )
-    return key
+    return load_private_pem(path, "signing key", Ed25519PrivateKey, "Ed25519")  # type: ignore[type-abstract]
 
 
 def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
