@@ -5,17 +5,15 @@ down explicitly. An override is named after its key: `TESSERA_<KEY>` for a top-l
 `TESSERA_<SECTION>_<KEY>` for a key in a section (`TESSERA_BROKER_HOST`,
 `TESSERA_ROUND_MIN_PARTICIPANTS`). Every error names the key, the value and the fix.
 
+With `bundle_dir` (the startup bundle from `tessera provision`), the federation id, the
+leader, both private keys, the broker's address and the TLS files come from the bundle, and
+the manifest defaults to `<bundle_dir>/manifest.toml`; a key set in the file still wins.
+
 ```toml
 aggregator_id = "agg-1"
-federation_id = "fed-1"
-study_id = "study-1"
-leader_id = "agg-1"
-manifest = "/etc/tessera/bundle/manifest.json"
-signing_key = "/etc/tessera/bundle/agg-1.signing.pem"
-hpke_key = "/etc/tessera/bundle/agg-1.hpke.pem"
-
-[broker]
-host = "broker.example.org"
+bundle_dir = "/etc/tessera/bundle"
+study_id = "chest-xray"
+state_dir = "/var/lib/tessera"
 
 [round]
 min_participants = 3
@@ -29,18 +27,17 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
-import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aggregator.errors import AggregatorConfigError, StrategyError
 from aggregator.strategies import ALGORITHMS, OPTIMIZERS, PolicyConfig, StrategyConfig
+from broker.bundle import load_bundle
+from tessera.errors import TesseraError
+from tessera.settings import ENV_PREFIX, build_settings, check, read_toml
 from tessera.update_layout import DEFAULT_LOSS_CAP
-
-ENV_PREFIX = "TESSERA_"
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,9 @@ class RoundSettings:
     min_participants: int = 3
     collect_timeout_s: float = 600.0
     agreement_timeout_s: float = 120.0
-    max_rounds: int = 0  # 0: keep opening rounds
+    max_rounds: int = 0  # 0: as many as the study allows
+    pause_s: float = 2.0  # the leader's wait between one round's end and the next RoundOpen
+    start_wait_s: float = 60.0  # the leader's wait for every node to come online, once
     algorithm: str = "fedavg"  # the first round's; the adaptive policy may change it
     local_epochs: int = 1
     learning_rate: float = 0.01
@@ -101,6 +100,9 @@ class RoundSettings:
             _check(math.isfinite(value) and value > 0, f"round.{name}", value, "use a number > 0")
         _check(8 <= self.frac_bits <= 32, "round.frac_bits", self.frac_bits, "use 8 to 32 bits")
         _check(self.max_rounds >= 0, "round.max_rounds", self.max_rounds, "use 0 or more")
+        for name in ("pause_s", "start_wait_s"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"round.{name}", value, "use 0 or more")
         _check(self.local_epochs >= 1, "round.local_epochs", self.local_epochs, "use 1 or more")
         _check(self.prox_mu >= 0, "round.prox_mu", self.prox_mu, "use 0 (off) or more")
         _check(
@@ -167,7 +169,10 @@ class AggregatorConfig:
     signing_key: Path
     hpke_key: Path
     state_dir: Path = Path("/var/lib/tessera")
+    bundle_dir: Path | None = None
+    architecture: str | None = None  # None: the study's only allowed architecture
     http_port: int = 8080
+    log_level: str = "INFO"
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     round: RoundSettings = field(default_factory=RoundSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
@@ -181,7 +186,13 @@ class AggregatorConfig:
                 value,
                 "use a short ASCII id without spaces, as in the manifest",
             )
-        _check(0 < self.http_port < 65536, "http_port", self.http_port, "use 1-65535")
+        _check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535 (0: any)")
+        _check(
+            self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            "log_level",
+            self.log_level,
+            "use DEBUG, INFO, WARNING or ERROR",
+        )
 
     @property
     def is_leader(self) -> bool:
@@ -212,16 +223,7 @@ def load_config(
 ) -> AggregatorConfig:
     """Read `path` (TOML), apply TESSERA_* overrides from `env` (default os.environ), validate."""
     source = Path(path)
-    try:
-        document = tomllib.loads(source.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AggregatorConfigError(
-            f"configuration file {source} does not exist; pass --config with the right path"
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise AggregatorConfigError(
-            f"configuration file {source} is not valid TOML: {exc}"
-        ) from None
+    document = read_toml(source, AggregatorConfigError)
     return config_from_mapping(document, os.environ if env is None else env, str(source))
 
 
@@ -229,6 +231,7 @@ def config_from_mapping(
     document: Mapping[str, Any], env: Mapping[str, str], origin: str = "the configuration"
 ) -> AggregatorConfig:
     """Build the config from an already-parsed TOML document plus environment overrides."""
+    document = _with_bundle_defaults(document, env, origin)
     top = {k: v for k, v in document.items() if k not in _SECTIONS}
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -240,6 +243,52 @@ def config_from_mapping(
     return config
 
 
+def _with_bundle_defaults(
+    document: Mapping[str, Any], env: Mapping[str, str], origin: str
+) -> Mapping[str, Any]:
+    """The document with every key the startup bundle answers filled in where it is unset."""
+    raw = env.get(ENV_PREFIX + "BUNDLE_DIR", document.get("bundle_dir"))
+    if not raw:
+        return document
+    folder = Path(str(raw))
+    try:
+        bundle = load_bundle(folder)
+    except TesseraError as exc:
+        raise AggregatorConfigError(
+            f"bundle_dir = {str(folder)!r} (from {origin}): {exc}"
+        ) from None
+    if bundle.role != "aggregator":
+        raise AggregatorConfigError(
+            f"bundle {folder} is {bundle.member_id!r}'s, a {bundle.role}; mount the "
+            "aggregator's own bundle"
+        )
+    named = env.get(ENV_PREFIX + "AGGREGATOR_ID", document.get("aggregator_id"))
+    if named is not None and named != bundle.member_id:
+        raise AggregatorConfigError(
+            f"aggregator_id = {named!r} but bundle {folder} belongs to {bundle.member_id!r}"
+        )
+    defaults: dict[str, Any] = {
+        "aggregator_id": bundle.member_id,
+        "federation_id": bundle.federation_id,
+        "leader_id": bundle.roster.leader,
+        "manifest": str(folder / "manifest.toml"),
+        "signing_key": str(folder / "signing.key"),
+        "hpke_key": str(folder / "hpke.key"),
+    }
+    broker_defaults = {
+        "host": bundle.hostnames[0] if bundle.hostnames else "localhost",
+        "port": bundle.mqtt_port,
+        "ca_file": str(bundle.tls_files.ca_file),
+        "cert_file": str(bundle.tls_files.cert_file),
+        "key_file": str(bundle.tls_files.key_file),
+    }
+    merged = {**defaults, **document}
+    broker = document.get("broker", {})
+    if isinstance(broker, Mapping):
+        merged["broker"] = {**broker_defaults, **broker}
+    return merged
+
+
 def _build(
     cls: type,
     table: Mapping[str, Any],
@@ -248,85 +297,8 @@ def _build(
     origin: str,
     given: Mapping[str, Any] | None = None,
 ) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise AggregatorConfigError(
-            f"unknown key {prefix}{unknown[0]} in {origin}; known keys here: "
-            f"{', '.join(sorted(known - set(given or {})))} (check the spelling)"
-        )
-    values: dict[str, Any] = dict(given or {})
-    for item in fields(cls):
-        if item.name in values:
-            continue
-        key = f"{prefix}{item.name}"
-        env_name = ENV_PREFIX + key.replace(".", "_").upper()
-        if env_name in env:
-            values[item.name] = _coerce(env[env_name], hints[item.name], key, env_name)
-        elif item.name in table:
-            values[item.name] = _coerce(table[item.name], hints[item.name], key, origin)
-        elif item.default is MISSING and item.default_factory is MISSING:
-            raise AggregatorConfigError(
-                f"required key {key} is missing; add it to {origin} or set {env_name}"
-            )
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, AggregatorConfigError):
-            raise
-        raise AggregatorConfigError(f"{origin}: {exc}") from None
-
-
-def _coerce(raw: Any, kind: Any, key: str, where: str) -> Any:
-    """Convert a TOML value, or an environment string, to the field's type."""
-    options = typing.get_args(kind) or (kind,)
-    if type(None) in options and raw == "":
-        return None  # an empty override clears an optional path
-    target = next(t for t in options if t is not type(None))
-    value = _convert(raw, target, from_env=where.startswith(ENV_PREFIX))
-    if value is None:
-        name = getattr(target, "__name__", str(target))
-        raise AggregatorConfigError(
-            f"{key} = {raw!r} (from {where}) is not a valid {name}; fix it there"
-        )
-    return value
-
-
-def _convert(raw: Any, target: type, from_env: bool) -> Any:
-    """The converted value, or None when `raw` does not fit `target`."""
-    if target is bool:
-        if isinstance(raw, bool):
-            return raw
-        if from_env and isinstance(raw, str):
-            words = {
-                "1": True,
-                "true": True,
-                "yes": True,
-                "on": True,
-                "0": False,
-                "false": False,
-                "no": False,
-                "off": False,
-            }
-            return words.get(raw.strip().lower())
-        return None
-    if isinstance(raw, bool):
-        return None  # TOML true is not a number
-    if target in (int, float):
-        if isinstance(raw, int) or (target is float and isinstance(raw, float)):
-            return target(raw)
-        if from_env and isinstance(raw, str):
-            try:
-                return target(raw)
-            except ValueError:
-                return None
-        return None
-    if target in (str, Path):
-        return target(raw) if isinstance(raw, str) and raw else None
-    raise AggregatorConfigError(f"configuration type {target} is not supported")  # a bug
+    return build_settings(cls, table, env, prefix, origin, given, error=AggregatorConfigError)
 
 
 def _check(ok: bool, key: str, value: object, fix: str) -> None:
-    if not ok:
-        raise AggregatorConfigError(f"{key} = {value!r} is invalid; {fix}")
+    check(ok, key, value, fix, AggregatorConfigError)

@@ -58,12 +58,12 @@ def build_signed_release(
     server_state: ServerState,
     version: int,
     parent_hash: bytes,
-    onnx: Callable[[Mapping[str, np.ndarray]], bytes],
+    onnx: Callable[[Mapping[str, np.ndarray], int], bytes],
     key: Ed25519PrivateKey,
 ) -> BuiltRelease:
     """Combine the S partial sums, apply the strategy, card and assemble the release, sign it.
 
-    `onnx` exports the new weights (the caller's exporter). Everything else is
+    `onnx(params, version)` exports the new weights (the caller's exporter). Everything else is
     deterministic, so every aggregator gets the same release bytes.
     """
     decoded = combine_round(partials, announcement, participants)
@@ -92,7 +92,7 @@ def build_signed_release(
         validation={"mean_loss": outcome.mean_loss, "dispersion": outcome.dispersion},
         layout_digest=manifest.digest(),
     )
-    release = assemble_release(card=card, params=outcome.params, onnx=onnx(outcome.params))
+    release = assemble_release(card=card, params=outcome.params, onnx=onnx(outcome.params, version))
     return BuiltRelease(sign_release(release, config.aggregator_id, key), outcome)
 
 
@@ -102,11 +102,6 @@ def signature_note(release: ModelRelease, aggregator_id: str) -> ModelRelease:
     if len(mine) != 1:
         raise AggregatorError(f"the release carries no signature by {aggregator_id!r}")
     return replace(release, payload=b"", signatures=mine)
-
-
-def is_signature_note(release: ModelRelease) -> bool:
-    """True for a signature note (empty payload, exactly one signature)."""
-    return release.payload == b"" and len(release.signatures) == 1
 
 
 def add_noted_signature(

@@ -46,7 +46,6 @@ from aggregator.registry import weights_bytes
 from aggregator.release_build import (
     add_noted_signature,
     build_signed_release,
-    is_signature_note,
     signature_note,
 )
 from aggregator.rounds import (
@@ -80,6 +79,7 @@ from tessera.messages import (
     RoundOpen,
     ShareEnvelope,
 )
+from tessera.release import is_signature_note
 from tessera.update_layout import vector_length
 
 __all__ = ["AggregatorService", "Outgoing", "RosterKeys", "ServiceKeys"]
@@ -147,13 +147,14 @@ class AggregatorService(ServiceCore):
             # ValueError covers CodecError and the admission errors; no share content or
             # site data is in these messages, and AuthenticationError stays vague.
             log.warning(
-                "message rejected",
+                "message-rejected",
                 extra={
-                    "event": "message-rejected",
-                    "kind": None if kind is None else kind.name,
-                    "error": type(exc).__name__,
-                    "reason": str(exc),
-                    "round": None if self.current is None else self.current.state.round,
+                    "fields": {
+                        "kind": None if kind is None else kind.name,
+                        "error": type(exc).__name__,
+                        "reason": str(exc),
+                        "round": None if self.current is None else self.current.state.round,
+                    }
                 },
             )
             return []
@@ -197,8 +198,8 @@ class AggregatorService(ServiceCore):
             current.accumulator.add(message.node_id, share, envelope_digest=digest)
         except DuplicateShare:
             log.info(
-                "duplicate share ignored",
-                extra={"event": "share-duplicate", "round": message.round},
+                "share-duplicate",
+                extra={"fields": {"round": message.round}},
             )
             return []
         self._move(ShareAccepted(message.node_id))
@@ -402,8 +403,8 @@ class AggregatorService(ServiceCore):
             except AuthenticationError:  # an early note that does not match ours: forget it
                 del current.notes[signer]
                 log.warning(
-                    "signature note refused",
-                    extra={"event": "message-rejected", "round": release.round, "kind": "RELEASE"},
+                    "message-rejected",
+                    extra={"fields": {"round": release.round, "kind": "RELEASE"}},
                 )
         if set(dict(release.signatures)) != set(current.announcement.aggregator_ids):
             return []
@@ -421,6 +422,6 @@ class AggregatorService(ServiceCore):
         )
         self._move(ModelReleased(str(release.version)))
         log.info(
-            "model released",
-            extra={"event": "model-released", "round": release.round, "version": release.version},
+            "model-released",
+            extra={"fields": {"round": release.round, "version": release.version}},
         )

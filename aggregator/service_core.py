@@ -38,7 +38,7 @@ class ServiceCore:
         clock: Callable[[], float],
         *,
         genesis: Mapping[str, np.ndarray],
-        export_onnx: Callable[[Mapping[str, np.ndarray]], bytes],
+        export_onnx: Callable[[Mapping[str, np.ndarray], int], bytes],
     ) -> None:
         self.config, self.keys, self.roster = config, keys, roster
         self.store, self.registry, self.clock = store, registry, clock
@@ -99,9 +99,7 @@ class ServiceCore:
         assert self.current is not None
         self._move(Abort(reason))
         a = self.current.announcement
-        log.warning(
-            "round aborted", extra={"event": "round-abort", "round": a.round, "reason": reason}
-        )
+        log.warning("round-abort", extra={"fields": {"round": a.round, "reason": reason}})
         abort = RoundAbort(a.federation_id, a.study_id, a.round, self.me, reason)
         # Retained, so that it replaces the retained RoundOpen: a late node must not train.
         return [self._send(topics.round_topic(a.federation_id, a.study_id), abort, retain=True)]

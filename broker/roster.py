@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from tessera.errors import AuthenticationError, ConfigError
+from tessera.manifest_model import Manifest
 from tessera.sealing import load_hpke_public
 from tessera.signing import SIGNATURE_LENGTH, load_public_key
 
@@ -137,3 +138,37 @@ def load_roster(roster_path: Path, signature_path: Path, coordinator: Ed25519Pub
         # Signed bytes must be the canonical form, so two readers can never disagree on them.
         raise ConfigError(f"roster {roster_path} is not in canonical form; re-provision it")
     return roster
+
+
+def check_manifest_agrees(roster: Roster, manifest: Manifest) -> None:
+    """Raise ConfigError unless the manifest and the roster name the same members and keys.
+
+    Both are signed by the coordinator: the roster for transport (who may connect, whose
+    envelope signature counts, which HPKE key a share is sealed to), the manifest for
+    governance (studies, stewards, terms). A service trusts a member only where both agree,
+    so a stale bundle or a manifest from another provisioning run stops it at start, with
+    the member named, instead of failing rounds later.
+    """
+    if manifest.federation_id != roster.federation_id:
+        raise ConfigError(
+            f"the manifest is for federation {manifest.federation_id!r}, the bundle's roster "
+            f"for {roster.federation_id!r}"
+        )
+    wanted: dict[str, tuple[str, bytes, bytes | None]] = {
+        **{s.id: ("site", s.node_key, None) for s in manifest.sites},
+        **{a.id: ("aggregator", a.signing_key, a.hpke_key) for a in manifest.aggregators},
+    }
+    held = {m.id: (m.role, m.signing_key, m.hpke_key) for m in roster.members}
+    for member_id in sorted(set(wanted) | set(held)):
+        if member_id not in held or member_id not in wanted:
+            where = "roster" if member_id not in held else "manifest"
+            raise ConfigError(
+                f"member {member_id!r} is missing from the {where}; provision and sign the "
+                "manifest from the same federation roster (roster version "
+                f"{roster.version}, manifest version {manifest.version})"
+            )
+        if wanted[member_id] != held[member_id]:
+            raise ConfigError(
+                f"member {member_id!r} has different keys or role in the manifest and in the "
+                "roster; re-issue the manifest from the current roster"
+            )

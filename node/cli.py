@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from node import inference_cli, intake_cli
+from node import daemon_cli, inference_cli, intake_cli
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 NODE_COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     intake_cli.register,
     inference_cli.register,
+    daemon_cli.register,
 )
 
 

@@ -28,11 +28,10 @@ import onnxruntime as ort
 
 from node.errors import NodeError, UnusableImageError
 from node.phi import instance_key, keyed_hash
-from node.preprocess import PIPELINE_VERSION, PreprocessConfig, preprocess
+from node.preprocess import PreprocessConfig, preprocess
 from node.screen import IntakeLimits, quiet_pydicom, read_dataset, screen_dataset
 from tessera.models.onnx_export import INPUT_NAME, OUTPUT_NAMES, ExportMetadata, read_metadata
-
-PIPELINE_KEY = "pipeline_version"
+from tessera.pipeline import PIPELINE_KEY, PIPELINE_VERSION
 
 
 def preprocess_metadata(cfg: PreprocessConfig) -> dict[str, object]:

@@ -75,14 +75,22 @@ class InferenceServer:
 
     def handle_infer(self, body: bytes) -> tuple[int, dict[str, Any]]:
         """Status and JSON for one request body (the handler's pure part)."""
-        try:
-            model = self.slot.current()
-        except NodeError as error:
-            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no-model", "detail": str(error)}
-        try:
-            return HTTPStatus.OK, infer_dicom_bytes(model, body, self.secret, self.limits)
-        except UnusableImageError as error:
-            return HTTPStatus.BAD_REQUEST, {"error": error.reason, "detail": error.detail}
+        return infer_request(self.slot, self.secret, self.limits, body)
+
+
+def infer_request(
+    slot: ModelSlot, secret: bytes, limits: IntakeLimits, body: bytes
+) -> tuple[int, dict[str, Any]]:
+    """Status and JSON for one POST /v1/infer body: 503 before the first model, 400 for an
+    unusable image (reason code, no patient data), else the result with the model version."""
+    try:
+        model = slot.current()
+    except NodeError as error:
+        return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no-model", "detail": str(error)}
+    try:
+        return HTTPStatus.OK, infer_dicom_bytes(model, body, secret, limits)
+    except UnusableImageError as error:
+        return HTTPStatus.BAD_REQUEST, {"error": error.reason, "detail": error.detail}
 
 
 def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:

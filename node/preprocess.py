@@ -39,9 +39,9 @@ from node.screen import (
     read_dataset,
     screen_dataset,
 )
+from tessera.pipeline import PIPELINE_VERSION
 
 # Bump when the pipeline's arithmetic changes, so every cached array is recomputed.
-PIPELINE_VERSION = 1
 
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "ct-soft-tissue": (40.0, 400.0),

@@ -22,10 +22,12 @@ release inside a signed envelope from any aggregator.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,23 @@ class ModelStore:
     @property
     def state_path(self) -> Path:
         return self.root / STATE_FILE
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the store's lock and re-read its state: the running daemon and the operator's
+        `tessera node models pin` may both change it, and neither may undo the other."""
+        with open(self.root / ".lock", "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            self._load()
+            yield
+
+    def reload(self) -> bool:
+        """Re-read the state another process may have changed; True if what `current()`
+        answers changed."""
+        before = self.current()
+        with self._locked():
+            pass
+        return self.current() != before
 
     def _load(self) -> None:
         if not self.state_path.exists():
@@ -163,28 +182,31 @@ class ModelStore:
 
     def pin(self, version: int) -> None:
         """Serve `version` until unpinned, whatever newer releases arrive."""
-        self._require(version)
-        self._pinned = version
-        self._save()
+        with self._locked():
+            self._require(version)
+            self._pinned = version
+            self._save()
         self._audit({"outcome": "pinned", "version": version})
 
     def unpin(self) -> None:
         """Follow the newest release again."""
-        self._pinned = None
-        self._save()
+        with self._locked():
+            self._pinned = None
+            self._save()
         self._audit({"outcome": "unpinned", "version": self.current()})
 
     def rollback(self) -> int:
         """Pin the version before the current one, and return it."""
-        current = self.current()
-        older = [v for v in self._models if current is not None and v < current]
-        if not older:
-            raise NodeError(
-                f"no version before {current} to roll back to; accepted: {sorted(self._models)}"
-            )
-        target = max(older)
-        self._pinned = target
-        self._save()
+        with self._locked():
+            current = self.current()
+            older = [v for v in self._models if current is not None and v < current]
+            if not older:
+                raise NodeError(
+                    f"no version before {current} to roll back to; accepted: {sorted(self._models)}"
+                )
+            target = max(older)
+            self._pinned = target
+            self._save()
         self._audit({"outcome": "rolled-back", "version": target, "from_version": current})
         return target
 
@@ -205,9 +227,26 @@ class ModelStore:
                            (RELEASE_FILE, release.to_bytes())):  # fmt: skip
             atomic_write(folder / name, data)
         record = _record(release)
-        self._models[release.version] = record
-        self._save()  # last: the record exists only once every file is in place
+        with self._locked():
+            self._models[release.version] = record
+            self._save()  # last: the record exists only once every file is in place
         return record
+
+
+def open_model_store(state_dir: Path, audit: AuditLog | None = None) -> ModelStore:
+    """The model store already in `state_dir` (its federation and study read from it);
+    NodeError when this node has accepted no release yet."""
+    path = Path(state_dir) / "models" / STATE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        federation_id, study_id = data["federation_id"], data["study_id"]
+    except FileNotFoundError:
+        raise NodeError(
+            f"{path} does not exist: this node has accepted no release yet (check --state)"
+        ) from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise NodeError(f"model store state {path} is unreadable ({error})") from None
+    return ModelStore(Path(state_dir), federation_id, study_id, audit)
 
 
 def _record(release: ModelRelease) -> StoredModel:

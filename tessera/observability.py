@@ -98,6 +98,9 @@ def configure_logging(level: int | str = logging.INFO, stream: IO[str] | None = 
     root.setLevel(level)
     # pydicom quotes element values in its records; they must not reach a service's output.
     logging.getLogger("pydicom").disabled = True
+    # The ONNX exporter's optimiser narrates every pass at INFO; an operator needs none of it.
+    for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)

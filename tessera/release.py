@@ -157,6 +157,12 @@ def _read_signatures(r: Reader) -> tuple[tuple[str, bytes], ...]:
     return tuple((r.id("signer"), r.fixed(SIGNATURE_LENGTH, "signature")) for _ in range(count))
 
 
+def is_signature_note(release: ModelRelease) -> bool:
+    """True for a follower aggregator's signature note on the release topic (empty payload,
+    exactly one signature): input to the leader's release, never a release to install."""
+    return release.payload == b"" and len(release.signatures) == 1
+
+
 def release_header_bytes(release: ModelRelease) -> bytes:
     """The bytes each aggregator signs: every field but payload and signatures, plus the
     payload's length."""

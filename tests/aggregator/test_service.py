@@ -44,8 +44,8 @@ GENESIS = {
 N_PARAMS = 44
 
 
-def fake_onnx(params: Mapping[str, np.ndarray]) -> bytes:
-    return b"onnx-stand-in:" + hashlib.sha256(weights_bytes(params)).digest()
+def fake_onnx(params: Mapping[str, np.ndarray], version: int) -> bytes:
+    return b"onnx-stand-in:%d:" % version + hashlib.sha256(weights_bytes(params)).digest()
 
 
 class Clock:
@@ -170,7 +170,7 @@ class Federation:
 
 
 def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if getattr(r, "event", None) == name]
+    return [r for r in caplog.records if r.getMessage() == name]
 
 
 def run_round(
@@ -286,7 +286,7 @@ def test_forged_misrouted_and_replayed_shares_are_rejected_and_logged(
     for where, payload in attempts:
         assert leader.on_message(where, payload) == []
     rejected = events(caplog, "message-rejected")
-    assert [r.error for r in rejected] == [  # type: ignore[attr-defined]
+    assert [r.fields["error"] for r in rejected] == [  # type: ignore[attr-defined]
         "AuthenticationError",
         "AuthenticationError",
         "AuthenticationError",
@@ -294,8 +294,8 @@ def test_forged_misrouted_and_replayed_shares_are_rejected_and_logged(
         "ShareRejected",
         "CodecError",
     ]
-    assert "round differs" in rejected[0].reason  # type: ignore[attr-defined]
-    assert "addressed to 'agg-2'" in rejected[4].reason  # type: ignore[attr-defined]
+    assert "round differs" in rejected[0].fields["reason"]  # type: ignore[attr-defined]
+    assert "addressed to 'agg-2'" in rejected[4].fields["reason"]  # type: ignore[attr-defined]
     assert fed.held("agg-1") == ()
     fed.deliver([fresh["agg-1"]])
     assert fed.held("agg-1") == ("site-a",)
@@ -320,7 +320,7 @@ def test_a_round_open_not_signed_by_the_leader_is_refused(
     assert follower.on_message(announcement.topic, forged) == []
     assert follower.current is None
     (rejected,) = events(caplog, "message-rejected")
-    assert "the leader is 'agg-1'" in rejected.reason  # type: ignore[attr-defined]
+    assert "the leader is 'agg-1'" in rejected.fields["reason"]  # type: ignore[attr-defined]
     fed.deliver(genuine)
     assert fed.stage("agg-2") is Stage.COLLECTING
 
@@ -360,7 +360,7 @@ def test_a_bad_signature_note_is_refused_and_the_genuine_one_completes_the_relea
         payload = seal_envelope(message, "agg-2", fed.services["agg-2"].keys.signing)
         assert fed.services[LEADER].on_message(held.topic, payload) == []
     assert fed.stage("agg-1") is Stage.COMBINING
-    assert [r.error for r in events(caplog, "message-rejected")] == [  # type: ignore[attr-defined]
+    assert [r.fields["error"] for r in events(caplog, "message-rejected")] == [  # type: ignore[attr-defined]
         "AuthenticationError",
         "AuthenticationError",
     ]

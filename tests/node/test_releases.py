@@ -98,7 +98,7 @@ def test_a_jointly_signed_release_is_installed_and_survives_a_restart(
     assert outcomes(store) == [("accepted", None)]
     reopened = ModelStore(store.root.parent, FED, STUDY)
     assert reopened.current() == 1 and reopened.versions() == [record]
-    assert sorted(p.name for p in store.root.iterdir()) == ["1", "state.json"]  # no temp files
+    assert sorted(p.name for p in store.root.iterdir()) == [".lock", "1", "state.json"]  # no temp
     # A release inside an aggregator's signed envelope is accepted the same way.
     wrapped = seal_envelope(ModelRelease.from_bytes(signed_by(unsigned(models, 2, 1), keys)),
                             "agg-2", keys["agg-2"])  # fmt: skip

@@ -1,0 +1,309 @@
+"""`tessera aggregator run`: the AggregatorService on a real broker, with health and metrics.
+
+Start-up, in order, each step failing with a message that names the fix:
+
+1. the configuration (`aggregator.config`), the startup bundle and its coordinator-signed
+   roster; the manifest, verified against the bundle's pinned coordinator key, and checked
+   to name the same members and keys as the roster (`broker.roster.check_manifest_agrees`);
+2. the study's terms: this aggregator's k and clip norm may be stricter than the study's,
+   never looser; the model the study trains (`tessera.models.study`);
+3. the private keys, then the state store: `store.recover()` aborts any round a crash left
+   in flight and deletes its shares, so a restarted aggregator never resumes a round;
+4. the HTTP endpoints (`/healthz`, `/readyz`: broker connected, keys and store loaded;
+   `/metrics`), then the MQTT session, subscribed to what an aggregator reads.
+
+Then messages go to `AggregatorService.on_message` on the session's dispatch thread and the
+main thread calls `tick()` twice a second; both hold one lock, so the service sees one
+event at a time. The leader also opens rounds: once every expected node is online (or
+`round.start_wait_s` passed), then `round.pause_s` after each round ends, until the study's
+(or the configuration's smaller) maximum number of rounds. SIGTERM or SIGINT stops it
+cleanly; SIGKILL is what `store.recover()` is for.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+from aggregator.config import AggregatorConfig
+from aggregator.errors import AggregatorConfigError
+from aggregator.registry import Registry
+from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
+from aggregator.store import Store
+from broker import topics
+from broker.bundle import Bundle, load_bundle
+from broker.roster import check_manifest_agrees
+from broker.service_link import Endpoint, ServiceLink, endpoint_config
+from tessera.manifest import load_manifest, verify_manifest
+from tessera.manifest_model import Study
+from tessera.models.study import StudyModel
+from tessera.observability import HealthServer
+from tessera.sealing import load_hpke_key
+from tessera.service_metrics import ServiceMetrics
+from tessera.signing import load_private_key, public_key_bytes
+
+log = logging.getLogger("tessera.aggregator.daemon")
+TICK_S = 0.5
+
+
+@dataclass(frozen=True)
+class StudySetup:
+    """What start-up derives from the bundle and the manifest for one study."""
+
+    bundle: Bundle
+    study: Study
+    model: StudyModel
+    roster: RosterKeys
+    max_rounds: int
+
+    @property
+    def roster_sites(self) -> tuple[str, ...]:
+        """Every site of the roster: the nodes each round expects."""
+        return tuple(sorted(self.roster.node_signing))
+
+
+def load_study_setup(config: AggregatorConfig) -> StudySetup:
+    """Steps 1 and 2 of start-up (see the module docstring)."""
+    if config.bundle_dir is None:
+        raise AggregatorConfigError(
+            "bundle_dir is not set; point it at this aggregator's startup bundle from "
+            "`tessera provision` (it holds the roster the service trusts)"
+        )
+    bundle = load_bundle(config.bundle_dir)
+    manifest = load_manifest(config.manifest)
+    verify_manifest(manifest, public_key_bytes(bundle.coordinator_key))
+    check_manifest_agrees(bundle.roster, manifest)
+    study = manifest.study(config.study_id)
+    if study is None:
+        known = ", ".join(s.id for s in manifest.studies)
+        raise AggregatorConfigError(
+            f"study_id = {config.study_id!r} is not in the manifest ({known})"
+        )
+    architecture = config.architecture or _only(study.architectures, "architecture")
+    rounds = config.round
+    if rounds.min_participants < study.min_participants:
+        raise AggregatorConfigError(
+            f"round.min_participants = {rounds.min_participants} is below the study's k = "
+            f"{study.min_participants}; use at least that"
+        )
+    if rounds.clip_norm > study.clip_norm:
+        raise AggregatorConfigError(
+            f"round.clip_norm = {rounds.clip_norm} is above the study's {study.clip_norm}; "
+            "nodes would refuse every round"
+        )
+    roster = bundle.roster
+    signing, hpke = roster.signing_keys(), roster.hpke_keys()
+    keys = RosterKeys(
+        aggregator_ids=roster.aggregator_ids,
+        aggregator_signing={a: signing[a] for a in roster.aggregator_ids},
+        aggregator_hpke={a: hpke[a] for a in roster.aggregator_ids},
+        node_signing={s: signing[s] for s in roster.site_ids},
+    )
+    limit = study.max_rounds if rounds.max_rounds == 0 else min(rounds.max_rounds, study.max_rounds)
+    model = StudyModel.from_study(manifest.federation_id, study, architecture)
+    return StudySetup(bundle, study, model, keys, limit)
+
+
+def _only(values: tuple[str, ...], what: str) -> str:
+    if len(values) != 1:
+        raise AggregatorConfigError(
+            f"the study allows {len(values)} {what}s ({', '.join(values)}); set {what} in the "
+            "configuration to choose one"
+        )
+    return values[0]
+
+
+class AggregatorDaemon:
+    """One running aggregator: the service, its MQTT link, its HTTP endpoints."""
+
+    def __init__(self, config: AggregatorConfig, setup: StudySetup) -> None:
+        self.config, self.setup = config, setup
+        keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.database_path, config.shares_dir)
+        for study_id, number in self.store.recover():
+            log.warning(
+                "round-recovered",
+                extra={"fields": {"study": study_id, "round": number}},
+            )
+        self.service = AggregatorService(
+            config,
+            keys,
+            setup.roster,
+            self.store,
+            Registry(self.store, config.registry_dir),
+            time.time,
+            genesis=setup.model.genesis(),
+            export_onnx=setup.model.export,
+        )
+        self.metrics_registry = CollectorRegistry()
+        self.metrics = ServiceMetrics(self.metrics_registry)
+        self.rounds_ended = Counter(
+            "tessera_aggregator_rounds",
+            "Rounds this aggregator finished, by outcome.",
+            ["outcome"],
+            registry=self.metrics_registry,
+        )
+        latest = self.service.registry.latest(config.study_id)
+        if latest is not None:
+            self.metrics.set_model(latest.record.version, latest.record.model_hash)
+        self.link = ServiceLink(
+            endpoint_config(
+                setup.bundle, Endpoint(config.broker.host, config.broker.port, config.broker.tls)
+            ),
+            spool_dir=config.state_dir / "spool",
+            on_wire=self._count_wire,
+        )
+        self.health = HealthServer(
+            config.http_port,
+            self.metrics_registry,
+            readiness={
+                "broker": lambda: self.link.connected,
+                "keys": lambda: True,
+                "store": self._store_ok,
+            },
+        )
+        self._lock = threading.Lock()
+        self._online: set[str] = set()
+        self._opened = 0
+        self._ended_at: float | None = None
+        self._started = time.monotonic()
+        self._seen_terminal: int | None = None
+
+    # --- wiring ----------------------------------------------------------------------------
+
+    def _count_wire(self, direction: str, count: int) -> None:
+        self.metrics.add_wire_bytes("sent" if direction == "sent" else "received", count)
+
+    def _store_ok(self) -> bool:
+        self.store.integrity_check()
+        return True
+
+    def start(self) -> AggregatorDaemon:
+        """Serve HTTP, subscribe, connect (in the background)."""
+        self.health.start()
+        fed, study, me = self.config.federation_id, self.config.study_id, self.config.aggregator_id
+        for topic_filter in (
+            topics.round_topic(fed, study),
+            topics.shares_for_aggregator(fed, study, me),
+            f"{topics.ROOT}/{fed}/{study}/received/+",
+            topics.participants_topic(fed, study),
+            topics.partials_for_aggregator(fed, study, me),
+            topics.release_topic(fed, study),
+        ):
+            self.link.subscribe(topic_filter, self._on_payload)
+        self.link.session.subscribe(f"{topics.ROOT}/{fed}/presence/+", self._on_presence)
+        self.link.start()
+        log.info(
+            "aggregator-started",
+            extra={
+                "fields": {
+                    "aggregator": me,
+                    "study": study,
+                    "leader": self.config.is_leader,
+                    "http_port": self.health.port,
+                }
+            },
+        )
+        return self
+
+    def close(self) -> None:
+        """Disconnect, stop serving, close the store."""
+        self.link.close()
+        self.health.close()
+        self.store.close()
+
+    def _publish(self, outgoing: Iterable[Outgoing]) -> None:
+        for out in outgoing:
+            self.link.publish(out.topic, out.payload, retain=out.retain)
+
+    def _on_payload(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            self._publish(self.service.on_message(topic, payload))
+            self._note_round_end()
+
+    def _on_presence(self, topic: str, payload: bytes) -> None:
+        try:
+            client = topics.parse(topic).client
+        except ValueError:
+            return
+        if client is None:
+            return
+        with self._lock:
+            if payload == b"online":
+                self._online.add(client)
+            else:
+                self._online.discard(client)
+
+    # --- the main loop ---------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick and (leader) open rounds until `stop` is set."""
+        while not stop.wait(TICK_S):
+            with self._lock:
+                self._publish(self.service.tick())
+                self._note_round_end()
+                if self.config.is_leader and self._ready_for_next_round():
+                    self._opened += 1
+                    self._publish(self.service.open_round(self.setup.roster_sites))
+                    current = self.service.current
+                    assert current is not None
+                    log.info(
+                        "round-opened",
+                        extra={
+                            "fields": {
+                                "round": current.state.round,
+                                "algorithm": current.announcement.algorithm,
+                                "expected": len(current.announcement.expected_nodes),
+                            }
+                        },
+                    )
+
+    def _note_round_end(self) -> None:
+        current = self.service.current
+        if current is None or not current.state.stage.is_terminal:
+            return
+        if self._seen_terminal == current.state.round:
+            return
+        self._seen_terminal = current.state.round
+        self._ended_at = time.monotonic()
+        outcome = current.state.stage.name.lower()
+        self.rounds_ended.labels(outcome=outcome).inc()
+        latest = self.service.registry.latest(self.config.study_id)
+        if latest is not None:
+            self.metrics.set_model(latest.record.version, latest.record.model_hash)
+
+    def _ready_for_next_round(self) -> bool:
+        if not self.link.connected or self._opened >= self.setup.max_rounds:
+            return False
+        current = self.service.current
+        if current is not None and not current.state.stage.is_terminal:
+            return False
+        now = time.monotonic()
+        if self._ended_at is not None:
+            return now - self._ended_at >= self.config.round.pause_s
+        everyone = set(self.setup.roster_sites) | set(self.setup.roster.aggregator_ids)
+        everyone.discard(self.config.aggregator_id)
+        waited = now - self._started >= self.config.round.start_wait_s
+        return waited or everyone <= self._online
+
+
+def run(config: AggregatorConfig) -> int:
+    """Start the daemon and run it until SIGTERM/SIGINT; the exit status."""
+    setup = load_study_setup(config)
+    daemon = AggregatorDaemon(config, setup).start()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        daemon.run(stop)
+    finally:
+        daemon.close()
+        log.info("aggregator-stopped", extra={"fields": {}})
+    return 0

@@ -1,0 +1,124 @@
+"""What a long-running service (node or aggregator daemon) needs from MQTT, in one object.
+
+`ServiceLink` owns one `Session` and one `PayloadReceiver`: every message in and out is a
+chunked payload (`broker.transfer`), so a 40 MB partial sum and a 300-byte RoundOpen take
+the same path. Handlers run on the session's dispatch thread, one at a time, and a message
+is acknowledged only after its handler returns: a crash mid-handler means redelivery.
+
+`publish(topic, payload, retain)` retains only what fits one frame (MQTT retains one
+message per topic); a larger "retained" payload is sent unretained with a warning, and
+reaches members that were away through their persistent sessions instead.
+
+`endpoint_config` turns a startup bundle plus the service's broker settings into the
+SessionConfig: mutual TLS from the bundle by default, or, only where the settings say
+`tls = false`, the plaintext development broker (MQTT 3.1.1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.bundle import Bundle
+from broker.chunking import ReassemblyLimits
+from broker.session import Session, SessionConfig
+from broker.topics import presence_topic
+from broker.transfer import PayloadReceiver, max_chunk_size, send_payload
+
+log = logging.getLogger(__name__)
+
+PayloadHandler = Callable[[str, bytes], None]
+WireCounter = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the broker is, as a service's configuration names it (None: the bundle's)."""
+
+    host: str | None = None
+    port: int | None = None
+    tls: bool = True
+
+
+def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
+    """The session for `bundle`'s member: TLS from the bundle, or the development broker."""
+    if endpoint.tls:
+        return bundle.session_config(endpoint.host, port=endpoint.port)
+    log.warning(
+        "insecure-broker",
+        extra={"fields": {}},
+    )
+    return SessionConfig(
+        client_id=bundle.member_id,
+        host=endpoint.host or "127.0.0.1",
+        port=endpoint.port or 1883,
+        tls=None,
+        insecure_plaintext=True,
+        protocol="mqttv311",
+        presence_topic=presence_topic(bundle.federation_id, bundle.member_id),
+        max_packet_bytes=bundle.max_packet_bytes + (64 << 10),
+    )
+
+
+class ServiceLink:
+    """One service's MQTT session: chunked payloads in and out, wire bytes counted."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        *,
+        spool_dir: Path | None = None,
+        max_payload_bytes: int = 256 << 20,
+        on_wire: WireCounter | None = None,
+    ) -> None:
+        self.session = Session(config)
+        limits = ReassemblyLimits(
+            max_payload_bytes=max_payload_bytes,
+            max_total_bytes=2 * max_payload_bytes,
+            spool_dir=spool_dir,
+        )
+        self.receiver = PayloadReceiver(self.session, limits)
+        self._on_wire = on_wire or (lambda _direction, _count: None)
+        self._filters: list[tuple[str, PayloadHandler]] = []
+
+    def subscribe(self, topic_filter: str, handler: PayloadHandler) -> None:
+        """Route each verified payload on `topic_filter` to `handler(topic, payload)`.
+
+        Call before `start()`: the subscription then goes out on every (re)connect.
+        """
+
+        def counted(topic: str, payload: bytes) -> None:
+            self._on_wire("received", len(payload))
+            handler(topic, payload)
+
+        self.receiver.subscribe(topic_filter, counted)
+
+    def start(self, connect_timeout_s: float | None = None) -> ServiceLink:
+        """Start the session; with a timeout, wait for the first connection (or raise)."""
+        self.session.start()
+        if connect_timeout_s is not None:
+            self.session.wait_connected(connect_timeout_s)
+        return self
+
+    @property
+    def connected(self) -> bool:
+        """Whether the MQTT session is connected now."""
+        return self.session.connected
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Send `payload` (chunked), waiting for every PUBACK; see the module docstring."""
+        if retain and len(payload) > max_chunk_size(self.session):
+            log.warning(
+                "retain-skipped",
+                extra={"fields": {"bytes": len(payload)}},
+            )
+            retain = False
+        send_payload(self.session, topic, payload, retain=retain)
+        self._on_wire("sent", len(payload))
+
+    def close(self) -> None:
+        """Stop receiving, publish offline presence, disconnect."""
+        self.receiver.close()
+        self.session.close()

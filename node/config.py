@@ -1,0 +1,153 @@
+"""`tessera node run`'s configuration: one frozen, validated dataclass from TOML plus
+`TESSERA_*` overrides (`tessera.settings`), every error naming the key and the fix.
+
+```toml
+site_id = "site-a"
+bundle_dir = "/etc/tessera/bundle"      # the startup bundle from `tessera provision`
+study_id = "chest-xray"
+state_dir = "/var/lib/tessera"          # cache, models, ledger, audit log (a volume)
+dicom_dir = "/data/dicom"               # optional: ingested at start and before each round
+labels_csv = "/data/labels.csv"         # optional: labels by SOP/Study UID or accession
+http_port = 8080                        # /healthz /readyz /metrics and POST /v1/infer
+
+[training]
+noise_multiplier = 1.1                  # DP-SGD: every study requires it
+```
+
+Defaults that follow the bundle: the manifest is `<bundle_dir>/manifest.toml`, the
+steward's approvals are the `*.json` files in `<bundle_dir>/approvals/`, and without a
+`policy` file the site policy is the study's terms alone (no stricter local rules). A
+policy file, where given, is re-read before every round, so its `paused = true` takes
+effect at the next RoundOpen without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.trainer import DPSettings
+from tessera.errors import ConfigError
+from tessera.settings import build_settings, check, read_toml
+
+
+@dataclass(frozen=True)
+class BrokerEndpointSettings:
+    """The broker's address; unset values come from the bundle. `tls = false` is only for
+    the local development broker."""
+
+    host: str | None = None
+    port: int | None = None
+    tls: bool = True
+
+    def __post_init__(self) -> None:
+        if self.port is not None:
+            check(0 < self.port < 65536, "broker.port", self.port, "use a TCP port, 1-65535")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What the site decides about its own training (the round decides the rest)."""
+
+    batch_size: int = 32
+    device: str = "auto"
+    seed: int = 0
+    validation_fraction: float = 0.2
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        check(1 <= self.batch_size <= 4096, "training.batch_size", self.batch_size, "use 1-4096")
+        check(
+            self.device in ("auto", "cpu", "cuda"),
+            "training.device",
+            self.device,
+            "use auto, cpu or cuda",
+        )
+        check(
+            0 < self.validation_fraction < 1,
+            "training.validation_fraction",
+            self.validation_fraction,
+            "use a fraction between 0 and 1",
+        )
+        try:
+            self.dp()
+        except ValueError as error:
+            raise ConfigError(f"[training] {error}") from None
+
+    def dp(self) -> DPSettings:
+        """The DP-SGD settings."""
+        return DPSettings(self.noise_multiplier, self.max_grad_norm, self.accountant)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything `tessera node run` needs, validated."""
+
+    site_id: str
+    bundle_dir: Path
+    study_id: str
+    state_dir: Path = Path("/var/lib/tessera")
+    manifest: Path | None = None
+    approvals_dir: Path | None = None
+    policy: Path | None = None
+    architecture: str | None = None
+    dicom_dir: Path | None = None
+    labels_csv: Path | None = None
+    intake_workers: int = 2
+    intake_interval_s: float = 300.0
+    http_host: str = "0.0.0.0"  # noqa: S104 - probes and inference clients come from outside
+    http_port: int = 8080
+    log_level: str = "INFO"
+    broker: BrokerEndpointSettings = field(default_factory=BrokerEndpointSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+
+    def __post_init__(self) -> None:
+        check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535")
+        check(1 <= self.intake_workers <= 64, "intake_workers", self.intake_workers, "use 1-64")
+        check(self.intake_interval_s >= 1, "intake_interval_s", self.intake_interval_s, "use >= 1")
+        check(
+            self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            "log_level",
+            self.log_level,
+            "use DEBUG, INFO, WARNING or ERROR",
+        )
+
+    @property
+    def manifest_path(self) -> Path:
+        """The federation manifest (default: the bundle's)."""
+        return self.manifest or self.bundle_dir / "manifest.toml"
+
+    @property
+    def approvals_path(self) -> Path:
+        """The folder of this site's steward approvals (default: the bundle's)."""
+        return self.approvals_dir or self.bundle_dir / "approvals"
+
+
+_SECTIONS = {"broker": BrokerEndpointSettings, "training": TrainingSettings}
+
+
+def load_node_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> NodeConfig:
+    """Read `path` (TOML), apply TESSERA_* overrides from `env` (default os.environ)."""
+    return node_config_from_mapping(read_toml(path), os.environ if env is None else env, str(path))
+
+
+def node_config_from_mapping(
+    document: Mapping[str, Any], env: Mapping[str, str], origin: str = "the configuration"
+) -> NodeConfig:
+    """Build the config from a parsed TOML document plus environment overrides."""
+    top = {k: v for k, v in document.items() if k not in _SECTIONS}
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = document.get(name, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[{name}] in {origin} must be a table, got {table!r}")
+        sections[name] = build_settings(cls, table, env, f"{name}.", origin)
+    config: NodeConfig = build_settings(NodeConfig, top, env, "", origin, sections)
+    return config

@@ -1,0 +1,503 @@
+"""`tessera node run`: a hospital's node on a real broker, from start-up to hot swap.
+
+Start-up, each step failing with a message that names the fix:
+
+1. the configuration (`node.config`), the startup bundle (this site's, with the
+   coordinator-signed roster), the manifest verified against the bundle's pinned
+   coordinator key and checked to name the same members and keys as the roster;
+2. the study and the model it trains (`tessera.models.study`); the audit log (counts only),
+   the privacy ledger, the model store; the newest accepted release becomes the training
+   base (the study's genesis model before the first), and the store's current version
+   (pinned, else newest) is loaded for inference;
+3. with `dicom_dir`, one intake pass (quarantine, cache) before connecting, repeated every
+   `intake_interval_s`; training reads the cache, never the DICOM folder;
+4. the HTTP endpoints (`/healthz`; `/readyz`: broker connected, keys loaded, a verified
+   model serving; `/metrics`; `POST /v1/infer`), then the MQTT session.
+
+Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
+worker thread, which answers it with `node.participation.participate`: every term is
+checked before the cache is read, a refusal is audited and sends nothing, a joined round
+publishes one sealed share per aggregator. The site policy file is re-read for every round,
+so setting `paused = true` in it takes effect at the next RoundOpen.
+
+Releases: a release is installed only through `node.releases.accept_release` (every
+aggregator's signature, every hash, the ONNX naming these weights); a refused one is
+audited and changes nothing. After an install the training base moves to the newest
+version and inference swaps to the store's current version without a restart. The store is
+re-read every few seconds, so `tessera node models pin|unpin|rollback` on the same state
+folder changes the served model of a running node.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from broker import topics
+from broker.bundle import Bundle, load_bundle
+from broker.roster import check_manifest_agrees
+from broker.service_link import Endpoint, ServiceLink, endpoint_config
+from node.cache import CachedDataset
+from node.config import NodeConfig
+from node.errors import NodeError
+from node.inference import ModelSlot, load_model, preprocess_from_metadata
+from node.inference_http import infer_request
+from node.participation import (
+    PROTOCOL_REASONS,
+    Joined,
+    ParticipationContext,
+    participate,
+)
+from node.phi import load_or_create_site_secret
+from node.policy import REASONS, SitePolicy, load_site_policy
+from node.preprocess import PreprocessConfig
+from node.privacy_ledger import PrivacyLedger
+from node.releases import WEIGHTS_FILE, ModelStore, ReleaseRefused, accept_release, parse_release
+from node.round_training import SiteTraining
+from node.screen import REASONS as QUARANTINE_REASONS
+from node.screen import IntakeLimits
+from tessera.approvals import load_approvals
+from tessera.audit import AuditLog
+from tessera.envelopes import open_envelope
+from tessera.errors import AuthenticationError, ConfigError, TesseraError
+from tessera.manifest import Manifest, load_manifest, verify_manifest
+from tessera.manifest_model import Study
+from tessera.messages import RoundAbort, RoundOpen
+from tessera.models.nets import TesseraNet
+from tessera.models.study import StudyModel
+from tessera.models.weights import load_weights
+from tessera.observability import HealthServer, Request, Response
+from tessera.release import DEFAULT_MAX_RELEASE_PAYLOAD, is_signature_note
+from tessera.service_metrics import ServiceMetrics
+from tessera.signing import load_private_key, public_key_bytes
+
+log = logging.getLogger("tessera.node.daemon")
+AUDIT_FILE = "audit.log"
+LEDGER_DIR = "privacy"
+STORE_POLL_S = 2.0
+MAX_ROUND_MESSAGE = 1 << 20
+
+
+def study_preprocess(model: StudyModel) -> PreprocessConfig:
+    """The preprocessing the study's terms fix (its other terms are the model's concern)."""
+    return preprocess_from_metadata(dict(model.preprocess))
+
+
+class NodeDaemon:
+    """One running node: rounds, releases, inference, health; see the module docstring."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.bundle = _site_bundle(config)
+        self.manifest = _verified_manifest(config, self.bundle)
+        self.study = _study(self.manifest, config.study_id)
+        architecture = config.architecture or _only(self.study.architectures)
+        self.model_def = StudyModel.from_study(
+            self.manifest.federation_id, self.study, architecture
+        )
+        self.preprocess = study_preprocess(self.model_def)
+        self.signing_key = load_private_key(self.bundle.path / "signing.key")
+        state = config.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog.open(state / AUDIT_FILE, counts_only=True)
+        self.store = ModelStore(state, self.manifest.federation_id, self.study.id, self.audit)
+        self.ledger = PrivacyLedger(
+            state / LEDGER_DIR / f"{self.study.id}.json",
+            self.study.id,
+            self._policy().max_epsilon or self.study.dp.epsilon,
+            self.study.dp.delta,
+            config.training.accountant,
+        )
+        self.secret = load_or_create_site_secret(state)
+        roster = self.bundle.roster
+        signing, hpke = roster.signing_keys(), roster.hpke_keys()
+        self.aggregator_signing = {a: signing[a] for a in roster.aggregator_ids}
+        self.aggregator_hpke = {a: hpke[a] for a in roster.aggregator_ids}
+        self.base = self._newest_model()
+        self.slot = ModelSlot()
+        self.serving: int | None = None
+        self.metrics_registry = CollectorRegistry()
+        self.metrics = ServiceMetrics(
+            self.metrics_registry,
+            refusal_reasons=(*REASONS, *PROTOCOL_REASONS),
+            quarantine_reasons=QUARANTINE_REASONS,
+        )
+        self.metrics.set_epsilon_spent(self.study.id, self.ledger.state().epsilon_spent)
+        self._refresh_inference()
+        self.health = HealthServer(
+            config.http_port,
+            self.metrics_registry,
+            readiness={
+                "broker": lambda: self.link.connected,
+                "keys": lambda: True,
+                "model": lambda: self.serving is not None,
+            },
+            routes={("POST", "/v1/infer"): self._infer},
+            host=config.http_host,
+        )
+        self.link = ServiceLink(
+            endpoint_config(
+                self.bundle, Endpoint(config.broker.host, config.broker.port, config.broker.tls)
+            ),
+            spool_dir=state / "spool",
+            max_payload_bytes=DEFAULT_MAX_RELEASE_PAYLOAD,
+            on_wire=self._count_wire,
+        )
+        self._rounds: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._lock = threading.Lock()  # the training base and the store, between threads
+        self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
+
+    # --- start and stop --------------------------------------------------------------------
+
+    def start(self) -> NodeDaemon:
+        """Serve HTTP, start the round worker, subscribe and connect."""
+        self.health.start()
+        if self.config.dicom_dir is not None:
+            self._ingest()  # before any round can arrive: rounds train on the cache
+        self._worker.start()
+        fed, study = self.manifest.federation_id, self.study.id
+        self.link.subscribe(topics.round_topic(fed, study), self._on_round)
+        self.link.subscribe(topics.release_topic(fed, study), self._on_release)
+        self.link.start()
+        log.info(
+            "node-started",
+            extra={
+                "fields": {
+                    "site": self.config.site_id,
+                    "study": study,
+                    "model_version": self.serving,
+                    "http_port": self.health.port,
+                }
+            },
+        )
+        return self
+
+    def run(self, stop: threading.Event) -> None:
+        """Ingest (when configured) and follow the model store until `stop` is set."""
+        next_intake = time.monotonic() + self.config.intake_interval_s
+        while True:
+            if self.config.dicom_dir is not None and time.monotonic() >= next_intake:
+                self._ingest()
+                next_intake = time.monotonic() + self.config.intake_interval_s
+            self.metrics.set_broker_connected(self.link.connected)
+            with self._lock:
+                if self.store.reload():
+                    self._refresh_inference()
+            if stop.wait(STORE_POLL_S):
+                return
+
+    def close(self) -> None:
+        """Stop the worker, disconnect, stop serving, close the audit log."""
+        self._rounds.put(None)
+        self._worker.join(30)
+        self.link.close()
+        self.health.close()
+        self.audit.close()
+
+    # --- rounds ----------------------------------------------------------------------------
+
+    def _on_round(self, _topic: str, payload: bytes) -> None:
+        try:
+            signed = open_envelope(payload, self.aggregator_signing, MAX_ROUND_MESSAGE)
+        except (TesseraError, ValueError) as error:
+            log.warning(
+                "message-rejected",
+                extra={"fields": {"error": type(error).__name__}},
+            )
+            return
+        message = signed.message
+        if isinstance(message, RoundAbort):
+            log.info(
+                "round-aborted",
+                extra={"fields": {"round": message.round, "reason": message.reason}},
+            )
+            return
+        if not isinstance(message, RoundOpen):
+            return
+        try:
+            self._rounds.put_nowait(payload)
+        except queue.Full:
+            log.warning(
+                "round-dropped",
+                extra={"fields": {"round": message.round}},
+            )
+
+    def _round_worker(self) -> None:
+        while True:
+            payload = self._rounds.get()
+            if payload is None:
+                return
+            try:
+                self._answer_round(payload)
+            except Exception as error:  # noqa: BLE001 - one failed round must not stop the node
+                log.error(
+                    "round-failed",
+                    extra={"fields": {"error": type(error).__name__, "reason": str(error)}},
+                )
+
+    def _answer_round(self, payload: bytes) -> None:
+        with self._lock:
+            ctx = self._context()
+        try:
+            outcome = participate(payload, ctx)
+        except AuthenticationError:
+            log.warning(
+                "message-rejected",
+                extra={"fields": {"kind": "ROUND"}},
+            )
+            return
+        round_number = outcome.round_open.round
+        if not isinstance(outcome, Joined):
+            self.metrics.round_refused(outcome.reason)
+            log.warning(
+                "round-refused",
+                extra={
+                    "fields": {
+                        "round": round_number,
+                        "reason": outcome.reason,
+                        "detail": outcome.detail,
+                    }
+                },
+            )
+            return
+        for message in outcome.messages:
+            self.link.publish(message.topic, message.payload)
+        result = outcome.update.result
+        self.metrics.round_joined()
+        self.metrics.add_samples(result.train_samples)
+        self.metrics.set_epsilon_spent(self.study.id, self.ledger.state().epsilon_spent)
+        log.info(
+            "round-joined",
+            extra={
+                "fields": {
+                    "round": round_number,
+                    "samples": result.train_samples,
+                    "epsilon_round": outcome.epsilon_spent,
+                    "epsilon_total": self.ledger.state().epsilon_spent,
+                    "validation_loss": result.validation.loss,
+                    "validation_accuracy": result.validation.accuracy,
+                }
+            },
+        )
+
+    def _policy(self) -> SitePolicy:
+        if self.config.policy is None:
+            return SitePolicy(self.config.site_id, public_key_bytes(self.bundle.coordinator_key))
+        policy = load_site_policy(self.config.policy)
+        if policy.site_id != self.config.site_id or policy.coordinator_key != public_key_bytes(
+            self.bundle.coordinator_key
+        ):
+            raise ConfigError(
+                f"site policy {self.config.policy} is for site {policy.site_id!r} or pins "
+                "another coordinator key than the bundle; fix the policy file"
+            )
+        return policy
+
+    def _context(self) -> ParticipationContext:
+        images, labels = self._training_data()
+        training = self.config.training
+        return ParticipationContext(
+            site_id=self.config.site_id,
+            signing_key=self.signing_key,
+            leader_id=self.bundle.roster.leader,
+            aggregator_signing_keys=self.aggregator_signing,
+            aggregator_hpke_keys=self.aggregator_hpke,
+            manifest=self.manifest,
+            approvals=load_approvals(self.config.approvals_path),
+            policy=self._policy(),
+            architecture=self.model_def.architecture,
+            model=self.base,
+            images=images,
+            labels=labels,
+            site=SiteTraining(
+                batch_size=training.batch_size,
+                device=training.device,
+                seed=training.seed,
+                validation_fraction=training.validation_fraction,
+                dp=training.dp(),
+            ),
+            ledger=self.ledger,
+            audit=self.audit,
+        )
+
+    def _training_data(self) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            data = CachedDataset(
+                self.config.state_dir, self.preprocess, split="train", labelled_only=True
+            )
+        except NodeError:
+            return _empty(self.model_def)
+        if len(data) == 0:
+            return _empty(self.model_def)
+        if tuple(data.label_set) != tuple(self.study.labels):
+            raise NodeError(
+                f"the cache's label set {list(data.label_set)} is not the study's "
+                f"{list(self.study.labels)}; ingest with the study's labels"
+            )
+        return data.stack()
+
+    def _ingest(self) -> None:
+        from node.intake.ingest import IntakeConfig, run_ingest
+
+        assert self.config.dicom_dir is not None
+        cfg = IntakeConfig(
+            intake_dir=self.config.dicom_dir,
+            state_dir=self.config.state_dir,
+            preprocess=self.preprocess,
+            limits=IntakeLimits(),
+            label_set=self.study.labels,
+            labels_csv=self.config.labels_csv,
+            workers=self.config.intake_workers,
+        )
+        try:
+            summary = run_ingest(cfg)
+        except (TesseraError, OSError, ValueError) as error:
+            log.error(
+                "intake-failed",
+                extra={"fields": {"error": type(error).__name__, "reason": str(error)}},
+            )
+            return
+        for reason, count in summary.reasons.items():
+            for _ in range(count):
+                self.metrics.quarantine(reason)
+        if summary.quarantined:
+            self.audit.append("quarantine", {"count": summary.quarantined})
+        log.info("intake", extra={"fields": {**summary.as_dict()}})
+
+    # --- releases and inference ------------------------------------------------------------
+
+    def _on_release(self, _topic: str, payload: bytes) -> None:
+        try:
+            release = parse_release(payload, self.aggregator_signing, DEFAULT_MAX_RELEASE_PAYLOAD)
+        except (TesseraError, ValueError) as error:
+            log.warning(
+                "release-refused",
+                extra={"fields": {"error": type(error).__name__}},
+            )
+            return
+        if is_signature_note(release):
+            return  # a follower's signature for the leader, not a release
+        with self._lock:
+            try:
+                record = accept_release(payload, self.aggregator_signing, self.store)
+            except (AuthenticationError, ReleaseRefused) as error:
+                log.warning(
+                    "release-refused",
+                    extra={
+                        "fields": {
+                            "version": release.version,
+                            "reason": getattr(error, "reason", "not-verified"),
+                        }
+                    },
+                )
+                return
+            self.base = self._newest_model()
+            self._refresh_inference()
+        log.info(
+            "release-installed",
+            extra={
+                "fields": {
+                    "version": record.version,
+                    "round": record.round,
+                    "serving": self.serving,
+                }
+            },
+        )
+
+    def _newest_model(self) -> TesseraNet:
+        model = self.model_def.build()
+        versions = self.store.versions()
+        if versions:
+            newest = versions[-1].version
+            arrays = load_weights((self.store.folder(newest) / WEIGHTS_FILE).read_bytes())
+            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        return model
+
+    def _refresh_inference(self) -> None:
+        version = self.store.current()
+        if version is None or version == self.serving:
+            return
+        try:
+            self.slot.swap(load_model(self.store.onnx_bytes(version)))
+        except NodeError as error:  # a damaged or incompatible file: keep serving the old one
+            log.error(
+                "model-unusable", extra={"fields": {"version": version, "reason": str(error)}}
+            )
+            return
+        self.serving = version
+        record = self.store.get(version)
+        assert record is not None
+        self.metrics.set_model(version, bytes.fromhex(record.model_hash))
+        log.info(
+            "model-swapped",
+            extra={"fields": {"version": version, "pinned": self.store.pinned is not None}},
+        )
+
+    def _infer(self, request: Request) -> Response:
+        with self.metrics.time_inference() as timer:
+            status, body = infer_request(self.slot, self.secret, IntakeLimits(), request.body)
+            timer.outcome = "ok" if status == 200 else "rejected" if status == 400 else "error"
+        return Response.json(status, body)
+
+    def _count_wire(self, direction: str, count: int) -> None:
+        self.metrics.add_wire_bytes("sent" if direction == "sent" else "received", count)
+
+
+def _empty(model: StudyModel) -> tuple[np.ndarray, np.ndarray]:
+    size, channels = model.image_size, model.spec.channels
+    return np.zeros((0, channels, size, size), np.float32), np.zeros(0, np.int64)
+
+
+def _site_bundle(config: NodeConfig) -> Bundle:
+    bundle = load_bundle(config.bundle_dir)
+    if bundle.role != "site" or bundle.member_id != config.site_id:
+        raise ConfigError(
+            f"bundle {config.bundle_dir} belongs to {bundle.member_id!r} ({bundle.role}); "
+            f"mount site {config.site_id!r}'s own bundle"
+        )
+    return bundle
+
+
+def _verified_manifest(config: NodeConfig, bundle: Bundle) -> Manifest:
+    manifest = load_manifest(config.manifest_path)
+    verify_manifest(manifest, public_key_bytes(bundle.coordinator_key))
+    check_manifest_agrees(bundle.roster, manifest)
+    return manifest
+
+
+def _study(manifest: Manifest, study_id: str) -> Study:
+    study = manifest.study(study_id)
+    if study is None:
+        known = ", ".join(s.id for s in manifest.studies)
+        raise ConfigError(f"study_id = {study_id!r} is not in the manifest ({known})")
+    return study
+
+
+def _only(architectures: tuple[str, ...]) -> str:
+    if len(architectures) != 1:
+        raise ConfigError(
+            f"the study allows {', '.join(architectures)}; set architecture in the node's "
+            "configuration to choose one"
+        )
+    return architectures[0]
+
+
+def run(config: NodeConfig) -> int:
+    """Start the node and run it until SIGTERM/SIGINT; the exit status."""
+    daemon = NodeDaemon(config).start()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        daemon.run(stop)
+    finally:
+        daemon.close()
+        log.info("node-stopped", extra={"fields": {}})
+    return 0

@@ -1,0 +1,1 @@
+"""`tessera demo`: a whole federation on one machine, with a report."""
