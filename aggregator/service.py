@@ -394,7 +394,9 @@ class AggregatorService(ServiceCore):
         """Leader, step 8: add every follower's noted signature; publish when all S signed."""
         current = self.current
         assert current is not None
-        if current.built is None:
+        if current.built is None or current.state.stage is not Stage.COMBINING:
+            # A note that arrives after the round aborted (e.g. at the agreement timeout)
+            # must not register the model: the other aggregators never will.
             return []
         release = current.built.release
         for signer, note in sorted(current.notes.items()):
