@@ -2,9 +2,10 @@
 
 A card says where a model came from and how it was made: its parent, version and round, how
 many sites took part, the strategy (algorithm, server optimiser, every switch of the
-adaptive policy with its reason), the epsilon each site has spent, and the validation
-metrics. It never lists which sites took part; and where fewer than k sites would be named
-(in the epsilon table), it gives only their count and the largest epsilon.
+adaptive policy with its reason), the epsilon each site has spent, the validation
+metrics, and, where the study requires one, each site's privacy-audit figures. It never
+lists which sites took part; and where fewer than k sites would be named (in the epsilon or
+the audit table), it gives only their count and the largest values.
 
 The card is signed jointly (its hash is in the release header), so every aggregator must
 build the same bytes: no clocks, no host names, no aggregator-specific field, and canonical
@@ -45,6 +46,9 @@ class ModelCard:
     validation: Mapping[str, float] = field(default_factory=dict)
     architecture: str = ""
     layout_digest: bytes = b""  # FlatManifest.digest() of the weights
+    # Per site, a privacy audit's aggregate figures (aggregator.privacy_gate.card_figures);
+    # empty when the study requires no audit, and then absent from the card's bytes.
+    privacy_audit: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.participant_count < self.min_participants:
@@ -65,10 +69,17 @@ class ModelCard:
             for name, value in table.items():
                 if not (isinstance(value, int | float) and math.isfinite(value)):
                     raise RegistryError(f"{what} {name!r} is {value!r}; it must be a finite number")
+        for site, figures in self.privacy_audit.items():
+            for name, value in figures.items():
+                if not (isinstance(value, int | float) and math.isfinite(value)):
+                    raise RegistryError(
+                        f"privacy audit figure {name!r} of {site!r} is {value!r}; it must be a "
+                        "finite number"
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         """The card as JSON-ready data (hashes in hex)."""
-        return {
+        card = {
             "format": CARD_FORMAT,
             "federation": self.federation_id,
             "study": self.study_id,
@@ -86,6 +97,9 @@ class ModelCard:
             "validation": dict(sorted(self.validation.items())),
             "model": {"architecture": self.architecture, "layout": self.layout_digest.hex()},
         }
+        if self.privacy_audit:
+            card["privacy_audit"] = _audit_section(self.privacy_audit, self.min_participants)
+        return card
 
     def to_bytes(self) -> bytes:
         """Canonical JSON: the same card gives the same bytes in every aggregator."""
@@ -99,6 +113,22 @@ def _privacy_section(epsilon: Mapping[str, float], k: int) -> dict[str, Any]:
     if len(epsilon) < k:
         return {"sites": len(epsilon), "epsilon_max": max(float(e) for e in epsilon.values())}
     return {"epsilon_per_site": {site: float(epsilon[site]) for site in sorted(epsilon)}}
+
+
+def _audit_section(figures: Mapping[str, Mapping[str, float]], k: int) -> dict[str, Any]:
+    """Audit figures per site, or, where fewer than k sites would be named, only the count
+    and the worst value of each figure (the largest: every figure rises with leakage)."""
+    if len(figures) < k:
+        names = sorted({name for row in figures.values() for name in row})
+        worst = {name: max(float(row[name]) for row in figures.values() if name in row)
+                 for name in names}  # fmt: skip
+        return {"sites": len(figures), "worst": worst}
+    return {
+        "per_site": {
+            site: {name: float(value) for name, value in sorted(figures[site].items())}
+            for site in sorted(figures)
+        }
+    }
 
 
 def card_from_bytes(data: bytes) -> dict[str, Any]:

@@ -119,6 +119,10 @@ def manifest_sign(args: argparse.Namespace) -> int:
 def describe_study(study: Study) -> list[str]:
     """The lines a steward reads before approving."""
     pre = " ".join(f"{k}={v}" for k, v in study.preprocessing)
+    audit = "not required"
+    if study.privacy_audit is not None:
+        limit = study.privacy_audit.max_tpr_at_0_1pct_fpr
+        audit = f"required, release held if attack TPR at 0.1% FPR > {limit} at any site"
     return [
         f"study {study.id}  (hash {study_hash(study).hex()})",
         f"  purpose: {study.purpose}",
@@ -129,6 +133,7 @@ def describe_study(study: Study) -> list[str]:
         f"  DP per site: epsilon {study.dp.epsilon}, delta {study.dp.delta}",
         f"  expires: {study.expires} (runs through that day, UTC)",
         f"  preprocessing: {pre}",
+        f"  privacy audit: {audit}",
     ]
 
 

@@ -31,6 +31,8 @@ Format (TOML; `tests/data/federation-manifest.toml` is a complete example)::
     clip_norm = 1.0
     dp = { epsilon = 8.0, delta = 1e-5 }   # each site's total budget for this study
     expires = 2027-06-30                   # a TOML date; the study runs through that day (UTC)
+    privacy_audit = { max_tpr_at_0_1pct_fpr = 0.05 }  # optional: audit every site before a
+                                           # release; hold it if an attack beats this anywhere
     [signature]                            # written by `tessera manifest sign`
     value = "<base64 Ed25519 signature>"
 
@@ -68,6 +70,7 @@ from tessera.manifest_model import (
     DPRequirement,
     Manifest,
     Member,
+    PrivacyAuditRequirement,
     Site,
     Study,
 )
@@ -82,6 +85,7 @@ __all__ = [
     "DPRequirement",
     "Manifest",
     "Member",
+    "PrivacyAuditRequirement",
     "Site",
     "Study",
     "canonical_bytes",

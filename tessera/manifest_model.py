@@ -83,6 +83,14 @@ class DPRequirement:
 
 
 @dataclass(frozen=True)
+class PrivacyAuditRequirement:
+    """The study requires a membership-inference audit at every site before a release, and
+    holds any release whose strongest attack's TPR at 0.1% FPR exceeds this at some site."""
+
+    max_tpr_at_0_1pct_fpr: float
+
+
+@dataclass(frozen=True)
 class Study:
     """One study's terms: what may be trained, on which labels, with which privacy, until when."""
 
@@ -96,14 +104,19 @@ class Study:
     dp: DPRequirement
     clip_norm: float
     expires: dt.date
+    privacy_audit: PrivacyAuditRequirement | None = None  # optional: absent = not required
 
     def preprocessing_dict(self) -> dict[str, PreprocessingValue]:
         """The preprocessing table as a plain dict."""
         return dict(self.preprocessing)
 
     def canonical_dict(self) -> dict[str, Any]:
-        """The form that `study_hash` and the manifest signature cover."""
-        return {
+        """The form that `study_hash` and the manifest signature cover.
+
+        `privacy_audit` appears only when the study sets it, so manifests signed before the
+        term existed keep their signatures and study hashes.
+        """
+        terms: dict[str, Any] = {
             "id": self.id,
             "purpose": self.purpose,
             "labels": list(self.labels),
@@ -118,6 +131,10 @@ class Study:
             "clip_norm": float(self.clip_norm),
             "expires": self.expires.isoformat(),
         }
+        if self.privacy_audit is not None:
+            limit = float(self.privacy_audit.max_tpr_at_0_1pct_fpr)
+            terms["privacy_audit"] = {"max_tpr_at_0_1pct_fpr": limit}
+        return terms
 
     def is_expired(self, today: dt.date) -> bool:
         """True once `today` (UTC) is after the expiry date; the study runs through that day."""

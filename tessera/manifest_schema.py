@@ -24,6 +24,7 @@ from tessera.manifest_model import (
     Manifest,
     Member,
     PreprocessingValue,
+    PrivacyAuditRequirement,
     Site,
     Study,
 )
@@ -222,9 +223,21 @@ def _study(table: _Table) -> Study:
         dp=requirement,
         clip_norm=table.positive_float("clip_norm", "clip_norm = 1.0"),
         expires=expires,
+        privacy_audit=_privacy_audit(table),
     )
     table.finish()
     return study
+
+
+def _privacy_audit(table: _Table) -> PrivacyAuditRequirement | None:
+    """The optional `privacy_audit = { max_tpr_at_0_1pct_fpr = 0.05 }` term."""
+    if "privacy_audit" not in table.data:
+        return None
+    example = "privacy_audit = { max_tpr_at_0_1pct_fpr = 0.05 }"
+    audit = _Table(table.raw("privacy_audit", example), f"{table.path}.privacy_audit")
+    limit = audit.positive_float("max_tpr_at_0_1pct_fpr", example, maximum=1.0)
+    audit.finish(("max_tpr_at_0_1pct_fpr",))
+    return PrivacyAuditRequirement(limit)
 
 
 def manifest_from_dict(data: Mapping[str, Any]) -> Manifest:
