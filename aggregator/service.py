@@ -51,6 +51,7 @@ from aggregator.release_build import (
 from aggregator.rounds import (
     Abort,
     CollectionClosed,
+    Event,
     ModelReleased,
     PartialSumPublished,
     ParticipantsAgreed,
@@ -101,6 +102,14 @@ class AggregatorService(ServiceCore):
             topics.Kind.PARTIAL: self._on_partial,
             topics.Kind.RELEASE: self._on_release,
         }.get(kind)
+
+    def _move(self, event: Event) -> None:
+        """Move and persist the round; once it is over (released or aborted), delete its
+        shares, seeds and files alike: nothing secret outlives its round."""
+        super()._move(event)
+        assert self.current is not None
+        if self.current.state.stage.is_terminal:
+            self.store.purge_shares(self.config.study_id, self.current.state.round)
 
     # --- the leader opens ------------------------------------------------------------------
 
