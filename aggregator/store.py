@@ -164,8 +164,15 @@ class Store:
             ) from None
 
     def save_state(self, study_id: str, state: RoundState) -> None:
-        """Persist a state returned by rounds.transition. A finished round is never reopened."""
-        with self._transaction() as db:
+        """Persist a state returned by rounds.transition. A finished round is never reopened.
+
+        A COLLECTING state is committed without an fsync: the service saves one per accepted
+        share (only the count moves), and a round still collecting never outlives a crash
+        (recover() aborts it and drops its shares), so a flush per share, like record_share's,
+        would buy nothing. The move to AGREEING is durable and flushes the WAL, these rows
+        included. Every other stage is durable as before.
+        """
+        with self._transaction(durable=state.stage is not Stage.COLLECTING) as db:
             self._save_state(db, study_id, state)
 
     def _save_state(self, db: sqlite3.Connection, study_id: str, state: RoundState) -> None:

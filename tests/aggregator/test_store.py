@@ -19,6 +19,7 @@ from aggregator.rounds import (
     CollectionClosed,
     ParticipantsAgreed,
     RoundState,
+    ShareAccepted,
     Stage,
     StartCollecting,
     transition,
@@ -44,6 +45,26 @@ def test_wal_and_full_sync_are_on(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with Store(tmp_path / "state.sqlite3", tmp_path / "shares") as store:
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_only_collecting_states_skip_the_fsync(tmp_path: Path) -> None:
+    """One save per accepted share must not cost a disk flush; stage moves still do."""
+    with open_store(tmp_path) as store:
+        state = transition(new_round(store, 1), StartCollecting())
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        for node in ("site-a", "site-b"):
+            state = transition(state, ShareAccepted(node))
+            store.save_state(STUDY, state)
+        assert statements.count("PRAGMA synchronous=NORMAL") == 2
+        statements.clear()
+        store.save_state(STUDY, transition(state, CollectionClosed("all-reported")))
+        assert not any("synchronous" in s for s in statements)
+        store._db.set_trace_callback(None)
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+        loaded = store.load_round(STUDY, 1)
+        assert loaded is not None and loaded.state.received == 2
+        assert loaded.state.stage is Stage.AGREEING
 
 
 def test_rounds_round_trip_and_numbers_are_unique(tmp_path: Path) -> None:
