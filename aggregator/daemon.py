@@ -22,6 +22,7 @@ cleanly; SIGKILL is what `store.recover()` is for.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -123,6 +124,7 @@ class AggregatorDaemon:
     """One running aggregator: the service, its MQTT link, its HTTP endpoints."""
 
     def __init__(self, config: AggregatorConfig, setup: StudySetup) -> None:
+        config = dataclasses.replace(config, architecture=setup.model.architecture)
         self.config, self.setup = config, setup
         keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
         config.state_dir.mkdir(parents=True, exist_ok=True)

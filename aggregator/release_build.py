@@ -90,6 +90,7 @@ def build_signed_release(
         adaptive=config.strategy.adaptive,
         switches=() if outcome.switch is None else (outcome.switch.to_dict(),),
         validation={"mean_loss": outcome.mean_loss, "dispersion": outcome.dispersion},
+        architecture=config.architecture or "",
         layout_digest=manifest.digest(),
     )
     release = assemble_release(card=card, params=outcome.params, onnx=onnx(outcome.params, version))

@@ -283,6 +283,8 @@ class NodeDaemon:
                     "epsilon_total": self.ledger.state().epsilon_spent,
                     "validation_loss": result.validation.loss,
                     "validation_accuracy": result.validation.accuracy,
+                    "bytes_sent": sum(len(m.payload) for m in outcome.messages),
+                    "plaintext_bytes": 4 * outcome.round_open.vector_length,
                 }
             },
         )

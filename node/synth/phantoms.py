@@ -39,7 +39,13 @@ def _blob(y: np.ndarray, x: np.ndarray, cy: float, cx: float, radius: float) -> 
 
 
 def ct_slice_hu(
-    rng: np.random.Generator, rows: int, cols: int, noise_hu: float, lesion: bool
+    rng: np.random.Generator,
+    rows: int,
+    cols: int,
+    noise_hu: float,
+    lesion: bool,
+    contrast: float = LESION_CONTRAST,
+    radius_scale: float = 1.0,
 ) -> np.ndarray:
     """An abdominal CT slice in Hounsfield units, with an optional liver lesion."""
     y, x = _grid(rows, cols)
@@ -57,14 +63,20 @@ def ct_slice_hu(
         image += 120.0 * _blob(y * rows, x * cols, vy * rows, vx * cols, rng.uniform(0.6, 1.2))
     if lesion:
         ly, lx = cy - 0.06 + rng.uniform(-0.11, 0.11), cx - 0.14 + rng.uniform(-0.11, 0.11)
-        radius = rng.uniform(2.5, 4.0) * rows / 64
-        strength = LESION_CONTRAST * rng.uniform(LESION_FAINTEST, 1.0) * noise_hu
+        radius = rng.uniform(2.5, 4.0) * radius_scale * rows / 64
+        strength = contrast * rng.uniform(LESION_FAINTEST, 1.0) * noise_hu
         image -= strength * _blob(y * rows, x * cols, ly * rows, lx * cols, radius)
     return image + rng.normal(0.0, noise_hu, size=image.shape)
 
 
 def radiograph(
-    rng: np.random.Generator, rows: int, cols: int, noise: float, lesion: bool
+    rng: np.random.Generator,
+    rows: int,
+    cols: int,
+    noise: float,
+    lesion: bool,
+    contrast: float = LESION_CONTRAST,
+    radius_scale: float = 1.0,
 ) -> np.ndarray:
     """A chest radiograph as attenuation in 0..4095 (bright = dense), optional nodule."""
     y, x = _grid(rows, cols)
@@ -81,8 +93,8 @@ def radiograph(
     if lesion:
         cy, cx = lungs[rng.integers(0, 2)]
         ly, lx = cy + rng.uniform(-0.18, 0.18), cx + rng.uniform(-0.07, 0.07)
-        radius = rng.uniform(2.5, 4.0) * cols / 64
-        strength = LESION_CONTRAST * rng.uniform(LESION_FAINTEST, 1.0) * noise
+        radius = rng.uniform(2.5, 4.0) * radius_scale * cols / 64
+        strength = contrast * rng.uniform(LESION_FAINTEST, 1.0) * noise
         image += strength * _blob(y * rows, x * cols, ly * rows, lx * cols, radius)
     image += rng.normal(0.0, noise, size=image.shape)
     return np.clip(image, 0.0, 4095.0)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from node.synth.people import fake_patient
-from node.synth.phantoms import ct_slice_hu, radiograph
+from node.synth.phantoms import LESION_CONTRAST, ct_slice_hu, radiograph
 from node.synth.writer import Scanner, build_instance, uid_for
 
 LABELS = ("absent", "present")
@@ -54,8 +54,12 @@ class SynthConfig:
     modality: str = "mixed"
     size: int = 64
     test_fraction: float = 0.2
+    lesion_contrast: float = LESION_CONTRAST  # peak, in units of the scanner's noise sigma
+    lesion_scale: float = 1.0  # lesion radius relative to the default 2.5-4 px per 64 px
 
     def __post_init__(self) -> None:
+        if not (self.lesion_contrast > 0 and self.lesion_scale > 0):
+            raise ValueError("lesion contrast and scale must be positive")
         if not 1 <= self.sites <= 64:
             raise ValueError(f"sites must be 1..64, got {self.sites}")
         if not 4 <= self.images_per_site <= 100_000:
@@ -88,11 +92,19 @@ def prevalence(cfg: SynthConfig, site: int) -> float:
     return 0.5 + cfg.skew * 0.4 * (2.0 * site / (cfg.sites - 1) - 1.0)
 
 
-def render(scanner: Scanner, rng: np.random.Generator, size: int, lesion: bool) -> np.ndarray:
+def render(
+    scanner: Scanner,
+    rng: np.random.Generator,
+    size: int,
+    lesion: bool,
+    contrast: float = LESION_CONTRAST,
+    scale: float = 1.0,
+) -> np.ndarray:
     """One image in physical units (HU for CT, attenuation for radiographs)."""
     if scanner.modality == "CT":
-        return ct_slice_hu(rng, size, size, scanner.noise, lesion) + scanner.offset
-    return radiograph(rng, size + size // 8, size, scanner.noise, lesion) + scanner.offset
+        return ct_slice_hu(rng, size, size, scanner.noise, lesion, contrast, scale) + scanner.offset
+    image = radiograph(rng, size + size // 8, size, scanner.noise, lesion, contrast, scale)
+    return image + scanner.offset
 
 
 def write_site(cfg: SynthConfig, site: int) -> dict[str, object]:
@@ -111,7 +123,7 @@ def write_site(cfg: SynthConfig, site: int) -> dict[str, object]:
         lesion = bool(labels[serial])
         split = "test" if serial >= n - n_test else "train"
         patient = fake_patient(rng, site, serial)
-        image = render(scanner, rng, cfg.size, lesion)
+        image = render(scanner, rng, cfg.size, lesion, cfg.lesion_contrast, cfg.lesion_scale)
         study = uid_for(cfg.seed, site, serial, "study")
         uids = (study, uid_for(study, "series"), uid_for(study, "instance"))
         ds = build_instance(image, scanner, patient, uids, serial + 1)

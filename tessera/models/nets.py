@@ -46,19 +46,40 @@ def _conv_norm_act(
 class TesseraNet(nn.Module):
     """Stem, blocks, pooled linear head: the shape every registered architecture has."""
 
-    def __init__(self, stem: nn.Module, blocks: list[nn.Module], features: int, classes: int):
+    def __init__(
+        self,
+        stem: nn.Module,
+        blocks: list[nn.Module],
+        features: int,
+        classes: int,
+        pool: str = "mean",
+    ):
         super().__init__()
+        if pool not in ("mean", "max"):
+            raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(features, classes)
+        self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, shape (batch, classes)."""
         x = self.stem(x)
         for block in self.blocks:
             x = block(x)
-        # mean over H, W rather than AdaptiveAvgPool2d: exports to one ONNX ReduceMean.
-        return self.head(x.mean(dim=(2, 3)))  # type: ignore[no-any-return]
+        # Reductions over H, W rather than adaptive pooling: one ONNX ReduceMean/ReduceMax.
+        pooled = x.amax(dim=(2, 3)) if self.pool == "max" else x.mean(dim=(2, 3))
+        return self.head(pooled)  # type: ignore[no-any-return]
+
+
+def spot_cnn(channels: int, classes: int, norm: str) -> TesseraNet:
+    """small-cnn's layers with global max pooling: a small bright or dark spot anywhere in
+    the image (a nodule, a lesion) drives the pooled feature. Group normalisation followed
+    by global mean pooling keeps mostly the shape of each feature map's distribution, which a
+    spot covering a few percent of the pixels barely moves; the maximum keeps the spot."""
+    net = small_cnn(channels, classes, norm)
+    net.pool = "max"
+    return net
 
 
 def small_cnn(channels: int, classes: int, norm: str) -> TesseraNet:

@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 import torch
 
-from tessera.models.nets import NORMS, TesseraNet, mobilenet_v2, resnet18, small_cnn
+from tessera.models.nets import NORMS, TesseraNet, mobilenet_v2, resnet18, small_cnn, spot_cnn
 
 Builder = Callable[[int, int, str], TesseraNet]
 
@@ -35,6 +35,7 @@ ARCHITECTURES: Mapping[str, Architecture] = MappingProxyType(
         arch.arch_id: arch
         for arch in (
             Architecture("small-cnn", 1, small_cnn, "3-stage CNN, ~25k params, for tests"),
+            Architecture("spot-cnn", 1, spot_cnn, "small-cnn with global max pooling, ~25k"),
             Architecture("resnet18", 1, resnet18, "ResNet-18, basic blocks, ~11M params"),
             Architecture("mobilenet-v2", 1, mobilenet_v2, "MobileNetV2 1.0, ~2.2M params"),
         )
