@@ -69,9 +69,11 @@ class DemoOptions:
     batch_size: int = 32
     noise_multiplier: float = 0.5
     epsilon: float = 60.0
+    algorithm: str = "fedavg"  # the first round's; the adaptive policy may switch later
+    adaptive: bool = True
     adaptive_lower: float = 1.0
     adaptive_upper: float = 4.0
-    timeout_s: float = 240.0
+    timeout_s: float = 40.0  # per round
 
 
 @dataclass
@@ -172,8 +174,13 @@ def run_demo(opts: DemoOptions, progress: Progress | None = None) -> dict[str, o
             "local_epochs": opts.local_epochs,
             "learning_rate": opts.learning_rate,
             "start_wait_s": 60.0,
+            "algorithm": opts.algorithm,
         },
-        strategy={"adaptive": True, "lower": opts.adaptive_lower, "upper": opts.adaptive_upper},
+        strategy={
+            "adaptive": opts.adaptive,
+            "lower": opts.adaptive_lower,
+            "upper": opts.adaptive_upper,
+        },
         training={
             "batch_size": opts.batch_size,
             "noise_multiplier": opts.noise_multiplier,
@@ -264,7 +271,7 @@ def _follow(
     data: list[SiteData] = []
     installed: dict[int, set[str]] = {}
     ended = 0
-    deadline = time.monotonic() + opts.timeout_s
+    deadline = time.monotonic() + 60.0 + opts.timeout_s * opts.rounds
     while ended < opts.rounds and time.monotonic() < deadline:
         time.sleep(0.5)
         for member, process in processes.items():
@@ -322,7 +329,7 @@ def _follow(
                 f"AUC {mean(scores, 'auc'):.3f}",
             )
     if ended < opts.rounds:
-        show.say(f"  stopped waiting after {opts.timeout_s:.0f} s with {ended} rounds ended")
+        show.say(f"  stopped waiting: {ended} of {opts.rounds} rounds ended in time")
     return record, curve
 
 
