@@ -51,7 +51,7 @@ from tessera.signing import load_private_key
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 RUNNING_SITES = ("site-a", "site-b", "site-c")  # site-d is in the roster but never runs
-COLLECT_S, AGREEMENT_S = 12, 25
+COLLECT_S, AGREEMENT_S = 15, 25
 SPEC = FederationSpec(
     sites=(*RUNNING_SITES, "site-d"),
     # With this id the leader carries all three running sites' full-length shares in
@@ -209,6 +209,8 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
             FOLLOWER, "round-abort", timeout=COLLECT_S + AGREEMENT_S + 60, round=2
         )
         assert "agreement timeout" in abort["reason"]
+        deadline_ms, aborted_ms = _deadline_and_update(live, FOLLOWER, 2)
+        assert aborted_ms >= deadline_ms + AGREEMENT_S * 1000
         assert not live.find(FOLLOWER, "model-released", round=2)
 
         # 3. Restart the leader: it recovers, opens round 3 (one round only), which is released.
@@ -238,15 +240,18 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
         finally:
             session.close()
         for site in RUNNING_SITES:
+            # The audit entry is written before the log line: wait for both.
             live.wait_until(
-                lambda site=site: len(_refusals(live, site)) >= refused_before[site] + len(forged),
-                f"{site} to audit {len(forged)} refused releases",
+                lambda site=site: (
+                    len(_refusals(live, site)) >= refused_before[site] + len(forged)
+                    and len(live.find(site, "release-refused")) >= len(forged)
+                ),
+                f"{site} to audit and log {len(forged)} refused releases",
                 timeout=60,
                 watch=[site],
             )
             refusals = _refusals(live, site)[refused_before[site] :]
             assert [r["reason"] for r in refusals] == ["not-verified"] * len(forged), refusals
-            assert len(live.find(site, "release-refused")) >= len(forged)
             after = live.node_versions(site)
             assert after == before[site], f"{site}'s model store changed: {after}"
 
@@ -280,6 +285,22 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
             ledger_total, audit_total = epsilon_agreement(live.state(site), STUDY)
             assert ledger_total > 0
             assert audit_total == pytest.approx(ledger_total, rel=1e-9, abs=1e-12), site
+
+
+def _deadline_and_update(
+    live: LiveFederation, aggregator: str, round_number: int
+) -> tuple[int, int]:
+    """(deadline, last update) of a round in the aggregator's store, in ms (read-only)."""
+    path = live.state(aggregator) / "aggregator.sqlite3"
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        row = db.execute(
+            "SELECT deadline_ms, updated_ms FROM rounds WHERE study_id=? AND round=?",
+            (STUDY, round_number),
+        ).fetchone()
+    finally:
+        db.close()
+    return int(row[0]), int(row[1])
 
 
 def _refusals(live: LiveFederation, site: str) -> list[dict[str, object]]:
