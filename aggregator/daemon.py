@@ -35,12 +35,14 @@ from prometheus_client import CollectorRegistry, Counter
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorConfigError
 from aggregator.registry import Registry
+from aggregator.rounds import Stage
 from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
-from aggregator.store import Store
+from aggregator.store import RESTART_REASON, Store
 from broker import topics
 from broker.bundle import Bundle, load_bundle
 from broker.roster import check_manifest_agrees
 from broker.service_link import Endpoint, ServiceLink, endpoint_config
+from tessera.audit import AuditLog
 from tessera.manifest import load_manifest, verify_manifest
 from tessera.manifest_model import Study
 from tessera.models.study import StudyModel
@@ -51,6 +53,7 @@ from tessera.signing import load_private_key, public_key_bytes
 
 log = logging.getLogger("tessera.aggregator.daemon")
 TICK_S = 0.5
+AUDIT_FILE = "audit.log"
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,12 @@ class AggregatorDaemon:
         keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.database_path, config.shares_dir)
+        self.audit = AuditLog.open(config.state_dir / AUDIT_FILE)
+        self._audited: tuple[int, Stage] | None = None
         for study_id, number in self.store.recover():
+            self.audit.append(
+                "round-aborted", {"study_id": study_id, "round": number, "reason": RESTART_REASON}
+            )
             log.warning(
                 "round-recovered",
                 extra={"fields": {"study": study_id, "round": number}},
@@ -216,10 +224,11 @@ class AggregatorDaemon:
         return self
 
     def close(self) -> None:
-        """Disconnect, stop serving, close the store."""
+        """Disconnect, stop serving, close the store and the audit log."""
         self.link.close()
         self.health.close()
         self.store.close()
+        self.audit.close()
 
     def _publish(self, outgoing: Iterable[Outgoing]) -> None:
         for out in outgoing:
@@ -267,7 +276,48 @@ class AggregatorDaemon:
                         },
                     )
 
+    def _audit_progress(self) -> None:
+        """Append the audit entries for what the round did since the last call: opened,
+        participant set agreed, released (with any strategy switch), aborted."""
+        current = self.service.current
+        if current is None:
+            return
+        state, a = current.state, current.announcement
+        seen_round, seen_stage = self._audited or (0, Stage.OPEN)
+        if state.round != seen_round:
+            seen_stage = Stage.OPEN
+            self.audit.append("round-opened", {
+                "study_id": a.study_id, "round": a.round, "leader": a.leader_id,
+                "algorithm": a.algorithm, "expected": len(a.expected_nodes),
+                "min_participants": a.min_participants,
+            })  # fmt: skip
+        order = list(Stage)
+        if (
+            state.participants is not None
+            and order.index(seen_stage) < order.index(Stage.SUMMING)
+            and state.stage is not Stage.ABORTED
+        ):
+            self.audit.append("participant-set", {
+                "study_id": a.study_id, "round": a.round, "count": len(state.participants),
+                "nodes": list(state.participants),
+            })  # fmt: skip
+        if state.stage is Stage.RELEASED and seen_stage is not Stage.RELEASED:
+            latest = self.service.registry.latest(a.study_id)
+            if latest is not None:
+                self.audit.append("release", {
+                    "study_id": a.study_id, "round": a.round, "version": latest.record.version,
+                    "model_hash": latest.record.model_hash.hex(),
+                })  # fmt: skip
+                for switch in latest.card["strategy"]["switches"]:
+                    self.audit.append("strategy-switch", {"study_id": a.study_id, **switch})
+        if state.stage is Stage.ABORTED and seen_stage is not Stage.ABORTED:
+            self.audit.append("round-aborted", {
+                "study_id": a.study_id, "round": a.round, "reason": state.abort_reason,
+            })  # fmt: skip
+        self._audited = (state.round, state.stage)
+
     def _note_round_end(self) -> None:
+        self._audit_progress()
         current = self.service.current
         if current is None or not current.state.stage.is_terminal:
             return
