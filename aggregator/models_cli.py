@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aggregator.errors import AggregatorError
 from aggregator.records import ModelRecord
 from aggregator.registry import GENESIS_PARENT, Registry
 from aggregator.store import Store
+from broker.bundle import load_bundle
+from tessera.errors import TesseraError
+from tessera.release import ModelRelease, verify_release
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -52,6 +57,12 @@ def register(commands: Subparsers) -> None:
     listing.set_defaults(handler=list_command)
     show = sub.add_parser("show", parents=[common], help="one version's model card")
     show.add_argument("version", type=int, metavar="VERSION")
+    show.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="DIR",
+        help="a startup bundle: re-verify every aggregator's signature with its roster's keys",
+    )
     show.set_defaults(handler=show_command)
 
 
@@ -164,8 +175,17 @@ def _lineage(record: ModelRecord, by_hash: dict[bytes, ModelRecord]) -> list[dic
         current = parent
 
 
-def show_details(registry: Registry, study: str, version: int) -> dict[str, Any]:
-    """Everything `show` prints: card, lineage, hashes, signers, verification result."""
+def show_details(
+    registry: Registry,
+    study: str,
+    version: int,
+    aggregator_keys: Mapping[str, Ed25519PublicKey] | None = None,
+) -> dict[str, Any]:
+    """Everything `show` prints: card, lineage, hashes, signers, verification result.
+
+    With `aggregator_keys` (every aggregator's key from a verified roster), the stored
+    signed release is verified again: every aggregator signed it, and its payload is these
+    files. Without them, `signatures` is "not checked"."""
     records = registry.list(study)
     known = [r.version for r in records]
     if version not in known:
@@ -181,6 +201,15 @@ def show_details(registry: Registry, study: str, version: int) -> dict[str, Any]
         verified, problem = True, None
     except AggregatorError as error:
         verified, problem = False, str(error)
+    signatures = "not checked (pass --bundle)"
+    if aggregator_keys is not None:
+        try:
+            release = ModelRelease.from_bytes(shown.release_path.read_bytes(), 1 << 31)
+            verify_release(release, aggregator_keys)
+            signatures = f"verified ({len(aggregator_keys)} of {len(aggregator_keys)})"
+        except (TesseraError, OSError) as error:
+            verified, problem = False, f"signatures do not verify ({type(error).__name__})"
+            signatures = "FAILED"
     return {
         "card": shown.card,
         "lineage": lineage,
@@ -191,6 +220,7 @@ def show_details(registry: Registry, study: str, version: int) -> dict[str, Any]
             "card": record.card_hash.hex(),
         },
         "signers": [signer for signer, _ in record.signatures],
+        "signatures": signatures,
         "verified": verified,
         "problem": problem,
     }
@@ -198,9 +228,15 @@ def show_details(registry: Registry, study: str, version: int) -> dict[str, Any]
 
 def show_command(args: argparse.Namespace) -> int:
     """Print one version's card; exit 1 when its files no longer match their hashes."""
+    keys = None
+    if args.bundle is not None:
+        roster = load_bundle(args.bundle).roster
+        signing = roster.signing_keys()
+        keys = {a: signing[a] for a in roster.aggregator_ids}
     store, registry = _open(args.state)
     with store:
-        details = show_details(registry, _study(store, args.study, args.state), args.version)
+        study = _study(store, args.study, args.state)
+        details = show_details(registry, study, args.version, keys)
     if args.json:
         print(json.dumps(details, indent=2))
     else:
@@ -241,6 +277,7 @@ def render(details: dict[str, Any]) -> Sequence[str]:
     lines.append(f"  architecture:  {card['model']['architecture'] or '-'}")
     lines += [f"  {name + ' hash:':<14} {value}" for name, value in hashes.items()]
     lines.append(f"  signed by:     {', '.join(details['signers'])}")
+    lines.append(f"  signatures:    {details['signatures']}")
     verdict = "yes (files match the registered hashes)"
     lines.append(
         f"  verified:      {verdict if details['verified'] else 'NO: ' + details['problem']}"
