@@ -142,6 +142,10 @@ class AggregatorDaemon:
                 "round-recovered",
                 extra={"fields": {"study": study_id, "round": number}},
             )
+        genesis = setup.model.genesis()
+        # The first ONNX export in a process takes seconds (the exporter's one-off set-up);
+        # pay it now, not between a round's partial sums and its release.
+        setup.model.export(genesis, 0)
         self.service = AggregatorService(
             config,
             keys,
@@ -149,7 +153,7 @@ class AggregatorDaemon:
             self.store,
             Registry(self.store, config.registry_dir),
             time.time,
-            genesis=setup.model.genesis(),
+            genesis=genesis,
             export_onnx=setup.model.export,
         )
         self.metrics_registry = CollectorRegistry()
@@ -181,7 +185,8 @@ class AggregatorDaemon:
         )
         self._lock = threading.Lock()
         self._online: set[str] = set()
-        self._opened = 0
+        # Rounds already opened count against max_rounds after a restart too.
+        self._opened = self.store.latest_round(config.study_id) or 0
         self._ended_at: float | None = None
         self._started = time.monotonic()
         self._seen_terminal: int | None = None
@@ -257,6 +262,7 @@ class AggregatorDaemon:
     def run(self, stop: threading.Event) -> None:
         """Tick and (leader) open rounds until `stop` is set."""
         while not stop.wait(TICK_S):
+            self.metrics.set_broker_connected(self.link.connected)
             with self._lock:
                 self._publish(self.service.tick())
                 self._note_round_end()

@@ -54,6 +54,7 @@ from node.participation import (
     Joined,
     ParticipationContext,
     participate,
+    reconcile_epsilon_audit,
 )
 from node.phi import load_or_create_site_secret
 from node.policy import REASONS, SitePolicy, load_site_policy
@@ -115,6 +116,8 @@ class NodeDaemon:
             self.study.dp.delta,
             config.training.accountant,
         )
+        if reconcile_epsilon_audit(self.ledger, self.audit):
+            log.warning("epsilon-reconciled", extra={"fields": {"study": self.study.id}})
         self.secret = load_or_create_site_secret(state)
         roster = self.bundle.roster
         signing, hpke = roster.signing_keys(), roster.hpke_keys()

@@ -191,6 +191,33 @@ def participate(
     return Joined(round_open, messages, spent, update)
 
 
+def reconcile_epsilon_audit(ledger: PrivacyLedger, audit: AuditLog) -> int:
+    """Append an `epsilon-spent` entry for every round the ledger charged but the audit log
+    does not record; return how many. Call at start-up.
+
+    The ledger is charged before training and the audit entry is written after it, so a node
+    killed while training leaves a charge the log does not show. The charge stands (the
+    noise was drawn, or may have been): the entry says so, and the two agree again.
+    """
+    logged = {
+        int(entry.fields["round"])
+        for entry in read_entries(audit.path)
+        if entry.kind == "epsilon-spent" and entry.fields.get("study_id") == ledger.study_id
+    }
+    added, before = 0, 0.0
+    for charge in ledger.rounds:
+        total = float(charge["epsilon_total"])
+        if int(charge["round"]) not in logged:
+            audit.append("epsilon-spent", {
+                "study_id": ledger.study_id, "round": int(charge["round"]),
+                "epsilon": max(0.0, total - before), "total": total,
+                "note": "charged before training; the node stopped before the round finished",
+            })  # fmt: skip
+            added += 1
+        before = total
+    return added
+
+
 def seal_shares(
     round_open: RoundOpen, encoded: np.ndarray, ctx: ParticipationContext
 ) -> list[Outgoing]:

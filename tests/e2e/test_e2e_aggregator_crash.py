@@ -213,8 +213,9 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
         assert aborted_ms >= deadline_ms + AGREEMENT_S * 1000
         assert not live.find(FOLLOWER, "model-released", round=2)
 
-        # 3. Restart the leader: it recovers, opens round 3 (one round only), which is released.
-        live.start(LEADER, TESSERA_ROUND_MAX_ROUNDS="1", TESSERA_ROUND_START_WAIT_S="1")
+        # 3. Restart the leader: it recovers and opens round 3 (max_rounds counts the rounds
+        # its store already holds, so raise it by one), which is released.
+        live.start(LEADER, TESSERA_ROUND_MAX_ROUNDS="3", TESSERA_ROUND_START_WAIT_S="1")
         recovered = live.wait_for(LEADER, "round-recovered", timeout=60, run=1)
         assert recovered["round"] == 2
         assert not list((live.state(LEADER) / "shares").rglob("*.share"))

@@ -13,13 +13,17 @@ One federation (two aggregators, four sites, k = 3), one timeline:
    running node installs it;
 3. every surviving node's privacy ledger agrees with the epsilon-spent entries of its audit
    log. The killed node's ledger is ahead of its audit log by exactly the round it was
-   killed in: the ledger charges before training, the audit entry is written after it.
+   killed in (the ledger charges before training, the audit entry is written after it)
+   until its start-up reconciliation records the charge.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sqlite3
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,9 @@ from aggregator.registry import Registry
 from aggregator.rounds import Stage
 from aggregator.store import Store
 from node.demo.federation import FederationSpec
+from node.participation import reconcile_epsilon_audit
+from node.privacy_ledger import PrivacyLedger
+from tessera.audit import AuditLog
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 FIRST, LATE, VICTIM = ("site-a", "site-b"), "site-c", "site-d"
@@ -134,6 +141,11 @@ def test_fewer_than_k_aborts_then_a_node_killed_mid_round_is_left_out(tmp_path: 
         for site in (*FIRST, LATE):
             live.wait_for(site, "release-installed", timeout=60, version=1)
 
+        # The running services' endpoints: ready once connected with a verified model,
+        # metrics without patient data, inference with the version it used.
+        _check_endpoints(live, FIRST[0], node=True)
+        _check_endpoints(live, LEADER, node=False)
+
         live.stop_all()
 
         for aggregator, reason in ((LEADER, BELOW_K), (FOLLOWER, f"aborted by {LEADER}")):
@@ -159,10 +171,20 @@ def test_fewer_than_k_aborts_then_a_node_killed_mid_round_is_left_out(tmp_path: 
             ledger_total, audit_total = epsilon_agreement(live.state(site), STUDY)
             assert ledger_total > 0
             assert audit_total == pytest.approx(ledger_total, rel=1e-9, abs=1e-12), site
-        # The killed node: the ledger charged round 2, the audit log never heard of it.
+        # The killed node: the ledger charged round 2, the audit log never heard of it...
         ledger_total, audit_total = epsilon_agreement(live.state(VICTIM), STUDY)
         assert charged_rounds(live, VICTIM) == [2]
         assert audit_total == 0.0 < ledger_total
+        # ...until it starts again: the node's start-up reconciliation (what NodeDaemon runs
+        # before it connects) records the charge, and the two agree.
+        victim = live.state(VICTIM)
+        data = json.loads((victim / "privacy" / f"{STUDY}.json").read_text())
+        ledger = PrivacyLedger(victim / "privacy" / f"{STUDY}.json", STUDY, 1e9, data["delta"])
+        with AuditLog.open(victim / "audit.log", counts_only=True) as audit:
+            assert reconcile_epsilon_audit(ledger, audit) == 1
+            assert reconcile_epsilon_audit(ledger, audit) == 0  # idempotent
+        ledger_total, audit_total = epsilon_agreement(victim, STUDY)
+        assert audit_total == pytest.approx(ledger_total, rel=1e-9) and ledger_total > 0
 
 
 def _rounds(live: LiveFederation, aggregator: str) -> list[dict[str, object]]:
@@ -177,3 +199,42 @@ def _rounds(live: LiveFederation, aggregator: str) -> list[dict[str, object]]:
     except sqlite3.Error:
         return []
     return [{"round": r, "stage": s, "reason": why} for r, s, why in rows]
+
+
+def _get(port: int, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _check_endpoints(live: LiveFederation, member: str, *, node: bool) -> None:
+    started = live.find(member, "node-started" if node else "aggregator-started")[-1]
+    port = int(started["http_port"])
+    assert _get(port, "/healthz")[0] == 200
+    status, body = _get(port, "/readyz")
+    assert status == 200 and json.loads(body) == {"ready": True, "failing": []}, body
+    status, metrics = _get(port, "/metrics")
+    text = metrics.decode()
+    assert status == 200 and "tessera_broker_connected 1.0" in text
+    assert "tessera_model_version 1.0" in text
+    assert 'tessera_wire_bytes_total{direction="received"}' in text
+    if not node:
+        assert 'tessera_aggregator_rounds_total{outcome="released"} 1.0' in text
+        assert 'tessera_aggregator_rounds_total{outcome="aborted"} 1.0' in text
+        return
+    assert "tessera_rounds_joined_total 2.0" in text  # rounds 1 (aborted later) and 2
+    synth = live.root / "synth" / "site-00"
+    names = {row["accession_number"] for row in csv.DictReader((synth / "labels.csv").open())}
+    assert not any(name in text for name in names)  # no patient data in the metrics
+    dicom = next((synth / "dicom").rglob("*.dcm"))
+    status, body = _get(port, "/v1/infer", dicom.read_bytes())
+    result = json.loads(body)
+    assert status == 200 and result["model_version"] == "1", result
+    assert result["label"] in ("absent", "present")
+    assert (
+        'tessera_inference_latency_seconds_count{outcome="ok"} 1.0'
+        in _get(port, "/metrics")[1].decode()
+    )
