@@ -232,6 +232,8 @@ class AggregatorService(ServiceCore):
         if current is None or current.state.stage is not Stage.COLLECTING:
             return []
         a = current.announcement
+        if now_ms is None and current.state.received < len(a.expected_nodes):
+            return []  # on a share, before everyone reported: nothing to read (O(1), not O(N))
         held = self.store.held_nodes(a.study_id, a.round)
         if now_ms is None:  # on a share: only "everyone reported" can close early
             reason = "all-reported" if set(a.expected_nodes) <= set(held) else None
