@@ -252,10 +252,12 @@ def apply_update(weights: np.ndarray, update: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Hysteresis band of the adaptive policy, on the normalised dispersion."""
+    """Hysteresis band of the adaptive policy, on the normalised dispersion (`dispersion`:
+    1 is the level of independent updates, e.g. updates drowned in DP noise; keep 1 inside
+    the band so that noise alone never switches the algorithm)."""
 
-    lower: float = 0.5  # at or below: next round FedAvg
-    upper: float = 2.0  # above: next round FedSGD
+    lower: float = 0.5  # at or below: next round FedAvg (updates clearly aligned)
+    upper: float = 2.0  # above: next round FedSGD (updates clearly opposed)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.lower <= self.upper and math.isfinite(self.upper)):
@@ -292,18 +294,35 @@ class SwitchRecord:
 
 
 def dispersion(aggregate: Aggregate) -> float:
-    """Weighted variance of the deltas divided by the squared norm of their weighted mean.
+    """Weighted variance of the deltas over the squared norm of their weighted mean, in units
+    of its value for independent updates (divided by n - 1).
 
     From secret-shared sums only: var = Q/W - |S/W|^2 with Q = sum w|d|^2, S = sum w d. It is
     0 when every client sent the same delta, and grows as they disagree. A zero mean with
-    a non-zero spread is infinitely dispersed; all-zero deltas give 0.
+    a non-zero spread is infinitely dispersed; all-zero deltas, or a single client, give 0.
+
+    Why n - 1: for n equally weighted updates of equal norm and mean pairwise cosine rho,
+    var / |mean|^2 = (n - 1)(1 - rho) / (1 + (n - 1) rho). Independent updates (rho = 0)
+    give n - 1, whatever the cohort size, and DP-SGD noise makes updates independent: each
+    node adds its own Gaussian noise, which dominates a small model's delta (the demo's
+    spot-cnn-v1 at noise 0.5 measured 1.96..2.02 with n = 3, i.e. pure noise). Dividing by
+    n - 1 puts that level at 1 for every n: below 1 the clients agree more than independent
+    updates do, above 1 they pull in opposite directions (rho < 0, the drift FedSGD is for).
+    A band that contains 1 (PolicyConfig's 0.5..2) therefore keeps the current algorithm
+    when noise drowns the clients' signal, instead of reading the noise as drift. The noise
+    energy itself cannot be subtracted: it depends on each site's noise multiplier, batch
+    size and sample count, which the site decides and the aggregators never see. (With
+    unequal weights the independent level is W^2 / sum w^2 - 1 <= n - 1; sum w^2 is not in
+    the aggregate, so n - 1 is used.)
     """
+    if aggregate.n < 2:
+        return 0.0
     mean = aggregate.sum_weighted_delta / aggregate.sum_weight
     mean_sq = float(np.sum(np.square(mean)))
     variance = max(aggregate.sum_sq_norm / aggregate.sum_weight - mean_sq, 0.0)
     if mean_sq == 0.0:
         return math.inf if variance > 0.0 else 0.0
-    return variance / mean_sq
+    return variance / mean_sq / (aggregate.n - 1)
 
 
 def next_algorithm(
