@@ -68,6 +68,7 @@ class DemoOptions:
     learning_rate: float = 0.1
     batch_size: int = 32
     noise_multiplier: float = 0.5
+    clip_norm: float = 1.0  # L2 bound on each node's round delta (the secure sum's range)
     epsilon: float = 60.0
     algorithm: str = "fedavg"  # the first round's; the adaptive policy may switch later
     adaptive: bool = True
@@ -165,6 +166,7 @@ def run_demo(opts: DemoOptions, progress: Progress | None = None) -> dict[str, o
         sites=tuple(f"site-{chr(ord('a') + i)}" for i in range(opts.sites)),
         image_size=opts.image_size,
         max_rounds=opts.rounds,
+        clip_norm=opts.clip_norm,
         epsilon=opts.epsilon,
         architecture=opts.architecture,
         round={
