@@ -36,7 +36,7 @@ from aggregator.errors import AggregatorConfigError, StrategyError
 from aggregator.strategies import ALGORITHMS, OPTIMIZERS, PolicyConfig, StrategyConfig
 from broker.bundle import load_bundle
 from tessera.errors import TesseraError
-from tessera.settings import ENV_PREFIX, build_settings, check, read_toml
+from tessera.settings import ENV_PREFIX, build_document, check, read_toml
 from tessera.update_layout import DEFAULT_LOSS_CAP
 
 
@@ -232,14 +232,9 @@ def config_from_mapping(
 ) -> AggregatorConfig:
     """Build the config from an already-parsed TOML document plus environment overrides."""
     document = _with_bundle_defaults(document, env, origin)
-    top = {k: v for k, v in document.items() if k not in _SECTIONS}
-    sections: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        table = document.get(name, {})
-        if not isinstance(table, Mapping):
-            raise AggregatorConfigError(f"[{name}] in {origin} must be a table, got {table!r}")
-        sections[name] = _build(cls, table, env, f"{name}.", origin)
-    config: AggregatorConfig = _build(AggregatorConfig, top, env, "", origin, sections)
+    config: AggregatorConfig = build_document(
+        AggregatorConfig, _SECTIONS, document, env, origin, error=AggregatorConfigError
+    )
     return config
 
 
@@ -287,17 +282,6 @@ def _with_bundle_defaults(
     if isinstance(broker, Mapping):
         merged["broker"] = {**broker_defaults, **broker}
     return merged
-
-
-def _build(
-    cls: type,
-    table: Mapping[str, Any],
-    env: Mapping[str, str],
-    prefix: str,
-    origin: str,
-    given: Mapping[str, Any] | None = None,
-) -> Any:
-    return build_settings(cls, table, env, prefix, origin, given, error=AggregatorConfigError)
 
 
 def _check(ok: bool, key: str, value: object, fix: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import threading
 import time
 from collections.abc import Iterable
@@ -41,7 +40,7 @@ from aggregator.store import RESTART_REASON, Store
 from broker import topics
 from broker.bundle import Bundle, load_bundle
 from broker.roster import check_manifest_agrees
-from broker.service_link import Endpoint, ServiceLink, endpoint_config
+from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
 from tessera.audit import AuditLog
 from tessera.manifest import load_manifest, verify_manifest
 from tessera.manifest_model import Study
@@ -355,13 +354,4 @@ class AggregatorDaemon:
 def run(config: AggregatorConfig) -> int:
     """Start the daemon and run it until SIGTERM/SIGINT; the exit status."""
     setup = load_study_setup(config)
-    daemon = AggregatorDaemon(config, setup).start()
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        daemon.run(stop)
-    finally:
-        daemon.close()
-        log.info("aggregator-stopped", extra={"fields": {}})
-    return 0
+    return run_until_signalled(AggregatorDaemon(config, setup).start(), "aggregator-stopped")

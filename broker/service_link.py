@@ -17,9 +17,12 @@ SessionConfig: mutual TLS from the bundle by default, or, only where the setting
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from broker.bundle import Bundle
 from broker.chunking import ReassemblyLimits
@@ -122,3 +125,24 @@ class ServiceLink:
         """Stop receiving, publish offline presence, disconnect."""
         self.receiver.close()
         self.session.close()
+
+
+class Service(Protocol):
+    """A started daemon: runs until its stop event is set, then closes."""
+
+    def run(self, stop: threading.Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_until_signalled(service: Service, stopped_event: str) -> int:
+    """Run a started service until SIGTERM or SIGINT, close it, log `stopped_event`; 0."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        service.run(stop)
+    finally:
+        service.close()
+        log.info(stopped_event, extra={"fields": {}})
+    return 0

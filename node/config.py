@@ -31,7 +31,7 @@ from typing import Any
 
 from node.trainer import DPSettings
 from tessera.errors import ConfigError
-from tessera.settings import build_settings, check, read_toml
+from tessera.settings import build_document, check, read_toml
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,5 @@ def node_config_from_mapping(
     document: Mapping[str, Any], env: Mapping[str, str], origin: str = "the configuration"
 ) -> NodeConfig:
     """Build the config from a parsed TOML document plus environment overrides."""
-    top = {k: v for k, v in document.items() if k not in _SECTIONS}
-    sections: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        table = document.get(name, {})
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"[{name}] in {origin} must be a table, got {table!r}")
-        sections[name] = build_settings(cls, table, env, f"{name}.", origin)
-    config: NodeConfig = build_settings(NodeConfig, top, env, "", origin, sections)
+    config: NodeConfig = build_document(NodeConfig, _SECTIONS, document, env, origin)
     return config

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
 
@@ -43,7 +42,7 @@ from prometheus_client import CollectorRegistry
 from broker import topics
 from broker.bundle import Bundle, load_bundle
 from broker.roster import check_manifest_agrees
-from broker.service_link import Endpoint, ServiceLink, endpoint_config
+from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
 from node.cache import CachedDataset
 from node.config import NodeConfig
 from node.errors import NodeError
@@ -496,13 +495,4 @@ def _only(architectures: tuple[str, ...]) -> str:
 
 def run(config: NodeConfig) -> int:
     """Start the node and run it until SIGTERM/SIGINT; the exit status."""
-    daemon = NodeDaemon(config).start()
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        daemon.run(stop)
-    finally:
-        daemon.close()
-        log.info("node-stopped", extra={"fields": {}})
-    return 0
+    return run_until_signalled(NodeDaemon(config).start(), "node-stopped")

@@ -140,3 +140,24 @@ def _convert(raw: Any, target: type, from_env: bool, error: type[ConfigError]) -
     if target in (str, Path):
         return target(raw) if isinstance(raw, str) and raw else None
     raise error(f"configuration type {target} is not supported")  # a bug
+
+
+def build_document(
+    cls: type,
+    sections: Mapping[str, type],
+    document: Mapping[str, Any],
+    env: Mapping[str, str],
+    origin: str,
+    *,
+    error: type[ConfigError] = ConfigError,
+) -> Any:
+    """`cls` from a whole TOML document: each key of `sections` is a table built into its
+    own dataclass (overrides `TESSERA_<SECTION>_<KEY>`), the rest are `cls`'s own keys."""
+    top = {k: v for k, v in document.items() if k not in sections}
+    built: dict[str, Any] = {}
+    for name, section in sections.items():
+        table = document.get(name, {})
+        if not isinstance(table, Mapping):
+            raise error(f"[{name}] in {origin} must be a table, got {table!r}")
+        built[name] = build_settings(section, table, env, f"{name}.", origin, error=error)
+    return build_settings(cls, top, env, "", origin, built, error=error)
