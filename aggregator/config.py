@@ -71,6 +71,9 @@ class RoundSettings:
     min_participants: int = 3
     collect_timeout_s: float = 600.0
     agreement_timeout_s: float = 120.0
+    # Studies that require a privacy audit: how long the sites have to audit a candidate
+    # before the release is held for missing reports (an audit trains shadow models).
+    audit_timeout_s: float = 1800.0
     max_rounds: int = 0  # 0: as many as the study allows
     pause_s: float = 2.0  # the leader's wait between one round's end and the next RoundOpen
     start_wait_s: float = 60.0  # the leader's wait for every node to come online, once
@@ -92,6 +95,7 @@ class RoundSettings:
         for name in (
             "collect_timeout_s",
             "agreement_timeout_s",
+            "audit_timeout_s",
             "learning_rate",
             "clip_norm",
             "loss_cap",

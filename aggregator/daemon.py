@@ -16,8 +16,10 @@ Then messages go to `AggregatorService.on_message` on the session's dispatch thr
 main thread calls `tick()` twice a second; both hold one lock, so the service sees one
 event at a time. The leader also opens rounds: once every expected node is online (or
 `round.start_wait_s` passed), then `round.pause_s` after each round ends, until the study's
-(or the configuration's smaller) maximum number of rounds. SIGTERM or SIGINT stops it
-cleanly; SIGKILL is what `store.recover()` is for.
+(or the configuration's smaller) maximum number of rounds. Where the study requires a privacy
+audit, every release waits for the participating sites' signed audit reports and the gate
+(`aggregator.privacy_gate`); a hold goes into `state/audit.log` and aborts the round.
+SIGTERM or SIGINT stops it cleanly; SIGKILL is what `store.recover()` is for.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorConfigError
+from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
 from aggregator.rounds import Stage
 from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
@@ -42,7 +45,7 @@ from broker.bundle import Bundle, load_bundle
 from broker.roster import check_manifest_agrees
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
 from tessera.audit import AuditLog
-from tessera.manifest import load_manifest, verify_manifest
+from tessera.manifest import Manifest, load_manifest, verify_manifest
 from tessera.manifest_model import Study
 from tessera.models.study import StudyModel
 from tessera.observability import HealthServer
@@ -60,6 +63,7 @@ class StudySetup:
     """What start-up derives from the bundle and the manifest for one study."""
 
     bundle: Bundle
+    manifest: Manifest  # verified against the bundle's pinned coordinator key
     study: Study
     model: StudyModel
     roster: RosterKeys
@@ -110,7 +114,7 @@ def load_study_setup(config: AggregatorConfig) -> StudySetup:
     )
     limit = study.max_rounds if rounds.max_rounds == 0 else min(rounds.max_rounds, study.max_rounds)
     model = StudyModel.from_study(manifest.federation_id, study, architecture)
-    return StudySetup(bundle, study, model, keys, limit)
+    return StudySetup(bundle, manifest, study, model, keys, limit)
 
 
 def _only(values: tuple[str, ...], what: str) -> str:
@@ -154,6 +158,7 @@ class AggregatorDaemon:
             time.time,
             genesis=genesis,
             export_onnx=setup.model.export,
+            audit=AuditSetup(setup.manifest, self.audit),
         )
         self.metrics_registry = CollectorRegistry()
         self.metrics = ServiceMetrics(self.metrics_registry)
@@ -210,6 +215,7 @@ class AggregatorDaemon:
             topics.participants_topic(fed, study),
             topics.partials_for_aggregator(fed, study, me),
             topics.release_topic(fed, study),
+            topics.audit_reports(fed, study),
         ):
             self.link.subscribe(topic_filter, self._on_payload)
         self.link.session.subscribe(f"{topics.ROOT}/{fed}/presence/+", self._on_presence)

@@ -44,6 +44,20 @@ class AuditReportRefused(AggregatorError):
 
 
 @dataclass(frozen=True)
+class AuditSetup:
+    """What an aggregator service needs to gate the releases of its study: the verified
+    manifest (the study's limit, the sites' node keys) and the audit log for holds."""
+
+    manifest: Manifest
+    log: AuditLog
+
+    def required(self, study_id: str) -> bool:
+        """True when the study requires a privacy audit before every release."""
+        study = self.manifest.study(study_id)
+        return study is not None and study.privacy_audit is not None
+
+
+@dataclass(frozen=True)
 class ReleaseCandidate:
     """The model a release would publish, and the sites whose data trained it."""
 
@@ -157,17 +171,8 @@ def _hold(
 def card_figures(reports: Iterable[PrivacyAuditReport]) -> dict[str, dict[str, float]]:
     """Per site: the strongest attack's AUC and TPRs, and the empirical and accountant
     epsilons where the model was DP-trained (for `ModelCard.privacy_audit`)."""
-    figures: dict[str, dict[str, float]] = {}
-    for report in reports:
-        attacks = list(report.attacks.values())
-        row = {
-            "auc": max(a.auc.value for a in attacks),
-            "tpr_at_0_1pct_fpr": report.worst_tpr_at_0_1pct_fpr,
-            "tpr_at_1pct_fpr": max(a.tpr_at_1pct_fpr.value for a in attacks),
-        }
-        bound = report.empirical_epsilon
-        if bound is not None and report.accountant_epsilon is not None:
-            row["empirical_epsilon"] = bound
-            row["accountant_epsilon"] = report.accountant_epsilon
-        figures[report.site_id] = row
-    return dict(sorted(figures.items()))
+    return {report.site_id: report.headline() for report in sorted(reports, key=_site)}
+
+
+def _site(report: PrivacyAuditReport) -> str:
+    return report.site_id

@@ -15,6 +15,11 @@ Signature exchange (the simplest scheme the existing ModelRelease type allows):
    registers the release and publishes it, fully signed and retained.
 4. A follower registers the final release only if its model hash equals the one it
    computed itself and its own signature is in it (`Registry.register` verifies all S).
+
+Where the study requires a privacy audit, the release first built is the *candidate*: the
+leader publishes it with its signature only, the sites audit it, and once the gate passes
+`with_audit_figures` re-cards it (same weights, same ONNX export, the figures added) and
+re-signs; the exchange above then runs on that release.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -46,6 +52,8 @@ class BuiltRelease:
 
     release: ModelRelease  # payload and this aggregator's signature
     outcome: RoundOutcome
+    card: ModelCard
+    onnx: bytes
 
 
 def build_signed_release(
@@ -60,11 +68,13 @@ def build_signed_release(
     parent_hash: bytes,
     onnx: Callable[[Mapping[str, np.ndarray], int], bytes],
     key: Ed25519PrivateKey,
+    epsilon_per_site: Mapping[str, float],
 ) -> BuiltRelease:
     """Combine the S partial sums, apply the strategy, card and assemble the release, sign it.
 
     `onnx(params, version)` exports the new weights (the caller's exporter). Everything else is
-    deterministic, so every aggregator gets the same release bytes.
+    deterministic, so every aggregator gets the same release bytes. `epsilon_per_site` is
+    each site's composed epsilon, as its signed share envelopes state it (`carry_epsilon`).
     """
     decoded = combine_round(partials, announcement, participants)
     aggregate = aggregate_from_vector(decoded, n=participants)
@@ -89,12 +99,42 @@ def build_signed_release(
         optimizer=config.strategy.optimizer,
         adaptive=config.strategy.adaptive,
         switches=() if outcome.switch is None else (outcome.switch.to_dict(),),
+        epsilon_per_site=dict(epsilon_per_site),
         validation={"mean_loss": outcome.mean_loss, "dispersion": outcome.dispersion},
         architecture=config.architecture or "",
         layout_digest=manifest.digest(),
     )
-    release = assemble_release(card=card, params=outcome.params, onnx=onnx(outcome.params, version))
-    return BuiltRelease(sign_release(release, config.aggregator_id, key), outcome)
+    exported = onnx(outcome.params, version)
+    release = assemble_release(card=card, params=outcome.params, onnx=exported)
+    return BuiltRelease(sign_release(release, config.aggregator_id, key), outcome, card, exported)
+
+
+def with_audit_figures(
+    candidate: BuiltRelease,
+    figures: Mapping[str, Mapping[str, float]],
+    aggregator_id: str,
+    key: Ed25519PrivateKey,
+) -> BuiltRelease:
+    """The release of an audited candidate: the same weights and ONNX export, the card with
+    the sites' audit figures (`aggregator.privacy_gate.card_figures`), signed afresh."""
+    card = replace(candidate.card, privacy_audit=figures)
+    release = assemble_release(card=card, params=candidate.outcome.params, onnx=candidate.onnx)
+    return BuiltRelease(sign_release(release, aggregator_id, key), candidate.outcome, card,
+                        candidate.onnx)  # fmt: skip
+
+
+def carry_epsilon(
+    parent_card: Mapping[str, Any] | None, this_round: Mapping[str, float]
+) -> dict[str, float]:
+    """Epsilon per site for a new card: the parent card's figures, updated with this
+    round's participants' own (a site that sat this round out still shaped the model).
+    A parent card that gave only a count and a maximum (fewer than k named) adds nothing."""
+    carried: dict[str, float] = {}
+    if parent_card is not None:
+        named = parent_card.get("privacy", {}).get("epsilon_per_site", {})
+        carried.update({site: float(epsilon) for site, epsilon in named.items()})
+    carried.update({site: float(epsilon) for site, epsilon in this_round.items()})
+    return dict(sorted(carried.items()))
 
 
 def signature_note(release: ModelRelease, aggregator_id: str) -> ModelRelease:

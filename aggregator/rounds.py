@@ -1,7 +1,8 @@
 """The round state machine: explicit stages, and one pure transition function.
 
-A round moves OPEN -> COLLECTING -> AGREEING -> SUMMING -> COMBINING -> RELEASED, and can be
-ABORTED from any stage that is not over. `transition(state, event)` returns the next state or
+A round moves OPEN -> COLLECTING -> AGREEING -> SUMMING -> COMBINING -> RELEASED (through
+AUDITING, between COMBINING and RELEASED, when the study requires a privacy audit), and can
+be ABORTED from any stage that is not over. `transition(state, event)` returns the next state or
 raises `TransitionRejected` naming the stage and the event; it never mutates, reads the clock
 or touches the disk. The daemon persists every state it gets back (aggregator.store) and
 acts on it.
@@ -15,6 +16,9 @@ Stages, from one aggregator's point of view:
   partial sum. The "published" fact is stored before the message leaves (store.py).
 - COMBINING: own partial sum out; waiting for the others', then decode, strategy, export,
   sign.
+- AUDITING: (studies that require a privacy audit) the candidate model is built and out to
+  the participating sites; waiting for their signed audit reports, then the release gate
+  (aggregator.privacy_gate), then, if it passes, the signatures. A hold aborts the round.
 - RELEASED: the signed model is out. Terminal.
 - ABORTED: the round ended without a model, with a reason. Terminal.
 """
@@ -41,6 +45,7 @@ class Stage(enum.Enum):
     AGREEING = "agreeing"
     SUMMING = "summing"
     COMBINING = "combining"
+    AUDITING = "auditing"
     RELEASED = "released"
     ABORTED = "aborted"
 
@@ -107,6 +112,13 @@ class PartialSumPublished:
 
 
 @dataclass(frozen=True)
+class CandidateBuilt:
+    """The candidate model is built and sent to the sites for their privacy audits."""
+
+    name: ClassVar[str] = "candidate-built"
+
+
+@dataclass(frozen=True)
 class ModelReleased:
     """The jointly signed release is published."""
 
@@ -128,6 +140,7 @@ Event = (
     | CollectionClosed
     | ParticipantsAgreed
     | PartialSumPublished
+    | CandidateBuilt
     | ModelReleased
     | Abort
 )
@@ -138,6 +151,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     CollectionClosed,
     ParticipantsAgreed,
     PartialSumPublished,
+    CandidateBuilt,
     ModelReleased,
     Abort,
 )
@@ -155,6 +169,8 @@ def _build_moves() -> dict[tuple[Stage, type[Event]], Stage]:
         (Stage.AGREEING, ParticipantsAgreed): Stage.SUMMING,
         (Stage.SUMMING, PartialSumPublished): Stage.COMBINING,
         (Stage.COMBINING, ModelReleased): Stage.RELEASED,
+        (Stage.COMBINING, CandidateBuilt): Stage.AUDITING,
+        (Stage.AUDITING, ModelReleased): Stage.RELEASED,
     }
     for stage in Stage:
         if not stage.is_terminal:

@@ -14,6 +14,21 @@ the ParticipantSet, or a RoundAbort below k -> each aggregator checks the set, p
 one partial sum -> on the S-1 others: combine, strategy, release, signature exchange
 (aggregator.release_build) -> the leader publishes the fully signed release, retained.
 
+Where the study requires a privacy audit (`audit`, aggregator.privacy_gate), the release
+built after combining is a candidate: the leader publishes it, signed by itself only, on the
+candidate topic; each participating site audits it and publishes a signed report of
+aggregate figures; each aggregator checks every report against its *own* candidate (so a
+leader cannot have sites audit another model) and, once every participant reported, runs
+the gate. A pass re-cards the release with the figures and the signature exchange follows;
+a hold (a site over the study's limit, or reports missing at `round.audit_timeout_s`) is
+written to the audit log and aborts the round: nothing is released.
+
+Timeouts: a round that is past collecting aborts at the agreement timeout (counted from
+the deadline, or from the candidate's audit deadline). A follower that has sent its
+signature note no longer times out by itself: the leader alone decides between the release
+and a RoundAbort, so the two can never end a round differently (the follower used to abort
+at its timeout while the leader registered the release, and the federation split).
+
 Order does not matter within a round: a ReceivedSet, partial sum or signature note that
 arrives before this aggregator is ready is kept (first copy wins) and used when it is. The
 leader keeps its own ReceivedSet instead of publishing it. A RoundAbort is published
@@ -42,14 +57,19 @@ from aggregator.errors import (
 )
 from aggregator.leader import plan_round
 from aggregator.partials import open_partial_sum, seal_partial_sums
+from aggregator.privacy_gate import ReleaseCandidate, card_figures, check_report, gate_release
 from aggregator.registry import weights_bytes
 from aggregator.release_build import (
+    BuiltRelease,
     add_noted_signature,
     build_signed_release,
+    carry_epsilon,
     signature_note,
+    with_audit_figures,
 )
 from aggregator.rounds import (
     Abort,
+    CandidateBuilt,
     CollectionClosed,
     Event,
     ModelReleased,
@@ -80,6 +100,7 @@ from tessera.messages import (
     RoundOpen,
     ShareEnvelope,
 )
+from tessera.privacy_report import report_from_json, verify_report
 from tessera.release import is_signature_note
 from tessera.update_layout import vector_length
 
@@ -87,6 +108,7 @@ __all__ = ["AggregatorService", "Outgoing", "RosterKeys", "ServiceKeys"]
 
 log = logging.getLogger("tessera.aggregator.service")
 MAX_MESSAGE = 512 * 1024 * 1024
+MAX_AUDIT_REPORT = 64 * 1024  # a report is a few kilobytes of aggregate figures
 
 
 class AggregatorService(ServiceCore):
@@ -144,6 +166,8 @@ class AggregatorService(ServiceCore):
         kind: topics.Kind | None = None
         try:
             kind = topics.parse(topic).kind
+            if kind is topics.Kind.AUDIT:
+                return self._on_audit_report(topics.parse(topic), payload)
             handler = self._handler(kind)
             if handler is None:
                 return []
@@ -211,20 +235,27 @@ class AggregatorService(ServiceCore):
                 extra={"fields": {"round": message.round}},
             )
             return []
+        current.epsilon[message.node_id] = message.epsilon_total
         self._move(ShareAccepted(message.node_id))
         return self._maybe_close(None)
 
     def tick(self, now: float | None = None) -> list[Outgoing]:
-        """Advance on time: close collection at the deadline, abort a stalled round."""
-        if self.current is None or self.current.state.stage.is_terminal:
+        """Advance on time: close collection at the deadline, run the gate at the audit
+        deadline, abort a stalled round (see the module docstring on timeouts)."""
+        current = self.current
+        if current is None or current.state.stage.is_terminal:
             return []
         now_ms = int((self.clock() if now is None else now) * 1000)
-        stalled = self.current.announcement.deadline_ms + int(
-            self.config.round.agreement_timeout_s * 1000
-        )
-        if self.current.state.stage is not Stage.COLLECTING and now_ms >= stalled:
+        if current.state.stage is Stage.COLLECTING:
+            return self._maybe_close(now_ms)
+        if current.note_sent:
+            return []  # the leader decides: its release, or its RoundAbort
+        audit_due = current.audit_deadline_ms
+        if current.built is None and audit_due is not None and now_ms >= audit_due:
+            return self._maybe_gate(final=True)
+        if now_ms >= current.stall_ms:
             return self._abort("the round did not finish within the agreement timeout")
-        return self._maybe_close(now_ms)
+        return []
 
     def _maybe_close(self, now_ms: int | None) -> list[Outgoing]:
         """Step 5: publish the ReceivedSet once the deadline passed or all nodes reported."""
@@ -357,22 +388,160 @@ class AggregatorService(ServiceCore):
             if stored is not None and stored.path is not None
             else ServerState()
         )
-        current.built = build_signed_release(
+        participants = current.state.participants or ()
+        parent = self.registry.latest(a.study_id)
+        epsilon = carry_epsilon(
+            None if parent is None else parent.card,
+            {node: current.epsilon.get(node, 0.0) for node in participants},
+        )
+        built = build_signed_release(
             config=self.config,
             announcement=a,
             partials=vectors,
-            participants=len(current.state.participants or ()),
+            participants=len(participants),
             base_params=current.base_params,
             server_state=server_state,
             version=current.version,
             parent_hash=current.parent_hash,
             onnx=self.export_onnx,
             key=self.keys.signing,
+            epsilon_per_site=epsilon,
         )
+        if self.audit is None:
+            current.built = built
+            return self._exchange_signatures()
+        return self._enter_audit(built)
+
+    def _exchange_signatures(self) -> list[Outgoing]:
+        """Step 8 with `current.built`: the leader collects the notes, a follower sends one."""
+        current = self.current
+        assert current is not None and current.built is not None
         if self.config.is_leader:
             return self._maybe_release()
+        a = current.announcement
+        current.note_sent = True
         note = signature_note(current.built.release, self.me)
         return [self._send(topics.release_topic(a.federation_id, a.study_id), note)]
+
+    # --- the privacy audit of a candidate (studies that require one) ---------------------
+
+    def _enter_audit(self, candidate: BuiltRelease) -> list[Outgoing]:
+        """Keep the candidate, check the reports that came early, and (leader) publish it
+        for the participating sites to audit."""
+        current = self.current
+        assert current is not None and self.audit is not None
+        a = current.announcement
+        current.candidate = candidate
+        self._move(CandidateBuilt())
+        current.audit_deadline_ms = self._now_ms() + self._ms(self.config.round.audit_timeout_s)
+        current.stall_ms = current.audit_deadline_ms + self._ms(
+            self.config.round.agreement_timeout_s
+        )
+        early, current.reports = current.reports, {}
+        for site, report in sorted(early.items()):
+            try:
+                check_report(report, self.audit.manifest, self._candidate(), current.reports)
+            except TesseraError as exc:
+                self._reject_report(exc)
+                continue
+            current.reports[site] = report
+        log.info(
+            "candidate-built",
+            extra={"fields": {"round": a.round, "version": candidate.release.version}},
+        )
+        out = []
+        if self.config.is_leader:
+            topic = topics.candidate_topic(a.federation_id, a.study_id)
+            out.append(self._send(topic, candidate.release))
+        return out + self._maybe_gate(final=False)
+
+    def _candidate(self) -> ReleaseCandidate:
+        current = self.current
+        assert current is not None and current.candidate is not None
+        return ReleaseCandidate(
+            study_id=current.announcement.study_id,
+            version=current.version,
+            model_hash=current.candidate.release.model_hash,
+            sites=frozenset(current.state.participants or ()),
+        )
+
+    def _on_audit_report(self, topic: topics.Topic, payload: bytes) -> list[Outgoing]:
+        """A site's signed report: verified now, checked against our own candidate once it
+        exists (a report may overtake this aggregator's combining); the first one wins."""
+        if self.audit is None:
+            return []
+        if len(payload) > MAX_AUDIT_REPORT:
+            raise MessageRejected(
+                f"audit report of {len(payload)} bytes is over the limit of {MAX_AUDIT_REPORT}"
+            )
+        report = report_from_json(payload)
+        routed = (topic.federation, topic.study, topic.node) == (
+            report.federation_id, report.study_id, report.site_id,
+        )  # fmt: skip
+        if not routed:
+            raise MessageRejected("audit report arrived on a topic meant for another")
+        verify_report(report, self.audit.manifest)  # AuthenticationError, vague
+        current = self.current
+        if current is None or current.state.stage.is_terminal:
+            raise MessageRejected("no round is waiting for audit reports")
+        if report.model_round != current.state.round or report.study_id != self.config.study_id:
+            raise MessageRejected(
+                f"audit report is for round {report.model_round}, not round {current.state.round}"
+            )
+        if report.site_id in current.reports:
+            raise MessageRejected(f"a second audit report from {report.site_id!r}; first wins")
+        if current.candidate is not None:
+            check_report(report, self.audit.manifest, self._candidate(), current.reports)
+        current.reports[report.site_id] = report
+        log.info(
+            "audit-report",
+            extra={"fields": {"round": report.model_round, "site": report.site_id}},
+        )
+        return self._maybe_gate(final=False)
+
+    def _reject_report(self, exc: Exception) -> None:
+        log.warning(
+            "message-rejected",
+            extra={"fields": {"kind": "AUDIT", "error": type(exc).__name__, "reason": str(exc)}},
+        )
+
+    def _maybe_gate(self, final: bool) -> list[Outgoing]:
+        """The release gate, once every participant reported (or, `final`, at the audit
+        deadline): a pass re-cards and signs the release, a hold aborts the round."""
+        current = self.current
+        if (
+            self.audit is None
+            or current is None
+            or current.state.stage is not Stage.AUDITING
+            or current.built is not None
+        ):
+            return []
+        candidate = self._candidate()
+        if not final and candidate.sites - set(current.reports):
+            return []
+        decision = gate_release(
+            self.audit.manifest, candidate, current.reports.values(), self.audit.log
+        )
+        if not decision.release:
+            return self._abort(f"release held ({decision.reason}): {decision.detail}")
+        log.info(
+            "audit-passed",
+            extra={"fields": {"round": current.state.round, "detail": decision.detail}},
+        )
+        assert current.candidate is not None
+        figures = card_figures(current.reports.values())
+        current.built = with_audit_figures(current.candidate, figures, self.me, self.keys.signing)
+        current.stall_ms = self._now_ms() + self._ms(self.config.round.agreement_timeout_s)
+        return self._exchange_signatures()
+
+    def _signing(self) -> bool:
+        """True while this aggregator's release is built and its round is still open."""
+        current = self.current
+        return (
+            current is not None
+            and current.built is not None
+            and current.state.stage in (Stage.COMBINING, Stage.AUDITING)
+        )
 
     def _on_release(self, message: Message, signer: str) -> list[Outgoing]:
         if not isinstance(message, ModelRelease):
@@ -392,7 +561,7 @@ class AggregatorService(ServiceCore):
             current.notes[signer] = message
             return self._maybe_release()
         built = current.built
-        if built is None or current.state.stage is not Stage.COMBINING:
+        if built is None or not self._signing():
             raise MessageRejected("a release arrived before this aggregator computed its own")
         if message.model_hash != built.release.model_hash or self.me not in dict(
             message.signatures
@@ -405,7 +574,7 @@ class AggregatorService(ServiceCore):
         """Leader, step 8: add every follower's noted signature; publish when all S signed."""
         current = self.current
         assert current is not None
-        if current.built is None or current.state.stage is not Stage.COMBINING:
+        if current.built is None or not self._signing():
             # A note that arrives after the round aborted (e.g. at the agreement timeout)
             # must not register the model: the other aggregators never will.
             return []

@@ -14,6 +14,7 @@ from aggregator.admission import aggregator_index
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorConfigError, MessageRejected
 from aggregator.leader import round_record
+from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import GENESIS_PARENT, Registry
 from aggregator.rounds import Abort, Event, RoundState, StartCollecting, transition
 from aggregator.service_state import Outgoing, RosterKeys, RoundMemory, ServiceKeys
@@ -39,10 +40,13 @@ class ServiceCore:
         *,
         genesis: Mapping[str, np.ndarray],
         export_onnx: Callable[[Mapping[str, np.ndarray], int], bytes],
+        audit: AuditSetup | None = None,
     ) -> None:
         self.config, self.keys, self.roster = config, keys, roster
         self.store, self.registry, self.clock = store, registry, clock
         self.genesis, self.export_onnx = genesis, export_onnx
+        # Set only when the study requires a privacy audit before every release.
+        self.audit = audit if audit is not None and audit.required(config.study_id) else None
         self.current: RoundMemory | None = None
         shared = set(roster.aggregator_signing) & set(roster.node_signing)
         if shared:
@@ -58,6 +62,13 @@ class ServiceCore:
     def me(self) -> str:
         """This aggregator's id."""
         return self.config.aggregator_id
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    @staticmethod
+    def _ms(seconds: float) -> int:
+        return int(seconds * 1000)
 
     def _send(self, topic: str, message: Message, retain: bool = False) -> Outgoing:
         return Outgoing(topic, seal_envelope(message, self.me, self.keys.signing), retain)
@@ -92,7 +103,10 @@ class ServiceCore:
             ledger=self.store,
         )
         state = RoundState(announcement.round)
-        self.current = RoundMemory(announcement, state, accumulator, params, version + 1, parent)
+        stall_ms = announcement.deadline_ms + self._ms(self.config.round.agreement_timeout_s)
+        self.current = RoundMemory(
+            announcement, state, accumulator, params, version + 1, parent, stall_ms
+        )
         self._move(StartCollecting())
 
     def _abort(self, reason: str) -> list[Outgoing]:

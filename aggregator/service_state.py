@@ -17,6 +17,7 @@ from aggregator.rounds import RoundState
 from broker import topics
 from tessera.envelopes import Message
 from tessera.messages import ModelRelease, PartialSum, ReceivedSet, RoundOpen, ShareEnvelope
+from tessera.privacy_report import PrivacyAuditReport
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,17 @@ class RoundMemory:
     base_params: Mapping[str, np.ndarray]
     version: int
     parent_hash: bytes
+    stall_ms: int  # past this, a round that is not collecting any more aborts
     received: dict[str, tuple[str, ...]] = field(default_factory=dict)  # leader only
     set_hash: bytes | None = None
     partials: dict[str, PartialSum] = field(default_factory=dict)
     own_partial: np.ndarray | None = None
-    built: BuiltRelease | None = None
+    epsilon: dict[str, float] = field(default_factory=dict)  # per node, from its shares
+    candidate: BuiltRelease | None = None  # audited studies: the release before the gate
+    audit_deadline_ms: int | None = None
+    reports: dict[str, PrivacyAuditReport] = field(default_factory=dict)  # per site
+    built: BuiltRelease | None = None  # the release to sign (after the gate, if audited)
+    note_sent: bool = False  # follower: its signature is out; the leader decides now
     notes: dict[str, ModelRelease] = field(default_factory=dict)  # leader only
 
 

@@ -1,12 +1,13 @@
 """Mosquitto 2 configuration and ACL, generated from the federation.
 
 The ACL is deny-by-default (Mosquitto refuses anything not granted) and grants:
-- a site: write its own shares (to each aggregator) and its own presence; read round
-  control and releases. Nothing else, so no site can read a share or impersonate another.
+- a site: write its own shares (to each aggregator), its own privacy-audit reports and its
+  own presence; read round control, candidates and releases. Nothing else, so no site can
+  read a share or another site's audit report, or impersonate another.
 - an aggregator: read shares addressed to it, partial sums addressed to it, every
-  received set, participant set, round, release and presence; write round control,
-  releases, its own received set, its own partial sums and its own presence.
-- only the leader aggregator writes the participant set.
+  received set, participant set, round, release, audit report and presence; write round
+  control, releases, its own received set, its own partial sums and its own presence.
+- only the leader aggregator writes the participant set and the candidate.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def render_acl(federation: Federation) -> str:
     ]
     for site in federation.sites:
         lines += [f"# site: {site.name}", f"user {site.id}"]
-        lines += [f"topic read {root}/+/round", f"topic read {root}/+/release"]
+        lines += [f"topic read {root}/+/{kind}" for kind in ("round", "release", "candidate")]
         lines += [f"topic write {root}/+/share/{a.id}/{site.id}" for a in federation.aggregators]
+        lines += [f"topic write {root}/+/audit/{site.id}"]
         lines += [f"topic write {root}/presence/{site.id}", ""]
     for agg in federation.aggregators:
         lines += [f"# aggregator: {agg.name}", f"user {agg.id}"]
@@ -80,6 +82,8 @@ def render_acl(federation: Federation) -> str:
             f"topic write {root}/+/received/{agg.id}",
             f"topic read {root}/+/participants",
             f"topic read {root}/+/partial/{agg.id}/+",
+            f"topic read {root}/+/candidate",
+            f"topic read {root}/+/audit/+",
         ]
         lines += [
             f"topic write {root}/+/partial/{o.id}/{agg.id}"
@@ -88,5 +92,6 @@ def render_acl(federation: Federation) -> str:
         ]
         if agg.id == federation.leader:
             lines.append(f"topic write {root}/+/participants")
+            lines.append(f"topic write {root}/+/candidate")
         lines += [f"topic read {root}/presence/+", f"topic write {root}/presence/{agg.id}", ""]
     return "\n".join(lines)

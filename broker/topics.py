@@ -12,6 +12,10 @@ codec's id rule too), so that it can never be an MQTT wildcard, a level separato
     tessera/<fed>/<study>/participants               ParticipantSet         leader -> aggs
     tessera/<fed>/<study>/partial/<to>/<from>        PartialSum             aggregator -> agg
     tessera/<fed>/<study>/release                    ModelRelease           aggregators -> all
+    tessera/<fed>/<study>/candidate                  ModelRelease (leader's  leader -> all
+                                                     signature only): the model to audit
+    tessera/<fed>/<study>/audit/<node>               PrivacyAuditReport      node -> aggregators
+                                                     (signed JSON, aggregate figures only)
     tessera/<fed>/presence/<client>                  "online"/"offline"     each client, retained
 """
 
@@ -38,6 +42,8 @@ class Kind(Enum):
     PARTICIPANTS = "tessera/{federation}/{study}/participants"
     PARTIAL = "tessera/{federation}/{study}/partial/{to_aggregator}/{from_aggregator}"
     RELEASE = "tessera/{federation}/{study}/release"
+    CANDIDATE = "tessera/{federation}/{study}/candidate"
+    AUDIT = "tessera/{federation}/{study}/audit/{node}"
     PRESENCE = "tessera/{federation}/presence/{client}"
 
 
@@ -117,6 +123,22 @@ def release_topic(federation: str, study: str) -> str:
     return f"{_base(federation, study)}/release"
 
 
+def candidate_topic(federation: str, study: str) -> str:
+    """The candidate model the participating sites audit before a release (leader writes)."""
+    return f"{_base(federation, study)}/candidate"
+
+
+def audit_topic(federation: str, study: str, node: str) -> str:
+    """A site's signed privacy-audit report of a candidate (that site writes)."""
+    validate_id(node, "node id")
+    return f"{_base(federation, study)}/audit/{node}"
+
+
+def audit_reports(federation: str, study: str) -> str:
+    """Filter for every site's audit reports (what an aggregator subscribes to)."""
+    return f"{_base(federation, study)}/audit/+"
+
+
 def presence_topic(federation: str, client: str) -> str:
     """A client's retained presence ("online", or "offline" as its last will)."""
     validate_id(federation, "federation id")
@@ -141,11 +163,18 @@ def parse(topic: str) -> Topic:
 
 
 def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
-    simple = {"round": Kind.ROUND, "participants": Kind.PARTICIPANTS, "release": Kind.RELEASE}
+    simple = {
+        "round": Kind.ROUND,
+        "participants": Kind.PARTICIPANTS,
+        "release": Kind.RELEASE,
+        "candidate": Kind.CANDIDATE,
+    }
     if len(rest) == 1 and rest[0] in simple:
         return Topic(simple[rest[0]], federation, study)
     if len(rest) == 2 and rest[0] == "received":
         return Topic(Kind.RECEIVED, federation, study, aggregator=validate_id(rest[1]))
+    if len(rest) == 2 and rest[0] == "audit":
+        return Topic(Kind.AUDIT, federation, study, node=validate_id(rest[1]))
     if len(rest) == 3 and rest[0] == "share":
         return Topic(
             Kind.SHARE,

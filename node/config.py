@@ -12,6 +12,9 @@ http_port = 8080                        # /healthz /readyz /metrics and POST /v1
 
 [training]
 noise_multiplier = 1.1                  # DP-SGD: every study requires it
+
+[privacy_audit]                         # used only by studies that require an audit
+shadow_models = 8                       # even, 2-64: the LiRA shadows, trained here
 ```
 
 Defaults that follow the bundle: the manifest is `<bundle_dir>/manifest.toml`, the
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.privacy_audit import AuditConfig
 from node.trainer import DPSettings
 from tessera.errors import ConfigError
 from tessera.settings import build_document, check, read_toml
@@ -85,6 +89,32 @@ class TrainingSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The budget of the membership-inference audit this site runs on a candidate model,
+    when its study requires one (`node.privacy_audit`); the shadows copy the round's recipe."""
+
+    shadow_models: int = 8
+    shadow_epochs: int | None = None  # None: the round's local epochs
+    bootstrap: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            self.budget()
+        except ValueError as error:
+            raise ConfigError(f"[privacy_audit] {error}") from None
+
+    def budget(self) -> AuditConfig:
+        """As the audit takes it."""
+        return AuditConfig(
+            shadow_models=self.shadow_models,
+            shadow_epochs=self.shadow_epochs,
+            bootstrap=self.bootstrap,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything `tessera node run` needs, validated."""
 
@@ -105,6 +135,7 @@ class NodeConfig:
     log_level: str = "INFO"
     broker: BrokerEndpointSettings = field(default_factory=BrokerEndpointSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    privacy_audit: AuditSettings = field(default_factory=AuditSettings)
 
     def __post_init__(self) -> None:
         check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535")
@@ -128,7 +159,11 @@ class NodeConfig:
         return self.approvals_dir or self.bundle_dir / "approvals"
 
 
-_SECTIONS = {"broker": BrokerEndpointSettings, "training": TrainingSettings}
+_SECTIONS = {
+    "broker": BrokerEndpointSettings,
+    "training": TrainingSettings,
+    "privacy_audit": AuditSettings,
+}
 
 
 def load_node_config(

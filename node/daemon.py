@@ -20,6 +20,15 @@ checked before the cache is read, a refusal is audited and sends nothing, a join
 publishes one sealed share per aggregator. The site policy file is re-read for every round,
 so setting `paused = true` in it takes effect at the next RoundOpen.
 
+Privacy audits (studies that require one): the leader publishes each round's candidate
+model, signed by itself alone. A node that joined that round verifies it
+(`tessera.release.verify_candidate`), audits it on the same worker thread with the round's
+recipe and the `[privacy_audit]` budget (`node.site_audit`), signs the report of aggregate
+figures with its node key and publishes it; the audit log records each audit and its
+headline figures. A candidate is never installed or served. An audit that fails (too few
+held-out images, or an empirical bound above the accountant's epsilon) sends nothing, so
+the aggregators hold the release for the missing report.
+
 Releases: a release is installed only through `node.releases.accept_release` (every
 aggregator's signature, every hash, the ONNX naming these weights); a refused one is
 audited and changes nothing. After an install the training base moves to the newest
@@ -58,23 +67,26 @@ from node.participation import (
 from node.phi import load_or_create_site_secret
 from node.policy import REASONS, SitePolicy, load_site_policy
 from node.preprocess import PreprocessConfig
+from node.privacy_audit import PrivacyAccountingError
 from node.privacy_ledger import PrivacyLedger
 from node.releases import WEIGHTS_FILE, ModelStore, ReleaseRefused, accept_release, parse_release
-from node.round_training import SiteTraining
+from node.round_training import SiteTraining, round_train_config
 from node.screen import REASONS as QUARANTINE_REASONS
 from node.screen import IntakeLimits
+from node.site_audit import SiteData, audit_at_site, candidate_target
 from tessera.approvals import load_approvals
 from tessera.audit import AuditLog
-from tessera.envelopes import open_envelope
+from tessera.envelopes import open_envelope, open_envelope_as, require_fields
 from tessera.errors import AuthenticationError, ConfigError, TesseraError
 from tessera.manifest import Manifest, load_manifest, verify_manifest
 from tessera.manifest_model import Study
-from tessera.messages import RoundAbort, RoundOpen
+from tessera.messages import ModelRelease, RoundAbort, RoundOpen
 from tessera.models.nets import TesseraNet
 from tessera.models.study import StudyModel
 from tessera.models.weights import load_weights
 from tessera.observability import HealthServer, Request, Response
-from tessera.release import DEFAULT_MAX_RELEASE_PAYLOAD, is_signature_note
+from tessera.privacy_report import sign_report
+from tessera.release import DEFAULT_MAX_RELEASE_PAYLOAD, is_signature_note, verify_candidate
 from tessera.service_metrics import ServiceMetrics
 from tessera.signing import load_private_key, public_key_bytes
 
@@ -83,6 +95,7 @@ AUDIT_FILE = "audit.log"
 LEDGER_DIR = "privacy"
 STORE_POLL_S = 2.0
 MAX_ROUND_MESSAGE = 1 << 20
+JOINED_KEPT = 8  # the rounds joined whose candidates this node would still audit
 
 
 def study_preprocess(model: StudyModel) -> PreprocessConfig:
@@ -152,7 +165,10 @@ class NodeDaemon:
             max_payload_bytes=DEFAULT_MAX_RELEASE_PAYLOAD,
             on_wire=self._count_wire,
         )
-        self._rounds: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        # Work for the one worker thread, in arrival order: ("round", RoundOpen bytes) or
+        # ("candidate", candidate bytes); None stops it.
+        self._rounds: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=8)
+        self._joined: dict[int, RoundOpen] = {}  # the last rounds joined, by number
         self._lock = threading.Lock()  # the training base and the store, between threads
         self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
 
@@ -167,6 +183,8 @@ class NodeDaemon:
         fed, study = self.manifest.federation_id, self.study.id
         self.link.subscribe(topics.round_topic(fed, study), self._on_round)
         self.link.subscribe(topics.release_topic(fed, study), self._on_release)
+        if self.study.privacy_audit is not None:
+            self.link.subscribe(topics.candidate_topic(fed, study), self._on_candidate)
         self.link.start()
         log.info(
             "node-started",
@@ -224,20 +242,30 @@ class NodeDaemon:
         if not isinstance(message, RoundOpen):
             return
         try:
-            self._rounds.put_nowait(payload)
+            self._rounds.put_nowait(("round", payload))
         except queue.Full:
             log.warning(
                 "round-dropped",
                 extra={"fields": {"round": message.round}},
             )
 
+    def _on_candidate(self, _topic: str, payload: bytes) -> None:
+        try:
+            self._rounds.put_nowait(("candidate", payload))
+        except queue.Full:
+            log.warning("candidate-dropped", extra={"fields": {"reason": "worker busy"}})
+
     def _round_worker(self) -> None:
         while True:
-            payload = self._rounds.get()
-            if payload is None:
+            work = self._rounds.get()
+            if work is None:
                 return
+            kind, payload = work
             try:
-                self._answer_round(payload)
+                if kind == "round":
+                    self._answer_round(payload)
+                else:
+                    self._audit_candidate(payload)
             except Exception as error:  # noqa: BLE001 - one failed round must not stop the node
                 log.error(
                     "round-failed",
@@ -271,6 +299,9 @@ class NodeDaemon:
             return
         for message in outcome.messages:
             self.link.publish(message.topic, message.payload)
+        self._joined[round_number] = outcome.round_open
+        for old in sorted(self._joined)[:-JOINED_KEPT]:
+            del self._joined[old]
         result = outcome.update.result
         self.metrics.round_joined()
         self.metrics.add_samples(result.train_samples)
@@ -304,9 +335,18 @@ class NodeDaemon:
             )
         return policy
 
+    def _site_training(self) -> SiteTraining:
+        training = self.config.training
+        return SiteTraining(
+            batch_size=training.batch_size,
+            device=training.device,
+            seed=training.seed,
+            validation_fraction=training.validation_fraction,
+            dp=training.dp(),
+        )
+
     def _context(self) -> ParticipationContext:
         images, labels = self._training_data()
-        training = self.config.training
         return ParticipationContext(
             site_id=self.config.site_id,
             signing_key=self.signing_key,
@@ -320,13 +360,7 @@ class NodeDaemon:
             model=self.base,
             images=images,
             labels=labels,
-            site=SiteTraining(
-                batch_size=training.batch_size,
-                device=training.device,
-                seed=training.seed,
-                validation_fraction=training.validation_fraction,
-                dp=training.dp(),
-            ),
+            site=self._site_training(),
             ledger=self.ledger,
             audit=self.audit,
         )
@@ -374,6 +408,53 @@ class NodeDaemon:
         if summary.quarantined:
             self.audit.append("quarantine", {"count": summary.quarantined})
         log.info("intake", extra={"fields": {**summary.as_dict()}})
+
+    # --- privacy audits of candidates ------------------------------------------------------
+
+    def _audit_candidate(self, payload: bytes) -> None:
+        """Audit the leader's candidate of a round this site joined; publish the signed
+        report (see the module docstring). Anything else is logged and dropped."""
+        fed, study = self.manifest.federation_id, self.study.id
+        leader = self.bundle.roster.leader
+        try:
+            signed = open_envelope_as(
+                payload, ModelRelease, self.aggregator_signing, DEFAULT_MAX_RELEASE_PAYLOAD
+            )
+            if signed.signer_id != leader:
+                raise AuthenticationError("candidate is not from the federation's leader")
+            candidate = signed.message
+            require_fields(candidate, federation_id=fed, study_id=study)
+            bundle = verify_candidate(candidate, leader, self.aggregator_signing[leader])
+        except (TesseraError, ValueError) as error:
+            log.warning("candidate-refused", extra={"fields": {"error": type(error).__name__}})
+            return
+        round_open = self._joined.get(candidate.round)
+        if round_open is None:
+            log.info("candidate-ignored", extra={"fields": {"round": candidate.round}})
+            return  # not a round this site trained: nothing of ours to audit
+        site = SiteData(self.config.site_id, fed, study, self.config.state_dir, self.preprocess)
+        facts = {"study_id": study, "round": candidate.round, "version": candidate.version,
+                 "model_hash": candidate.model_hash.hex()}  # fmt: skip
+        try:
+            target = candidate_target(
+                candidate, bundle, self.model_def.build(), self.model_def.spec, self.study.labels
+            )
+            recipe = round_train_config(round_open, self._site_training())
+            report = audit_at_site(target, site, recipe, self.config.privacy_audit.budget())
+        except (PrivacyAccountingError, NodeError) as error:
+            outcome = "accounting-error" if isinstance(error, PrivacyAccountingError) else "failed"
+            self.audit.append("privacy-audit", {**facts, "outcome": outcome, "detail": str(error)})
+            log.error(
+                "privacy-audit-failed",
+                extra={"fields": {"round": candidate.round, "outcome": outcome,
+                                  "reason": str(error)}},
+            )  # fmt: skip
+            return
+        signed_report = sign_report(report, self.signing_key)
+        figures = report.headline()
+        self.audit.append("privacy-audit", {**facts, "outcome": "reported", **figures})
+        self.link.publish(topics.audit_topic(fed, study, site.site_id), signed_report.to_json())
+        log.info("privacy-audit", extra={"fields": {"round": candidate.round, **figures}})
 
     # --- releases and inference ------------------------------------------------------------
 

@@ -178,7 +178,8 @@ def participate(
         return _refuse(round_open, ctx, RoundRefused("budget-exhausted", str(error)))
     charge = update.result.dp_charge
     spent = max(0.0, charge.epsilon_total - state.epsilon_spent) if charge else 0.0
-    messages = tuple(seal_shares(round_open, update.encoded, ctx))
+    epsilon_total = charge.epsilon_total if charge else state.epsilon_spent
+    messages = tuple(seal_shares(round_open, update.encoded, ctx, epsilon_total))
     ctx.audit.append("round-joined", {
         "federation_id": round_open.federation_id, "study_id": round_open.study_id,
         "round": round_open.round, "aggregators": len(messages),
@@ -219,10 +220,15 @@ def reconcile_epsilon_audit(ledger: PrivacyLedger, audit: AuditLog) -> int:
 
 
 def seal_shares(
-    round_open: RoundOpen, encoded: np.ndarray, ctx: ParticipationContext
+    round_open: RoundOpen,
+    encoded: np.ndarray,
+    ctx: ParticipationContext,
+    epsilon_total: float = 0.0,
 ) -> list[Outgoing]:
     """Split `encoded` into one share per aggregator of the round, seal each to its
     aggregator, sign each envelope as this site, and address it; ordered by aggregator index.
+    Every envelope carries the same `epsilon_total` (the site's composed epsilon for the
+    study, this round included), which the model card reports.
 
     Guarantee: each aggregator can open only its own share, only under the binding it
     builds from its own RoundOpen, and fewer than all shares reveal nothing of the vector.
@@ -239,7 +245,7 @@ def seal_shares(
         envelope = ShareEnvelope(
             round_open.federation_id, round_open.study_id, round_open.round,
             round_open.base_model_hash, ctx.site_id, aggregator, round_open.ring,
-            round_open.vector_length, sealed,
+            round_open.vector_length, sealed, epsilon_total,
         )  # fmt: skip
         topic = share_topic(round_open.federation_id, round_open.study_id, aggregator, ctx.site_id)
         out.append(Outgoing(topic, seal_envelope(envelope, ctx.site_id, ctx.signing_key)))

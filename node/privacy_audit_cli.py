@@ -1,12 +1,10 @@
 """`tessera audit privacy`: audit one accepted model version at this site and write the
 signed aggregate report (`tessera.privacy_report`).
 
-Members are the cache's labelled "train" split (what the site trains on, round after round),
-non-members its labelled "test" split (never trained on). The model comes from the node's
-model store (`<state>/models/<version>/`, weights re-checked against the accepted hash); the
-accountant's epsilon from the study's privacy ledger (`<state>/privacy/<study>.json`),
-composed over the site's rounds up to the model's round. Shadow models are trained with the
-recipe given on the command line, which should be the site's own training settings.
+The model comes from the node's model store (`<state>/models/<version>/`, weights re-checked
+against the accepted hash); members, non-members and the accountant's epsilon as in
+`node.site_audit`. Shadow models are trained with the recipe given on the command line,
+which should be the site's own training settings.
 
 Nothing per-patient is printed or written: the report and the summary hold aggregate figures.
 Exit status: 0 with a report; 2 (with the reason) on an error, including the consistency
@@ -24,27 +22,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from node.cache import CachedDataset
 from node.errors import NodeError
 from node.inference import preprocess_from_metadata
-from node.preprocess import PreprocessConfig
-from node.privacy_audit import AuditConfig, AuditResult, DPClaim, audit_membership
-from node.privacy_ledger import ACCOUNTANTS, compose_epsilon
-from node.privacy_stats import Interval
+from node.privacy_audit import AuditConfig
 from node.releases import WEIGHTS_FILE, ModelStore, open_model_store
+from node.site_audit import AuditTarget, SiteData, audit_at_site
 from node.trainer import DPSettings, TrainConfig
 from tessera.cli import subcommands
 from tessera.files import atomic_write
 from tessera.models import ModelSpec, build_model
 from tessera.models.onnx_export import ExportMetadata, read_metadata
 from tessera.models.weights import load_weights, model_hash
-from tessera.privacy_report import AttackFigures, PrivacyAuditReport, Rate, sign_report
+from tessera.privacy_report import PrivacyAuditReport, sign_report
 from tessera.signing import load_private_key
 
 if TYPE_CHECKING:
     from tessera.cli import Subparsers
-
-LEDGER_DIR = "privacy"
 
 
 def register(commands: Subparsers) -> None:
@@ -118,38 +111,11 @@ def run_site_audit(job: SiteAudit) -> PrivacyAuditReport:
         known = ", ".join(str(m.version) for m in store.versions())
         raise NodeError(f"model version {version} is not in the store (have: {known})")
     model, spec, metadata = _load_model(store, version, record.model_hash)
-    preprocess = preprocess_from_metadata(dict(metadata.preprocess))
-    members = _split(job.state_dir, preprocess, "train", metadata.labels)
-    non_members = _split(job.state_dir, preprocess, "test", metadata.labels)
-    claim = accountant_claim(job.state_dir, store.study_id, record.round)
-    if claim is not None and job.recipe.dp is None:
-        raise NodeError(
-            f"version {version} was trained with DP at this site (epsilon {claim.epsilon:.3g}); "
-            "pass --dp-noise and --dp-clip as in training, so the shadow models match it"
-        )
-    result = audit_membership(model, spec, members, non_members, job.recipe, job.audit, claim)
-    return build_report(result, store.federation_id, store.study_id, job.site_id, version,
-                        record.round, bytes.fromhex(record.model_hash))  # fmt: skip
-
-
-def accountant_claim(state_dir: Path, study_id: str, up_to_round: int) -> DPClaim | None:
-    """The ledger's composed epsilon over this site's rounds <= `up_to_round`; None when the
-    site has charged no DP round for them (the model was not DP-trained here)."""
-    path = state_dir / LEDGER_DIR / f"{study_id}.json"
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        history = [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"]))
-                   for r in data["rounds"] if int(r["round"]) <= up_to_round]  # fmt: skip
-        delta, accountant = float(data["delta"]), str(data["accountant"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise NodeError(f"privacy ledger {path} is unreadable ({type(error).__name__})") from None
-    if not history:
-        return None
-    if accountant not in ACCOUNTANTS:
-        raise NodeError(f"privacy ledger {path} names an unknown accountant {accountant!r}")
-    return DPClaim(compose_epsilon(history, delta, accountant), delta)
+    target = AuditTarget(model, spec, metadata.labels, version, record.round,
+                         bytes.fromhex(record.model_hash))  # fmt: skip
+    site = SiteData(job.site_id, store.federation_id, store.study_id, job.state_dir,
+                    preprocess_from_metadata(dict(metadata.preprocess)))  # fmt: skip
+    return audit_at_site(target, site, job.recipe, job.audit)
 
 
 def _load_model(
@@ -166,58 +132,6 @@ def _load_model(
     model = build_model(spec)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
     return model, spec, metadata
-
-
-def _split(
-    state_dir: Path, preprocess: PreprocessConfig, split: str, labels: tuple[str, ...]
-) -> tuple[np.ndarray, np.ndarray]:
-    data = CachedDataset(state_dir, preprocess, split=split, labelled_only=True)
-    if tuple(data.label_set) != tuple(labels):
-        raise NodeError(
-            f"the cache's labels {list(data.label_set)} are not the model's {list(labels)}; "
-            "audit with the study's cache"
-        )
-    return data.stack()
-
-
-def _unit(value: float) -> float:
-    return min(1.0, max(0.0, float(value)))  # float rounding only: rates are in [0, 1]
-
-
-def _rate(interval: Interval) -> Rate:
-    return Rate(_unit(interval.value), _unit(interval.low), _unit(interval.high))
-
-
-def build_report(
-    result: AuditResult,
-    federation_id: str,
-    study_id: str,
-    site_id: str,
-    version: int,
-    round_number: int,
-    weights_hash: bytes,
-) -> PrivacyAuditReport:
-    """The audit's aggregate figures as an (unsigned) report; nothing per example."""
-    attacks = {
-        name: AttackFigures(
-            _rate(a.auc),
-            _rate(a.balanced_accuracy),
-            _rate(a.tpr_at_0_1pct_fpr),
-            _rate(a.tpr_at_1pct_fpr),
-            a.empirical_epsilon,
-        )
-        for name, a in result.attacks.items()
-    }
-    claim = result.claim
-    return PrivacyAuditReport(
-        federation_id=federation_id, study_id=study_id, site_id=site_id, model_version=version,
-        model_round=round_number, model_hash=weights_hash, members=result.members,
-        non_members=result.non_members, shadow_models=result.shadow_models,
-        shadow_epochs=result.shadow_epochs, bootstrap=result.bootstrap,
-        confidence=result.confidence, attacks=attacks,
-        accountant_epsilon=None if claim is None else claim.epsilon,
-        delta=None if claim is None else claim.delta,
-    )  # fmt: skip
 
 
 def summary(report: PrivacyAuditReport) -> dict[str, object]:

@@ -164,6 +164,9 @@ class ShareEnvelope:
     ring: RingParams
     vector_length: int
     sealed: bytes
+    # The site's cumulative DP epsilon for this study, this round included: signed by the
+    # node, it is what the model card reports per site (never the site's data).
+    epsilon_total: float = 0.0
     TYPE: ClassVar[MessageType] = MessageType.SHARE_ENVELOPE
 
     def __post_init__(self) -> None:
@@ -180,6 +183,7 @@ class ShareEnvelope:
         limit = self.sealed_limit(self.ring, self.vector_length)
         if not isinstance(self.sealed, bytes) or len(self.sealed) > limit:
             raise CodecError(f"sealed share must be bytes of at most {limit} bytes")
+        check_float("epsilon_total", self.epsilon_total)
 
     @staticmethod
     def sealed_limit(ring: RingParams, vector_length: int) -> int:
@@ -200,6 +204,7 @@ class ShareEnvelope:
         write_ring(w, self.ring)
         w.u64(self.vector_length)
         w.blob64(self.sealed)
+        w.f64(self.epsilon_total)
         return w.finish()
 
     @classmethod
@@ -215,8 +220,9 @@ class ShareEnvelope:
         if not 1 <= length <= MAX_VECTOR_LENGTH:
             raise CodecError(f"ShareEnvelope: vector_length {length} is out of range")
         sealed = r.blob64("sealed", cls.sealed_limit(ring, length))
+        epsilon_total = r.f64("epsilon_total")
         r.done()
-        return cls(*head, ring, length, sealed)
+        return cls(*head, ring, length, sealed, epsilon_total)
 
 
 @dataclass(frozen=True)

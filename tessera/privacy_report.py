@@ -132,6 +132,21 @@ class PrivacyAuditReport:
         known = [b for b in bounds if b is not None]
         return max(known) if known else None
 
+    def headline(self) -> dict[str, float]:
+        """The strongest attack's AUC and TPRs, and (with DP) the empirical and accountant
+        epsilons: what a model card and an audit log record."""
+        attacks = list(self.attacks.values())
+        row = {
+            "auc": max(a.auc.value for a in attacks),
+            "tpr_at_0_1pct_fpr": self.worst_tpr_at_0_1pct_fpr,
+            "tpr_at_1pct_fpr": max(a.tpr_at_1pct_fpr.value for a in attacks),
+        }
+        bound = self.empirical_epsilon
+        if bound is not None and self.accountant_epsilon is not None:
+            row["empirical_epsilon"] = bound
+            row["accountant_epsilon"] = float(self.accountant_epsilon)
+        return row
+
     def document(self) -> dict[str, Any]:
         """The JSON document without the signature (what is signed)."""
         dp = None

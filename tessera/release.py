@@ -233,6 +233,24 @@ def verify_release(
     return _check_payload(release)
 
 
+def verify_candidate(
+    release: ModelRelease, leader_id: str, leader_key: Ed25519PublicKey
+) -> ReleaseBundle:
+    """Return the bundle of a candidate model only if the leader alone signed its header and
+    the payload matches its hashes; AuthenticationError otherwise.
+
+    A candidate (a study that requires a privacy audit) is what the sites audit before the
+    aggregators sign a release. It is never a release: `verify_release` refuses it, and a
+    node must not install or serve it.
+    """
+    if [signer for signer, _ in release.signatures] != [leader_id]:
+        raise AuthenticationError("candidate signature did not verify")
+    verify_message(
+        leader_key, RELEASE_DOMAIN, release_header_bytes(release), release.signatures[0][1]
+    )
+    return _check_payload(release)
+
+
 def _check_payload(release: ModelRelease) -> ReleaseBundle:
     try:
         bundle = ReleaseBundle.from_bytes(release.payload)

@@ -61,6 +61,8 @@ class FederationSpec:
     round: Mapping[str, Any] = field(default_factory=dict)  # aggregator [round] overrides
     strategy: Mapping[str, Any] = field(default_factory=dict)  # aggregator [strategy]
     training: Mapping[str, Any] = field(default_factory=dict)  # node [training]
+    # The study's privacy_audit term (max attack TPR at 0.1% FPR); None: no audit required.
+    privacy_audit_limit: float | None = None
 
     @property
     def leader(self) -> str:
@@ -69,7 +71,7 @@ class FederationSpec:
 
     def study_table(self) -> dict[str, Any]:
         """The study as a manifest table."""
-        return {
+        table: dict[str, Any] = {
             "id": self.study_id,
             "purpose": "Demonstration: lesion present or absent on synthetic images",
             "labels": list(self.labels),
@@ -81,6 +83,9 @@ class FederationSpec:
             "clip_norm": self.clip_norm,
             "expires": dt.date.today() + dt.timedelta(days=365),
         }
+        if self.privacy_audit_limit is not None:
+            table["privacy_audit"] = {"max_tpr_at_0_1pct_fpr": self.privacy_audit_limit}
+        return table
 
 
 @dataclass(frozen=True)

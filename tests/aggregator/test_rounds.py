@@ -11,6 +11,7 @@ from aggregator.rounds import (
     ALLOWED,
     EVENT_TYPES,
     Abort,
+    CandidateBuilt,
     CollectionClosed,
     ModelReleased,
     PartialSumPublished,
@@ -28,6 +29,7 @@ SAMPLE_EVENTS = {
     CollectionClosed: CollectionClosed("deadline"),
     ParticipantsAgreed: ParticipantsAgreed(("site-b", "site-a", "site-c")),
     PartialSumPublished: PartialSumPublished(),
+    CandidateBuilt: CandidateBuilt(),
     ModelReleased: ModelReleased("1.3.0"),
     Abort: Abort("fewer than k participants"),
 }
@@ -40,11 +42,14 @@ EXPECTED = {
     (Stage.AGREEING, ParticipantsAgreed): Stage.SUMMING,
     (Stage.SUMMING, PartialSumPublished): Stage.COMBINING,
     (Stage.COMBINING, ModelReleased): Stage.RELEASED,
+    (Stage.COMBINING, CandidateBuilt): Stage.AUDITING,
+    (Stage.AUDITING, ModelReleased): Stage.RELEASED,
     (Stage.OPEN, Abort): Stage.ABORTED,
     (Stage.COLLECTING, Abort): Stage.ABORTED,
     (Stage.AGREEING, Abort): Stage.ABORTED,
     (Stage.SUMMING, Abort): Stage.ABORTED,
     (Stage.COMBINING, Abort): Stage.ABORTED,
+    (Stage.AUDITING, Abort): Stage.ABORTED,
 }
 
 

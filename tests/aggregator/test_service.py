@@ -20,11 +20,13 @@ import pytest
 
 from aggregator.config import AggregatorConfig, BrokerSettings, RoundSettings
 from aggregator.errors import AggregatorConfigError
+from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry, load_weights, weights_bytes
 from aggregator.rounds import Stage
 from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
 from aggregator.store import Store
 from broker import topics
+from tessera.audit import AuditLog
 from tessera.envelopes import open_envelope, seal_envelope
 from tessera.flatten import flatten
 from tessera.messages import ModelRelease, RoundAbort, RoundOpen, ShareEnvelope
@@ -32,6 +34,7 @@ from tessera.release import verify_release
 from tessera.sealing import generate_hpke_key
 from tessera.signing import generate_signing_key
 from tessera.update_layout import pack_update
+from tests.support import governance
 from tests.support.shares import node_envelopes, node_update
 
 FED, STUDY, LEADER = "fed-1", "study-1", "agg-1"
@@ -42,6 +45,7 @@ GENESIS = {
     "layer.bias": np.zeros(4, dtype=np.float32),
 }
 N_PARAMS = 44
+EPSILON = {node: 0.5 + i for i, node in enumerate(NODES)}  # what each node's shares state
 
 
 def fake_onnx(params: Mapping[str, np.ndarray], version: int) -> bytes:
@@ -59,11 +63,23 @@ class Clock:
 class Federation:
     """Two services, the nodes' keys, and the message loop between them."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, audit_limit: float | None = None) -> None:
+        """With `audit_limit`, the study requires a privacy audit with that TPR limit, and the
+        keys come from a signed manifest (`self.governance`) that says so."""
         self.clock = Clock()
         signing = {a: generate_signing_key() for a in AGGREGATORS}
         hpke = {a: generate_hpke_key() for a in AGGREGATORS}
         self.node_keys = {n: generate_signing_key() for n in NODES}
+        self.governance: governance.Federation | None = None
+        if audit_limit is not None:
+            self.governance = gov = governance.build_federation(
+                root / "governance", federation_id=FED, site_ids=list(NODES),
+                aggregator_ids=list(AGGREGATORS),
+                study={"id": STUDY, "privacy_audit": {"max_tpr_at_0_1pct_fpr": audit_limit}},
+            )  # fmt: skip
+            signing = {a: gov.keys[a] for a in AGGREGATORS}
+            hpke = {a: gov.hpke_keys[a] for a in AGGREGATORS}
+            self.node_keys = {n: gov.keys[f"node-{n}"] for n in NODES}
         self.hpke_public = {a: k.public_key() for a, k in hpke.items()}
         self.agg_public = {a: k.public_key() for a, k in signing.items()}
         roster = RosterKeys(
@@ -87,6 +103,11 @@ class Federation:
                 round=RoundSettings(min_participants=3, collect_timeout_s=60, frac_bits=24),
             )
             store = Store(config.database_path, config.shares_dir, clock=self.clock)
+            audit = None
+            if self.governance is not None:
+                (root / agg).mkdir(parents=True, exist_ok=True)
+                log = AuditLog.open(root / agg / "audit.log")
+                audit = AuditSetup(self.governance.manifest, log)
             self.services[agg] = AggregatorService(
                 config,
                 ServiceKeys(signing[agg], hpke[agg]),
@@ -96,6 +117,7 @@ class Federation:
                 self.clock,
                 genesis=GENESIS,
                 export_onnx=fake_onnx,
+                audit=audit,
             )
         self.wire: list[Outgoing] = []
         self.lost: list[Outgoing] = []
@@ -132,7 +154,8 @@ class Federation:
         """One node's update (delta, weight, loss packed) and its signed share per aggregator."""
         a = self.announcement()
         delta, weight, loss = node_update(seed, N_PARAMS)
-        envelopes = node_envelopes(a, node, pack_update(delta, weight, loss), self.hpke_public)
+        vector = pack_update(delta, weight, loss)
+        envelopes = node_envelopes(a, node, vector, self.hpke_public, EPSILON[node])
         return np.array([*delta * weight, weight]), {
             agg: self.signed_share(env, node) for agg, env in envelopes.items()
         }
@@ -158,11 +181,15 @@ class Federation:
         for service in self.services.values():
             self.deliver(service.tick(), drop)
 
-    def published(self, kind: type) -> list[tuple[Outgoing, object]]:
+    def published(
+        self,
+        kind: type,
+        on: tuple[topics.Kind, ...] = (topics.Kind.ROUND, topics.Kind.RELEASE),
+    ) -> list[tuple[Outgoing, object]]:
         keys = {**self.agg_public}
         out = []
         for item in self.wire:
-            if topics.parse(item.topic).kind in (topics.Kind.ROUND, topics.Kind.RELEASE):
+            if topics.parse(item.topic).kind in on:
                 message = open_envelope(item.payload, keys, 1 << 30).message
                 if isinstance(message, kind):
                     out.append((item, message))
@@ -230,6 +257,8 @@ def test_a_full_round_releases_one_model_signed_by_both(
     assert weights[0] == weights[1]
     assert versions[0].card == versions[1].card
     assert versions[0].card["participants"]["count"] == 3
+    # epsilon per site, as each participant's signed shares stated it (site-d left out)
+    assert versions[0].card["privacy"]["epsilon_per_site"] == {n: EPSILON[n] for n in NODES[:3]}
 
     agreed = [clear[n] for n in ("site-a", "site-b", "site-c")]
     total = np.sum(agreed, axis=0)

@@ -13,6 +13,7 @@ import torch
 from scipy import stats
 
 from node import privacy_stats as ps
+from node.preprocess import PreprocessConfig
 from node.privacy_audit import (
     AuditConfig,
     AuditResult,
@@ -22,8 +23,8 @@ from node.privacy_audit import (
     check_consistency,
     lira_scores,
 )
-from node.privacy_audit_cli import accountant_claim, build_report
 from node.privacy_ledger import PrivacyLedger
+from node.site_audit import AuditTarget, SiteData, accountant_claim, build_report
 from node.trainer import DPSettings, TrainConfig, run_local_round, split_validation
 from tessera.cli import build_parser
 from tessera.models import ModelSpec, build_model
@@ -165,7 +166,9 @@ def _leaves(value: object, path: str = "") -> list[tuple[str, object]]:
 
 
 def test_report_holds_aggregate_figures_only(overfit_audit: AuditResult) -> None:
-    report = build_report(overfit_audit, "fed", "study", "site-1", 3, 7, bytes(32))
+    site = SiteData("site-1", "fed", "study", Path("unused"), PreprocessConfig())
+    target = AuditTarget(torch.nn.Identity(), SPEC, ("a", "b"), 3, 7, bytes(32))
+    report = build_report(overfit_audit, site, target)
     document = json.loads(report.to_json())
     leaves = _leaves(document)
     # No list anywhere (no per-example score), only scalars, and exactly the documented keys.

@@ -136,16 +136,19 @@ def build_federation(
     study: Mapping[str, Any] | None = None,
     approve: bool = True,
     federation_id: str = "test-federation",
+    site_ids: list[str] | None = None,
+    aggregator_ids: list[str] | None = None,
 ) -> Federation:
-    """A signed manifest for `n_sites` sites and `n_aggregators` aggregators, with keys on
-    disk, and (unless `approve=False`) every site's steward approval of the study.
+    """A signed manifest for `n_sites` sites and `n_aggregators` aggregators (or the ids
+    given), with keys on disk, and (unless `approve=False`) every site's steward approval of
+    the study.
 
     The study's k is 2, so `n_sites` must be at least 2; manifests need 2 aggregators.
     """
-    if n_sites < 2 or n_aggregators < 2:
+    site_ids = site_ids or [f"site-{i}" for i in range(1, n_sites + 1)]
+    aggregator_ids = aggregator_ids or [f"agg-{i}" for i in range(1, n_aggregators + 1)]
+    if len(site_ids) < 2 or len(aggregator_ids) < 2:
         raise ValueError("build_federation needs n_sites >= 2 and n_aggregators >= 2")
-    site_ids = [f"site-{i}" for i in range(1, n_sites + 1)]
-    aggregator_ids = [f"agg-{i}" for i in range(1, n_aggregators + 1)]
     principals = ["coordinator", "auditor", *aggregator_ids]
     principals += [f"operator-{agg}" for agg in aggregator_ids]
     for site in site_ids:

@@ -28,8 +28,10 @@ def node_envelopes(
     node: str,
     vector: np.ndarray,
     hpke_public: Mapping[str, X25519PublicKey],
+    epsilon_total: float = 0.0,
 ) -> dict[str, ShareEnvelope]:
-    """The node's ShareEnvelope to each aggregator of the round: split, sealed, unsigned."""
+    """The node's ShareEnvelope to each aggregator of the round: split, sealed, unsigned;
+    each states the node's composed epsilon `epsilon_total`."""
     a = announcement
     ctx = ShareContext(a.federation_id, a.study_id, a.round, node)
     shares = split(encode(vector, a.ring), len(a.aggregator_ids), ctx, a.ring)
@@ -44,6 +46,7 @@ def node_envelopes(
             a.ring,
             a.vector_length,
             seal(share.to_bytes(), hpke_public[agg], share_binding(a, node, agg)),
+            epsilon_total,
         )
         for agg, share in zip(a.aggregator_ids, shares, strict=True)
     }

@@ -48,6 +48,7 @@ SAMPLE_FIELDS = {
     "approval-change": {"study_id": "chest-xray", "steward": "steward-a"},
     "policy-change": {"paused": True},
     "quarantine": {"count": 2, "reason": "unsupported-transfer-syntax"},
+    "privacy-audit": {"study_id": "chest-xray", "round": 3, "version": 3, "auc": 0.52},
 }
 TICK = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 

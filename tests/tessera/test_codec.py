@@ -134,11 +134,27 @@ def test_share_size_is_bounded_by_vector_length() -> None:
         ShareEnvelope(**fields, sealed=b"\x00" * (limit + 1))  # type: ignore[arg-type]
     # On the wire: a declared sealed length one over the bound is refused before reading.
     data = ShareEnvelope(**fields, sealed=b"\x00" * limit).to_bytes()  # type: ignore[arg-type]
-    at = len(data) - limit - 8
+    at = len(data) - 8 - limit - 8  # the sealed length, before the sealed bytes and epsilon
     assert struct.unpack(">Q", data[at : at + 8])[0] == limit
-    oversized = data[:at] + struct.pack(">Q", limit + 1) + b"\x00" * (limit + 1)
+    oversized = data[:at] + struct.pack(">Q", limit + 1) + b"\x00" * (limit + 1) + data[-8:]
     with pytest.raises(CodecError, match="over its limit"):
         ShareEnvelope.from_bytes(oversized)
+
+
+@pytest.mark.parametrize("epsilon", [-0.5, float("nan"), float("inf")])
+def test_a_share_envelope_states_a_finite_non_negative_epsilon(epsilon: float) -> None:
+    fields = dict(
+        federation_id="fed", study_id="study", round=1, base_model_hash=b"\x00" * 32,
+        node_id="node-a", aggregator_id="agg-1", ring=small_ring(), vector_length=4,
+        sealed=b"\x00" * 8,
+    )  # fmt: skip
+    good = ShareEnvelope(**fields, epsilon_total=2.5)  # type: ignore[arg-type]
+    assert ShareEnvelope.from_bytes(good.to_bytes()).epsilon_total == 2.5
+    with pytest.raises(CodecError, match="epsilon_total"):
+        ShareEnvelope(**fields, epsilon_total=epsilon)  # type: ignore[arg-type]
+    forged = good.to_bytes()[:-8] + struct.pack(">d", epsilon)
+    with pytest.raises(CodecError):
+        ShareEnvelope.from_bytes(forged)
 
 
 def test_huge_declared_lengths_fail_fast() -> None:

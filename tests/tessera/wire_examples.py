@@ -69,6 +69,7 @@ def share_envelopes(draw: st.DrawFn) -> ShareEnvelope:
         ring=draw(rings),
         vector_length=length,
         sealed=draw(st.binary(max_size=length * 4 + 64)),
+        epsilon_total=draw(st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False)),
     )
 
 

@@ -1,0 +1,76 @@
+"""The privacy-audit release gate with real processes on a real broker (Mosquitto, mutual
+TLS): a study that requires an audit, two aggregator processes, three node processes.
+
+The leader publishes the round's candidate, signed by itself alone; each node that trained it
+runs the membership-inference audit on its own data (shadow models included, at a small
+budget), signs a report of aggregate figures and publishes it; the aggregators gate and
+release. The release every node installs carries each site's figures and epsilon on its
+model card, and each node's audit log records the audit it ran. The hold paths (a site over
+the limit, a report missing at the deadline, bad reports) are taken by the same service code
+in tests/aggregator/test_service_audit.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support.e2e import LiveFederation, audit_entries
+
+from node.demo.federation import FederationSpec
+from node.releases import CARD_FILE
+
+LEADER, FOLLOWER = "agg-uni", "agg-ngo"
+SITES = ("site-a", "site-b", "site-c")
+SPEC = FederationSpec(
+    sites=SITES,
+    federation_id="gate-fed",
+    architecture="spot-cnn-v1",
+    min_participants=2,
+    privacy_audit_limit=0.99,  # every report passes: this test follows the release path
+    round={"collect_timeout_s": 60, "agreement_timeout_s": 60, "audit_timeout_s": 240,
+           "start_wait_s": 60, "pause_s": 3, "max_rounds": 1, "local_epochs": 1},
+    training={"batch_size": 16, "noise_multiplier": 0.8},
+)  # fmt: skip
+AUDIT_BUDGET = {"TESSERA_PRIVACY_AUDIT_SHADOW_MODELS": "2", "TESSERA_PRIVACY_AUDIT_BOOTSTRAP": "50"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_every_site_audits_the_candidate_and_the_release_carries_the_figures(
+    tmp_path: Path,
+) -> None:
+    with LiveFederation(tmp_path, SPEC, images_per_site=120) as live:
+        live.start_all([LEADER, FOLLOWER])
+        for site in SITES:
+            live.start(site, **AUDIT_BUDGET)
+
+        live.wait_for(LEADER, "candidate-built", timeout=200, round=1)
+        for site in SITES:
+            audit = live.wait_for(site, "privacy-audit", timeout=200, round=1)
+            assert 0.0 <= audit["tpr_at_0_1pct_fpr"] <= 1.0 and 0.0 <= audit["auc"] <= 1.0
+            # DP-trained: the empirical lower bound is reported beside the accountant's epsilon
+            assert audit["empirical_epsilon"] <= audit["accountant_epsilon"]
+        for aggregator in (LEADER, FOLLOWER):
+            live.wait_for(aggregator, "audit-passed", timeout=120, round=1)
+            live.wait_for(aggregator, "model-released", timeout=120, round=1)
+
+        for site in SITES:
+            live.wait_until(
+                lambda s=site: live.node_versions(s) == [1], f"{site} installs v1", timeout=60
+            )
+            card = json.loads((live.state(site) / "models" / "1" / CARD_FILE).read_text())
+            assert set(card["privacy_audit"]["per_site"]) == set(SITES)
+            assert set(card["privacy"]["epsilon_per_site"]) == set(SITES)
+            (entry,) = audit_entries(live.state(site), "privacy-audit")
+            assert entry["outcome"] == "reported" and entry["version"] == 1
+            figures = card["privacy_audit"]["per_site"][site]
+            assert figures["tpr_at_0_1pct_fpr"] == entry["tpr_at_0_1pct_fpr"]
+            (spent,) = audit_entries(live.state(site), "epsilon-spent")
+            assert card["privacy"]["epsilon_per_site"][site] == pytest.approx(spent["total"])
+            assert figures["accountant_epsilon"] == pytest.approx(spent["total"])
+        # the candidate was never installed: the store holds the jointly signed release only
+        for site in SITES:
+            assert not [e for e in audit_entries(live.state(site), "release")
+                        if e.get("outcome") == "refused"]  # fmt: skip
