@@ -37,7 +37,7 @@ from aggregator.strategies import ALGORITHMS, OPTIMIZERS, PolicyConfig, Strategy
 from broker.bundle import load_bundle
 from tessera.errors import TesseraError
 from tessera.settings import ENV_PREFIX, build_document, check, read_toml
-from tessera.update_layout import DEFAULT_LOSS_CAP
+from tessera.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,9 @@ class RoundSettings:
     prox_mu: float = 0.0
     clip_norm: float = 1.0
     loss_cap: float = DEFAULT_LOSS_CAP  # nodes clip the validation loss they report to this
+    # A node's weight is min(samples, weight_cap) / weight_cap: set it near the largest site's
+    # training set, so that small weights keep their fixed-point precision.
+    weight_cap: int = DEFAULT_WEIGHT_CAP
     frac_bits: int = 16  # fixed-point precision of the ring encoding
 
     def __post_init__(self) -> None:
@@ -103,6 +106,9 @@ class RoundSettings:
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, f"round.{name}", value, "use a number > 0")
         _check(8 <= self.frac_bits <= 32, "round.frac_bits", self.frac_bits, "use 8 to 32 bits")
+        _check(
+            1 <= self.weight_cap < 2**32, "round.weight_cap", self.weight_cap, "use 1 to 2**32-1"
+        )
         _check(self.max_rounds >= 0, "round.max_rounds", self.max_rounds, "use 0 or more")
         for name in ("pause_s", "start_wait_s"):
             value = getattr(self, name)

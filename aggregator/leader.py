@@ -87,6 +87,8 @@ def plan_round(
         aggregator_ids=tuple(aggregator_ids),
         expected_nodes=tuple(sorted(expected_nodes)),
         leader_id=config.leader_id,
+        weight_cap=settings.weight_cap,
+        loss_cap=settings.loss_cap,
     )
 
 

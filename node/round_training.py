@@ -22,20 +22,18 @@ from tessera.messages import RoundOpen
 from tessera.models.nets import TesseraNet
 from tessera.models.transfer import trainable_parameters
 from tessera.models.weights import model_hash, state_arrays
-from tessera.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP, vector_length
+from tessera.update_layout import vector_length
 
 
 @dataclass(frozen=True)
 class SiteTraining:
-    """What the site decides, not the round: batch, device, seed, DP noise, caps."""
+    """What the site decides, not the round: batch, device, seed, DP noise."""
 
     batch_size: int = 32
     device: str = "auto"
     seed: int = 0
     validation_fraction: float = 0.2
     dp: DPSettings | None = None
-    weight_cap: int = DEFAULT_WEIGHT_CAP
-    loss_cap: float = DEFAULT_LOSS_CAP
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,6 @@ def train_for_round(
     result = run_local_round(model, images, labels, round_train_config(announcement, site),
                              ledger, announcement.round)  # fmt: skip
     update = build_update(base, trainable_parameters(model), result.train_samples,
-                          result.validation.loss, announcement.clip_norm, site.weight_cap,
-                          site.loss_cap)  # fmt: skip
+                          result.validation.loss, announcement.clip_norm,
+                          announcement.weight_cap, announcement.loss_cap)  # fmt: skip
     return RoundUpdate(encode_update(update, announcement.ring), update, result)

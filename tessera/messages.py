@@ -36,6 +36,7 @@ from tessera.encoding import RingParams
 from tessera.errors import CodecError
 from tessera.ids import check_id
 from tessera.release import ModelRelease
+from tessera.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP
 
 __all__ = [
     "ModelRelease",
@@ -77,6 +78,11 @@ class RoundOpen:
     aggregator_ids: tuple[str, ...]  # order matters: it is the aggregator index
     expected_nodes: tuple[str, ...]
     leader_id: str
+    # What every node scales by: its weight is min(samples, weight_cap) / weight_cap, its
+    # reported validation loss is clipped to loss_cap (tessera.update_layout); the ring is
+    # sized from clip_norm and loss_cap, so a node must use these, not its own.
+    weight_cap: int = DEFAULT_WEIGHT_CAP
+    loss_cap: float = DEFAULT_LOSS_CAP
     TYPE: ClassVar[MessageType] = MessageType.ROUND_OPEN
 
     def __post_init__(self) -> None:
@@ -109,6 +115,11 @@ class RoundOpen:
         check_id("leader_id", self.leader_id)
         if self.leader_id not in self.aggregator_ids:
             raise CodecError(f"leader {self.leader_id!r} is not among the aggregators")
+        check_uint("weight_cap", self.weight_cap, 32)
+        if self.weight_cap < 1:
+            raise CodecError("weight_cap must be at least 1")
+        if check_float("loss_cap", self.loss_cap) <= 0:
+            raise CodecError("loss_cap must be above 0")
 
     @property
     def sender_id(self) -> str | None:
@@ -133,6 +144,8 @@ class RoundOpen:
         w.ids(self.aggregator_ids)
         w.ids(self.expected_nodes)
         w.id(self.leader_id)
+        w.u32(self.weight_cap)
+        w.f64(self.loss_cap)
         return w.finish()
 
     @classmethod
@@ -145,7 +158,7 @@ class RoundOpen:
             r.u32("local_epochs"), r.u32("local_steps"), r.f64("learning_rate"),
             r.f64("prox_mu"), r.f64("clip_norm"), read_ring(r), r.u32("min_participants"),
             r.u64("vector_length"), r.ids("aggregator_ids", MAX_AGGREGATORS),
-            r.ids("expected_nodes"), r.id("leader_id"),
+            r.ids("expected_nodes"), r.id("leader_id"), r.u32("weight_cap"), r.f64("loss_cap"),
         )  # fmt: skip
         r.done()
         return message

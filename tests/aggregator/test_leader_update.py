@@ -26,7 +26,9 @@ CONFIG = AggregatorConfig(
     signing_key="s.pem",
     hpke_key="h.pem",  # type: ignore[arg-type]
     broker=BrokerSettings(tls=False),
-    round=RoundSettings(min_participants=2, local_epochs=3, clip_norm=5.0, loss_cap=10.0),
+    round=RoundSettings(
+        min_participants=2, local_epochs=3, clip_norm=5.0, loss_cap=10.0, weight_cap=500
+    ),
 )
 NODES = ("site-c", "site-a", "site-b")
 
@@ -51,6 +53,7 @@ def test_plans_ask_for_epochs_or_one_step_and_survive_the_wire() -> None:
     assert (fedsgd.local_epochs, fedsgd.local_steps) == (0, 1)
     assert fedavg.expected_nodes == ("site-a", "site-b", "site-c")
     assert fedavg.deadline_ms == 1_000_000 + 600_000
+    assert (fedavg.weight_cap, fedavg.loss_cap) == (500, 10.0)  # the nodes scale by these
     assert RoundOpen.from_bytes(fedavg.to_bytes()) == fedavg
     record = round_record(fedavg)
     assert record.state.stage is Stage.OPEN and record.state.round == 4

@@ -74,7 +74,7 @@ def make_ctx(
         manifest=fed.manifest, approvals=[fed.approvals[SITE][STUDY_ID]],
         policy=SitePolicy(site_id=SITE, coordinator_key=fed.coordinator_public),
         architecture="small-cnn-v1", model=model, images=data.images, labels=data.labels,
-        site=SiteTraining(batch_size=4, dp=DPSettings(1.0, 1.0), weight_cap=100),
+        site=SiteTraining(batch_size=4, dp=DPSettings(1.0, 1.0)),
         ledger=PrivacyLedger(tmp_path / "privacy.json", STUDY_ID, 8.0, 1e-5),
         audit=AuditLog.open(tmp_path / "audit.log", counts_only=True),
         train=RecordingTrainer(),
@@ -91,7 +91,7 @@ def round_open(ctx: ParticipationContext, **changes: Any) -> RoundOpen:
         local_epochs=1, local_steps=0, learning_rate=0.05, prox_mu=0.0, clip_norm=1.0,
         ring=derive_ring_params(required_bound(1.0), max_participants=16), min_participants=2,
         vector_length=vector_length(n), aggregator_ids=AGGREGATORS,
-        expected_nodes=(SITE, "site-2"), leader_id="agg-1",
+        expected_nodes=(SITE, "site-2"), leader_id="agg-1", weight_cap=100,
     )  # fmt: skip
     fields.update(changes)
     return RoundOpen(**fields)
@@ -236,7 +236,7 @@ def test_an_announcement_not_from_the_leader_is_refused_unaudited(
 def test_without_dp_or_a_ledger_no_round_is_joined(
     fed: Federation, data: IngestedSite, tmp_path: Path
 ) -> None:
-    ctx = make_ctx(fed, data, tmp_path, site=SiteTraining(batch_size=4, weight_cap=100),
+    ctx = make_ctx(fed, data, tmp_path, site=SiteTraining(batch_size=4),
                    ledger=None)  # fmt: skip
     result = participate(signed(fed, round_open(ctx, algorithm="fedsgd")), ctx, NOW)
     assert isinstance(result, Refused) and result.reason == "dp-required"

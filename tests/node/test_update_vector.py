@@ -114,9 +114,9 @@ def test_train_for_round_on_real_dicom_gives_the_encoded_update(tmp_path: Path) 
     site = ingested_site(tmp_path, images_per_site=16)
     model, _ = small_model()
     apply_transfer_mode(model, "head")  # only the head's 130 values travel
-    announcement = _announcement(model)
+    announcement = _announcement(model, weight_cap=100)  # the round's cap, not the site's
     ledger = PrivacyLedger(tmp_path / "ledger.json", "study-1", 50.0, 1e-5)
-    settings = SiteTraining(batch_size=4, dp=DPSettings(1.0, 1.0), weight_cap=100)
+    settings = SiteTraining(batch_size=4, dp=DPSettings(1.0, 1.0))
     out = train_for_round(announcement, model, site.images, site.labels, settings, ledger)
     assert out.encoded.size == announcement.vector_length == 64 * 2 + 2 + 3
     assert out.encoded.dtype == announcement.ring.dtype

@@ -53,6 +53,8 @@ def round_opens(draw: st.DrawFn) -> RoundOpen:
         aggregator_ids=aggregators,
         expected_nodes=draw(unique_ids),
         leader_id=draw(st.sampled_from(aggregators)),
+        weight_cap=draw(st.integers(1, 2**32 - 1)),
+        loss_cap=draw(st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False)),
     )
 
 
