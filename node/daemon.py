@@ -169,6 +169,7 @@ class NodeDaemon:
         # ("candidate", candidate bytes); None stops it.
         self._rounds: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=8)
         self._joined: dict[int, RoundOpen] = {}  # the last rounds joined, by number
+        self._audited: set[int] = set()  # rounds whose candidate this node has audited
         self._lock = threading.Lock()  # the training base and the store, between threads
         self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
 
@@ -429,9 +430,14 @@ class NodeDaemon:
             log.warning("candidate-refused", extra={"fields": {"error": type(error).__name__}})
             return
         round_open = self._joined.get(candidate.round)
-        if round_open is None:
+        if round_open is None or candidate.round in self._audited:
             log.info("candidate-ignored", extra={"fields": {"round": candidate.round}})
-            return  # not a round this site trained: nothing of ours to audit
+            return  # not a round this site trained, or already audited (a redelivery)
+        base = bytes(32) if round_open.model_version == 0 else round_open.base_model_hash
+        if candidate.parent_hash != base:  # the first model's parent is 32 zero bytes
+            log.warning("candidate-refused", extra={"fields": {"error": "not-from-our-base"}})
+            return  # not the model this site's update went into
+        self._audited.add(candidate.round)
         site = SiteData(self.config.site_id, fed, study, self.config.state_dir, self.preprocess)
         facts = {"study_id": study, "round": candidate.round, "version": candidate.version,
                  "model_hash": candidate.model_hash.hex()}  # fmt: skip

@@ -1,5 +1,6 @@
 """The privacy-audit release gate with real processes on a real broker (Mosquitto, mutual
-TLS): a study that requires an audit, two aggregator processes, three node processes.
+TLS): a study that requires an audit, two aggregator processes, three node processes, two
+rounds (the first candidate descends from the genesis model, the second from version 1).
 
 The leader publishes the round's candidate, signed by itself alone; each node that trained it
 runs the membership-inference audit on its own data (shadow models included, at a small
@@ -30,7 +31,7 @@ SPEC = FederationSpec(
     min_participants=2,
     privacy_audit_limit=0.99,  # every report passes: this test follows the release path
     round={"collect_timeout_s": 60, "agreement_timeout_s": 60, "audit_timeout_s": 240,
-           "start_wait_s": 60, "pause_s": 3, "max_rounds": 1, "local_epochs": 1},
+           "start_wait_s": 60, "pause_s": 3, "max_rounds": 2, "local_epochs": 1},
     training={"batch_size": 16, "noise_multiplier": 0.8},
 )  # fmt: skip
 AUDIT_BUDGET = {"TESSERA_PRIVACY_AUDIT_SHADOW_MODELS": "2", "TESSERA_PRIVACY_AUDIT_BOOTSTRAP": "50"}
@@ -46,30 +47,35 @@ def test_every_site_audits_the_candidate_and_the_release_carries_the_figures(
         for site in SITES:
             live.start(site, **AUDIT_BUDGET)
 
-        live.wait_for(LEADER, "candidate-built", timeout=200, round=1)
-        for site in SITES:
-            audit = live.wait_for(site, "privacy-audit", timeout=200, round=1)
-            assert 0.0 <= audit["tpr_at_0_1pct_fpr"] <= 1.0 and 0.0 <= audit["auc"] <= 1.0
-            # DP-trained: the empirical lower bound is reported beside the accountant's epsilon
-            assert audit["empirical_epsilon"] <= audit["accountant_epsilon"]
-        for aggregator in (LEADER, FOLLOWER):
-            live.wait_for(aggregator, "audit-passed", timeout=120, round=1)
-            live.wait_for(aggregator, "model-released", timeout=120, round=1)
+        for number in (1, 2):  # the first candidate's parent is genesis, the second's v1
+            live.wait_for(LEADER, "candidate-built", timeout=200, round=number)
+            for site in SITES:
+                audit = live.wait_for(site, "privacy-audit", timeout=200, round=number)
+                assert 0.0 <= audit["tpr_at_0_1pct_fpr"] <= 1.0 and 0.0 <= audit["auc"] <= 1.0
+                # DP-trained: the empirical bound is reported beside the accountant's epsilon
+                assert audit["empirical_epsilon"] <= audit["accountant_epsilon"]
+            for aggregator in (LEADER, FOLLOWER):
+                live.wait_for(aggregator, "audit-passed", timeout=120, round=number)
+                live.wait_for(aggregator, "model-released", timeout=120, round=number)
 
         for site in SITES:
             live.wait_until(
-                lambda s=site: live.node_versions(s) == [1], f"{site} installs v1", timeout=60
+                lambda s=site: live.node_versions(s) == [1, 2], f"{site} installs v2", timeout=60
             )
-            card = json.loads((live.state(site) / "models" / "1" / CARD_FILE).read_text())
-            assert set(card["privacy_audit"]["per_site"]) == set(SITES)
-            assert set(card["privacy"]["epsilon_per_site"]) == set(SITES)
-            (entry,) = audit_entries(live.state(site), "privacy-audit")
-            assert entry["outcome"] == "reported" and entry["version"] == 1
-            figures = card["privacy_audit"]["per_site"][site]
-            assert figures["tpr_at_0_1pct_fpr"] == entry["tpr_at_0_1pct_fpr"]
-            (spent,) = audit_entries(live.state(site), "epsilon-spent")
-            assert card["privacy"]["epsilon_per_site"][site] == pytest.approx(spent["total"])
-            assert figures["accountant_epsilon"] == pytest.approx(spent["total"])
+            audits = audit_entries(live.state(site), "privacy-audit")
+            spent = audit_entries(live.state(site), "epsilon-spent")
+            assert [(e["outcome"], e["version"]) for e in audits] == [("reported", 1),
+                                                                      ("reported", 2)]  # fmt: skip
+            for version, entry, charge in zip((1, 2), audits, spent, strict=True):
+                folder = live.state(site) / "models" / str(version)
+                card = json.loads((folder / CARD_FILE).read_text())
+                assert set(card["privacy_audit"]["per_site"]) == set(SITES)
+                assert set(card["privacy"]["epsilon_per_site"]) == set(SITES)
+                figures = card["privacy_audit"]["per_site"][site]
+                assert figures["tpr_at_0_1pct_fpr"] == entry["tpr_at_0_1pct_fpr"]
+                total = charge["total"]  # the site's composed epsilon after that round
+                assert card["privacy"]["epsilon_per_site"][site] == pytest.approx(total)
+                assert figures["accountant_epsilon"] == pytest.approx(total)
         # the candidate was never installed: the store holds the jointly signed release only
         for site in SITES:
             assert not [e for e in audit_entries(live.state(site), "release")
