@@ -15,6 +15,12 @@ noise_multiplier = 1.1                  # DP-SGD: every study requires it
 
 [privacy_audit]                         # used only by studies that require an audit
 shadow_models = 8                       # even, 2-64: the LiRA shadows, trained here
+
+[receiver]                              # optional: a PACS pushes studies by C-STORE
+enabled = true                          # objects land in <state_dir>/received, then intake
+port = 11112
+ae_title = "TESSERA"
+allowed_calling_aets = "PACS1,PACS2"    # empty: any calling AE title
 ```
 
 Defaults that follow the bundle: the manifest is `<bundle_dir>/manifest.toml`, the
@@ -115,6 +121,33 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class ReceiverSettings:
+    """The DICOM C-STORE receiver (`node.intake.receiver`), run by the node when enabled.
+    Received objects are written to `<state_dir>/received` (the state volume is writable;
+    the DICOM folder may be a read-only mount) and ingested with the DICOM folder."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"  # noqa: S104 - a PACS on the hospital network must reach it
+    port: int = 11112
+    ae_title: str = "TESSERA"
+    allowed_calling_aets: str = ""  # comma-separated; empty: any calling AE title
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port < 65536, "receiver.port", self.port, "use a TCP port, 1-65535")
+        check(
+            1 <= len(self.ae_title) <= 16 and self.ae_title.isascii(),
+            "receiver.ae_title",
+            self.ae_title,
+            "use 1-16 ASCII characters",
+        )
+
+    @property
+    def calling_aets(self) -> tuple[str, ...]:
+        """The allowed calling AE titles; empty: any."""
+        return tuple(a.strip() for a in self.allowed_calling_aets.split(",") if a.strip())
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Everything `tessera node run` needs, validated."""
 
@@ -136,6 +169,7 @@ class NodeConfig:
     broker: BrokerEndpointSettings = field(default_factory=BrokerEndpointSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     privacy_audit: AuditSettings = field(default_factory=AuditSettings)
+    receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
 
     def __post_init__(self) -> None:
         check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535")
@@ -163,6 +197,7 @@ _SECTIONS = {
     "broker": BrokerEndpointSettings,
     "training": TrainingSettings,
     "privacy_audit": AuditSettings,
+    "receiver": ReceiverSettings,
 }
 
 

@@ -9,8 +9,10 @@ Start-up, each step failing with a message that names the fix:
    the privacy ledger, the model store; the newest accepted release becomes the training
    base (the study's genesis model before the first), and the store's current version
    (pinned, else newest) is loaded for inference;
-3. with `dicom_dir`, one intake pass (quarantine, cache) before connecting, repeated every
-   `intake_interval_s`; training reads the cache, never the DICOM folder;
+3. with `[receiver] enabled`, the DICOM C-STORE receiver, which writes what a PACS pushes
+   to `<state_dir>/received`; with `dicom_dir` or the receiver, one intake pass (quarantine,
+   cache) over the DICOM folder and the received folder before connecting, repeated every
+   `intake_interval_s`; training reads the cache, never the DICOM folders;
 4. the HTTP endpoints (`/healthz`; `/readyz`: broker connected, keys loaded, a verified
    model serving; `/metrics`; `POST /v1/infer`), then the MQTT session.
 
@@ -47,6 +49,7 @@ import time
 import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
+from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
 from broker.bundle import Bundle, load_bundle
@@ -57,6 +60,8 @@ from node.config import NodeConfig
 from node.errors import NodeError
 from node.inference import ModelSlot, load_model, preprocess_from_metadata
 from node.inference_http import infer_request
+from node.intake.receiver import ReceiverConfig, start_receiver
+from node.intake.worker import TEMP_PREFIX
 from node.participation import (
     PROTOCOL_REASONS,
     Joined,
@@ -95,6 +100,7 @@ AUDIT_FILE = "audit.log"
 LEDGER_DIR = "privacy"
 STORE_POLL_S = 2.0
 MAX_ROUND_MESSAGE = 1 << 20
+RECEIVED_DIR = "received"  # under state_dir: where the C-STORE receiver writes
 JOINED_KEPT = 8  # the rounds joined whose candidates this node would still audit
 
 
@@ -172,13 +178,17 @@ class NodeDaemon:
         self._audited: set[int] = set()  # rounds whose candidate this node has audited
         self._lock = threading.Lock()  # the training base and the store, between threads
         self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
+        self.received_dir = state / RECEIVED_DIR
+        self.receiver: ThreadedAssociationServer | None = None
 
     # --- start and stop --------------------------------------------------------------------
 
     def start(self) -> NodeDaemon:
         """Serve HTTP, start the round worker, subscribe and connect."""
         self.health.start()
-        if self.config.dicom_dir is not None:
+        if self.config.receiver.enabled:
+            self.receiver = self._start_receiver()
+        if self._intake_enabled:
             self._ingest()  # before any round can arrive: rounds train on the cache
         self._worker.start()
         fed, study = self.manifest.federation_id, self.study.id
@@ -204,7 +214,7 @@ class NodeDaemon:
         """Ingest (when configured) and follow the model store until `stop` is set."""
         next_intake = time.monotonic() + self.config.intake_interval_s
         while True:
-            if self.config.dicom_dir is not None and time.monotonic() >= next_intake:
+            if self._intake_enabled and time.monotonic() >= next_intake:
                 self._ingest()
                 next_intake = time.monotonic() + self.config.intake_interval_s
             self.metrics.set_broker_connected(self.link.connected)
@@ -218,6 +228,8 @@ class NodeDaemon:
         """Stop the worker, disconnect, stop serving, close the audit log."""
         self._rounds.put(None)
         self._worker.join(30)
+        if self.receiver is not None:
+            self.receiver.shutdown()
         self.link.close()
         self.health.close()
         self.audit.close()
@@ -382,12 +394,42 @@ class NodeDaemon:
             )
         return data.stack()
 
+    @property
+    def _intake_enabled(self) -> bool:
+        return self.config.dicom_dir is not None or self.config.receiver.enabled
+
+    def _start_receiver(self) -> ThreadedAssociationServer:
+        """The C-STORE receiver, writing to `self.received_dir` (checked writable first, so
+        that a read-only volume fails at start, not at the PACS's first push)."""
+        settings = self.config.receiver
+        try:
+            self.received_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            probe = self.received_dir / f"{TEMP_PREFIX}probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError(
+                f"[receiver] needs a writable {self.received_dir} ({error.strerror}); the "
+                "state volume must be mounted read-write"
+            ) from None
+        return start_receiver(
+            ReceiverConfig(
+                intake_dir=self.config.state_dir,  # objects land in <state>/received
+                state_dir=self.config.state_dir,
+                host=settings.host,
+                port=settings.port,
+                ae_title=settings.ae_title,
+                allowed_calling_aets=settings.calling_aets,
+            )
+        )
+
     def _ingest(self) -> None:
         from node.intake.ingest import IntakeConfig, run_ingest
 
-        assert self.config.dicom_dir is not None
+        dicom_dir = self.config.dicom_dir
         cfg = IntakeConfig(
-            intake_dir=self.config.dicom_dir,
+            intake_dir=dicom_dir if dicom_dir is not None else self.received_dir,
+            received_dir=self.received_dir if dicom_dir is not None else None,
             state_dir=self.config.state_dir,
             preprocess=self.preprocess,
             limits=IntakeLimits(),

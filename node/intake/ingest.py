@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from node.errors import NodeError
@@ -36,6 +36,7 @@ from node.screen import IntakeLimits
 from tessera.errors import ConfigError
 
 LOGGER = logging.getLogger("tessera.node.intake")
+RECEIVED = PurePosixPath("received")  # where received objects are named, in any layout
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class IntakeConfig:
     folder_labels: bool = False
     workers: int = 2
     batch_size: int = 16
+    # The C-STORE receiver's folder when it is not inside intake_dir (a read-only mount):
+    # scanned in the same pass, its files named `received/<file>` as if they lay in
+    # intake_dir/received, where `tessera node receive` puts them. Absent until the first
+    # object arrives, which is not an error.
+    received_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 64:
@@ -286,8 +292,8 @@ def _process(
         pending.add(pool.submit(ingest_batch, tasks, ctx))
 
     try:
-        for path, stat in scan_intake(cfg.intake_dir):
-            task = _plan(cfg, ctx, conn, path, stat, scan, summary, shards)
+        for path, relative, stat in _scan_roots(cfg):
+            task = _plan(cfg, ctx, conn, path, relative, stat, scan, summary, shards)
             if task is not None:
                 batch.append(task)
                 if len(batch) >= cfg.batch_size:
@@ -306,13 +312,24 @@ def _process(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _scan_roots(cfg: IntakeConfig) -> Iterator[tuple[Path, PurePosixPath, os.stat_result]]:
+    """(path, name relative to the intake root, stat) of every file of one pass: the intake
+    folder's, then the receiver folder's (see `IntakeConfig.received_dir`)."""
+    for path, stat in scan_intake(cfg.intake_dir):
+        yield path, PurePosixPath(path.relative_to(cfg.intake_dir).as_posix()), stat
+    if cfg.received_dir is not None and cfg.received_dir.is_dir():
+        for path, stat in scan_intake(cfg.received_dir):
+            relative = PurePosixPath(path.relative_to(cfg.received_dir).as_posix())
+            yield path, RECEIVED / relative, stat
+
+
 def _plan(
     cfg: IntakeConfig, ctx: WorkerContext, conn: sqlite3.Connection, path: Path,
-    stat: os.stat_result, scan: int, summary: IngestSummary, shards: set[str],
+    relative: PurePosixPath, stat: os.stat_result, scan: int, summary: IngestSummary,
+    shards: set[str],
 ) -> FileTask | None:  # fmt: skip
     """Decide whether `path` needs (re)ingesting; mark it seen when it does not."""
     summary.seen += 1
-    relative = path.relative_to(cfg.intake_dir)
     path_key = keyed_hash("path", relative.as_posix(), ctx.secret)
     stored = index.lookup(conn, path_key)
     label = folder_label(relative, cfg.label_set or ()) if cfg.folder_labels else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from node.errors import NodeError
 from node.phi import keyed_hash
@@ -70,7 +70,7 @@ def load_manifest(path: Path, secret: bytes, label_set: tuple[str, ...] | None) 
     return Manifest(rows=tuple(rows), out_of_set=out_of_set, blank=blank)
 
 
-def folder_label(relative: Path, label_set: tuple[str, ...]) -> str | None:
+def folder_label(relative: PurePath, label_set: tuple[str, ...]) -> str | None:
     """The class named by a file's top-level folder, when it is in the label set.
 
     Folder names outside the set are never stored or logged: at a hospital they may well

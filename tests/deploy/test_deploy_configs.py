@@ -33,6 +33,8 @@ def test_node_configurations_load(path: Path) -> None:
     assert config.bundle_dir == Path("/etc/tessera/bundle")
     assert config.state_dir == Path("/var/lib/tessera") and config.http_port == 8080
     assert config.manifest_path == Path("/etc/tessera/bundle/manifest.toml")
+    if "k8s" in path.parts:  # the k8s base exposes C-STORE on 11112: something must listen
+        assert config.receiver.enabled and config.receiver.port == 11112
 
 
 @pytest.mark.parametrize("path", AGGREGATOR_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -20,10 +20,12 @@ from node.synth.writer import SYNTAXES
 PROPOSE = {"explicit": "-xe", "rle": "-xr", "j2k": "-xv", "jpeg": "-xy", "jpegls": "-xt"}
 
 
-def storescu(port: int, path: Path, called: str = "TESSERA") -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, path: Path, called: str = "TESSERA", calling: str = "PACS1"
+) -> subprocess.CompletedProcess[str]:
     syntax = UID(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     option = PROPOSE[next(k for k, v in SYNTAXES.items() if v == syntax)]
-    command = ["storescu", option, "-aet", "PACS1", "-aec", called, "127.0.0.1", str(port)]
+    command = ["storescu", option, "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
     return subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=60)
 
 
@@ -58,3 +60,30 @@ def test_storescu_objects_land_in_the_dataset(synth_root: Path, tmp_path: Path) 
     assert (summary.ingested, summary.quarantined) == (5, 0)
     dataset = CachedDataset(state, PreprocessConfig(size=32))
     assert sorted(dataset.keys) == sorted(instance_key(u, secret) for u in uids)
+
+
+def test_a_separate_received_folder_is_ingested_with_the_intake_folder(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    """The node daemon's layout: the DICOM folder (read-only) plus `<state>/received`."""
+    files = sorted((synth_root / "site-00" / "dicom").rglob("*.dcm"))[:3]
+    intake, state = tmp_path / "intake", tmp_path / "state"
+    received = state / "received"
+    for folder, chosen in ((intake, files[:2]), (received, files[2:])):
+        folder.mkdir(parents=True)
+        for path in chosen:
+            (folder / path.name).write_bytes(path.read_bytes())
+    cfg = IntakeConfig(intake, state, preprocess=PreprocessConfig(size=32), received_dir=received)
+    assert (run_ingest(cfg).ingested, run_ingest(cfg).unchanged) == (3, 3)
+    (received / files[2].name).unlink()
+    summary = run_ingest(cfg)
+    assert (summary.unchanged, summary.dropped) == (2, 1)
+    # Named as if it lay in intake/received: the layout `tessera node receive` writes.
+    (intake / "received").mkdir()
+    (intake / "received" / files[2].name).write_bytes(files[2].read_bytes())
+    no_separate = IntakeConfig(intake, state, preprocess=PreprocessConfig(size=32))
+    assert run_ingest(no_separate).ingested == 1
+    (intake / "received" / files[2].name).unlink()
+    (received / files[2].name).write_bytes(files[2].read_bytes())
+    moved = run_ingest(cfg)
+    assert (moved.ingested, moved.unchanged) == (0, 3)  # same name, same key: not re-ingested

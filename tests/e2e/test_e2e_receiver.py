@@ -1,0 +1,69 @@
+"""A running node takes DICOM pushed by C-STORE (dcmtk's real `storescu`) into its dataset.
+
+`tessera node run` with `[receiver] enabled` listens for C-STORE beside its (read-only)
+DICOM folder; what a PACS pushes lands in `<state>/received`, owner-only and named by the
+keyed instance hash, and the next intake pass adds it to the preprocessed cache that rounds
+train on. A calling AE title outside the allowed list is refused.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pydicom
+import pytest
+from support.e2e import LiveFederation
+
+from node.cache import CachedDataset
+from node.daemon import study_preprocess
+from node.demo.federation import FederationSpec
+from node.phi import instance_key, load_or_create_site_secret
+from tessera.manifest import load_manifest
+from tessera.models.study import StudyModel
+from tests.node.test_receiver import storescu
+
+SITE = "site-a"
+SPEC = FederationSpec(sites=("site-a", "site-b"), federation_id="receiver-fed")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_running_node_ingests_what_a_pacs_pushes(tmp_path: Path) -> None:
+    with LiveFederation(tmp_path, SPEC, images_per_site=20) as live:
+        live.start(
+            SITE,
+            TESSERA_RECEIVER_ENABLED="true",
+            TESSERA_RECEIVER_HOST="127.0.0.1",
+            TESSERA_RECEIVER_PORT="0",
+            TESSERA_RECEIVER_ALLOWED_CALLING_AETS="PACS1",
+            TESSERA_INTAKE_INTERVAL_S="1",
+        )
+        listening = live.wait_for(SITE, "receiver.listening", timeout=60)
+        first = live.wait_for(SITE, "intake", timeout=60)
+        assert first["ingested"] == 20
+        pushed = next((live.root / "synth" / "site-01" / "dicom").rglob("*.dcm"))
+        result = storescu(int(listening["port"]), pushed)
+        assert result.returncode == 0, result.stderr
+
+        state = live.state(SITE)
+        secret = load_or_create_site_secret(state)
+        uid = str(pydicom.dcmread(pushed, stop_before_pixels=True).SOPInstanceUID)
+        key = instance_key(uid, secret)
+        received = state / "received" / f"{key}.dcm"
+        assert received.exists() and stat.S_IMODE(received.stat().st_mode) == 0o600
+        live.wait_until(
+            lambda: any(e["ingested"] == 1 for e in live.find(SITE, "intake")),
+            "the pushed object ingested",
+            timeout=60,
+            watch=[SITE],
+        )
+        manifest = load_manifest(live.prepared.bundle(SITE) / "manifest.toml")
+        study = manifest.study(SPEC.study_id)
+        assert study is not None
+        model = StudyModel.from_study(manifest.federation_id, study, SPEC.architecture)
+        dataset = CachedDataset(state, study_preprocess(model))
+        assert key in dataset.keys and len(dataset.keys) == 21
+
+        refused = storescu(int(listening["port"]), pushed, calling="OTHER")
+        assert refused.returncode != 0
