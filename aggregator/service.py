@@ -34,7 +34,10 @@ arrives before this aggregator is ready is kept (first copy wins) and used when 
 leader keeps its own ReceivedSet instead of publishing it. A RoundAbort is published
 retained so that it replaces the retained RoundOpen. A round is not resumed after a
 restart: the caller runs `store.recover()` first (it aborts rounds in flight and deletes
-their shares), and the service starts with no round until the next RoundOpen.
+their shares), and the service starts with no round until the next RoundOpen. One thing
+of a round survives a restart: a follower killed after sending its signature note takes
+over the leader's release when it arrives (the broker retains it), if it is the next
+version on top of its own and bears its own signature (`_catch_up`).
 """
 
 from __future__ import annotations
@@ -56,9 +59,10 @@ from aggregator.errors import (
     MessageRejected,
 )
 from aggregator.leader import plan_round
+from aggregator.model_card import card_from_bytes
 from aggregator.partials import open_partial_sum, seal_partial_sums
 from aggregator.privacy_gate import ReleaseCandidate, card_figures, check_report, gate_release
-from aggregator.registry import weights_bytes
+from aggregator.registry import GENESIS_PARENT, weights_bytes
 from aggregator.release_build import (
     BuiltRelease,
     add_noted_signature,
@@ -101,7 +105,7 @@ from tessera.messages import (
     ShareEnvelope,
 )
 from tessera.privacy_report import report_from_json, verify_report
-from tessera.release import is_signature_note
+from tessera.release import is_signature_note, verify_release
 from tessera.update_layout import vector_length
 
 __all__ = ["AggregatorService", "Outgoing", "RosterKeys", "ServiceKeys"]
@@ -382,12 +386,7 @@ class AggregatorService(ServiceCore):
                 )
             except (TesseraError, ValueError) as exc:
                 return self._abort(f"partial sum from {other} refused: {type(exc).__name__}")
-        stored = self.store.server_state(a.study_id)
-        server_state = (
-            server_state_from_bytes(Path(stored.path).read_bytes())
-            if stored is not None and stored.path is not None
-            else ServerState()
-        )
+        server_state = self._server_state()
         participants = current.state.participants or ()
         parent = self.registry.latest(a.study_id)
         epsilon = carry_epsilon(
@@ -546,6 +545,10 @@ class AggregatorService(ServiceCore):
     def _on_release(self, message: Message, signer: str) -> list[Outgoing]:
         if not isinstance(message, ModelRelease):
             return []
+        current = self.current
+        missed = current is None or current.state.round != message.round
+        if missed and not is_signature_note(message):
+            return self._catch_up(message)
         current = self._context(message)
         if signer not in current.announcement.aggregator_ids:
             raise MessageRejected(f"release published by {signer!r}, not an aggregator")
@@ -593,6 +596,55 @@ class AggregatorService(ServiceCore):
         self._register(release)
         a = current.announcement
         return [self._send(topics.release_topic(a.federation_id, a.study_id), release, retain=True)]
+
+    def _catch_up(self, release: ModelRelease) -> list[Outgoing]:
+        """Register a release of a round this aggregator no longer holds in memory: it
+        signed the release, then restarted before the leader's copy arrived (the retained
+        release comes again on reconnect). Without this, every later RoundOpen names a base
+        model it does not hold, and the federation stops.
+
+        Only the next version on top of our newest, signed by every aggregator including
+        us (so we computed it ourselves), and only with a stateless server optimiser: the
+        next round's algorithm is on the card, an optimiser's moments are not. A release we
+        already hold (the retained one, seen again) is ignored."""
+        latest = self.registry.latest(self.config.study_id)
+        have = 0 if latest is None else latest.record.version
+        if release.version <= have:
+            return []
+        parent = GENESIS_PARENT if latest is None else latest.record.model_hash
+        if (
+            release.version != have + 1
+            or release.parent_hash != parent
+            or self.me not in dict(release.signatures)
+        ):
+            raise MessageRejected(
+                f"release version {release.version} is not one this aggregator helped compute "
+                f"on top of its version {have}; restore its registry from another aggregator"
+            )
+        if self.config.strategy.optimizer != "none":
+            raise MessageRejected(
+                f"release version {release.version} was missed across a restart and the "
+                f"server optimiser {self.config.strategy.optimizer!r} keeps state that only "
+                "the other aggregators hold; restore this aggregator's state from theirs"
+            )
+        keys = {a: self.roster.aggregator_signing[a] for a in self.roster.aggregator_ids}
+        card = card_from_bytes(verify_release(release, keys).card)
+        switches = card["strategy"]["switches"]
+        following = switches[-1]["to"] if switches else card["strategy"]["algorithm"]
+        state = self._server_state()
+        self.registry.register(release, keys, server_state=state, next_algorithm=following)
+        log.warning(
+            "release-caught-up",
+            extra={"fields": {"round": release.round, "version": release.version}},
+        )
+        return []
+
+    def _server_state(self) -> ServerState:
+        """The server optimiser's state after the newest release (empty before the first)."""
+        stored = self.store.server_state(self.config.study_id)
+        if stored is None or stored.path is None:
+            return ServerState()
+        return server_state_from_bytes(Path(stored.path).read_bytes())
 
     def _register(self, release: ModelRelease) -> None:
         current = self.current

@@ -1,4 +1,4 @@
-"""Regressions found end to end (tests/e2e): what happens at the end of a round.
+"""Regressions found end to end (tests/e2e) or in review: what happens at the end of a round.
 
 A follower's signature note that reaches the leader after the round aborted
 (at the agreement timeout) must not register the model at the leader.
@@ -12,16 +12,25 @@ the next restart; they are now deleted as soon as the round is released or abort
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
+import pytest
+
+from aggregator.registry import Registry
 from aggregator.rounds import Stage
+from aggregator.service import AggregatorService
 from broker import topics
 from tests.aggregator.test_service import (
+    GENESIS,
     LEADER,
     NODES,
     STUDY,
     Federation,
     Outgoing,
+    events,
+    fake_onnx,
     kind_of,
     run_round,
 )
@@ -73,3 +82,59 @@ def test_shares_are_deleted_when_a_round_is_released_or_aborted(tmp_path: Path) 
     fed.past_deadline()
     assert all(fed.stage(a) is Stage.ABORTED for a in fed.services)
     assert shares_left(fed) == {a: (0, 0) for a in fed.services}
+
+
+def restart(fed: Federation, agg: str, optimizer: str = "none") -> AggregatorService:
+    """What `tessera aggregator run` does after a kill: recover the store, start afresh."""
+    old = fed.services[agg]
+    old.store.recover()
+    config = dataclasses.replace(
+        old.config, strategy=dataclasses.replace(old.config.strategy, optimizer=optimizer)
+    )
+    new = AggregatorService(
+        config, old.keys, old.roster, old.store, Registry(old.store, config.registry_dir),
+        fed.clock, genesis=GENESIS, export_onnx=fake_onnx,
+    )  # fmt: skip
+    fed.services[agg] = new
+    return new
+
+
+def final_release(out: Outgoing) -> bool:
+    return kind_of(out) is topics.Kind.RELEASE and out.retain  # not the follower's note
+
+
+def test_a_follower_restarted_before_the_release_arrived_takes_it_over(tmp_path: Path) -> None:
+    """Found in review: a follower killed after sending its signature note, before the
+    leader's release reached it, restarted without the model. Every later RoundOpen named a
+    base model it did not hold, so no round could ever complete again."""
+    fed = Federation(tmp_path)
+    run_round(fed, skip=set(), drop=final_release)
+    (held,) = fed.lost  # the release, retained by the broker
+    assert fed.stage(LEADER) is Stage.RELEASED and fed.stage("agg-2") is Stage.COMBINING
+    follower = restart(fed, "agg-2")
+    assert follower.registry.latest(STUDY) is None
+
+    fed.deliver([held])  # the retained release, on reconnect
+    leader_model = fed.services[LEADER].registry.latest(STUDY)
+    caught_up = follower.registry.latest(STUDY)
+    assert leader_model is not None and caught_up is not None
+    assert caught_up.record.model_hash == leader_model.record.model_hash
+    fed.deliver([held])  # seen again: ignored
+    assert len(follower.registry.list(STUDY)) == 1
+
+    fed.deliver(fed.services[LEADER].open_round(NODES))
+    assert fed.stage("agg-2") is Stage.COLLECTING  # the same base model at both again
+
+
+def test_a_missed_release_is_not_taken_over_when_the_optimiser_keeps_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fed = Federation(tmp_path)
+    run_round(fed, skip=set(), drop=final_release)
+    (held,) = fed.lost
+    follower = restart(fed, "agg-2", optimizer="fedavgm")
+    caplog.set_level(logging.WARNING)
+    fed.deliver([held])
+    assert follower.registry.latest(STUDY) is None
+    (rejected,) = events(caplog, "message-rejected")
+    assert "restore this aggregator's state" in rejected.__dict__["fields"]["reason"]
