@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from node.config import TrainingSettings
 from node.demo.federation import FederationSpec, PreparedFederation, prepare_federation
 from node.demo.report import (
     BaselinePlan,
@@ -205,7 +206,10 @@ def run_demo(opts: DemoOptions, progress: Progress | None = None) -> dict[str, o
     env = {**os.environ, "TESSERA_BROKER_PORT": str(port), "TESSERA_BROKER_HOST": "127.0.0.1"}
     processes = {}
     try:
-        show.say("4/6 starting 2 aggregator and 3 node processes; training rounds:")
+        show.say(
+            f"4/6 starting {len(spec.aggregators)} aggregator and {len(spec.sites)} node "
+            "processes; training rounds:"
+        )
         for member in spec.aggregators:
             processes[member] = _spawn("aggregator", prepared.config(member), logs[member], env)
         for member in spec.sites:
@@ -360,7 +364,7 @@ def _report(
         batch_size=opts.batch_size,
         learning_rate=opts.learning_rate,
         noise_multiplier=opts.noise_multiplier,
-        max_grad_norm=1.0,
+        max_grad_norm=TrainingSettings().max_grad_norm,  # the nodes': the demo keeps the default
         seed=opts.seed,
     )
     work = out / "baselines"
