@@ -116,6 +116,13 @@ class RoundSettings:
         _check(self.local_epochs >= 1, "round.local_epochs", self.local_epochs, "use 1 or more")
         _check(self.prox_mu >= 0, "round.prox_mu", self.prox_mu, "use 0 (off) or more")
         _check(
+            self.learning_rate * self.prox_mu < 1,
+            "round.prox_mu",
+            self.prox_mu,
+            f"keep learning_rate * prox_mu below 1 (each local step pulls the weights that "
+            f"fraction back to the round's start), i.e. prox_mu < {1 / self.learning_rate:g}",
+        )
+        _check(
             self.algorithm in ALGORITHMS,
             "round.algorithm",
             self.algorithm,

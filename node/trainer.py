@@ -82,6 +82,12 @@ class TrainConfig:
             raise ValueError("local_epochs and batch_size must be >= 1, local_steps >= 0")
         if not (self.learning_rate > 0 and 0 <= self.momentum < 1 and self.prox_mu >= 0):
             raise ValueError("need learning_rate > 0, 0 <= momentum < 1 and prox_mu >= 0")
+        if self.learning_rate * self.prox_mu >= 1:
+            raise ValueError(
+                f"learning_rate * prox_mu = {self.learning_rate * self.prox_mu:g} must be below "
+                "1: the proximal step moves the weights that fraction of the way back to the "
+                "round's start, so at 1 it erases every step and above 1 it overshoots"
+            )
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(
                 f"validation_fraction must be in (0, 1), got {self.validation_fraction}"

@@ -81,6 +81,11 @@ def test_environment_overrides_win(tmp_path: Path) -> None:
         (lambda t: t.replace('"fedadam"', '"adamw"'), {}, "strategy.optimizer"),
         (lambda t: t.replace("lower = 0.25", "lower = 9.0"), {}, r"\[strategy\].*lower"),
         (lambda t: t, {"TESSERA_ROUND_LEARNING_RATE": "fast"}, "TESSERA_ROUND_LEARNING_RATE"),
+        (
+            lambda t: t,
+            {"TESSERA_ROUND_LEARNING_RATE": "0.5", "TESSERA_ROUND_PROX_MU": "2"},
+            r"round.prox_mu.*prox_mu < 2",
+        ),
         (lambda t: t.replace('key_file = "/etc/tessera/bundle/agg-1.key"\n', ""), {}, "key_f"),
         (lambda t: t + "\n[round2]\n", {}, "round2"),
         (lambda t: t.replace('"agg-1"', '"agg 1"', 1), {}, "aggregator_id"),

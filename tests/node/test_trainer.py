@@ -87,6 +87,15 @@ def test_fedprox_keeps_the_model_closer_to_the_start() -> None:
     assert 0 < distances[1] < 0.8 * distances[0], distances
 
 
+def test_a_proximal_step_that_would_erase_or_reverse_every_step_is_refused() -> None:
+    """Found by a sweep: with learning_rate * prox_mu = 1 every local step was pulled all the
+    way back to the round's start, and nodes sent all-zero updates without a word."""
+    TrainConfig(learning_rate=0.5, prox_mu=1.9)
+    for mu in (2.0, 3.0):
+        with pytest.raises(ValueError, match="must be below 1"):
+            TrainConfig(learning_rate=0.5, prox_mu=mu)
+
+
 def test_validation_split_is_seeded_disjoint_and_complete() -> None:
     train, val = split_validation(30, 0.2, seed=4)
     assert len(val) == 6 and not set(train) & set(val)
