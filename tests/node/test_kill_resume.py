@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import sqlite3
@@ -32,6 +33,24 @@ def ingested_rows(index: Path) -> int:
         return 0
 
 
+def wait_until_the_killed_workers_are_gone(lock: Path, timeout: float = 60.0) -> None:
+    """The pool workers share the parent's lock on `lock` (forked with it), and a SIGKILLed
+    process releases it only once the kernel has torn it down, which under load can come
+    after the parent's exit status. A restarted node that finds it held says "another intake
+    pass holds" and retries at its next pass; this test resumes at once, so it waits."""
+    deadline = time.monotonic() + timeout
+    with open(lock, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the killed workers still hold the lock"
+                time.sleep(0.05)
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+
+
 def test_kill_during_ingest_then_resume(tmp_path: Path) -> None:
     generate(SynthConfig(tmp_path / "synth", sites=1, seed=5, images_per_site=N, size=32))
     intake = tmp_path / "synth" / "site-00" / "dicom"
@@ -47,6 +66,7 @@ def test_kill_during_ingest_then_resume(tmp_path: Path) -> None:
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)  # the parent and its pool workers, like an OOM kill
     process.wait()
+    wait_until_the_killed_workers_are_gone(state / "intake" / "ingest.lock")
     at_kill = ingested_rows(index)
     assert 0 < at_kill < N, f"the kill must land mid-ingest ({at_kill} of {N} rows)"
 
