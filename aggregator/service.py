@@ -15,13 +15,14 @@ one partial sum -> on the S-1 others: combine, strategy, release, signature exch
 (aggregator.release_build) -> the leader publishes the fully signed release, retained.
 
 Where the study requires a privacy audit (`audit`, aggregator.privacy_gate), the release
-built after combining is a candidate: the leader publishes it, signed by itself only, on the
-candidate topic; each participating site audits it and publishes a signed report of
-aggregate figures; each aggregator checks every report against its *own* candidate (so a
-leader cannot have sites audit another model) and, once every participant reported, runs
-the gate. A pass re-cards the release with the figures and the signature exchange follows;
-a hold (a site over the study's limit, or reports missing at `round.audit_timeout_s`) is
-written to the audit log and aborts the round: nothing is released.
+built after combining is a candidate: the leader publishes it, signed by itself only, to
+each participant's own candidate topic (no other site can read it); each participating
+site audits it and publishes a signed report of aggregate figures; each aggregator checks
+every report against its *own* candidate (so a leader cannot have sites audit another
+model) and, once every participant reported, runs the gate. A pass re-cards the release
+with the figures and the signature exchange follows; a hold (a site over the study's
+limit, or reports missing at `round.audit_timeout_s`) is written to the audit log and
+aborts the round: nothing is released.
 
 Timeouts: a round that is past collecting aborts at the agreement timeout (counted from
 the deadline, or from the candidate's audit deadline). A follower that has sent its
@@ -92,7 +93,7 @@ from aggregator.service_state import (
 )
 from aggregator.strategies import ServerState, server_state_from_bytes
 from broker import topics
-from tessera.envelopes import Message, open_envelope, require_fields
+from tessera.envelopes import Message, open_envelope, require_fields, seal_envelope
 from tessera.errors import AuthenticationError, TesseraError
 from tessera.flatten import flatten
 from tessera.messages import (
@@ -449,9 +450,11 @@ class AggregatorService(ServiceCore):
             extra={"fields": {"round": a.round, "version": candidate.release.version}},
         )
         out = []
-        if self.config.is_leader:
-            topic = topics.candidate_topic(a.federation_id, a.study_id)
-            out.append(self._send(topic, candidate.release))
+        if self.config.is_leader:  # one copy per participant: no other site sees the model
+            envelope = seal_envelope(candidate.release, self.me, self.keys.signing)
+            for node in current.state.participants or ():
+                topic = topics.candidate_topic(a.federation_id, a.study_id, node)
+                out.append(Outgoing(topic, envelope))
         return out + self._maybe_gate(final=False)
 
     def _candidate(self) -> ReleaseCandidate:

@@ -2,8 +2,9 @@
 
 The ACL is deny-by-default (Mosquitto refuses anything not granted) and grants:
 - a site: write its own shares (to each aggregator), its own privacy-audit reports and its
-  own presence; read round control, candidates and releases. Nothing else, so no site can
-  read a share or another site's audit report, or impersonate another.
+  own presence; read round control, releases and its own copy of a candidate. Nothing else,
+  so no site can read a share, another site's candidate or audit report, or impersonate
+  another.
 - an aggregator: read shares addressed to it, partial sums addressed to it, every
   received set, participant set, round, release, audit report and presence; write round
   control, releases, its own received set, its own partial sums and its own presence.
@@ -68,7 +69,8 @@ def render_acl(federation: Federation) -> str:
     ]
     for site in federation.sites:
         lines += [f"# site: {site.name}", f"user {site.id}"]
-        lines += [f"topic read {root}/+/{kind}" for kind in ("round", "release", "candidate")]
+        lines += [f"topic read {root}/+/{kind}" for kind in ("round", "release")]
+        lines += [f"topic read {root}/+/candidate/{site.id}"]
         lines += [f"topic write {root}/+/share/{a.id}/{site.id}" for a in federation.aggregators]
         lines += [f"topic write {root}/+/audit/{site.id}"]
         lines += [f"topic write {root}/presence/{site.id}", ""]
@@ -82,7 +84,6 @@ def render_acl(federation: Federation) -> str:
             f"topic write {root}/+/received/{agg.id}",
             f"topic read {root}/+/participants",
             f"topic read {root}/+/partial/{agg.id}/+",
-            f"topic read {root}/+/candidate",
             f"topic read {root}/+/audit/+",
         ]
         lines += [
@@ -92,6 +93,6 @@ def render_acl(federation: Federation) -> str:
         ]
         if agg.id == federation.leader:
             lines.append(f"topic write {root}/+/participants")
-            lines.append(f"topic write {root}/+/candidate")
+            lines.append(f"topic write {root}/+/candidate/+")
         lines += [f"topic read {root}/presence/+", f"topic write {root}/presence/{agg.id}", ""]
     return "\n".join(lines)

@@ -12,8 +12,9 @@ codec's id rule too), so that it can never be an MQTT wildcard, a level separato
     tessera/<fed>/<study>/participants               ParticipantSet         leader -> aggs
     tessera/<fed>/<study>/partial/<to>/<from>        PartialSum             aggregator -> agg
     tessera/<fed>/<study>/release                    ModelRelease           aggregators -> all
-    tessera/<fed>/<study>/candidate                  ModelRelease (leader's  leader -> all
-                                                     signature only): the model to audit
+    tessera/<fed>/<study>/candidate/<node>           ModelRelease (leader's  leader -> node
+                                                     signature only): the model to audit,
+                                                     one copy per participant
     tessera/<fed>/<study>/audit/<node>               PrivacyAuditReport      node -> aggregators
                                                      (signed JSON, aggregate figures only)
     tessera/<fed>/presence/<client>                  "online"/"offline"     each client, retained
@@ -42,7 +43,7 @@ class Kind(Enum):
     PARTICIPANTS = "tessera/{federation}/{study}/participants"
     PARTIAL = "tessera/{federation}/{study}/partial/{to_aggregator}/{from_aggregator}"
     RELEASE = "tessera/{federation}/{study}/release"
-    CANDIDATE = "tessera/{federation}/{study}/candidate"
+    CANDIDATE = "tessera/{federation}/{study}/candidate/{node}"
     AUDIT = "tessera/{federation}/{study}/audit/{node}"
     PRESENCE = "tessera/{federation}/presence/{client}"
 
@@ -123,9 +124,12 @@ def release_topic(federation: str, study: str) -> str:
     return f"{_base(federation, study)}/release"
 
 
-def candidate_topic(federation: str, study: str) -> str:
-    """The candidate model the participating sites audit before a release (leader writes)."""
-    return f"{_base(federation, study)}/candidate"
+def candidate_topic(federation: str, study: str, node: str) -> str:
+    """The candidate model `node` audits before a release: the leader writes one copy per
+    participant, and the ACL lets each site read only its own, so a held model never
+    reaches a site that did not train it."""
+    validate_id(node, "node id")
+    return f"{_base(federation, study)}/candidate/{node}"
 
 
 def audit_topic(federation: str, study: str, node: str) -> str:
@@ -167,14 +171,14 @@ def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
         "round": Kind.ROUND,
         "participants": Kind.PARTICIPANTS,
         "release": Kind.RELEASE,
-        "candidate": Kind.CANDIDATE,
     }
     if len(rest) == 1 and rest[0] in simple:
         return Topic(simple[rest[0]], federation, study)
     if len(rest) == 2 and rest[0] == "received":
         return Topic(Kind.RECEIVED, federation, study, aggregator=validate_id(rest[1]))
-    if len(rest) == 2 and rest[0] == "audit":
-        return Topic(Kind.AUDIT, federation, study, node=validate_id(rest[1]))
+    if len(rest) == 2 and rest[0] in ("audit", "candidate"):
+        kind = Kind.AUDIT if rest[0] == "audit" else Kind.CANDIDATE
+        return Topic(kind, federation, study, node=validate_id(rest[1]))
     if len(rest) == 3 and rest[0] == "share":
         return Topic(
             Kind.SHARE,

@@ -195,7 +195,8 @@ class NodeDaemon:
         self.link.subscribe(topics.round_topic(fed, study), self._on_round)
         self.link.subscribe(topics.release_topic(fed, study), self._on_release)
         if self.study.privacy_audit is not None:
-            self.link.subscribe(topics.candidate_topic(fed, study), self._on_candidate)
+            topic = topics.candidate_topic(fed, study, self.config.site_id)
+            self.link.subscribe(topic, self._on_candidate)
         self.link.start()
         log.info(
             "node-started",

@@ -47,7 +47,11 @@ def audited_round(fed: Federation) -> ModelRelease:
 
 
 def candidate(fed: Federation) -> ModelRelease:
-    ((_, published),) = fed.published(ModelRelease, on=(topics.Kind.CANDIDATE,))
+    """The candidate: one identical copy to each participant, on that site's own topic."""
+    copies = fed.published(ModelRelease, on=(topics.Kind.CANDIDATE,))
+    assert sorted(topics.parse(out.topic).node or "" for out, _ in copies) == sorted(NODES)
+    assert len({out.payload for out, _ in copies}) == 1
+    published = copies[0][1]
     assert isinstance(published, ModelRelease)
     return published
 

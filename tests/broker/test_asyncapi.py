@@ -239,7 +239,7 @@ def test_documented_addresses_build_and_parse_like_the_code(spec: dict[str, Any]
         "PARTICIPANTS": topics.participants_topic("fed-a", "study.1"),
         "PARTIAL": topics.partial_topic("fed-a", "study.1", "agg-2", "agg-1"),
         "RELEASE": topics.release_topic("fed-a", "study.1"),
-        "CANDIDATE": topics.candidate_topic("fed-a", "study.1"),
+        "CANDIDATE": topics.candidate_topic("fed-a", "study.1", "site-a"),
         "AUDIT": topics.audit_topic("fed-a", "study.1", "site-a"),
         "PRESENCE": topics.presence_topic("fed-a", "site-a"),
     }

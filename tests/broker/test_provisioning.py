@@ -150,7 +150,7 @@ def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
         [
             "topic read tessera/fed-test/+/round",
             "topic read tessera/fed-test/+/release",
-            "topic read tessera/fed-test/+/candidate",
+            "topic read tessera/fed-test/+/candidate/site-a",
             "topic write tessera/fed-test/+/share/agg-1/site-a",
             "topic write tessera/fed-test/+/share/agg-2/site-a",
             "topic write tessera/fed-test/+/audit/site-a",
@@ -162,8 +162,8 @@ def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
     assert "topic write tessera/fed-test/+/participants" in leader
     assert "participants" in other and "write tessera/fed-test/+/participants" not in other
     assert "share/agg-1/+" in leader and "share/agg-1" not in other
-    assert "topic write tessera/fed-test/+/candidate" in leader
-    assert "write tessera/fed-test/+/candidate" not in other
+    assert "topic write tessera/fed-test/+/candidate/+" in leader
+    assert "candidate" not in other  # aggregators compute their own candidate
     assert "topic read tessera/fed-test/+/audit/+" in other
 
 
