@@ -392,7 +392,7 @@ class AggregatorService(ServiceCore):
         parent = self.registry.latest(a.study_id)
         epsilon = carry_epsilon(
             None if parent is None else parent.card,
-            {node: current.epsilon.get(node, 0.0) for node in participants},
+            {node: current.epsilon[node] for node in participants},  # each sent a share
         )
         built = build_signed_release(
             config=self.config,

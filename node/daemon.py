@@ -47,7 +47,6 @@ import threading
 import time
 
 import numpy as np
-import torch
 from prometheus_client import CollectorRegistry
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -88,7 +87,7 @@ from tessera.manifest_model import Study
 from tessera.messages import ModelRelease, RoundAbort, RoundOpen
 from tessera.models.nets import TesseraNet
 from tessera.models.study import StudyModel
-from tessera.models.weights import load_weights
+from tessera.models.weights import load_arrays, load_weights
 from tessera.observability import HealthServer, Request, Response
 from tessera.privacy_report import sign_report
 from tessera.release import DEFAULT_MAX_RELEASE_PAYLOAD, is_signature_note, verify_candidate
@@ -175,7 +174,6 @@ class NodeDaemon:
         # ("candidate", candidate bytes); None stops it.
         self._rounds: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=8)
         self._joined: dict[int, RoundOpen] = {}  # the last rounds joined, by number
-        self._audited: set[int] = set()  # rounds whose candidate this node has audited
         self._lock = threading.Lock()  # the training base and the store, between threads
         self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
         self.received_dir = state / RECEIVED_DIR
@@ -473,21 +471,19 @@ class NodeDaemon:
             log.warning("candidate-refused", extra={"fields": {"error": type(error).__name__}})
             return
         round_open = self._joined.get(candidate.round)
-        if round_open is None or candidate.round in self._audited:
+        if round_open is None:
             log.info("candidate-ignored", extra={"fields": {"round": candidate.round}})
             return  # not a round this site trained, or already audited (a redelivery)
         base = bytes(32) if round_open.model_version == 0 else round_open.base_model_hash
         if candidate.parent_hash != base:  # the first model's parent is 32 zero bytes
             log.warning("candidate-refused", extra={"fields": {"error": "not-from-our-base"}})
             return  # not the model this site's update went into
-        self._audited.add(candidate.round)
+        del self._joined[candidate.round]  # audited once: a redelivered copy is ignored
         site = SiteData(self.config.site_id, fed, study, self.config.state_dir, self.preprocess)
         facts = {"study_id": study, "round": candidate.round, "version": candidate.version,
                  "model_hash": candidate.model_hash.hex()}  # fmt: skip
         try:
-            target = candidate_target(
-                candidate, bundle, self.model_def.build(), self.model_def.spec, self.study.labels
-            )
+            target = candidate_target(candidate, bundle, self.model_def)
             recipe = round_train_config(round_open, self._site_training())
             report = audit_at_site(target, site, recipe, self.config.privacy_audit.budget())
         except (PrivacyAccountingError, NodeError) as error:
@@ -551,7 +547,7 @@ class NodeDaemon:
         if versions:
             newest = versions[-1].version
             arrays = load_weights((self.store.folder(newest) / WEIGHTS_FILE).read_bytes())
-            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+            load_arrays(model, arrays)
         return model
 
     def _refresh_inference(self) -> None:

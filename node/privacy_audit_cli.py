@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from node.errors import NodeError
@@ -32,7 +31,7 @@ from tessera.cli import subcommands
 from tessera.files import atomic_write
 from tessera.models import ModelSpec, build_model
 from tessera.models.onnx_export import ExportMetadata, read_metadata
-from tessera.models.weights import load_weights, model_hash
+from tessera.models.weights import load_arrays, load_weights, model_hash
 from tessera.privacy_report import PrivacyAuditReport, sign_report
 from tessera.signing import load_private_key
 
@@ -130,7 +129,7 @@ def _load_model(
         )
     spec = ModelSpec.from_model_id(metadata.model_id)
     model = build_model(spec)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    load_arrays(model, arrays)
     return model, spec, metadata
 
 

@@ -28,7 +28,8 @@ from node.privacy_ledger import ACCOUNTANTS, compose_epsilon
 from node.privacy_stats import Interval
 from node.trainer import TrainConfig
 from tessera.models import ModelSpec
-from tessera.models.weights import load_weights
+from tessera.models.study import StudyModel
+from tessera.models.weights import load_arrays, load_weights
 from tessera.privacy_report import AttackFigures, PrivacyAuditReport, Rate
 from tessera.release import ModelRelease, ReleaseBundle
 
@@ -83,17 +84,17 @@ def audit_at_site(
 
 
 def candidate_target(
-    release: ModelRelease, bundle: ReleaseBundle, model: torch.nn.Module, spec: ModelSpec,
-    labels: tuple[str, ...],
-) -> AuditTarget:  # fmt: skip
-    """A verified candidate's weights (`tessera.release.verify_candidate`) loaded into
-    `model`, the study's architecture; NodeError if they do not fit it."""
-    arrays = load_weights(bundle.weights)
+    release: ModelRelease, bundle: ReleaseBundle, study: StudyModel
+) -> AuditTarget:
+    """A verified candidate (`tessera.release.verify_candidate`) as the study's model;
+    NodeError if its weights do not fit the study's architecture."""
+    model = study.build()
     try:
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
-    except (RuntimeError, KeyError) as error:
+        load_arrays(model, load_weights(bundle.weights))
+    except (RuntimeError, ValueError) as error:
         raise NodeError(f"the candidate's weights do not fit the study's model ({error})") from None
-    return AuditTarget(model, spec, labels, release.version, release.round, release.model_hash)
+    return AuditTarget(model, study.spec, study.labels, release.version, release.round,
+                       release.model_hash)  # fmt: skip
 
 
 def accountant_claim(state_dir: Path, study_id: str, up_to_round: int) -> DPClaim | None:

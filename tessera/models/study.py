@@ -16,13 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from tessera.manifest_model import Study
 from tessera.models.nets import TesseraNet
 from tessera.models.onnx_export import ExportMetadata, export_onnx
 from tessera.models.registry import ModelSpec, build_model
-from tessera.models.weights import model_hash, state_arrays
+from tessera.models.weights import load_arrays, model_hash, state_arrays
 from tessera.pipeline import PIPELINE_KEY, PIPELINE_VERSION, PREPROCESS_TERMS
 
 _ALLOWLIST_NAME = re.compile(r"^(?P<arch>[a-z0-9-]+?)-v(?P<version>[1-9][0-9]*)$")
@@ -88,7 +87,7 @@ class StudyModel:
     def export(self, params: Mapping[str, np.ndarray], version: int) -> bytes:
         """The self-describing ONNX file of `params` as release `version` (deterministic)."""
         model = self.build()
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in params.items()})
+        load_arrays(model, params)
         metadata = ExportMetadata(self.spec.model_id, str(version), model_hash(params).hex(),
                                   self.labels, dict(self.preprocess))  # fmt: skip
         return export_onnx(model, metadata, self.image_size)

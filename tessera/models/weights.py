@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from safetensors.numpy import load, save
 from torch import nn
 
@@ -18,6 +19,12 @@ from torch import nn
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """Every parameter and buffer of the model as a CPU numpy copy (float32 stays float32)."""
     return {name: t.detach().cpu().numpy().copy() for name, t in model.state_dict().items()}
+
+
+def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """The inverse of `state_arrays`: load `arrays` into `model` in place (strict: the names
+    and shapes must be the model's own, or torch raises RuntimeError)."""
+    model.load_state_dict({name: torch.from_numpy(np.array(a)) for name, a in arrays.items()})
 
 
 def weights_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
