@@ -68,8 +68,23 @@ def compose_epsilon(
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     engine = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    engine.history = list(history)
+    engine.history = merge_history(history)
     return float(engine.get_epsilon(delta=delta))
+
+
+def merge_history(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """The history with the steps of equal (noise_multiplier, sample_rate) terms added up.
+
+    The same mechanism run k1 times and then k2 times is that mechanism run k1 + k2 times,
+    and both accountants compose a term's steps as self-composition; but they evaluate
+    every term separately, so without this a site's charge grew by one term per round and
+    cost linearly more each round (0.4 s more per round on spot-cnn after 15 rounds).
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for noise_multiplier, sample_rate, count in history:
+        key = (noise_multiplier, sample_rate)
+        steps[key] = steps.get(key, 0) + count
+    return [(n, q, k) for (n, q), k in steps.items()]
 
 
 class PrivacyLedger:

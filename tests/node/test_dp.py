@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from node.errors import NodeError
-from node.privacy_ledger import BudgetExceeded, PrivacyLedger, compose_epsilon
+from node.privacy_ledger import BudgetExceeded, PrivacyLedger, compose_epsilon, merge_history
 from node.trainer import DPSettings, TrainConfig, run_local_round
 from tessera.models import ModelSpec, build_model
 from tessera.models.transfer import trainable_parameters
@@ -131,6 +131,26 @@ def test_prv_accountant_agrees_roughly_with_rdp(tmp_path: Path) -> None:
     rdp = compose_epsilon([(1.0, 0.25, 4)], 1e-5, "rdp")
     prv = _ledger(tmp_path, 100.0, "prv").charge_round(1, 1.0, 0.25, 4).epsilon_total
     assert 0.3 * rdp < prv <= rdp * 1.05  # PRV is the tighter accountant
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_repeated_rounds_compose_as_one_term_per_mechanism(accountant: str) -> None:
+    """A round's term merges with earlier equal ones (a charge costs the same in round 50
+    as in round 1); what is composed is unchanged, and a different mechanism stays apart."""
+    rounds = [(1.0, 0.25, 4)] * 20
+    whole = compose_epsilon([(1.0, 0.25, 80)], 1e-5, accountant)
+    assert compose_epsilon(rounds, 1e-5, accountant) == pytest.approx(whole, rel=1e-9)
+    assert merge_history([*rounds, (2.0, 0.25, 4), (1.0, 0.25, 4)]) == [
+        (1.0, 0.25, 84),
+        (2.0, 0.25, 4),
+    ]
+    from opacus.accountants import RDPAccountant
+
+    unmerged = RDPAccountant()
+    unmerged.history = [*rounds, (2.0, 0.5, 3)]
+    mixed = compose_epsilon([*rounds, (2.0, 0.5, 3)], 1e-5, "rdp")
+    assert mixed == pytest.approx(unmerged.get_epsilon(delta=1e-5), rel=1e-9)
+    assert mixed > whole
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order")  # tiny noise: epsilon is huge, on purpose
