@@ -33,7 +33,9 @@ from broker.provision import provision
 from broker.roster import Roster
 from tessera.approvals import approve_study, save_approval
 from tessera.files import atomic_write
-from tessera.manifest import save_manifest, sign_manifest
+from tessera.manifest import load_manifest, save_manifest, sign_manifest
+from tessera.manifest_model import Study
+from tessera.models.study import StudyModel
 from tessera.signing import (
     generate_signing_key,
     load_private_key,
@@ -113,6 +115,19 @@ class PreparedFederation:
     def state(self, member_id: str) -> Path:
         """A member's state folder."""
         return self.root / "state" / member_id
+
+    def study(self) -> Study:
+        """The study as the signed manifest in the leader's bundle states it."""
+        study = load_manifest(self.bundle(self.spec.leader) / "manifest.toml").study(
+            self.spec.study_id
+        )
+        if study is None:
+            raise ValueError(f"the manifest has no study {self.spec.study_id!r}")
+        return study
+
+    def study_model(self) -> StudyModel:
+        """The model the study trains (its genesis, preprocessing and labels)."""
+        return StudyModel.from_study(self.spec.federation_id, self.study(), self.spec.architecture)
 
 
 def prepare_federation(

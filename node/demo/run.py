@@ -263,16 +263,9 @@ def _follow(
     """Follow the logs until the last round ends; score each release as it lands."""
     from node.daemon import study_preprocess
     from node.releases import open_model_store
-    from tessera.manifest import load_manifest
-    from tessera.models.study import StudyModel
 
     spec = prepared.spec
-    manifest = load_manifest(prepared.bundle(spec.leader) / "manifest.toml")
-    study = manifest.study(spec.study_id)
-    assert study is not None
-    preprocess = study_preprocess(
-        StudyModel.from_study(manifest.federation_id, study, spec.architecture)
-    )
+    preprocess = study_preprocess(prepared.study_model())
     record, curve = RunRecord(), []
     data: list[SiteData] = []
     installed: dict[int, set[str]] = {}
@@ -349,14 +342,10 @@ def _report(
 ) -> dict[str, object]:
     from node.daemon import study_preprocess
     from node.releases import open_model_store
-    from tessera.manifest import load_manifest
-    from tessera.models.study import StudyModel
 
     spec = prepared.spec
-    manifest = load_manifest(prepared.bundle(spec.leader) / "manifest.toml")
-    study = manifest.study(spec.study_id)
-    assert study is not None
-    model_def = StudyModel.from_study(manifest.federation_id, study, spec.architecture)
+    study = prepared.study()
+    model_def = prepared.study_model()
     preprocess = study_preprocess(model_def)
     data = [load_site_data(s, prepared.state(s), preprocess) for s in spec.sites]
     plan = BaselinePlan(

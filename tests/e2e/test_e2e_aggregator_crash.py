@@ -42,9 +42,6 @@ from broker.transfer import send_payload
 from node.demo.federation import FederationSpec
 from tessera.envelopes import seal_envelope
 from tessera.flatten import flatten
-from tessera.manifest import load_manifest
-from tessera.manifest_model import Study
-from tessera.models.study import StudyModel
 from tessera.release import ModelRelease, ReleaseBundle, sign_release, verify_release
 from tessera.sharing import ShareContext, full_share_holder
 from tessera.signing import load_private_key
@@ -197,7 +194,7 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
         with Store(killed_state / "aggregator.sqlite3", tmp_path / "scratch-shares") as store:
             registry = Registry(store, killed_state / "models")
             v1, _ = flatten(registry.weights(STUDY, 1))
-        model = StudyModel.from_study(SPEC.federation_id, _study(live), SPEC.architecture)
+        model = live.prepared.study_model()
         genesis, _ = flatten(model.genesis())
         update = (np.asarray(v1, np.float32) - np.asarray(genesis, np.float32)).astype("<f4")
         assert np.any(update != 0)
@@ -308,10 +305,3 @@ def _refusals(live: LiveFederation, site: str) -> list[dict[str, object]]:
     return [
         dict(f) for f in audit_entries(live.state(site), "release") if f["outcome"] == "refused"
     ]
-
-
-def _study(live: LiveFederation) -> Study:
-    manifest = load_manifest(live.prepared.bundle(LEADER) / "manifest.toml")
-    study = manifest.study(STUDY)
-    assert study is not None
-    return study

@@ -19,8 +19,6 @@ from node.cache import CachedDataset
 from node.daemon import study_preprocess
 from node.demo.federation import FederationSpec
 from node.phi import instance_key, load_or_create_site_secret
-from tessera.manifest import load_manifest
-from tessera.models.study import StudyModel
 from tests.node.test_receiver import storescu
 
 SITE = "site-a"
@@ -58,11 +56,7 @@ def test_a_running_node_ingests_what_a_pacs_pushes(tmp_path: Path) -> None:
             timeout=60,
             watch=[SITE],
         )
-        manifest = load_manifest(live.prepared.bundle(SITE) / "manifest.toml")
-        study = manifest.study(SPEC.study_id)
-        assert study is not None
-        model = StudyModel.from_study(manifest.federation_id, study, SPEC.architecture)
-        dataset = CachedDataset(state, study_preprocess(model))
+        dataset = CachedDataset(state, study_preprocess(live.prepared.study_model()))
         assert key in dataset.keys and len(dataset.keys) == 21
 
         refused = storescu(int(listening["port"]), pushed, calling="OTHER")
