@@ -56,22 +56,24 @@ class LiveFederation:
         *,
         images_per_site: int = 60,
         synth_seed: int = 1,
+        synth: Mapping[str, Any] | None = None,
     ) -> None:
+        """`synth` overrides `SynthConfig` fields (label skew, modality, lesions, test split)."""
         self.root = Path(root)
         self.spec = spec
-        synth = self.root / "synth"
+        folder = self.root / "synth"
+        terms: dict[str, Any] = {"skew": 0.6, "size": spec.image_size, **(synth or {})}
         generate(
             SynthConfig(
-                out=synth,
+                out=folder,
                 sites=len(spec.sites),
                 seed=synth_seed,
                 images_per_site=images_per_site,
-                skew=0.6,
-                size=spec.image_size,
+                **terms,
             )
         )
-        dicom = {s: synth / f"site-{i:02d}" / "dicom" for i, s in enumerate(spec.sites)}
-        labels = {s: synth / f"site-{i:02d}" / "labels.csv" for i, s in enumerate(spec.sites)}
+        dicom = {s: folder / f"site-{i:02d}" / "dicom" for i, s in enumerate(spec.sites)}
+        labels = {s: folder / f"site-{i:02d}" / "labels.csv" for i, s in enumerate(spec.sites)}
         self.prepared: PreparedFederation = prepare_federation(
             self.root / "federation", spec, dicom=dicom, labels_csv=labels
         )
