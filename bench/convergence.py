@@ -1,7 +1,8 @@
 """Federated vs centralised vs local-only accuracy on the skewed synthetic task, in one
 process: what issue #6's convergence criterion measures, fast enough to compare settings.
 
-    .venv/bin/python bench/convergence.py [--rounds 20] [--noise 0.5] [--no-dp] [--seed 1]
+    .venv/bin/python bench/convergence.py [--rounds 20] [--noise 0.5] [--per-sample-clip 1.0]
+        [--images-per-site 320] [--no-dp] [--seed 1]   (--help for the rest)
 
 The same parts as a live federation, without the processes and the broker: synthetic DICOM
 through the real intake and cache, the nodes' `run_local_round` (DP-SGD, per-sample clip,
@@ -47,7 +48,7 @@ from tessera.models.weights import load_arrays, state_arrays
 
 
 def parse() -> argparse.Namespace:
-    """The command line (defaults: the settings issue #6's notes report)."""
+    """The command line (defaults: the demo's DP-SGD terms, four sites, 20 rounds)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--sites", type=int, default=4)
