@@ -72,7 +72,7 @@ from node.phi import load_or_create_site_secret
 from node.policy import REASONS, SitePolicy, load_site_policy
 from node.preprocess import PreprocessConfig
 from node.privacy_audit import PrivacyAccountingError
-from node.privacy_ledger import PrivacyLedger
+from node.privacy_ledger import PrivacyLedger, ledger_path
 from node.releases import WEIGHTS_FILE, ModelStore, ReleaseRefused, accept_release, parse_release
 from node.round_training import SiteTraining, round_train_config
 from node.screen import REASONS as QUARANTINE_REASONS
@@ -96,7 +96,6 @@ from tessera.signing import load_private_key, public_key_bytes
 
 log = logging.getLogger("tessera.node.daemon")
 AUDIT_FILE = "audit.log"
-LEDGER_DIR = "privacy"
 STORE_POLL_S = 2.0
 MAX_ROUND_MESSAGE = 1 << 20
 RECEIVED_DIR = "received"  # under state_dir: where the C-STORE receiver writes
@@ -127,7 +126,7 @@ class NodeDaemon:
         self.audit = AuditLog.open(state / AUDIT_FILE, counts_only=True)
         self.store = ModelStore(state, self.manifest.federation_id, self.study.id, self.audit)
         self.ledger = PrivacyLedger(
-            state / LEDGER_DIR / f"{self.study.id}.json",
+            ledger_path(state, self.study.id),
             self.study.id,
             self._policy().max_epsilon or self.study.dp.epsilon,
             self.study.dp.delta,

@@ -20,15 +20,13 @@ from node.cache import CachedDataset
 from node.errors import NodeError
 from node.inference import preprocess_metadata
 from node.preprocess import PreprocessConfig
-from node.privacy_ledger import PrivacyLedger
+from node.privacy_ledger import PrivacyLedger, ledger_path
 from node.trainer import DPSettings, TrainConfig, run_local_round
 from tessera.files import atomic_write
 from tessera.models import ModelSpec, build_model
 from tessera.models.onnx_export import ExportMetadata, export_onnx
 from tessera.models.transfer import apply_transfer_mode, init_from_backbone, load_backbone_file
 from tessera.models.weights import model_hash, state_arrays, weights_bytes
-
-LEDGER_DIR = "privacy"
 
 
 @dataclass(frozen=True)
@@ -84,9 +82,8 @@ def run_local_training(cfg: LocalRunConfig) -> dict[str, Any]:
     apply_transfer_mode(model, cfg.transfer, cfg.last_k)
     ledger = None
     if cfg.train.dp is not None:
-        path = cfg.state_dir / LEDGER_DIR / f"{cfg.study_id}.json"
-        ledger = PrivacyLedger(path, cfg.study_id, cfg.epsilon_budget, cfg.delta,
-                               cfg.train.dp.accountant)  # fmt: skip
+        ledger = PrivacyLedger(ledger_path(cfg.state_dir, cfg.study_id), cfg.study_id,
+                               cfg.epsilon_budget, cfg.delta, cfg.train.dp.accountant)  # fmt: skip
     result = run_local_round(model, images, labels, cfg.train, ledger, cfg.round_number)
     model.to(torch.device("cpu"))
     arrays = state_arrays(model)

@@ -38,7 +38,53 @@ from tessera.files import atomic_write
 from tessera.ids import check_id
 
 ACCOUNTANTS = ("rdp", "prv")
+LEDGER_DIR = "privacy"  # under a site's state folder: one ledger file per study
 _VERSION = 1
+
+
+def ledger_path(state_dir: Path, study_id: str) -> Path:
+    """Where a site keeps the privacy ledger of one study."""
+    return Path(state_dir) / LEDGER_DIR / f"{check_id('study id', study_id)}.json"
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A ledger file's contents; NodeError when it is unreadable or of another format."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise NodeError(
+            f"privacy ledger {path} is unreadable ({type(error).__name__}); restore it "
+            "from backup: without it this site cannot prove what it has spent"
+        ) from None
+    if not isinstance(data, dict) or data.get("version") != _VERSION:
+        raise NodeError(f"privacy ledger {path} has an unknown format")
+    return data
+
+
+def recorded_epsilon(
+    path: Path, study_id: str, up_to_round: int | None = None
+) -> tuple[float, float] | None:
+    """(composed epsilon, delta) of the rounds the ledger at `path` has charged, up to
+    `up_to_round` (every round when None), with the delta and accountant the ledger records:
+    a read-only view for audits and checks. None when it has charged none (or does not
+    exist); NodeError when it is unreadable or another study's."""
+    if not path.exists():
+        return None
+    data = _read(path)
+    if data.get("study_id") != study_id:
+        raise NodeError(f"privacy ledger {path} is study {data.get('study_id')!r}'s")
+    try:
+        history = [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"]))
+                   for r in data["rounds"]
+                   if up_to_round is None or int(r["round"]) <= up_to_round]  # fmt: skip
+        delta, accountant = float(data["delta"]), str(data["accountant"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise NodeError(f"privacy ledger {path} is unreadable ({type(error).__name__})") from None
+    if not history:
+        return None
+    if accountant not in ACCOUNTANTS:
+        raise NodeError(f"privacy ledger {path} names an unknown accountant {accountant!r}")
+    return compose_epsilon(history, delta, accountant), delta
 
 
 class BudgetExceeded(NodeError):
@@ -108,15 +154,7 @@ class PrivacyLedger:
         if not self.path.exists():
             return {"version": _VERSION, "study_id": self.study_id, "accountant": self.accountant,
                     "delta": self.delta, "rounds": [], "refusals": []}  # fmt: skip
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError) as error:
-            raise NodeError(
-                f"privacy ledger {self.path} is unreadable ({type(error).__name__}); restore it "
-                "from backup: without it this site cannot prove what it has spent"
-            ) from None
-        if not isinstance(data, dict) or data.get("version") != _VERSION:
-            raise NodeError(f"privacy ledger {self.path} has an unknown format")
+        data = _read(self.path)
         for key, want in (("study_id", self.study_id), ("accountant", self.accountant),
                           ("delta", self.delta)):  # fmt: skip
             if data.get(key) != want:

@@ -13,7 +13,6 @@ Only aggregate figures come out (`tessera.privacy_report`): no per-example score
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from node.cache import CachedDataset
 from node.errors import NodeError
 from node.preprocess import PreprocessConfig
 from node.privacy_audit import AuditConfig, AuditResult, DPClaim, audit_membership
-from node.privacy_ledger import ACCOUNTANTS, compose_epsilon
+from node.privacy_ledger import ledger_path, recorded_epsilon
 from node.privacy_stats import Interval
 from node.trainer import TrainConfig
 from tessera.models import ModelSpec
@@ -32,8 +31,6 @@ from tessera.models.study import StudyModel
 from tessera.models.weights import load_arrays, load_weights
 from tessera.privacy_report import AttackFigures, PrivacyAuditReport, Rate
 from tessera.release import ModelRelease, ReleaseBundle
-
-LEDGER_DIR = "privacy"
 
 
 @dataclass(frozen=True)
@@ -100,21 +97,8 @@ def candidate_target(
 def accountant_claim(state_dir: Path, study_id: str, up_to_round: int) -> DPClaim | None:
     """The ledger's composed epsilon over this site's rounds <= `up_to_round`; None when the
     site has charged no DP round for them (the model was not DP-trained here)."""
-    path = state_dir / LEDGER_DIR / f"{study_id}.json"
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        history = [(float(r["noise_multiplier"]), float(r["sample_rate"]), int(r["steps"]))
-                   for r in data["rounds"] if int(r["round"]) <= up_to_round]  # fmt: skip
-        delta, accountant = float(data["delta"]), str(data["accountant"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise NodeError(f"privacy ledger {path} is unreadable ({type(error).__name__})") from None
-    if not history:
-        return None
-    if accountant not in ACCOUNTANTS:
-        raise NodeError(f"privacy ledger {path} names an unknown accountant {accountant!r}")
-    return DPClaim(compose_epsilon(history, delta, accountant), delta)
+    recorded = recorded_epsilon(ledger_path(state_dir, study_id), study_id, up_to_round)
+    return None if recorded is None else DPClaim(*recorded)
 
 
 def cached_split(

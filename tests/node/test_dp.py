@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from node.errors import NodeError
-from node.privacy_ledger import BudgetExceeded, PrivacyLedger, compose_epsilon, merge_history
+from node.privacy_ledger import (
+    BudgetExceeded,
+    PrivacyLedger,
+    compose_epsilon,
+    ledger_path,
+    merge_history,
+    recorded_epsilon,
+)
 from node.trainer import DPSettings, TrainConfig, run_local_round
 from tessera.models import ModelSpec, build_model
 from tessera.models.transfer import trainable_parameters
@@ -131,6 +138,22 @@ def test_prv_accountant_agrees_roughly_with_rdp(tmp_path: Path) -> None:
     rdp = compose_epsilon([(1.0, 0.25, 4)], 1e-5, "rdp")
     prv = _ledger(tmp_path, 100.0, "prv").charge_round(1, 1.0, 0.25, 4).epsilon_total
     assert 0.3 * rdp < prv <= rdp * 1.05  # PRV is the tighter accountant
+
+
+def test_recorded_epsilon_reads_a_ledger_up_to_a_round(tmp_path: Path) -> None:
+    path = ledger_path(tmp_path, "s")
+    assert recorded_epsilon(path, "s") is None  # nothing charged yet
+    ledger = PrivacyLedger(path, "s", 100.0, 1e-5)
+    first = ledger.charge_round(1, 1.0, 0.25, 4).epsilon_total
+    ledger.charge_round(2, 1.0, 0.25, 4)
+    assert recorded_epsilon(path, "s", up_to_round=1) == (pytest.approx(first), 1e-5)
+    assert recorded_epsilon(path, "s") == (pytest.approx(ledger.spent), 1e-5)
+    assert recorded_epsilon(path, "s", up_to_round=0) is None
+    with pytest.raises(NodeError, match="study 's'"):
+        recorded_epsilon(path, "other")
+    path.write_text("{torn")
+    with pytest.raises(NodeError, match="unreadable"):
+        recorded_epsilon(path, "s")
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

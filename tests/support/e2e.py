@@ -34,7 +34,7 @@ from typing import Any
 from broker.bundle import load_bundle
 from broker.local_mosquitto import MosquittoProcess
 from node.demo.federation import FederationSpec, PreparedFederation, prepare_federation
-from node.privacy_ledger import PrivacyLedger
+from node.privacy_ledger import ledger_path, recorded_epsilon
 from node.releases import ModelStore
 from node.synth.sites import SynthConfig, generate
 from tessera.audit import epsilon_by_study, read_entries
@@ -300,15 +300,8 @@ class LiveFederation:
 def epsilon_agreement(state_dir: Path, study_id: str) -> tuple[float, float]:
     """(the privacy ledger's composed total, the sum of the audit log's epsilon-spent
     entries) of one node's state folder."""
-    ledger_path = state_dir / "privacy" / f"{study_id}.json"
-    data = json.loads(ledger_path.read_text()) if ledger_path.exists() else None
-    if data is None:
-        ledger_total = 0.0
-    else:
-        ledger = PrivacyLedger(
-            ledger_path, study_id, budget=1e9, delta=data["delta"], accountant=data["accountant"]
-        )
-        ledger_total = ledger.spent
+    recorded = recorded_epsilon(ledger_path(state_dir, study_id), study_id)
+    ledger_total = 0.0 if recorded is None else recorded[0]
     audit_total = epsilon_by_study(read_entries(state_dir / "audit.log")).get(study_id, 0.0)
     return ledger_total, audit_total
 
