@@ -28,9 +28,9 @@ import numpy as np
 
 from aggregator.errors import DuplicateShare, ShareRejected
 from aggregator.records import ShareRecord
-from tessera.encoding import RingParams
+from tessera.crypto.encoding import RingParams
+from tessera.crypto.sharing import Share, ShareContext, accumulate, expand
 from tessera.files import PRIVATE_MODE, atomic_write
-from tessera.sharing import Share, ShareContext, accumulate, expand
 
 
 class ShareLedger(Protocol):

@@ -1,6 +1,6 @@
 """Admitting a share: the checks every aggregator makes before a share reaches the sum.
 
-The daemon first opens the signed envelope (`tessera.envelopes.open_envelope` with the
+The daemon first opens the signed envelope (`tessera.wire.envelopes.open_envelope` with the
 roster's node keys: that checks the signature and that the signer is the node the message
 names). Then, here, against the round this aggregator announced or accepted:
 `check_share_envelope` (study, round, base model, encoding, recipient, roster, stage) and
@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from aggregator.errors import ShareRejected
 from aggregator.rounds import Stage
-from tessera.envelopes import share_binding
+from tessera.crypto.sealing import open_sealed
+from tessera.crypto.sharing import Share
 from tessera.errors import CodecError
-from tessera.messages import RoundOpen, ShareEnvelope
-from tessera.sealing import open_sealed
-from tessera.sharing import Share
+from tessera.wire.envelopes import share_binding
+from tessera.wire.messages import RoundOpen, ShareEnvelope
 
 
 def aggregator_index(announcement: RoundOpen, aggregator_id: str) -> int:

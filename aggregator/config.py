@@ -34,10 +34,10 @@ from typing import Any
 
 from aggregator.errors import AggregatorConfigError, StrategyError
 from aggregator.strategies import ALGORITHMS, OPTIMIZERS, PolicyConfig, StrategyConfig
-from broker.bundle import load_bundle
+from broker.provisioning.bundle import load_bundle
+from tessera.crypto.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP
 from tessera.errors import TesseraError
 from tessera.settings import ENV_PREFIX, build_document, check, read_toml
-from tessera.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP
 
 
 @dataclass(frozen=True)

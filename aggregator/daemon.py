@@ -4,7 +4,8 @@ Start-up, in order, each step failing with a message that names the fix:
 
 1. the configuration (`aggregator.config`), the startup bundle and its coordinator-signed
    roster; the manifest, verified against the bundle's pinned coordinator key, and checked
-   to name the same members and keys as the roster (`broker.roster.check_manifest_agrees`);
+   to name the same members and keys as the roster
+   (`broker.provisioning.roster.check_manifest_agrees`);
 2. the study's terms: this aggregator's k and clip norm may be stricter than the study's,
    never looser; the model the study trains (`tessera.models.study`);
 3. the private keys, then the state store: `store.recover()` aborts any round a crash left
@@ -41,17 +42,17 @@ from aggregator.rounds import Stage
 from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
 from aggregator.store import RESTART_REASON, Store
 from broker import topics
-from broker.bundle import Bundle, load_bundle
-from broker.roster import check_manifest_agrees
+from broker.provisioning.bundle import Bundle, load_bundle
+from broker.provisioning.roster import check_manifest_agrees
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
-from tessera.audit import AuditLog
-from tessera.manifest import Manifest, load_manifest, verify_manifest
-from tessera.manifest_model import Study
+from tessera.crypto.sealing import load_hpke_key
+from tessera.crypto.signing import load_private_key, public_key_bytes
+from tessera.governance.audit import AuditLog
+from tessera.governance.manifest import Manifest, load_manifest, verify_manifest
+from tessera.governance.manifest_model import Study
 from tessera.models.study import StudyModel
-from tessera.observability import HealthServer
-from tessera.sealing import load_hpke_key
-from tessera.service_metrics import ServiceMetrics
-from tessera.signing import load_private_key, public_key_bytes
+from tessera.observability.http import HealthServer
+from tessera.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("tessera.aggregator.daemon")
 TICK_S = 0.5

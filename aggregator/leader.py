@@ -2,9 +2,9 @@
 
 The ring encoding is derived from the update layout's bound (DESIGN.md section 3, "overflow
 is impossible by construction"): with weights scaled into (0, 1], every coordinate of one
-node's vector is at most `tessera.update_layout.required_bound(clip_norm, loss_cap)` in
+node's vector is at most `tessera.crypto.update_layout.required_bound(clip_norm, loss_cap)` in
 magnitude, and at most len(expected_nodes) vectors are summed.
-`tessera.encoding.derive_ring_params` picks 32 or 64 bits from that.
+`tessera.crypto.encoding.derive_ring_params` picks 32 or 64 bits from that.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from aggregator.errors import AggregatorConfigError
 from aggregator.records import RoundRecord
 from aggregator.rounds import RoundState
 from aggregator.strategies import ALGORITHMS
-from tessera.encoding import RingParams, derive_ring_params
-from tessera.messages import RoundOpen
-from tessera.update_layout import required_bound
+from tessera.crypto.encoding import RingParams, derive_ring_params
+from tessera.crypto.update_layout import required_bound
+from tessera.wire.messages import RoundOpen
 
 
 def ring_bound(settings: RoundSettings) -> float:

@@ -9,7 +9,7 @@ the audit table), it gives only their count and the largest values.
 
 The card is signed jointly (its hash is in the release header), so every aggregator must
 build the same bytes: no clocks, no host names, no aggregator-specific field, and canonical
-JSON (tessera.canonical) for the encoding.
+JSON (tessera.governance.canonical) for the encoding.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from aggregator.errors import RegistryError
 from aggregator.strategies import ALGORITHMS, OPTIMIZERS
-from tessera.canonical import canonical_json
+from tessera.governance.canonical import canonical_json
 
 CARD_FORMAT = "tessera-model-card/v1"
 

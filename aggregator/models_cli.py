@@ -24,9 +24,9 @@ from aggregator.errors import AggregatorError
 from aggregator.records import ModelRecord
 from aggregator.registry import GENESIS_PARENT, Registry
 from aggregator.store import Store
-from broker.bundle import load_bundle
+from broker.provisioning.bundle import load_bundle
 from tessera.errors import TesseraError
-from tessera.release import ModelRelease, verify_release
+from tessera.wire.release import ModelRelease, verify_release
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -16,11 +16,11 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from aggregator.errors import AggregatorError, PartialSumRejected
-from tessera.encoding import decode
-from tessera.envelopes import partial_sum_binding
-from tessera.messages import PartialSum, RoundOpen
-from tessera.sealing import open_sealed, seal
-from tessera.sharing import combine
+from tessera.crypto.encoding import decode
+from tessera.crypto.sealing import open_sealed, seal
+from tessera.crypto.sharing import combine
+from tessera.wire.envelopes import partial_sum_binding
+from tessera.wire.messages import PartialSum, RoundOpen
 
 
 def seal_partial_sums(

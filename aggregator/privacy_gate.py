@@ -1,7 +1,7 @@
 """The release gate of a study that requires a privacy audit (manifest term `privacy_audit`).
 
 Each site audits the candidate model on its own node (`tessera audit privacy`) and publishes
-a signed report of aggregate figures (`tessera.privacy_report`). The aggregator:
+a signed report of aggregate figures (`tessera.governance.privacy_report`). The aggregator:
 
 1. checks each report as it arrives with `check_report`: signed by that site's node key from
    the (verified) manifest, for this federation, study, model version and weights hash, from
@@ -24,10 +24,10 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aggregator.errors import AggregatorError
-from tessera.audit import AuditLog
 from tessera.errors import ConfigError
-from tessera.manifest import Manifest
-from tessera.privacy_report import PrivacyAuditReport, verify_report
+from tessera.governance.audit import AuditLog
+from tessera.governance.manifest import Manifest
+from tessera.governance.privacy_report import PrivacyAuditReport, verify_report
 
 NOT_REQUIRED = "audit-not-required"
 PASSED = "audit-passed"

@@ -2,9 +2,9 @@
 
 Assembly: `weights_bytes` turns the new parameters into safetensors bytes (the numpy API, so
 no torch here); `assemble_release` packs them with the ONNX export (bytes made elsewhere)
-and the model card into a `tessera.release.ReleaseBundle` and an unsigned `ModelRelease`
+and the model card into a `tessera.wire.release.ReleaseBundle` and an unsigned `ModelRelease`
 whose header hashes the three parts. Each aggregator then adds its signature with
-`tessera.release.sign_release`, after checking the model hash against weights it computed
+`tessera.wire.release.sign_release`, after checking the model hash against weights it computed
 itself.
 
 Registry: a fully signed release is verified (`verify_release`, every aggregator's key from
@@ -36,7 +36,7 @@ from aggregator.records import ModelRecord, ServerStateRecord
 from aggregator.store import Store
 from aggregator.strategies import ServerState, server_state_to_bytes
 from tessera.files import atomic_write
-from tessera.release import ModelRelease, ReleaseBundle, build_release, verify_release
+from tessera.wire.release import ModelRelease, ReleaseBundle, build_release, verify_release
 
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"

@@ -39,11 +39,11 @@ from aggregator.partials import combine_round
 from aggregator.registry import assemble_release
 from aggregator.strategies import ServerState, aggregate_from_vector
 from aggregator.update import RoundOutcome, apply_round
+from tessera.crypto.flatten import flatten
+from tessera.crypto.signing import RELEASE_DOMAIN, verify_message
 from tessera.errors import AuthenticationError
-from tessera.flatten import flatten
-from tessera.messages import RoundOpen
-from tessera.release import ModelRelease, release_header_bytes, sign_release
-from tessera.signing import RELEASE_DOMAIN, verify_message
+from tessera.wire.messages import RoundOpen
+from tessera.wire.release import ModelRelease, release_header_bytes, sign_release
 
 
 @dataclass(frozen=True)

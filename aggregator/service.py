@@ -93,10 +93,12 @@ from aggregator.service_state import (
 )
 from aggregator.strategies import ServerState, server_state_from_bytes
 from broker import topics
-from tessera.envelopes import Message, open_envelope, require_fields, seal_envelope
+from tessera.crypto.flatten import flatten
+from tessera.crypto.update_layout import vector_length
 from tessera.errors import AuthenticationError, TesseraError
-from tessera.flatten import flatten
-from tessera.messages import (
+from tessera.governance.privacy_report import report_from_json, verify_report
+from tessera.wire.envelopes import Message, open_envelope, require_fields, seal_envelope
+from tessera.wire.messages import (
     ModelRelease,
     PartialSum,
     ParticipantSet,
@@ -105,9 +107,7 @@ from tessera.messages import (
     RoundOpen,
     ShareEnvelope,
 )
-from tessera.privacy_report import report_from_json, verify_report
-from tessera.release import is_signature_note, verify_release
-from tessera.update_layout import vector_length
+from tessera.wire.release import is_signature_note, verify_release
 
 __all__ = ["AggregatorService", "Outgoing", "RosterKeys", "ServiceKeys"]
 

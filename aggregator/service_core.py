@@ -20,8 +20,8 @@ from aggregator.rounds import Abort, Event, RoundState, StartCollecting, transit
 from aggregator.service_state import Outgoing, RosterKeys, RoundMemory, ServiceKeys
 from aggregator.store import Store
 from broker import topics
-from tessera.envelopes import Message, require_fields, seal_envelope
-from tessera.messages import RoundAbort, RoundOpen
+from tessera.wire.envelopes import Message, require_fields, seal_envelope
+from tessera.wire.messages import RoundAbort, RoundOpen
 
 log = logging.getLogger("tessera.aggregator.service")
 

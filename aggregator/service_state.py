@@ -15,9 +15,9 @@ from aggregator.errors import MessageRejected
 from aggregator.release_build import BuiltRelease
 from aggregator.rounds import RoundState
 from broker import topics
-from tessera.envelopes import Message
-from tessera.messages import ModelRelease, PartialSum, ReceivedSet, RoundOpen, ShareEnvelope
-from tessera.privacy_report import PrivacyAuditReport
+from tessera.governance.privacy_report import PrivacyAuditReport
+from tessera.wire.envelopes import Message
+from tessera.wire.messages import ModelRelease, PartialSum, ReceivedSet, RoundOpen, ShareEnvelope
 
 
 @dataclass(frozen=True)

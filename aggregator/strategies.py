@@ -11,7 +11,7 @@ sign are exactly rounded), and the result is cast to float32 once, at the end. A
 that decode the same aggregate therefore compute identical weight bytes. The two reductions
 (the norms in `dispersion`) use numpy's fixed pairwise order; they only steer the policy.
 
-Inputs come from the decoded ring vector, laid out by `tessera.update_layout`
+Inputs come from the decoded ring vector, laid out by `tessera.crypto.update_layout`
 (`aggregate_from_vector`): `sum_weighted_delta` = sum_i w_i d_i, `sum_weight` = sum_i w_i,
 `sum_weighted_loss` = sum_i w_i loss_i, `sum_sq_norm` = sum_i w_i |d_i|^2, where d_i is node
 i's clipped delta and w_i its capped, scaled sample count. Weighting the squared norm by w_i
@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from aggregator.errors import StrategyError
-from tessera.update_layout import split_update_vector
+from tessera.crypto.update_layout import split_update_vector
 
 ALGORITHMS = ("fedavg", "fedsgd")
 OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
@@ -68,7 +68,7 @@ class Aggregate:
 
 
 def aggregate_from_vector(decoded: np.ndarray, n: int) -> Aggregate:
-    """Map the decoded sum of `n` nodes' update vectors (tessera.update_layout) onto an
+    """Map the decoded sum of `n` nodes' update vectors (tessera.crypto.update_layout) onto an
     Aggregate; StrategyError if the vector is too short to hold the layout."""
     try:
         parts = split_update_vector(decoded)

@@ -25,7 +25,7 @@ from aggregator.strategies import (
     dispersion,
     next_algorithm,
 )
-from tessera.flatten import flatten, unflatten
+from tessera.crypto.flatten import flatten, unflatten
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,11 @@ from node.daemon import study_preprocess
 from node.demo.federation import FederationSpec, prepare_federation
 from node.demo.report import BaselinePlan, SiteData, baselines, load_site_data, mean
 from node.intake.ingest import IntakeConfig, run_ingest
-from node.privacy_ledger import PrivacyLedger
+from node.privacy.ledger import PrivacyLedger
 from node.synth.sites import SynthConfig, generate
-from node.trainer import DPSettings, TrainConfig, evaluate, run_local_round
-from node.update import build_update
-from tessera.flatten import flatten, unflatten
+from node.training.trainer import DPSettings, TrainConfig, evaluate, run_local_round
+from node.training.update import build_update
+from tessera.crypto.flatten import flatten, unflatten
 from tessera.models.study import StudyModel
 from tessera.models.transfer import trainable_parameters
 from tessera.models.weights import load_arrays, state_arrays

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.privacy_ledger import PrivacyLedger
-from node.trainer import DPSettings, TrainConfig, run_local_round
+from node.privacy.ledger import PrivacyLedger
+from node.training.trainer import DPSettings, TrainConfig, run_local_round
 from tessera.models import ModelSpec, build_model
 from tessera.models.onnx_export import ExportMetadata, export_onnx, verify_export
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pydicom
 
-from node.cache import CachedDataset
+from node.intake.cache import CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest, walk_intake
-from node.preprocess import PreprocessConfig
+from node.intake.preprocess import PreprocessConfig
 from node.synth.sites import SynthConfig, generate
 
 CFG = PreprocessConfig(size=64)

@@ -17,7 +17,7 @@ import warnings
 
 from opacus.accountants import RDPAccountant
 
-from node.privacy_ledger import compose_epsilon
+from node.privacy.ledger import compose_epsilon
 
 TERM = (0.5, 0.25, 8)
 DELTA = 1e-5

@@ -2,9 +2,9 @@
 
 Run: .venv/bin/python bench/privacy_audit.py [--record] [--quick]
 
-Baseline: one local round of `node.trainer.run_local_round` with the site's recipe on the
+Baseline: one local round of `node.training.trainer.run_local_round` with the site's recipe on the
 members (what a site spends per federated round). Candidate: the shadow training of
-`node.privacy_audit.audit_membership` with the same recipe (S shadows, each on a random half
+`node.privacy.attacks.audit_membership` with the same recipe (S shadows, each on a random half
 of members + non-members), measured inside the same audit. The rest of the audit (scoring,
 bootstrap, the empirical-epsilon search) is reported as a ratio to the same baseline.
 Baseline and audit alternate, and the median of the repeats is reported, so load from other
@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.privacy_audit import AuditConfig, DPClaim, audit_membership
-from node.privacy_ledger import PrivacyLedger
-from node.trainer import DPSettings, TrainConfig, run_local_round
+from node.privacy.attacks import AuditConfig, DPClaim, audit_membership
+from node.privacy.ledger import PrivacyLedger
+from node.training.trainer import DPSettings, TrainConfig, run_local_round
 from tessera.models import ModelSpec, build_model
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

@@ -7,11 +7,11 @@ Run: .venv/bin/python bench/round.py [--quick] [--runs 3] [--counts 10,100,1000]
    One real Mosquitto (the provisioned configuration: mutual TLS, the generated ACL, MQTT v5,
    QoS 1), one `broker.service_link.ServiceLink` (Session + chunked send_payload /
    PayloadReceiver) per node and per aggregator, all in this process. Every node trains once
-   (`node.round_training.train_for_round` -> `node.trainer.run_local_round`, no DP, on
+   (`node.training.federated.train_for_round` -> `node.training.trainer.run_local_round`, no DP, on
    synthetic 64x64 images), one after the other; the same trained update then feeds both
    variants, so training is identical and is reported on its own. Then, per timed run, the
    10 node threads start together (a barrier) and:
-   - secure: `node.participation.seal_shares` (split, HPKE seal, signed Ed25519 envelope, one
+   - secure: `node.round.participation.seal_shares` (split, HPKE seal, signed Ed25519 envelope, one
      share per aggregator, S = 2) and publish both; each aggregator verifies the envelope,
      checks it against the round (`admission.check_share_envelope`), opens it
      (`admission.open_share`) and adds it (`ShareAccumulator` over a real `Store`); after the
@@ -69,10 +69,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from broker import topics
-from tessera.envelopes import open_envelope_as, seal_envelope
-from tessera.messages import RoundOpen
-from tessera.sealing import generate_hpke_key
-from tessera.signing import generate_signing_key
+from tessera.crypto.sealing import generate_hpke_key
+from tessera.crypto.signing import generate_signing_key
+from tessera.wire.envelopes import open_envelope_as, seal_envelope
+from tessera.wire.messages import RoundOpen
 
 FED, STUDY, LEADER = "bench-round", "bench-study", "agg-1"
 AGGREGATORS = ("agg-1", "agg-2")
@@ -114,11 +114,11 @@ def train_nodes(
 
     from aggregator.config import RoundSettings
     from aggregator.leader import ring_for
-    from node.round_training import SiteTraining, train_for_round
+    from node.training.federated import SiteTraining, train_for_round
+    from tessera.crypto.update_layout import vector_length
     from tessera.models import ModelSpec, build_model
     from tessera.models.transfer import trainable_parameters
     from tessera.models.weights import model_hash, state_arrays
-    from tessera.update_layout import vector_length
 
     model = build_model(ModelSpec(arch, channels=1, num_classes=2))
     n_params = sum(v.size for v in trainable_parameters(model).values())
@@ -174,7 +174,7 @@ class SecureAggregator:
     def __init__(self, me: str, bench: RoundBench, round_open: RoundOpen, store: Any) -> None:
         from aggregator.accumulator import ShareAccumulator
         from aggregator.admission import aggregator_index
-        from tessera.messages import ParticipantSet
+        from tessera.wire.messages import ParticipantSet
 
         self.me, self.bench, self.round_open, self.store = me, bench, round_open, store
         self.accumulator = ShareAccumulator(
@@ -194,7 +194,7 @@ class SecureAggregator:
         from aggregator.admission import check_share_envelope, open_share
         from aggregator.partials import seal_partial_sums
         from aggregator.rounds import Stage
-        from tessera.messages import ShareEnvelope
+        from tessera.wire.messages import ShareEnvelope
 
         start = time.perf_counter()
         b, a = self.bench, self.round_open
@@ -216,7 +216,7 @@ class SecureAggregator:
 
     def on_partial(self, topic: str, payload: bytes) -> None:
         from aggregator.partials import open_partial_sum
-        from tessera.messages import PartialSum
+        from tessera.wire.messages import PartialSum
 
         b = self.bench
         message = open_envelope_as(payload, PartialSum, b.agg_public, MAX_MESSAGE).message
@@ -261,9 +261,9 @@ class RoundBench:
     def __init__(self, root: Path, work: list[NodeWork], round_open: RoundOpen) -> None:
         from support.mosquitto import MosquittoProcess
 
-        from broker.bundle import load_bundle
-        from broker.federation import parse_federation
-        from broker.provision import provision
+        from broker.provisioning.bundle import load_bundle
+        from broker.provisioning.federation import parse_federation
+        from broker.provisioning.provision import provision
         from broker.service_link import ServiceLink
 
         self.root, self.work, self.round_open = root, work, round_open
@@ -337,7 +337,7 @@ class RoundBench:
         return start
 
     def secure(self, round_number: int, store: Any) -> dict[str, float]:
-        from node.participation import ParticipationContext, seal_shares
+        from node.round.participation import ParticipationContext, seal_shares
 
         a = dataclasses.replace(self.round_open, round=round_number)
         aggs = {m: SecureAggregator(m, self, a, store[m]) for m in AGGREGATORS}
@@ -381,7 +381,7 @@ class RoundBench:
 
 def node_seal_time(bench: RoundBench) -> tuple[float, float]:
     """One node's seal_shares and float32 serialisation, best of 3, no contention."""
-    from node.participation import ParticipationContext, seal_shares
+    from node.round.participation import ParticipationContext, seal_shares
 
     work = bench.work[0]
     ctx = cast(
@@ -595,7 +595,7 @@ class Producer:
     def __init__(self, n_nodes: int, n_params: int, hpke_public: Mapping[str, X25519PublicKey]):
         from support.shares import node_update
 
-        from tessera.update_layout import pack_update
+        from tessera.crypto.update_layout import pack_update
 
         self.nodes = tuple(f"site-{i:04d}" for i in range(n_nodes))
         self.keys = {n: generate_signing_key() for n in self.nodes}

@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from tessera.encoding import RingParams, derive_ring_params, encode
-from tessera.envelopes import open_envelope_as, seal_envelope
-from tessera.messages import ShareEnvelope
-from tessera.sealing import SealBinding, generate_hpke_key, open_sealed, seal
-from tessera.sharing import Share, ShareContext, accumulate, split
-from tessera.signing import generate_signing_key
+from tessera.crypto.encoding import RingParams, derive_ring_params, encode
+from tessera.crypto.sealing import SealBinding, generate_hpke_key, open_sealed, seal
+from tessera.crypto.sharing import Share, ShareContext, accumulate, split
+from tessera.crypto.signing import generate_signing_key
+from tessera.wire.envelopes import open_envelope_as, seal_envelope
+from tessera.wire.messages import ShareEnvelope
 
 TARGET_NODE_GBPS = 0.5
 TARGET_AGGREGATOR_GBPS = 0.5

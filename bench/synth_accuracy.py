@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from node.cache import CachedDataset
+from node.intake.cache import CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest
-from node.preprocess import PreprocessConfig
+from node.intake.preprocess import PreprocessConfig
 from node.synth.sites import LABELS, SynthConfig, generate
 
 

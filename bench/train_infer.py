@@ -8,8 +8,8 @@ Run: .venv/bin/python bench/train_infer.py [--record] [--size 64] [--quick]
    and their ratios. Target: ORT / torch <= 0.6.
 2. End to end: DICOM bytes -> screen, decode, preprocess (the intake's code) -> ORT ->
    JSON-ready result; p50 for pydicom's CT_small.dcm. Recorded, no target.
-3. Training images/s of `node.trainer.run_local_round` over a bare PyTorch loop (same model,
-   data, batch size, SGD and step count). Target >= 0.95.
+3. Training images/s of `node.training.trainer.run_local_round` over a bare PyTorch loop
+   (same model, data, batch size, SGD and step count). Target >= 0.95.
 4. DP-SGD (Opacus, Poisson sampling) images/s against the plain trainer: the slowdown.
 
 Runs alternate between the candidate and its baseline, and the median of the repeats is
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.inference import infer_dicom_bytes, load_model, preprocess_metadata
-from node.preprocess import PreprocessConfig
-from node.privacy_ledger import PrivacyLedger
-from node.trainer import DPSettings, TrainConfig, run_local_round
+from node.inference.runtime import infer_dicom_bytes, load_model, preprocess_metadata
+from node.intake.preprocess import PreprocessConfig
+from node.privacy.ledger import PrivacyLedger
+from node.training.trainer import DPSettings, TrainConfig, run_local_round
 from tessera.models import ARCHITECTURES, ModelSpec, build_model
 from tessera.models.onnx_export import ExportMetadata, export_onnx
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.mosquitto import MosquittoProcess
 
 from broker import topics
-from broker.bundle import load_bundle
 from broker.chunking import ReassemblyLimits
-from broker.federation import parse_federation
-from broker.provision import provision
+from broker.provisioning.bundle import load_bundle
+from broker.provisioning.federation import parse_federation
+from broker.provisioning.provision import provision
 from broker.session import Session
 from broker.session_config import tls_context
 from broker.transfer import PayloadReceiver, send_payload

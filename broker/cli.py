@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from broker.federation import load_federation
-from broker.k8s_secrets import check_k8s_names, write_k8s_secrets
-from broker.provision import provision
+from broker.provisioning.federation import load_federation
+from broker.provisioning.k8s_secrets import check_k8s_names, write_k8s_secrets
+from broker.provisioning.provision import provision
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

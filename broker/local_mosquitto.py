@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from broker.federation import Federation
-from broker.mosquitto_conf import BrokerFiles, render_acl, render_conf
+from broker.provisioning.federation import Federation
+from broker.provisioning.mosquitto_conf import BrokerFiles, render_acl, render_conf
 
 
 def free_port() -> int:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from broker.bundle import Bundle
 from broker.chunking import ReassemblyLimits
+from broker.provisioning.bundle import Bundle
 from broker.session import Session, SessionConfig
 from broker.topics import presence_topic
 from broker.transfer import PayloadReceiver, max_chunk_size, send_payload

@@ -2,7 +2,7 @@
 
 Every topic lives under ``tessera/<federation>/``. Ids in topics are opaque, operator-chosen
 site, aggregator, federation and study ids, never anything about patients. An id is 1-64
-characters of ``[A-Za-z0-9._-]``, starting with a letter or digit (``tessera.ids``, the
+characters of ``[A-Za-z0-9._-]``, starting with a letter or digit (``tessera.wire.ids``, the
 codec's id rule too), so that it can never be an MQTT wildcard, a level separator, or a
 ``$`` system topic.
 
@@ -27,7 +27,7 @@ from enum import Enum
 
 from broker.errors import TopicError
 from tessera.errors import CodecError
-from tessera.ids import MAX_ID_LENGTH, check_id
+from tessera.wire.ids import MAX_ID_LENGTH, check_id
 
 __all__ = ["MAX_ID_LENGTH", "Kind", "Topic", "parse"]
 

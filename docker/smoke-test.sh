@@ -111,7 +111,7 @@ if run sh -c "$health" 2>/dev/null; then
   echo "smoke-test: the health check passed with no server on $PORT" >&2; exit 1
 fi
 step "health check against a running health server (must pass)"
-serve="from prometheus_client import CollectorRegistry; from tessera.observability import HealthServer; import time; HealthServer($PORT, CollectorRegistry(), host='127.0.0.1').start(); time.sleep(30)"
+serve="from prometheus_client import CollectorRegistry; from tessera.observability.http import HealthServer; import time; HealthServer($PORT, CollectorRegistry(), host='127.0.0.1').start(); time.sleep(30)"
 run sh -c "python -c \"$serve\" & sleep 3; $health && echo healthy"
 
 step "passed in $((SECONDS - start)) s"

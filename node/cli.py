@@ -10,7 +10,9 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from node import daemon_cli, inference_cli, intake_cli
+from node import daemon_cli
+from node.inference import cli as inference_cli
+from node.intake import cli as intake_cli
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.privacy_audit import AuditConfig
-from node.trainer import DPSettings
+from node.privacy.attacks import AuditConfig
+from node.training.trainer import DPSettings
 from tessera.errors import ConfigError
 from tessera.settings import build_document, check, read_toml
 
@@ -97,7 +97,7 @@ class TrainingSettings:
 @dataclass(frozen=True)
 class AuditSettings:
     """The budget of the membership-inference audit this site runs on a candidate model,
-    when its study requires one (`node.privacy_audit`); the shadows copy the round's recipe."""
+    when its study requires one (`node.privacy.attacks`); the shadows copy the round's recipe."""
 
     shadow_models: int = 8
     shadow_epochs: int | None = None  # None: the round's local epochs

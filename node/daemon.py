@@ -17,21 +17,21 @@ Start-up, each step failing with a message that names the fix:
    model serving; `/metrics`; `POST /v1/infer`), then the MQTT session.
 
 Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
-worker thread, which answers it with `node.participation.participate`: every term is
+worker thread, which answers it with `node.round.participation.participate`: every term is
 checked before the cache is read, a refusal is audited and sends nothing, a joined round
 publishes one sealed share per aggregator. The site policy file is re-read for every round,
 so setting `paused = true` in it takes effect at the next RoundOpen.
 
 Privacy audits (studies that require one): the leader publishes each round's candidate
 model, signed by itself alone. A node that joined that round verifies it
-(`tessera.release.verify_candidate`), audits it on the same worker thread with the round's
-recipe and the `[privacy_audit]` budget (`node.site_audit`), signs the report of aggregate
+(`tessera.wire.release.verify_candidate`), audits it on the same worker thread with the round's
+recipe and the `[privacy_audit]` budget (`node.privacy.site_audit`), signs the report of aggregate
 figures with its node key and publishes it; the audit log records each audit and its
 headline figures. A candidate is never installed or served. An audit that fails (too few
 held-out images, or an empirical bound above the accountant's epsilon) sends nothing, so
 the aggregators hold the release for the missing report.
 
-Releases: a release is installed only through `node.releases.accept_release` (every
+Releases: a release is installed only through `node.round.releases.accept_release` (every
 aggregator's signature, every hash, the ONNX naming these weights); a refused one is
 audited and changes nothing. After an install the training base moves to the newest
 version and inference swaps to the store's current version without a restart. The store is
@@ -51,48 +51,54 @@ from prometheus_client import CollectorRegistry
 from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
-from broker.bundle import Bundle, load_bundle
-from broker.roster import check_manifest_agrees
+from broker.provisioning.bundle import Bundle, load_bundle
+from broker.provisioning.roster import check_manifest_agrees
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
-from node.cache import CachedDataset
 from node.config import NodeConfig
 from node.errors import NodeError
-from node.inference import ModelSlot, load_model, preprocess_from_metadata
-from node.inference_http import infer_request
+from node.inference.http import infer_request
+from node.inference.runtime import ModelSlot, load_model, preprocess_from_metadata
+from node.intake.cache import CachedDataset
+from node.intake.phi import load_or_create_site_secret
+from node.intake.preprocess import PreprocessConfig
 from node.intake.receiver import ReceiverConfig, start_receiver
+from node.intake.screen import REASONS as QUARANTINE_REASONS
+from node.intake.screen import IntakeLimits
 from node.intake.worker import TEMP_PREFIX
-from node.participation import (
+from node.privacy.attacks import PrivacyAccountingError
+from node.privacy.ledger import PrivacyLedger, ledger_path
+from node.privacy.site_audit import SiteData, audit_at_site, candidate_target
+from node.round.participation import (
     PROTOCOL_REASONS,
     Joined,
     ParticipationContext,
     participate,
     reconcile_epsilon_audit,
 )
-from node.phi import load_or_create_site_secret
-from node.policy import REASONS, SitePolicy, load_site_policy
-from node.preprocess import PreprocessConfig
-from node.privacy_audit import PrivacyAccountingError
-from node.privacy_ledger import PrivacyLedger, ledger_path
-from node.releases import WEIGHTS_FILE, ModelStore, ReleaseRefused, accept_release, parse_release
-from node.round_training import SiteTraining, round_train_config
-from node.screen import REASONS as QUARANTINE_REASONS
-from node.screen import IntakeLimits
-from node.site_audit import SiteData, audit_at_site, candidate_target
-from tessera.approvals import load_approvals
-from tessera.audit import AuditLog
-from tessera.envelopes import open_envelope, open_envelope_as, require_fields
+from node.round.policy import REASONS, SitePolicy, load_site_policy
+from node.round.releases import (
+    WEIGHTS_FILE,
+    ModelStore,
+    ReleaseRefused,
+    accept_release,
+    parse_release,
+)
+from node.training.federated import SiteTraining, round_train_config
+from tessera.crypto.signing import load_private_key, public_key_bytes
 from tessera.errors import AuthenticationError, ConfigError, TesseraError
-from tessera.manifest import Manifest, load_manifest, verify_manifest
-from tessera.manifest_model import Study
-from tessera.messages import ModelRelease, RoundAbort, RoundOpen
+from tessera.governance.approvals import load_approvals
+from tessera.governance.audit import AuditLog
+from tessera.governance.manifest import Manifest, load_manifest, verify_manifest
+from tessera.governance.manifest_model import Study
+from tessera.governance.privacy_report import sign_report
 from tessera.models.nets import TesseraNet
 from tessera.models.study import StudyModel
 from tessera.models.weights import load_arrays, load_weights
-from tessera.observability import HealthServer, Request, Response
-from tessera.privacy_report import sign_report
-from tessera.release import DEFAULT_MAX_RELEASE_PAYLOAD, is_signature_note, verify_candidate
-from tessera.service_metrics import ServiceMetrics
-from tessera.signing import load_private_key, public_key_bytes
+from tessera.observability.http import HealthServer, Request, Response
+from tessera.observability.metrics import ServiceMetrics
+from tessera.wire.envelopes import open_envelope, open_envelope_as, require_fields
+from tessera.wire.messages import ModelRelease, RoundAbort, RoundOpen
+from tessera.wire.release import DEFAULT_MAX_RELEASE_PAYLOAD, is_signature_note, verify_candidate
 
 log = logging.getLogger("tessera.node.daemon")
 AUDIT_FILE = "audit.log"

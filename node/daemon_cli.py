@@ -43,7 +43,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Load the configuration, log JSON at its level, run the node."""
     from node.config import load_node_config
     from node.daemon import run
-    from tessera.observability import configure_logging
+    from tessera.observability.http import configure_logging
 
     config = load_node_config(args.config)
     configure_logging(config.log_level)
@@ -53,8 +53,8 @@ def run_command(args: argparse.Namespace) -> int:
 def models_command(args: argparse.Namespace) -> int:
     """List, pin, unpin or roll back; prints what is served afterwards."""
     from node.daemon import AUDIT_FILE
-    from node.releases import open_model_store
-    from tessera.audit import AuditLog
+    from node.round.releases import open_model_store
+    from tessera.governance.audit import AuditLog
 
     with AuditLog.open(args.state / AUDIT_FILE, counts_only=True) as audit:
         store = open_model_store(args.state, audit)

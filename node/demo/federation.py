@@ -26,22 +26,22 @@ from typing import Any
 
 import tomli_w
 
-from broker.bundle import load_bundle
-from broker.federation import Federation, parse_federation
-from broker.manifest_draft import draft_manifest
-from broker.provision import provision
-from broker.roster import Roster
-from tessera.approvals import approve_study, save_approval
-from tessera.files import atomic_write
-from tessera.manifest import load_manifest, save_manifest, sign_manifest
-from tessera.manifest_model import Study
-from tessera.models.study import StudyModel
-from tessera.signing import (
+from broker.provisioning.bundle import load_bundle
+from broker.provisioning.federation import Federation, parse_federation
+from broker.provisioning.manifest_draft import draft_manifest
+from broker.provisioning.provision import provision
+from broker.provisioning.roster import Roster
+from tessera.crypto.signing import (
     generate_signing_key,
     load_private_key,
     public_key_bytes,
     save_private_key,
 )
+from tessera.files import atomic_write
+from tessera.governance.approvals import approve_study, save_approval
+from tessera.governance.manifest import load_manifest, save_manifest, sign_manifest
+from tessera.governance.manifest_model import Study
+from tessera.models.study import StudyModel
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from node.cache import CachedDataset
-from node.inference import load_model
-from node.metrics import macro_auc
-from node.preprocess import PreprocessConfig
-from node.privacy_ledger import PrivacyLedger
-from node.trainer import DPSettings, TrainConfig, evaluate, run_local_round
+from node.inference.runtime import load_model
+from node.intake.cache import CachedDataset
+from node.intake.preprocess import PreprocessConfig
+from node.privacy.ledger import PrivacyLedger
+from node.training.metrics import macro_auc
+from node.training.trainer import DPSettings, TrainConfig, evaluate, run_local_round
 from tessera.models.study import StudyModel
 
 

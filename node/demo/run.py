@@ -262,7 +262,7 @@ def _follow(
 ) -> tuple[RunRecord, list[tuple[int, dict[str, Score]]]]:
     """Follow the logs until the last round ends; score each release as it lands."""
     from node.daemon import study_preprocess
-    from node.releases import open_model_store
+    from node.round.releases import open_model_store
 
     spec = prepared.spec
     preprocess = study_preprocess(prepared.study_model())
@@ -341,7 +341,7 @@ def _report(
     show: Progress,
 ) -> dict[str, object]:
     from node.daemon import study_preprocess
-    from node.releases import open_model_store
+    from node.round.releases import open_model_store
 
     spec = prepared.spec
     study = prepared.study()
@@ -426,9 +426,9 @@ def _report(
 
 
 def _final_model(out: Path, prepared: PreparedFederation, store: object) -> dict[str, str]:
-    from broker.bundle import load_bundle
-    from node.releases import CARD_FILE, ONNX_FILE, RELEASE_FILE, ModelStore
-    from tessera.release import ModelRelease, verify_release
+    from broker.provisioning.bundle import load_bundle
+    from node.round.releases import CARD_FILE, ONNX_FILE, RELEASE_FILE, ModelStore
+    from tessera.wire.release import ModelRelease, verify_release
 
     assert isinstance(store, ModelStore)
     version = store.current()
@@ -451,8 +451,8 @@ def _final_model(out: Path, prepared: PreparedFederation, store: object) -> dict
 
 
 def _inference(out: Path, prepared: PreparedFederation, onnx: Path, show: Progress) -> str:
-    from node.inference import infer_dicom_bytes, load_model
-    from node.phi import load_or_create_site_secret
+    from node.inference.runtime import infer_dicom_bytes, load_model
+    from node.intake.phi import load_or_create_site_secret
 
     model = load_model(onnx.read_bytes(), threads=1)
     results, right = [], 0

@@ -1,7 +1,7 @@
 """The intake index: one SQLite database (WAL) in the state directory.
 
 It holds no patient data: files are named by a keyed hash of their relative path, instances,
-studies and accession numbers by keyed hashes (node.phi), and quarantine details are the
+studies and accession numbers by keyed hashes (node.intake.phi), and quarantine details are the
 node's own words. Labels are study vocabulary ("present", "absent"), stored in clear.
 A row is committed only after its cached array is on disk, so a process killed at any
 point leaves rows that are all true; the next run redoes whatever has no row.

@@ -28,11 +28,11 @@ from typing import Any
 from node.errors import NodeError
 from node.intake import index
 from node.intake.labels import folder_label, load_manifest
+from node.intake.phi import keyed_hash, load_or_create_site_secret
+from node.intake.preprocess import PreprocessConfig
+from node.intake.screen import IntakeLimits
 from node.intake.worker import TEMP_PREFIX, FileTask, WorkerContext, ingest_batch, shard_path
 from node.logs import log_event
-from node.phi import keyed_hash, load_or_create_site_secret
-from node.preprocess import PreprocessConfig
-from node.screen import IntakeLimits
 from tessera.errors import ConfigError
 
 LOGGER = logging.getLogger("tessera.node.intake")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from node.errors import NodeError
-from node.phi import keyed_hash
+from node.intake.phi import keyed_hash
 
 # CSV column -> (index kind, keyed-hash domain)
 KEY_COLUMNS = {

@@ -23,9 +23,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.errors import NodeError
+from node.intake.phi import instance_key, keyed_hash, load_or_create_site_secret
 from node.intake.worker import TEMP_PREFIX
 from node.logs import log_event
-from node.phi import instance_key, keyed_hash, load_or_create_site_secret
 
 LOGGER = logging.getLogger("tessera.node.receiver")
 STATUS_SUCCESS = 0x0000

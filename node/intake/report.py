@@ -12,8 +12,8 @@ from pathlib import Path
 
 from node.intake import index
 from node.intake.ingest import IntakeConfig, walk_intake
-from node.phi import keyed_hash, load_or_create_site_secret
-from node.screen import REASONS
+from node.intake.phi import keyed_hash, load_or_create_site_secret
+from node.intake.screen import REASONS
 
 
 def build_report(state_dir: Path, digest: str) -> dict[str, object]:

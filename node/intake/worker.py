@@ -22,9 +22,9 @@ from pydicom.dataset import Dataset
 
 from node.errors import UnusableImageError
 from node.intake.index import FileRecord
-from node.phi import instance_key, keyed_hash
-from node.preprocess import PreprocessConfig, preprocess
-from node.screen import IntakeLimits, quiet_pydicom, read_dataset, screen_dataset
+from node.intake.phi import instance_key, keyed_hash
+from node.intake.preprocess import PreprocessConfig, preprocess
+from node.intake.screen import IntakeLimits, quiet_pydicom, read_dataset, screen_dataset
 
 TEMP_PREFIX = ".tessera-tmp-"
 

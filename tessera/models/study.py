@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tessera.manifest_model import Study
+from tessera.governance.manifest_model import Study
 from tessera.models.nets import TesseraNet
 from tessera.models.onnx_export import ExportMetadata, export_onnx
 from tessera.models.registry import ModelSpec, build_model

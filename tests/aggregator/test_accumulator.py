@@ -12,8 +12,8 @@ import pytest
 from aggregator.accumulator import ShareAccumulator
 from aggregator.errors import DuplicateShare, ShareRejected
 from aggregator.store import Store
-from tessera.encoding import decode, derive_ring_params, encode
-from tessera.sharing import Share, ShareContext, combine, split
+from tessera.crypto.encoding import decode, derive_ring_params, encode
+from tessera.crypto.sharing import Share, ShareContext, combine, split
 
 FED, STUDY, ROUND = "fed-1", "study-1", 4
 PARAMS = derive_ring_params(bound=4.0, max_participants=64)

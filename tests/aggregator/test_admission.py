@@ -15,12 +15,12 @@ from aggregator.admission import (
 )
 from aggregator.errors import ShareRejected
 from aggregator.rounds import Stage
-from tessera.encoding import derive_ring_params, encode
-from tessera.envelopes import share_binding
+from tessera.crypto.encoding import derive_ring_params, encode
+from tessera.crypto.sealing import generate_hpke_key, seal
+from tessera.crypto.sharing import ShareContext, expand, split
 from tessera.errors import AuthenticationError
-from tessera.messages import RoundOpen, ShareEnvelope
-from tessera.sealing import generate_hpke_key, seal
-from tessera.sharing import ShareContext, expand, split
+from tessera.wire.envelopes import share_binding
+from tessera.wire.messages import RoundOpen, ShareEnvelope
 
 RING = derive_ring_params(bound=8.0, max_participants=16)
 ANNOUNCEMENT = RoundOpen(

@@ -13,9 +13,9 @@ from aggregator.leader import plan_round, ring_bound, round_record
 from aggregator.rounds import Stage
 from aggregator.strategies import Aggregate, ServerState
 from aggregator.update import apply_round
-from tessera.encoding import decode, encode
-from tessera.messages import RoundOpen
-from tessera.sharing import combine
+from tessera.crypto.encoding import decode, encode
+from tessera.crypto.sharing import combine
+from tessera.wire.messages import RoundOpen
 
 CONFIG = AggregatorConfig(
     aggregator_id="agg-1",

@@ -21,9 +21,9 @@ from aggregator.privacy_gate import (
     check_report,
     gate_release,
 )
-from tessera.audit import AuditLog, read_entries
 from tessera.errors import AuthenticationError
-from tessera.privacy_report import AttackFigures, PrivacyAuditReport, Rate, sign_report
+from tessera.governance.audit import AuditLog, read_entries
+from tessera.governance.privacy_report import AttackFigures, PrivacyAuditReport, Rate, sign_report
 from tests.aggregator.test_registry import card
 from tests.support.governance import STUDY_ID, Federation, build_federation
 

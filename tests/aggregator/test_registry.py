@@ -16,9 +16,9 @@ from aggregator.model_card import ModelCard, card_from_bytes
 from aggregator.registry import GENESIS_PARENT, Registry, assemble_release, weights_bytes
 from aggregator.store import Store
 from aggregator.strategies import ServerState, SwitchRecord, server_state_from_bytes
+from tessera.crypto.signing import generate_signing_key
 from tessera.errors import AuthenticationError
-from tessera.release import sign_release
-from tessera.signing import generate_signing_key
+from tessera.wire.release import sign_release
 
 KEYS = {"agg-1": generate_signing_key(), "agg-2": generate_signing_key()}
 PUBLIC = {name: key.public_key() for name, key in KEYS.items()}

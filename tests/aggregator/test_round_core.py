@@ -37,10 +37,10 @@ from aggregator.strategies import (
     build_strategy,
     dispersion,
 )
-from tessera.encoding import derive_ring_params
-from tessera.messages import ParticipantSet, RoundOpen
-from tessera.sealing import generate_hpke_key
-from tessera.update_layout import pack_update, required_bound
+from tessera.crypto.encoding import derive_ring_params
+from tessera.crypto.sealing import generate_hpke_key
+from tessera.crypto.update_layout import pack_update, required_bound
+from tessera.wire.messages import ParticipantSet, RoundOpen
 from tests.support.shares import node_envelopes, node_update
 
 FED, STUDY, ROUND, LENGTH = "fed-1", "study-1", 1, 200

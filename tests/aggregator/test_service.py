@@ -26,14 +26,14 @@ from aggregator.rounds import Stage
 from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
 from aggregator.store import Store
 from broker import topics
-from tessera.audit import AuditLog
-from tessera.envelopes import open_envelope, seal_envelope
-from tessera.flatten import flatten
-from tessera.messages import ModelRelease, RoundAbort, RoundOpen, ShareEnvelope
-from tessera.release import verify_release
-from tessera.sealing import generate_hpke_key
-from tessera.signing import generate_signing_key
-from tessera.update_layout import pack_update
+from tessera.crypto.flatten import flatten
+from tessera.crypto.sealing import generate_hpke_key
+from tessera.crypto.signing import generate_signing_key
+from tessera.crypto.update_layout import pack_update
+from tessera.governance.audit import AuditLog
+from tessera.wire.envelopes import open_envelope, seal_envelope
+from tessera.wire.messages import ModelRelease, RoundAbort, RoundOpen, ShareEnvelope
+from tessera.wire.release import verify_release
 from tests.support import governance
 from tests.support.shares import node_envelopes, node_update
 

@@ -17,11 +17,11 @@ import pytest
 from aggregator.model_card import card_from_bytes
 from aggregator.rounds import Stage
 from broker import topics
-from tessera.audit import read_entries
 from tessera.errors import AuthenticationError
-from tessera.messages import ModelRelease, RoundAbort
-from tessera.privacy_report import AttackFigures, PrivacyAuditReport, Rate, sign_report
-from tessera.release import ReleaseBundle, verify_candidate, verify_release
+from tessera.governance.audit import read_entries
+from tessera.governance.privacy_report import AttackFigures, PrivacyAuditReport, Rate, sign_report
+from tessera.wire.messages import ModelRelease, RoundAbort
+from tessera.wire.release import ReleaseBundle, verify_candidate, verify_release
 from tests.aggregator.test_service import (
     AGGREGATORS,
     EPSILON,

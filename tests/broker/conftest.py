@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from support.mosquitto import TEST_FEDERATION, MosquittoProcess, SessionFactory
 
-from broker.bundle import load_bundle
-from broker.federation import Federation, parse_federation
-from broker.provision import provision
+from broker.provisioning.bundle import load_bundle
+from broker.provisioning.federation import Federation, parse_federation
+from broker.provisioning.provision import provision
 from broker.session import Session
 
 

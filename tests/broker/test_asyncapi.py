@@ -3,7 +3,7 @@
 The test reads the document the way a second implementation would: it parses real bytes
 produced by tessera's codec, the envelope signer and the chunker using only the layouts the
 document gives, and compares every field with the objects that produced them. It also
-checks channels against broker.topics and message type ids against tessera.codec.
+checks channels against broker.topics and message type ids against tessera.wire.codec.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import yaml
 
 from broker import topics
 from broker.chunking import split_payload
-from tessera.agreement import PartialSum, ParticipantSet, ReceivedSet
-from tessera.codec import MessageType
-from tessera.encoding import RingParams, derive_ring_params
-from tessera.envelopes import seal_envelope
-from tessera.messages import RoundAbort, RoundOpen, ShareEnvelope
-from tessera.release import ReleaseBundle, build_release
-from tessera.signing import generate_signing_key
+from tessera.crypto.encoding import RingParams, derive_ring_params
+from tessera.crypto.signing import generate_signing_key
+from tessera.wire.agreement import PartialSum, ParticipantSet, ReceivedSet
+from tessera.wire.codec import MessageType
+from tessera.wire.envelopes import seal_envelope
+from tessera.wire.messages import RoundAbort, RoundOpen, ShareEnvelope
+from tessera.wire.release import ReleaseBundle, build_release
 
 DOCUMENT = Path(__file__).parents[2] / "broker" / "asyncapi.yaml"
 H = hashlib.sha256

@@ -12,8 +12,8 @@ from support.mosquitto import MosquittoProcess, SessionFactory
 
 from broker import topics
 from broker.errors import NotAuthorizedError, NotConnectedError
-from broker.federation import parse_federation
-from broker.provision import provision
+from broker.provisioning.federation import parse_federation
+from broker.provisioning.provision import provision
 from broker.session import Session, SessionConfig, TlsFiles
 
 FED, STUDY = "fed-test", "study-1"

@@ -11,8 +11,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from support.mosquitto import MosquittoProcess, SessionFactory
 
 from broker import topics
-from broker.bundle import load_bundle
 from broker.chunking import ReassemblyLimits, encode_frames
+from broker.provisioning.bundle import load_bundle
 from broker.session_config import tls_context
 from broker.transfer import PayloadReceiver
 

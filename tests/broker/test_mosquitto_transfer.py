@@ -12,7 +12,7 @@ from support.mosquitto import MosquittoProcess, SessionFactory
 
 from broker import topics
 from broker.chunking import ReassemblyLimits
-from broker.federation import Federation
+from broker.provisioning.federation import Federation
 from broker.session import PublishHandle, Session
 from broker.transfer import PayloadReceiver, send_payload
 

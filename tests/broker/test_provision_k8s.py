@@ -14,8 +14,8 @@ import yaml
 from support.deploy import K8S, KUBERNETES_VERSION, OVERLAYS, VENV_BIN, pod_specs, run
 
 from broker.errors import ProvisioningError
-from broker.federation import load_federation
-from broker.k8s_secrets import member_namespace, render_secret
+from broker.provisioning.federation import load_federation
+from broker.provisioning.k8s_secrets import member_namespace, render_secret
 from tessera.cli import main
 
 EXAMPLE = K8S.parent / "broker" / "examples" / "FEDERATION.toml"

@@ -12,14 +12,14 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from support.mosquitto import TEST_FEDERATION as FEDERATION
 
-from broker.bundle import load_bundle
 from broker.errors import ProvisioningError
-from broker.federation import load_federation, parse_federation
-from broker.provision import provision
-from broker.roster import load_roster
+from broker.provisioning.bundle import load_bundle
+from broker.provisioning.federation import load_federation, parse_federation
+from broker.provisioning.provision import provision
+from broker.provisioning.roster import load_roster
 from tessera.cli import main
+from tessera.crypto.signing import load_public_key
 from tessera.errors import AuthenticationError, ConfigError
-from tessera.signing import load_public_key
 
 EXAMPLE = Path(__file__).parents[2] / "broker" / "examples" / "FEDERATION.toml"
 

@@ -9,8 +9,8 @@ from support.mosquitto import MosquittoProcess, SessionFactory
 from support.proxy import ConnectProxy
 
 from broker import topics
-from broker.bundle import load_bundle
 from broker.errors import NotAuthorizedError, NotConnectedError
+from broker.provisioning.bundle import load_bundle
 from broker.session import HttpProxy, Session
 
 FED, STUDY = "fed-test", "study-ws"

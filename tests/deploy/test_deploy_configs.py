@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from aggregator.config import config_from_mapping
-from broker.federation import parse_federation
-from broker.provision import provision
+from broker.provisioning.federation import parse_federation
+from broker.provisioning.provision import provision
 from node.config import load_node_config
 from tessera.settings import read_toml
 

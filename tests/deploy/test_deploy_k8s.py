@@ -263,8 +263,8 @@ def test_broker_has_service_configmap_secret_and_disruption_budget(manifests: Ma
 
 
 def test_broker_overlay_config_is_what_provisioning_generates() -> None:
-    from broker.federation import load_federation
-    from broker.mosquitto_conf import BrokerFiles, render_acl, render_conf
+    from broker.provisioning.federation import load_federation
+    from broker.provisioning.mosquitto_conf import BrokerFiles, render_acl, render_conf
 
     federation = load_federation(K8S.parent / "broker" / "examples" / "FEDERATION.toml")
     overlay = K8S / "overlays" / "broker"
@@ -289,8 +289,8 @@ def secret_leaks(docs: list[dict[str, Any]], secret_values: list[str]) -> list[s
 @pytest.fixture(scope="module")
 def provisioned_secrets(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The values `tessera provision` puts into Secrets: the broker's TLS files, the bundles."""
-    from broker.federation import load_federation
-    from broker.provision import provision
+    from broker.provisioning.federation import load_federation
+    from broker.provisioning.provision import provision
 
     out = tmp_path_factory.mktemp("provisioned")
     provision(load_federation(K8S.parent / "broker" / "examples" / "FEDERATION.toml"), out / "p")

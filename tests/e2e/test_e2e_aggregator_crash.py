@@ -36,15 +36,15 @@ from aggregator.registry import Registry
 from aggregator.rounds import Stage
 from aggregator.store import RESTART_REASON, Store
 from broker import topics
-from broker.bundle import load_bundle
+from broker.provisioning.bundle import load_bundle
 from broker.session import Session
 from broker.transfer import send_payload
 from node.demo.federation import FederationSpec
-from tessera.envelopes import seal_envelope
-from tessera.flatten import flatten
-from tessera.release import ModelRelease, ReleaseBundle, sign_release, verify_release
-from tessera.sharing import ShareContext, full_share_holder
-from tessera.signing import load_private_key
+from tessera.crypto.flatten import flatten
+from tessera.crypto.sharing import ShareContext, full_share_holder
+from tessera.crypto.signing import load_private_key
+from tessera.wire.envelopes import seal_envelope
+from tessera.wire.release import ModelRelease, ReleaseBundle, sign_release, verify_release
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 RUNNING_SITES = ("site-a", "site-b", "site-c")  # site-d is in the roster but never runs
@@ -52,7 +52,7 @@ COLLECT_S, AGREEMENT_S = 15, 25
 SPEC = FederationSpec(
     sites=(*RUNNING_SITES, "site-d"),
     # With this id the leader carries all three running sites' full-length shares in
-    # round 2 (tessera.sharing.full_share_holder), so the uniformity check has ~280 KB.
+    # round 2 (tessera.crypto.sharing.full_share_holder), so the uniformity check has ~280 KB.
     federation_id="crash-fed-10",
     min_participants=2,
     round={

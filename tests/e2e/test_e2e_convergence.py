@@ -38,7 +38,7 @@ from support.e2e import LiveFederation
 from node.daemon import study_preprocess
 from node.demo.federation import FederationSpec
 from node.demo.report import BaselinePlan, baselines, load_site_data, mean, score_onnx
-from node.releases import open_model_store
+from node.round.releases import open_model_store
 
 LEADER = "agg-uni"
 IMAGES = 240  # per site; half held out. Fewer than a site needs alone: see the docstring

@@ -33,9 +33,9 @@ from aggregator.registry import Registry
 from aggregator.rounds import Stage
 from aggregator.store import Store
 from node.demo.federation import FederationSpec
-from node.participation import reconcile_epsilon_audit
-from node.privacy_ledger import PrivacyLedger
-from tessera.audit import AuditLog
+from node.privacy.ledger import PrivacyLedger
+from node.round.participation import reconcile_epsilon_audit
+from tessera.governance.audit import AuditLog
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 FIRST, LATE, VICTIM = ("site-a", "site-b"), "site-c", "site-d"

@@ -20,7 +20,7 @@ import pytest
 from support.e2e import LiveFederation, audit_entries
 
 from node.demo.federation import FederationSpec
-from node.releases import CARD_FILE
+from node.round.releases import CARD_FILE
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 SITES = ("site-a", "site-b", "site-c")

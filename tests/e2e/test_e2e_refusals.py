@@ -13,7 +13,7 @@ their metrics count the refusal and zero bytes sent. The round aborts below k.
 
 (The other refusal paths — expired study, architecture outside the allowlist, a manifest
 signature that does not verify, an approval for another study's hash — are each taken by
-`node.participation.participate` in tests/node/test_participation.py; here the point is that
+`node.round.participation.participate` in tests/node/test_participation.py; here the point is that
 the daemon routes a real RoundOpen through that same check and sends nothing.)
 """
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from node.errors import NodeError
-from node.privacy_ledger import (
+from node.privacy.ledger import (
     BudgetExceeded,
     PrivacyLedger,
     compose_epsilon,
@@ -21,7 +21,7 @@ from node.privacy_ledger import (
     merge_history,
     recorded_epsilon,
 )
-from node.trainer import DPSettings, TrainConfig, run_local_round
+from node.training.trainer import DPSettings, TrainConfig, run_local_round
 from tessera.models import ModelSpec, build_model
 from tessera.models.transfer import trainable_parameters
 from tests.support.models import small_model
@@ -80,7 +80,7 @@ def test_rounds_compose_and_the_budget_stops_the_third(tmp_path: Path) -> None:
     with pytest.raises(BudgetExceeded):
         run_local_round(model, x, y, CFG, ledger, round_number=3)
     reopened = _ledger(tmp_path, budget=budget)
-    # What node.policy is given: spent + increment is exactly the composed total.
+    # What node.round.policy is given: spent + increment is exactly the composed total.
     increment = reopened.projected_increment(1.0, 0.25, 4)
     assert reopened.state().epsilon_spent + increment == pytest.approx(three)
     assert increment < one_round

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from node.participation import reconcile_epsilon_audit
-from node.privacy_ledger import PrivacyLedger
-from tessera.audit import AuditLog, epsilon_by_study, read_entries
+from node.privacy.ledger import PrivacyLedger
+from node.round.participation import reconcile_epsilon_audit
+from tessera.governance.audit import AuditLog, epsilon_by_study, read_entries
 
 
 def test_a_charge_without_an_audit_entry_is_recorded_once(tmp_path: Path) -> None:

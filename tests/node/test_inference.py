@@ -16,10 +16,10 @@ import pydicom
 import pytest
 
 from node.errors import NodeError, UnusableImageError
-from node.inference import LoadedModel, ModelSlot, infer_dicom_bytes, load_model
-from node.inference_http import InferenceServer, ServeConfig
-from node.phi import instance_key
-from node.preprocess import decode_dicom_bytes
+from node.inference.http import InferenceServer, ServeConfig
+from node.inference.runtime import LoadedModel, ModelSlot, infer_dicom_bytes, load_model
+from node.intake.phi import instance_key
+from node.intake.preprocess import decode_dicom_bytes
 from node.synth.sites import SynthConfig, generate
 from tests.support.models import LABELS, PREPROCESS, export_model, pydicom_file, small_model
 

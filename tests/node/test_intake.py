@@ -13,12 +13,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.cache import UNLABELLED, CachedDataset
 from node.errors import NodeError
+from node.intake.cache import UNLABELLED, CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest
+from node.intake.phi import SECRET_FILE, instance_key, load_or_create_site_secret
+from node.intake.preprocess import PreprocessConfig
 from node.intake.report import build_report, format_report, quarantined_paths
-from node.phi import SECRET_FILE, instance_key, load_or_create_site_secret
-from node.preprocess import PreprocessConfig
 
 LABELS = ("absent", "present")
 CFG = PreprocessConfig(size=32)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from node.cache import CachedDataset
+from node.intake.cache import CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest
+from node.intake.preprocess import PreprocessConfig
 from node.intake.worker import TEMP_PREFIX, shard_path
-from node.preprocess import PreprocessConfig
 from node.synth.sites import SynthConfig, generate
 
 CFG = PreprocessConfig(size=32)

@@ -12,28 +12,28 @@ import numpy as np
 import pytest
 
 from broker.topics import share_topic
-from node.participation import (
+from node.privacy.ledger import PrivacyLedger
+from node.round.participation import (
     PROTOCOL_REASONS,
     Joined,
     ParticipationContext,
     Refused,
     participate,
 )
-from node.policy import SitePolicy
-from node.privacy_ledger import PrivacyLedger
-from node.round_training import SiteTraining, train_for_round
-from node.trainer import DPSettings
-from tessera.audit import AuditLog, read_entries
-from tessera.encoding import derive_ring_params
-from tessera.envelopes import open_envelope_as, require_fields, seal_envelope, share_binding
+from node.round.policy import SitePolicy
+from node.training.federated import SiteTraining, train_for_round
+from node.training.trainer import DPSettings
+from tessera.crypto.encoding import derive_ring_params
+from tessera.crypto.sealing import generate_hpke_key, open_sealed
+from tessera.crypto.sharing import Share, ShareContext, add_into, expand
+from tessera.crypto.signing import generate_signing_key
+from tessera.crypto.update_layout import required_bound, vector_length
 from tessera.errors import AuthenticationError, CodecError
-from tessera.messages import RoundOpen, ShareEnvelope
+from tessera.governance.audit import AuditLog, read_entries
 from tessera.models.transfer import apply_transfer_mode, trainable_parameters
 from tessera.models.weights import model_hash, state_arrays
-from tessera.sealing import generate_hpke_key, open_sealed
-from tessera.sharing import Share, ShareContext, add_into, expand
-from tessera.signing import generate_signing_key
-from tessera.update_layout import required_bound, vector_length
+from tessera.wire.envelopes import open_envelope_as, require_fields, seal_envelope, share_binding
+from tessera.wire.messages import RoundOpen, ShareEnvelope
 from tests.support.governance import NOW, STUDY_ID, Federation, build_federation
 from tests.support.models import IngestedSite, ingested_site, small_model
 

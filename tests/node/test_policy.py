@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from node.policy import (
+from node.round.policy import (
     REASONS,
     LedgerState,
     RoundAnnouncement,
@@ -21,9 +21,9 @@ from node.policy import (
     check_round,
     load_site_policy,
 )
-from tessera.audit import AuditLog, read_entries
+from tessera.crypto.signing import generate_signing_key, public_key_bytes
 from tessera.errors import ConfigError
-from tessera.signing import generate_signing_key, public_key_bytes
+from tessera.governance.audit import AuditLog, read_entries
 from tests.support.governance import NOW, STUDY_ID, Federation, build_federation
 
 

@@ -12,8 +12,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MPEG2MPML
 
 from node.errors import UnusableImageError
-from node.preprocess import PreprocessConfig, decode_dicom_bytes, preprocess
-from node.resize import fitted_shape, resample_matrix, resize_to_square
+from node.intake.preprocess import PreprocessConfig, decode_dicom_bytes, preprocess
+from node.intake.resize import fitted_shape, resample_matrix, resize_to_square
 from node.synth.people import FakePatient
 from node.synth.writer import Scanner, build_instance, uid_for
 
@@ -126,7 +126,7 @@ def test_rgb_becomes_luminance_or_three_channels() -> None:
 
 
 def reason_of(data: bytes, **limits: int) -> UnusableImageError:
-    from node.screen import IntakeLimits
+    from node.intake.screen import IntakeLimits
 
     with pytest.raises(UnusableImageError) as caught:
         decode_dicom_bytes(data, PreprocessConfig(size=16), IntakeLimits(**limits))

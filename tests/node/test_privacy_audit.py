@@ -12,9 +12,9 @@ import pytest
 import torch
 from scipy import stats
 
-from node import privacy_stats as ps
-from node.preprocess import PreprocessConfig
-from node.privacy_audit import (
+from node.intake.preprocess import PreprocessConfig
+from node.privacy import statistics as ps
+from node.privacy.attacks import (
     AuditConfig,
     AuditResult,
     DPClaim,
@@ -23,12 +23,12 @@ from node.privacy_audit import (
     check_consistency,
     lira_scores,
 )
-from node.privacy_ledger import PrivacyLedger
-from node.site_audit import AuditTarget, SiteData, accountant_claim, build_report
-from node.trainer import DPSettings, TrainConfig, run_local_round, split_validation
+from node.privacy.ledger import PrivacyLedger
+from node.privacy.site_audit import AuditTarget, SiteData, accountant_claim, build_report
+from node.training.trainer import DPSettings, TrainConfig, run_local_round, split_validation
 from tessera.cli import build_parser
+from tessera.governance.privacy_report import report_from_json
 from tessera.models import ModelSpec, build_model
-from tessera.privacy_report import report_from_json
 
 torch.set_num_threads(1)
 SPEC = ModelSpec("small-cnn", 1, 2)

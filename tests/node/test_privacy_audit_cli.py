@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from node import privacy_audit
-from node.cache import CachedDataset
+from node.intake.cache import CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest
-from node.privacy_ledger import PrivacyLedger
-from node.releases import ModelStore, accept_release
+from node.privacy import attacks as privacy_audit
+from node.privacy.ledger import PrivacyLedger
+from node.round.releases import ModelStore, accept_release
 from node.synth.sites import SynthConfig, generate
-from node.trainer import TrainConfig, run_local_round
+from node.training.trainer import TrainConfig, run_local_round
 from tessera.cli import main
+from tessera.crypto.signing import generate_signing_key, public_key_bytes, save_private_key
+from tessera.governance.privacy_report import report_from_json
 from tessera.models.weights import model_hash, state_arrays, weights_bytes
-from tessera.privacy_report import report_from_json
-from tessera.release import ReleaseBundle, build_release, sign_release
-from tessera.signing import generate_signing_key, public_key_bytes, save_private_key
+from tessera.wire.release import ReleaseBundle, build_release, sign_release
 from tests.support.models import LABELS, PREPROCESS, export_model, small_model
 
 FED, STUDY = "fed-1", "chest-xray"

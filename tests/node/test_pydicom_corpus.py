@@ -24,9 +24,9 @@ import pytest
 from pydicom.data import get_testdata_files
 
 from node.intake.ingest import IntakeConfig, run_ingest
+from node.intake.preprocess import PreprocessConfig
+from node.intake.screen import REASONS, IntakeLimits
 from node.intake.worker import FileTask, WorkerContext, ingest_file
-from node.preprocess import PreprocessConfig
-from node.screen import REASONS, IntakeLimits
 
 OK = "ingested"
 ROOT = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent

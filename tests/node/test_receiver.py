@@ -9,11 +9,11 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import UID
 
-from node.cache import CachedDataset
+from node.intake.cache import CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest
+from node.intake.phi import instance_key, load_or_create_site_secret
+from node.intake.preprocess import PreprocessConfig
 from node.intake.receiver import ReceiverConfig, start_receiver
-from node.phi import instance_key, load_or_create_site_secret
-from node.preprocess import PreprocessConfig
 from node.synth.writer import SYNTAXES
 
 # storescu's option to propose each of the generator's transfer syntaxes as stored

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from node.errors import NodeError
-from node.releases import (
+from node.round.releases import (
     CARD_FILE,
     ONNX_FILE,
     WEIGHTS_FILE,
@@ -19,12 +19,12 @@ from node.releases import (
     ReleaseRefused,
     accept_release,
 )
-from tessera.audit import AuditLog, read_entries
-from tessera.envelopes import seal_envelope
+from tessera.crypto.signing import generate_signing_key
 from tessera.errors import AuthenticationError
+from tessera.governance.audit import AuditLog, read_entries
 from tessera.models.weights import state_arrays, weights_bytes
-from tessera.release import ModelRelease, ReleaseBundle, build_release, sign_release
-from tessera.signing import generate_signing_key
+from tessera.wire.envelopes import seal_envelope
+from tessera.wire.release import ModelRelease, ReleaseBundle, build_release, sign_release
 from tests.support.models import export_model, small_model
 
 FED, STUDY = "fed-1", "chest-xray"

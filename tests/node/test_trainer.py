@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from node.errors import NodeError
-from node.metrics import binary_auc, macro_auc
-from node.trainer import TrainConfig, run_local_round, select_device, split_validation
+from node.training.metrics import binary_auc, macro_auc
+from node.training.trainer import TrainConfig, run_local_round, select_device, split_validation
 from tessera.models.onnx_export import read_metadata
 from tessera.models.transfer import trainable_parameters
 from tessera.models.weights import load_weights, model_hash

@@ -9,17 +9,17 @@ import pytest
 
 from aggregator.strategies import aggregate_from_vector
 from node.errors import NodeError
-from node.privacy_ledger import PrivacyLedger
-from node.round_training import SiteTraining, train_for_round
-from node.trainer import DPSettings
-from node.update import build_update, encode_update
-from tessera.encoding import decode, derive_ring_params
-from tessera.messages import RoundOpen
+from node.privacy.ledger import PrivacyLedger
+from node.training.federated import SiteTraining, train_for_round
+from node.training.trainer import DPSettings
+from node.training.update import build_update, encode_update
+from tessera.crypto.encoding import decode, derive_ring_params
+from tessera.crypto.sharing import add_into
+from tessera.crypto.update_layout import required_bound, split_update_vector, vector_length
 from tessera.models import TesseraNet
 from tessera.models.transfer import apply_transfer_mode, trainable_parameters
 from tessera.models.weights import model_hash, state_arrays
-from tessera.sharing import add_into
-from tessera.update_layout import required_bound, split_update_vector, vector_length
+from tessera.wire.messages import RoundOpen
 from tests.support.models import ingested_site, small_model
 
 

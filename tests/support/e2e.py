@@ -31,15 +31,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from broker.bundle import load_bundle
 from broker.local_mosquitto import MosquittoProcess
+from broker.provisioning.bundle import load_bundle
 from node.demo.federation import FederationSpec, PreparedFederation, prepare_federation
-from node.privacy_ledger import ledger_path, recorded_epsilon
-from node.releases import ModelStore
+from node.privacy.ledger import ledger_path, recorded_epsilon
+from node.round.releases import ModelStore
 from node.synth.sites import SynthConfig, generate
-from tessera.audit import epsilon_by_study, read_entries
+from tessera.crypto.signing import public_key_bytes
 from tessera.files import atomic_write
-from tessera.signing import public_key_bytes
+from tessera.governance.audit import epsilon_by_study, read_entries
 
 REPO = Path(__file__).resolve().parents[2]
 TESSERA = Path(sys.executable).parent / "tessera"

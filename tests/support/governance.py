@@ -23,10 +23,16 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tessera.approvals import Approval, approve_study, save_approval
-from tessera.manifest import Manifest, load_manifest, loads_manifest, save_manifest, sign_manifest
-from tessera.sealing import generate_hpke_key, hpke_public_bytes, save_hpke_key
-from tessera.signing import generate_signing_key, public_key_bytes, save_private_key
+from tessera.crypto.sealing import generate_hpke_key, hpke_public_bytes, save_hpke_key
+from tessera.crypto.signing import generate_signing_key, public_key_bytes, save_private_key
+from tessera.governance.approvals import Approval, approve_study, save_approval
+from tessera.governance.manifest import (
+    Manifest,
+    load_manifest,
+    loads_manifest,
+    save_manifest,
+    sign_manifest,
+)
 
 STUDY_ID = "chest-xray"
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)

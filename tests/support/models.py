@@ -2,7 +2,7 @@
 
 Nothing here is mocked: synthetic hospitals are written as DICOM files by `node.synth`,
 ingested by `node.intake` (the real preprocessing and cache), and pydicom's own test files
-are decoded by `node.preprocess`.
+are decoded by `node.intake.preprocess`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from pydicom.data import get_testdata_file
 
-from node.cache import CachedDataset
-from node.inference import preprocess_metadata
+from node.inference.runtime import preprocess_metadata
+from node.intake.cache import CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest
-from node.preprocess import PreprocessConfig, decode_dicom_bytes
+from node.intake.preprocess import PreprocessConfig, decode_dicom_bytes
 from node.synth.sites import SynthConfig, generate
 from tessera.models import ModelSpec, TesseraNet, build_model
 from tessera.models.onnx_export import ExportMetadata, export_onnx

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from tessera.encoding import encode
-from tessera.envelopes import share_binding
-from tessera.messages import RoundOpen, ShareEnvelope
-from tessera.sealing import seal
-from tessera.sharing import ShareContext, split
-from tessera.update_layout import sample_weight
+from tessera.crypto.encoding import encode
+from tessera.crypto.sealing import seal
+from tessera.crypto.sharing import ShareContext, split
+from tessera.crypto.update_layout import sample_weight
+from tessera.wire.envelopes import share_binding
+from tessera.wire.messages import RoundOpen, ShareEnvelope
 
 
 def node_update(seed: int, length: int) -> tuple[np.ndarray, float, float]:

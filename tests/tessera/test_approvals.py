@@ -9,7 +9,8 @@ import datetime as dt
 import pytest
 import tomli_w
 
-from tessera.approvals import (
+from tessera.errors import AuthenticationError, ConfigError
+from tessera.governance.approvals import (
     APPROVAL_DOMAIN,
     Approval,
     approve_study,
@@ -18,8 +19,7 @@ from tessera.approvals import (
     load_approvals,
     verify_approval,
 )
-from tessera.errors import AuthenticationError, ConfigError
-from tessera.manifest import _sign_tagged, loads_manifest, study_hash
+from tessera.governance.manifest import _sign_tagged, loads_manifest, study_hash
 from tests.support.governance import NOW, STUDY_ID, build_federation, manifest_document
 
 SECOND_STUDY = {

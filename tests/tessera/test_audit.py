@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.audit import (
+from tessera.governance.audit import (
     KINDS,
     MAX_ENTRY_BYTES,
     Anchor,
@@ -31,7 +31,7 @@ from tessera.audit import (
     read_entries,
     verify,
 )
-from tessera.canonical import canonical_json
+from tessera.governance.canonical import canonical_json
 
 ROOT = Path(__file__).parents[2]
 SAMPLE_FIELDS = {
@@ -250,7 +250,7 @@ def test_two_writers_on_one_file_never_interleave(tmp_path: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import signal, sys
-    from tessera.audit import AuditLog
+    from tessera.governance.audit import AuditLog
     if sys.argv[2] == "default-sigxfsz":
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # the kernel kills us mid-write
     log = AuditLog.open(sys.argv[1])

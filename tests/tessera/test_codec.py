@@ -28,12 +28,12 @@ from wire_examples import (
     small_ring,
 )
 
-from tessera.agreement import PartialSum, ParticipantSet, ReceivedSet
-from tessera.codec import MAGIC, VERSION, MessageType
-from tessera.envelopes import Message, decode_message
 from tessera.errors import CodecError
-from tessera.messages import RoundAbort, RoundOpen, ShareEnvelope
-from tessera.release import ModelRelease
+from tessera.wire.agreement import PartialSum, ParticipantSet, ReceivedSet
+from tessera.wire.codec import MAGIC, VERSION, MessageType
+from tessera.wire.envelopes import Message, decode_message
+from tessera.wire.messages import RoundAbort, RoundOpen, ShareEnvelope
+from tessera.wire.release import ModelRelease
 
 CLASSES = [RoundOpen, ShareEnvelope, ReceivedSet, ParticipantSet, PartialSum, ModelRelease]
 CLASSES.append(RoundAbort)

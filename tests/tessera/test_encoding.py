@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.encoding import RingParams, decode, derive_ring_params, encode
+from tessera.crypto.encoding import RingParams, decode, derive_ring_params, encode
 from tessera.errors import CodecError
 
 bounds = st.floats(min_value=1e-3, max_value=1e9, allow_nan=False, allow_infinity=False)

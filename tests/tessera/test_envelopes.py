@@ -15,8 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wire_examples import any_message, example_round_open
 
-from tessera.agreement import ReceivedSet
-from tessera.envelopes import (
+from tessera.crypto.sealing import generate_hpke_key, open_sealed, seal
+from tessera.crypto.signing import generate_signing_key, sign_envelope
+from tessera.errors import AuthenticationError, CodecError
+from tessera.wire.agreement import ReceivedSet
+from tessera.wire.envelopes import (
     Message,
     open_envelope,
     open_envelope_as,
@@ -25,10 +28,7 @@ from tessera.envelopes import (
     seal_envelope,
     share_binding,
 )
-from tessera.errors import AuthenticationError, CodecError
-from tessera.messages import RoundOpen, ShareEnvelope
-from tessera.sealing import generate_hpke_key, open_sealed, seal
-from tessera.signing import generate_signing_key, sign_envelope
+from tessera.wire.messages import RoundOpen, ShareEnvelope
 
 SIGNING = {name: generate_signing_key() for name in ("node-a", "node-b", "agg-1", "agg-2")}
 PUBLIC: dict[str, Ed25519PublicKey] = {name: k.public_key() for name, k in SIGNING.items()}

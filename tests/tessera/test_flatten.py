@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from tessera.flatten import FlatManifest, ParamSpec, flatten, unflatten
+from tessera.crypto.flatten import FlatManifest, ParamSpec, flatten, unflatten
 
 KNOWN_DIGEST = "195ea42a305ed62afdbf3071c3d83bbac9f466293a08201971a68e3e6da1a7fc"
 EXACT = ["float16", "float32", "int8", "uint8", "int16", "uint16"]

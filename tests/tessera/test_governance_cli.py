@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from tessera.approvals import load_approval, verify_approval
-from tessera.audit import AuditLog
 from tessera.cli import main
-from tessera.manifest import load_manifest, verify_manifest
+from tessera.governance.approvals import load_approval, verify_approval
+from tessera.governance.audit import AuditLog
+from tessera.governance.manifest import load_manifest, verify_manifest
 from tests.support.governance import STUDY_ID, build_federation, manifest_document
 
 

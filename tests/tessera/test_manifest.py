@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tessera.crypto.signing import generate_signing_key, public_key_bytes
 from tessera.errors import AuthenticationError, ConfigError
-from tessera.manifest import (
+from tessera.governance.manifest import (
     MANIFEST_DOMAIN,
     _sign_tagged,
     canonical_bytes,
@@ -29,7 +30,6 @@ from tessera.manifest import (
     study_hash,
     verify_manifest,
 )
-from tessera.signing import generate_signing_key, public_key_bytes
 from tests.support.governance import build_federation, manifest_document
 
 DATA = Path(__file__).parents[1] / "data" / "governance"

@@ -7,9 +7,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from tessera.models import ARCHITECTURES, ModelSpec, build_model
-from tessera.models.weights import model_hash, state_arrays, weights_bytes
-from tessera.update_layout import (
+from tessera.crypto.update_layout import (
     STATS_LENGTH,
     pack_update,
     required_bound,
@@ -17,6 +15,8 @@ from tessera.update_layout import (
     split_update_vector,
     vector_length,
 )
+from tessera.models import ARCHITECTURES, ModelSpec, build_model
+from tessera.models.weights import model_hash, state_arrays, weights_bytes
 
 torch.set_num_threads(1)
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tessera.errors import CodecError
-from tessera.observability import (
+from tessera.observability.http import (
     HealthServer,
     JsonFormatter,
     Request,
@@ -176,7 +176,7 @@ def test_mounted_routes_body_limit_and_errors(
     assert fetch(url + "/v1/echo")[0] == 405  # GET on a POST-only route
     assert fetch(url + "/nowhere")[0] == 404
     assert fetch(url + "/healthz", data=b"x")[0] == 405
-    with caplog.at_level(logging.ERROR, logger="tessera.observability"):
+    with caplog.at_level(logging.ERROR, logger="tessera.observability.http"):
         status, body = fetch(url + "/v1/broken")
     assert (status, json.loads(body)) == (500, {"error": "internal error"})
     # The handler's message (which could quote patient data) reaches neither client nor log.

@@ -13,8 +13,8 @@ import pytest
 
 from tessera.cli import subcommands
 from tessera.errors import AuthenticationError, CodecError, ConfigError
-from tessera.manifest import loads_manifest, study_hash, verify_manifest
-from tessera.privacy_report import (
+from tessera.governance.manifest import loads_manifest, study_hash, verify_manifest
+from tessera.governance.privacy_report import (
     AttackFigures,
     PrivacyAuditReport,
     Rate,

@@ -8,16 +8,16 @@ import hashlib
 import pytest
 from wire_examples import example_release
 
-from tessera.envelopes import open_envelope_as, seal_envelope
+from tessera.crypto.signing import generate_signing_key
 from tessera.errors import AuthenticationError, ConfigError
-from tessera.release import (
+from tessera.wire.envelopes import open_envelope_as, seal_envelope
+from tessera.wire.release import (
     ModelRelease,
     ReleaseBundle,
     release_header_bytes,
     sign_release,
     verify_release,
 )
-from tessera.signing import generate_signing_key
 
 KEYS = {name: generate_signing_key() for name in ("agg-1", "agg-2", "agg-3")}
 PUBLIC = {name: key.public_key() for name, key in KEYS.items()}

@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.errors import AuthenticationError, ConfigError
-from tessera.sealing import (
+from tessera.crypto.sealing import (
     SEAL_OVERHEAD,
     SUITE,
     SealBinding,
@@ -35,6 +34,7 @@ from tessera.sealing import (
     save_hpke_key,
     seal,
 )
+from tessera.errors import AuthenticationError, ConfigError
 
 RFC_A1 = {
     "skRm": "4612c550263fc8ad58375df3f557aac531d26850903e55a9f23f21d8534e8ac8",

@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tessera.encoding import RingParams, decode, derive_ring_params, encode
-from tessera.errors import CodecError
-from tessera.sharing import (
+from tessera.crypto.encoding import RingParams, decode, derive_ring_params, encode
+from tessera.crypto.sharing import (
     Share,
     ShareContext,
     accumulate,
@@ -27,6 +26,7 @@ from tessera.sharing import (
     full_share_holder,
     split,
 )
+from tessera.errors import CodecError
 
 KAT_SEED = bytes(range(32))
 KAT_CONTEXT = ShareContext("fed-kat", "study-kat", 7, "node-kat")

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import tessera.sharing
-from tessera.encoding import derive_ring_params, encode
-from tessera.sharing import ShareContext, expand, split
+import tessera.crypto.sharing
+from tessera.crypto.encoding import derive_ring_params, encode
+from tessera.crypto.sharing import ShareContext, expand, split
 
 ALPHA = 1e-6
 LENGTH = 1 << 19  # uint32 elements: 2 MiB of share bytes, 16 expected per 16-bit bin
@@ -96,7 +96,7 @@ def broken_keystream(kind: str) -> Callable[[bytes, ShareContext, int, int], Ite
             stream = np.arange(nbytes // 4, dtype="<u4").tobytes()
         else:  # "seed ignored": every aggregator's mask is the same, as with a reused seed
             stream = np.random.default_rng(7).bytes(nbytes)
-        step = tessera.sharing._CHUNK_BYTES
+        step = tessera.crypto.sharing._CHUNK_BYTES
         for start in range(0, nbytes, step):
             yield stream[start : start + step]
 
@@ -107,7 +107,7 @@ def broken_keystream(kind: str) -> Callable[[bytes, ShareContext, int, int], Ite
 def test_the_check_catches_a_prg_replaced_by_zeros_or_a_counter(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tessera.sharing, "_keystream_chunks", broken_keystream(kind))
+    monkeypatch.setattr(tessera.crypto.sharing, "_keystream_chunks", broken_keystream(kind))
     expanded = expanded_shares(INPUTS["all zero"], 2)
     with pytest.raises(AssertionError, match="chi-square"):
         assert_uniform(expanded[0], kind)
@@ -118,7 +118,9 @@ def test_the_check_catches_a_prg_replaced_by_zeros_or_a_counter(
 def test_the_check_catches_two_aggregators_with_the_same_mask(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(tessera.sharing, "_keystream_chunks", broken_keystream("seed ignored"))
+    monkeypatch.setattr(
+        tessera.crypto.sharing, "_keystream_chunks", broken_keystream("seed ignored")
+    )
     expanded = expanded_shares(INPUTS["constant"], 3)
     for _, vector in coalition_views(expanded[:1]):
         assert_uniform(vector, "each mask alone still looks uniform")

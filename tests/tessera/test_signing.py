@@ -11,9 +11,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tessera.errors import AuthenticationError, ConfigError
-from tessera.sealing import save_hpke_key
-from tessera.signing import (
+from tessera.crypto.sealing import save_hpke_key
+from tessera.crypto.signing import (
     ENVELOPE_DOMAIN,
     RELEASE_DOMAIN,
     generate_signing_key,
@@ -27,6 +26,7 @@ from tessera.signing import (
     verify_envelope,
     verify_message,
 )
+from tessera.errors import AuthenticationError, ConfigError
 
 KEY = generate_signing_key()
 

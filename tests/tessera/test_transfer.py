@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from node.trainer import TrainConfig, evaluate, run_local_round
-from node.update import build_update
+from node.training.trainer import TrainConfig, evaluate, run_local_round
+from node.training.update import build_update
 from tessera.errors import ConfigError
 from tessera.models import ModelSpec, build_model
 from tessera.models.transfer import (

@@ -6,10 +6,10 @@ import hashlib
 
 from hypothesis import strategies as st
 
-from tessera.agreement import PartialSum, ParticipantSet, ReceivedSet
-from tessera.encoding import RingParams, derive_ring_params
-from tessera.messages import RoundAbort, RoundOpen, ShareEnvelope
-from tessera.release import ModelRelease, ReleaseBundle, build_release
+from tessera.crypto.encoding import RingParams, derive_ring_params
+from tessera.wire.agreement import PartialSum, ParticipantSet, ReceivedSet
+from tessera.wire.messages import RoundAbort, RoundOpen, ShareEnvelope
+from tessera.wire.release import ModelRelease, ReleaseBundle, build_release
 
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
 

@@ -1,0 +1,201 @@
+"""`tessera node ingest`, `tessera node receive` and `tessera synth`.
+
+pydicom, pynetdicom and numpy are imported inside the handlers, so that `tessera --help`
+and the other packages' commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tessera.errors import ConfigError
+
+if TYPE_CHECKING:
+    from node.intake.ingest import IntakeConfig
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+MODALITIES = ("mixed", "ct", "cr", "dx")
+
+
+def register(node_commands: Subparsers) -> None:
+    """Add `ingest` and `receive` under `tessera node`."""
+    ingest = node_commands.add_parser("ingest", help="ingest the DICOM intake folder")
+    _common(ingest)
+    ingest.add_argument(
+        "--labels",
+        type=Path,
+        help="labels CSV (label, split and one key "
+        "column: sop_instance_uid, study_instance_uid or accession_number)",
+    )
+    ingest.add_argument("--label-set", help="the study's labels, comma separated")
+    ingest.add_argument(
+        "--folder-labels",
+        action="store_true",
+        help="take the label from each file's top-level folder",
+    )
+    ingest.add_argument("--size", type=int, default=64, help="model input side in pixels")
+    ingest.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    ingest.add_argument(
+        "--window",
+        default="file",
+        help="file | minmax | ct-soft-tissue | ct-lung | ... | CENTER/WIDTH",
+    )
+    ingest.add_argument("--frame", default="middle", choices=("middle", "first"))
+    ingest.add_argument("--workers", type=int, default=2)
+    ingest.add_argument(
+        "--max-decoded-bytes",
+        type=int,
+        default=1 << 30,
+        help="quarantine images whose header declares more decoded bytes",
+    )
+    ingest.add_argument(
+        "--watch",
+        type=float,
+        metavar="SECONDS",
+        help="keep rescanning every SECONDS until interrupted",
+    )
+    ingest.add_argument("--report", action="store_true", help="print a summary afterwards")
+    ingest.add_argument("--report-only", action="store_true", help="summarise without scanning")
+    ingest.add_argument("--json", action="store_true", help="print the report as JSON")
+    ingest.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="list quarantined files by path (terminal only; never logged)",
+    )
+    ingest.set_defaults(handler=ingest_command)  # fmt: skip
+
+    receive = node_commands.add_parser("receive", help="run the DICOM C-STORE receiver")
+    _common(receive)
+    receive.add_argument("--host", default="0.0.0.0")  # noqa: S104
+    receive.add_argument("--port", type=int, default=11112)
+    receive.add_argument("--ae-title", default="TESSERA")
+    receive.add_argument(
+        "--allow-aet",
+        action="append",
+        default=[],
+        help="accept only these calling AE titles (repeatable)",
+    )
+    receive.set_defaults(handler=receive_command)  # fmt: skip
+
+
+def register_synth(commands: Subparsers) -> None:
+    """Add `tessera synth`."""
+    synth = commands.add_parser("synth", help="write synthetic hospitals' DICOM")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--sites", type=int, default=3)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--images-per-site", type=int, default=200)
+    synth.add_argument(
+        "--skew",
+        type=float,
+        default=0.5,
+        help="label skew across sites: 0 = IID, 1 = prevalence 0.1..0.9",
+    )
+    synth.add_argument("--modality", default="mixed", choices=MODALITIES)
+    synth.add_argument("--size", type=int, default=64, help="written image width in pixels")
+    synth.add_argument("--test-fraction", type=float, default=0.2)
+    synth.set_defaults(handler=synth_command)  # fmt: skip
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--intake", type=Path, default=Path("/data/dicom"))
+    parser.add_argument("--state", type=Path, default=Path("/var/lib/tessera"))
+
+
+def intake_config(args: argparse.Namespace) -> IntakeConfig:
+    """The IntakeConfig that `tessera node ingest`'s arguments describe."""
+    from node.intake.ingest import IntakeConfig
+    from node.intake.preprocess import PreprocessConfig
+    from node.intake.screen import IntakeLimits
+
+    label_set = tuple(x.strip() for x in args.label_set.split(",")) if args.label_set else None
+    return IntakeConfig(
+        intake_dir=args.intake,
+        state_dir=args.state,
+        preprocess=PreprocessConfig(size=args.size, channels=args.channels, window=args.window,
+                                    frame=args.frame),
+        limits=IntakeLimits(max_decoded_bytes=args.max_decoded_bytes),
+        label_set=label_set,
+        labels_csv=args.labels,
+        folder_labels=args.folder_labels,
+        workers=args.workers,
+    )  # fmt: skip
+
+
+def ingest_command(args: argparse.Namespace) -> int:
+    """Run one intake pass (or keep watching), then optionally report."""
+    from node.intake.ingest import run_ingest
+    from node.intake.report import build_report, format_report, quarantined_paths
+    from node.logs import configure_json_logging
+
+    configure_json_logging()
+    with _config_errors():
+        cfg = intake_config(args)
+    if not args.report_only:
+        stop = _stop_event()
+        while True:
+            run_ingest(cfg)
+            if args.watch is None or stop.wait(args.watch):
+                break
+    if args.report or args.report_only:
+        report = build_report(cfg.state_dir, cfg.preprocess.digest())
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.show_paths:
+        for relative, reason, detail in quarantined_paths(cfg):
+            print(f"{reason}\t{relative}\t{detail}")
+    return 0
+
+
+def receive_command(args: argparse.Namespace) -> int:
+    """Serve C-STORE until SIGINT or SIGTERM."""
+    from node.intake.receiver import ReceiverConfig, start_receiver
+    from node.logs import configure_json_logging
+
+    configure_json_logging()
+    with _config_errors():
+        cfg = ReceiverConfig(args.intake, args.state, args.host, args.port, args.ae_title,
+                             tuple(args.allow_aet))  # fmt: skip
+    server = start_receiver(cfg)
+    try:
+        _stop_event().wait()
+    finally:
+        server.shutdown()
+    return 0
+
+
+def synth_command(args: argparse.Namespace) -> int:
+    """Write the synthetic hospitals and print the summary path."""
+    from node.synth.sites import SynthConfig, generate
+
+    with _config_errors():
+        cfg = SynthConfig(out=args.out, sites=args.sites, seed=args.seed,
+                          images_per_site=args.images_per_site, skew=args.skew,
+                          modality=args.modality, size=args.size,
+                          test_fraction=args.test_fraction)  # fmt: skip
+    generate(cfg)
+    print(cfg.out / "synth.json")
+    return 0
+
+
+@contextlib.contextmanager
+def _config_errors() -> Iterator[None]:
+    """Turn a config dataclass's ValueError into ConfigError: one line, exit status 2."""
+    try:
+        yield
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _stop_event() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop

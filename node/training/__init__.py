@@ -1,0 +1,2 @@
+"""Local training: DP-SGD over the intake's cache, the update vector a round sends, and validation
+metrics."""

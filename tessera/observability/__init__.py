@@ -1,0 +1,2 @@
+"""What every service exposes to its operators: structured JSON logs, health and readiness,
+Prometheus metrics."""

@@ -1,0 +1,2 @@
+"""The wire: one codec, every protocol message, signed envelopes, releases and identifiers.
+Pure: no transport, torch or DICOM."""

@@ -1,0 +1,160 @@
+"""Messages of the agreement and summing steps: ReceivedSet, ParticipantSet, PartialSum.
+
+Import them from `tessera.wire.messages`, which re-exports every message class. The conventions
+(validation on construction, CodecError for every fault) are those of `tessera.wire.messages`.
+Node id sets are held sorted and unique, so that one set has exactly one encoding and
+`participant_set_hash` (SHA-256 of `ParticipantSet.to_bytes()`) names it unambiguously.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+from tessera.errors import CodecError
+from tessera.wire.codec import (
+    Bytes,
+    MessageType,
+    Writer,
+    begin,
+    check_context,
+    check_hash,
+    read_context,
+    read_sorted_ids,
+    sorted_ids,
+    write_context,
+)
+from tessera.wire.ids import check_id
+
+DEFAULT_MAX_PARTIAL_SUM = 1 << 30  # 1 GiB
+
+
+@dataclass(frozen=True)
+class ReceivedSet:
+    """The nodes whose shares one aggregator holds. Ids are kept sorted and unique."""
+
+    federation_id: str
+    study_id: str
+    round: int
+    aggregator_id: str
+    node_ids: tuple[str, ...]
+    TYPE: ClassVar[MessageType] = MessageType.RECEIVED_SET
+
+    def __post_init__(self) -> None:
+        check_context(self.federation_id, self.study_id, self.round)
+        check_id("aggregator_id", self.aggregator_id)
+        object.__setattr__(self, "node_ids", sorted_ids("node_ids", self.node_ids))
+
+    @property
+    def sender_id(self) -> str | None:
+        return self.aggregator_id
+
+    def to_bytes(self) -> bytes:
+        """Encode for the wire."""
+        w = Writer(self.TYPE)
+        write_context(w, self.federation_id, self.study_id, self.round)
+        w.id(self.aggregator_id)
+        w.ids(self.node_ids)
+        return w.finish()
+
+    @classmethod
+    def from_bytes(cls, data: Bytes) -> ReceivedSet:
+        """Decode strictly; ids must arrive sorted and unique (one encoding per set)."""
+        r = begin(data, cls.__name__, cls.TYPE)
+        context = read_context(r)
+        aggregator = r.id("aggregator_id")
+        nodes = read_sorted_ids(r, "node_ids")
+        r.done()
+        return cls(*context, aggregator, nodes)
+
+
+@dataclass(frozen=True)
+class ParticipantSet:
+    """The leader's agreed participants: the intersection of the received sets."""
+
+    federation_id: str
+    study_id: str
+    round: int
+    leader_id: str
+    node_ids: tuple[str, ...]
+    TYPE: ClassVar[MessageType] = MessageType.PARTICIPANT_SET
+
+    def __post_init__(self) -> None:
+        check_context(self.federation_id, self.study_id, self.round)
+        check_id("leader_id", self.leader_id)
+        object.__setattr__(self, "node_ids", sorted_ids("node_ids", self.node_ids))
+
+    @property
+    def sender_id(self) -> str | None:
+        return self.leader_id
+
+    def digest(self) -> bytes:
+        """SHA-256 of the encoding: the `participant_set_hash` that partial sums carry."""
+        return hashlib.sha256(self.to_bytes()).digest()
+
+    def to_bytes(self) -> bytes:
+        """Encode for the wire; `digest()` is SHA-256 of these bytes."""
+        w = Writer(self.TYPE)
+        write_context(w, self.federation_id, self.study_id, self.round)
+        w.id(self.leader_id)
+        w.ids(self.node_ids)
+        return w.finish()
+
+    @classmethod
+    def from_bytes(cls, data: Bytes) -> ParticipantSet:
+        """Decode strictly; ids must arrive sorted and unique (one encoding per set)."""
+        r = begin(data, cls.__name__, cls.TYPE)
+        context = read_context(r)
+        leader = r.id("leader_id")
+        nodes = read_sorted_ids(r, "node_ids")
+        r.done()
+        return cls(*context, leader, nodes)
+
+
+@dataclass(frozen=True)
+class PartialSum:
+    """One aggregator's sum over the agreed set, sealed to another aggregator."""
+
+    federation_id: str
+    study_id: str
+    round: int
+    from_aggregator: str
+    to_aggregator: str
+    participant_set_hash: bytes
+    sealed: bytes
+    TYPE: ClassVar[MessageType] = MessageType.PARTIAL_SUM
+
+    def __post_init__(self) -> None:
+        check_context(self.federation_id, self.study_id, self.round)
+        check_id("from_aggregator", self.from_aggregator)
+        check_id("to_aggregator", self.to_aggregator)
+        check_hash("participant_set_hash", self.participant_set_hash)
+        if not isinstance(self.sealed, bytes):
+            raise CodecError("sealed partial sum must be bytes")
+
+    @property
+    def sender_id(self) -> str | None:
+        return self.from_aggregator
+
+    def to_bytes(self) -> bytes:
+        """Encode for the wire."""
+        w = Writer(self.TYPE)
+        write_context(w, self.federation_id, self.study_id, self.round)
+        w.id(self.from_aggregator)
+        w.id(self.to_aggregator)
+        w.hash(self.participant_set_hash)
+        w.blob64(self.sealed)
+        return w.finish()
+
+    @classmethod
+    def from_bytes(cls, data: Bytes, max_payload: int = DEFAULT_MAX_PARTIAL_SUM) -> PartialSum:
+        """Decode strictly; a sealed sum over `max_payload` bytes is refused."""
+        r = begin(data, cls.__name__, cls.TYPE)
+        message = cls(
+            *read_context(r), r.id("from_aggregator"),
+            r.id("to_aggregator"), r.hash("participant_set_hash"),
+            r.blob64("sealed", max_payload),
+        )  # fmt: skip
+        r.done()
+        return message
