@@ -13,7 +13,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy tessera
+	$(VENV)/bin/mypy tessera node aggregator broker
 	$(VENV)/bin/lint-imports
 
 venv: $(STAMP)

@@ -93,7 +93,8 @@ class CachedDataset(Sequence[tuple[np.ndarray, int]]):
                     f"cache shard {shard} is missing; rerun `tessera node ingest` to rebuild it"
                 ) from None
             self._shards[shard] = mapped
-        return mapped[row]
+        image: np.ndarray = mapped[row]
+        return image
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:  # type: ignore[override]
         """(array, label index) of the i-th instance."""

@@ -28,7 +28,8 @@ def resample_matrix(n_in: int, n_out: int) -> np.ndarray:
         weights[empty] = 0.0
         weights[empty, nearest] = 1.0
         sums = weights.sum(axis=1, keepdims=True)
-    return (weights / sums).astype(np.float32)
+    normalised: np.ndarray = (weights / sums).astype(np.float32)
+    return normalised
 
 
 def fitted_shape(rows: int, cols: int, size: int) -> tuple[int, int]:

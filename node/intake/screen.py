@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from node.errors import UnusableImageError
@@ -90,7 +90,7 @@ def _ends_short(ds: Dataset, size: int) -> bool:
     """
     if not len(ds):
         return True  # a header with no dataset after it
-    last = ds.get_item(next(reversed(ds.keys())))  # the element parsed last
+    last = ds.get_item(list(ds.keys())[-1])  # the element parsed last
     length = getattr(last, "length", None)
     value = getattr(last, "value", None)
     if not isinstance(length, int) or length == 0xFFFFFFFF or not isinstance(value, bytes):

@@ -116,7 +116,8 @@ def _binomial_cdf(k: np.ndarray, n: int, p: np.ndarray) -> np.ndarray:
     terms = np.where(i <= k[:, None], terms, -np.inf)
     top = np.max(terms, axis=1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)  # k < 0: every term is -inf, the sum is 0
-    return np.minimum(1.0, np.exp(top[:, 0]) * np.sum(np.exp(terms - top), axis=1))
+    cdf: np.ndarray = np.minimum(1.0, np.exp(top[:, 0]) * np.sum(np.exp(terms - top), axis=1))
+    return cdf
 
 
 def _bisect(decreasing: Callable[[np.ndarray], np.ndarray], goal: float, size: int) -> np.ndarray:
@@ -175,7 +176,8 @@ def epsilon_from_counts(
     fpr_high = clopper_pearson_upper_many(false_pos, non_members, alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
         bound = np.log(np.maximum(tpr_low - delta, 0.0) / fpr_high)
-    return np.maximum(np.nan_to_num(bound, nan=0.0, neginf=0.0), 0.0)
+    epsilons: np.ndarray = np.maximum(np.nan_to_num(bound, nan=0.0, neginf=0.0), 0.0)
+    return epsilons
 
 
 def empirical_epsilon(
