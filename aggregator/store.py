@@ -3,7 +3,8 @@
 What it keeps: rounds (stage, base model, ring parameters, deadline, participants, abort
 reason), the shares received per round (node, kind, the seed or the path of the full-share
 file, the envelope digest), the fact that a partial sum was published for a round, the
-server optimiser's state, and the model registry rows (registry.py writes the files).
+server optimiser's state, and the model registry rows (registry.py writes the files). The
+tables, and how the database is opened, are in store_schema.py; the queries are here.
 
 Ordering rules that make a crash harmless:
 
@@ -45,38 +46,10 @@ from aggregator.records import (
     safe_folder_name,
 )
 from aggregator.rounds import RoundState, Stage
+from aggregator.store_schema import open_database
 
 RESTART_REASON = "aggregator restarted"
 _ORDER = {stage: rank for rank, stage in enumerate(Stage)}  # the happy path, in order
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rounds (
-    study_id TEXT NOT NULL, round INTEGER NOT NULL, stage TEXT NOT NULL,
-    base_model_hash BLOB NOT NULL, ring_params BLOB NOT NULL, vector_length INTEGER NOT NULL,
-    deadline_ms INTEGER NOT NULL, algorithm TEXT NOT NULL, received INTEGER NOT NULL,
-    close_reason TEXT, participants TEXT, model_version TEXT, abort_reason TEXT,
-    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
-    PRIMARY KEY (study_id, round));
-CREATE TABLE IF NOT EXISTS shares (
-    study_id TEXT NOT NULL, round INTEGER NOT NULL, node_id TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('seed', 'full')), seed BLOB, path TEXT,
-    envelope_digest BLOB NOT NULL, received_ms INTEGER NOT NULL,
-    PRIMARY KEY (study_id, round, node_id));
-CREATE TABLE IF NOT EXISTS partial_sums (
-    study_id TEXT NOT NULL, round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL,
-    decided_ms INTEGER NOT NULL, PRIMARY KEY (study_id, round));
-CREATE TABLE IF NOT EXISTS models (
-    study_id TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL,
-    parent_hash BLOB NOT NULL, model_hash BLOB NOT NULL, onnx_hash BLOB NOT NULL,
-    card_hash BLOB NOT NULL, folder TEXT NOT NULL, card_json TEXT NOT NULL,
-    signatures TEXT NOT NULL, created_ms INTEGER NOT NULL,
-    PRIMARY KEY (study_id, version));
-CREATE TABLE IF NOT EXISTS server_state (
-    study_id TEXT PRIMARY KEY, round INTEGER NOT NULL, algorithm TEXT NOT NULL,
-    path TEXT, updated_ms INTEGER NOT NULL);
-"""
 
 
 class Store:
@@ -89,18 +62,7 @@ class Store:
         self._lock = threading.Lock()  # paho callbacks and the main loop may share the store
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.shares_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._check_schema_version()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"state store {self.path} cannot be opened ({exc}); restore it from a backup "
-                "or move it aside to start empty (the model registry folder stays intact)"
-            ) from None
+        self._db = open_database(self.path)
 
     def close(self) -> None:
         """Close the database (a checkpoint folds the WAL back into the main file)."""
@@ -132,16 +94,6 @@ class Store:
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
-
-    def _check_schema_version(self) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise StoreError(
-                f"state store {self.path} has schema {row[0]}, this version reads "
-                f"{SCHEMA_VERSION}; run the matching release or migrate the store"
-            )
 
     # --- rounds -------------------------------------------------------------------------
 

@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from node.demo.run import DemoOptions, Progress, run_demo
+from node.demo.options import DemoOptions
+from node.demo.progress import Progress
+from node.demo.run import run_demo
 
 VARIANTS = {
     "fedavg": {"adaptive": False, "algorithm": "fedavg"},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `tessera demo`."""
-    from node.demo.run import DemoOptions
+    from node.demo.options import DemoOptions
 
     defaults = DemoOptions()
     demo = commands.add_parser(
@@ -31,7 +31,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def demo_command(args: argparse.Namespace) -> int:
     """Run the demo; 0 when every round released a model."""
-    from node.demo.run import DemoOptions, run_demo
+    from node.demo.options import DemoOptions
+    from node.demo.run import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("amqtt").setLevel(logging.CRITICAL)  # its PUBACK retries are noise

@@ -1,0 +1,76 @@
+"""The aggregator's SQLite schema, and how a state store is opened and its version checked.
+
+Tables: `rounds` (one row per round and its stage), `shares` (the shares received per round:
+the seed, or the path of a full share's file), `partial_sums` (the honest-aggregator fact:
+at most one partial sum published per round), `models` (the registry's rows) and
+`server_state` (where the optimiser state that produced the latest model lies). `meta`
+holds the schema version; a store written by another version is refused, never guessed at.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from aggregator.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, stage TEXT NOT NULL,
+    base_model_hash BLOB NOT NULL, ring_params BLOB NOT NULL, vector_length INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL, algorithm TEXT NOT NULL, received INTEGER NOT NULL,
+    close_reason TEXT, participants TEXT, model_version TEXT, abort_reason TEXT,
+    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (study_id, round));
+CREATE TABLE IF NOT EXISTS shares (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, node_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('seed', 'full')), seed BLOB, path TEXT,
+    envelope_digest BLOB NOT NULL, received_ms INTEGER NOT NULL,
+    PRIMARY KEY (study_id, round, node_id));
+CREATE TABLE IF NOT EXISTS partial_sums (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL,
+    decided_ms INTEGER NOT NULL, PRIMARY KEY (study_id, round));
+CREATE TABLE IF NOT EXISTS models (
+    study_id TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL,
+    parent_hash BLOB NOT NULL, model_hash BLOB NOT NULL, onnx_hash BLOB NOT NULL,
+    card_hash BLOB NOT NULL, folder TEXT NOT NULL, card_json TEXT NOT NULL,
+    signatures TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    PRIMARY KEY (study_id, version));
+CREATE TABLE IF NOT EXISTS server_state (
+    study_id TEXT PRIMARY KEY, round INTEGER NOT NULL, algorithm TEXT NOT NULL,
+    path TEXT, updated_ms INTEGER NOT NULL);
+"""
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open or create the store at `path`: WAL, synchronous=FULL, the schema, its version.
+
+    StoreError, naming the fix, when SQLite cannot open it or it has another schema version.
+    """
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(SCHEMA)
+        _check_schema_version(db, path)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"state store {path} cannot be opened ({exc}); restore it from a backup "
+            "or move it aside to start empty (the model registry folder stays intact)"
+        ) from None
+    return db
+
+
+def _check_schema_version(db: sqlite3.Connection, path: Path) -> None:
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    if row is None:
+        db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+    elif int(row[0]) != SCHEMA_VERSION:
+        raise StoreError(
+            f"state store {path} has schema {row[0]}, this version reads "
+            f"{SCHEMA_VERSION}; run the matching release or migrate the store"
+        )

@@ -1,0 +1,122 @@
+"""The demo's closing summary, once the federation has stopped.
+
+`summarise_run` trains the centralised and local-only baselines (`node.demo.report`), prints
+the per-site table, the wire, the privacy spent and the strategy switches, plots the learning
+curves, exports the final model and runs point-of-care inference with it
+(`node.demo.point_of_care`), and returns the report that `run_demo` writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node.config import TrainingSettings
+from node.demo.federation import PreparedFederation
+from node.demo.options import DemoOptions
+from node.demo.point_of_care import export_final_model, infer_held_out
+from node.demo.progress import Progress
+from node.demo.report import (
+    BaselinePlan,
+    RunRecord,
+    Score,
+    baselines,
+    load_site_data,
+    mean,
+    plot_curves,
+)
+
+
+def summarise_run(
+    opts: DemoOptions,
+    out: Path,
+    prepared: PreparedFederation,
+    record: RunRecord,
+    curve: list[tuple[int, dict[str, Score]]],
+    show: Progress,
+) -> dict[str, object]:
+    """Baselines, the printed summary, the plot, the final model and inference; the report."""
+    from node.daemon import study_preprocess
+    from node.round.releases import open_model_store
+
+    spec = prepared.spec
+    study = prepared.study()
+    model_def = prepared.study_model()
+    preprocess = study_preprocess(model_def)
+    data = [load_site_data(s, prepared.state(s), preprocess) for s in spec.sites]
+    plan = BaselinePlan(
+        epochs=max(1, len(curve)) * opts.local_epochs,
+        batch_size=opts.batch_size,
+        learning_rate=opts.learning_rate,
+        noise_multiplier=opts.noise_multiplier,
+        max_grad_norm=TrainingSettings().max_grad_norm,  # the nodes': the demo keeps the default
+        seed=opts.seed,
+    )
+    work = out / "baselines"
+    work.mkdir()
+    central, local = baselines(model_def, data, plan, work)
+    final = curve[-1][1] if curve else {}
+    show.say("")
+    show.say("Held-out accuracy / AUC per site")
+    show.say(
+        f"  {'site':8} {'test n':>6}  {'federated':>15}  {'centralised':>15}  {'local-only':>15}"
+    )
+    for d in data:
+        f = final.get(d.site)
+        fed = f"{f.accuracy:.3f} / {f.auc:.3f}" if f else "-"
+        c, loc = central[d.site], local[d.site]
+        show.say(
+            f"  {d.site:8} {len(d.test_y):>6}  {fed:>15}  "
+            f"{c.accuracy:.3f} / {c.auc:.3f}  {loc.accuracy:.3f} / {loc.auc:.3f}"
+        )
+    show.say(
+        f"  {'mean':8} {'':>6}  {mean(final, 'accuracy'):.3f} / {mean(final, 'auc'):.3f}  "
+        f"{mean(central, 'accuracy'):.3f} / {mean(central, 'auc'):.3f}  "
+        f"{mean(local, 'accuracy'):.3f} / {mean(local, 'auc'):.3f}"
+    )
+    ratio = record.bytes_sent / record.plaintext_bytes if record.plaintext_bytes else float("nan")
+    show.say(
+        f"Bytes on the wire (node uploads): {record.bytes_sent:,} sealed shares vs "
+        f"{record.plaintext_bytes:,} plaintext float32 = {ratio:.2f}x "
+        f"(one share per aggregator)"
+    )
+    show.say(
+        "Epsilon spent per site (DP-SGD, RDP accountant, delta "
+        f"{study.dp.delta:g}): "
+        + ", ".join(f"{s} {e:.2f}" for s, e in sorted(record.epsilon.items()))
+    )
+    if record.switches:
+        for switch in record.switches:
+            show.say(f"Strategy switch: {switch}")
+    else:
+        show.say(
+            "Strategy switches: none (the adaptive policy kept "
+            f"{record.rounds[-1]['algorithm'] if record.rounds else '-'})"
+        )
+    files = {}
+    if curve:
+        plot_curves(out / "learning-curves.png", curve, central, local)
+        files["plot"] = str(out / "learning-curves.png")
+        files.update(
+            export_final_model(out, prepared, open_model_store(prepared.state(spec.sites[0])))
+        )
+        show.say(f"Learning curves: {files['plot']}")
+        show.say(
+            f"Final signed model: {files['onnx']} (release with both signatures: "
+            f"{files['release']})"
+        )
+        show.say("6/6 point-of-care inference on held-out DICOM files with that ONNX model:")
+        files["inference"] = infer_held_out(out, prepared, Path(files["onnx"]), show)
+    return {
+        "options": {k: str(v) for k, v in vars(opts).items()},
+        "rounds": record.rounds,
+        "aborts": record.aborts,
+        "joined": record.joined,
+        "epsilon": record.epsilon,
+        "switches": record.switches,
+        "bytes_sent": record.bytes_sent,
+        "plaintext_bytes": record.plaintext_bytes,
+        "federated": {s: vars(v) for s, v in final.items()},
+        "centralised": {s: vars(v) for s, v in central.items()},
+        "local_only": {s: vars(v) for s, v in local.items()},
+        "files": files,
+    }
