@@ -261,8 +261,8 @@ def _follow(
     show: Progress,
 ) -> tuple[RunRecord, list[tuple[int, dict[str, Score]]]]:
     """Follow the logs until the last round ends; score each release as it lands."""
-    from node.daemon import study_preprocess
     from node.round.releases import open_model_store
+    from node.setup import study_preprocess
 
     spec = prepared.spec
     preprocess = study_preprocess(prepared.study_model())
@@ -340,8 +340,8 @@ def _report(
     curve: list[tuple[int, dict[str, Score]]],
     show: Progress,
 ) -> dict[str, object]:
-    from node.daemon import study_preprocess
     from node.round.releases import open_model_store
+    from node.setup import study_preprocess
 
     spec = prepared.spec
     study = prepared.study()
