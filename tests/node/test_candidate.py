@@ -202,6 +202,19 @@ def test_a_candidate_of_a_round_not_joined_is_ignored(
     assert ctx.run_audit.calls == 0 and entries(ctx) == []  # type: ignore[attr-defined]
 
 
+def test_a_later_rounds_candidate_must_descend_from_that_rounds_base(
+    fed: Federation, data: IngestedSite, model: StudyModel, joined: RoundOpen, tmp_path: Path
+) -> None:
+    later = dataclasses.replace(joined, round=2, model_version=1)  # from version 1, not genesis
+    # The default budget fails fast here (8 non-members): enough to see the audit was reached.
+    ctx = make_ctx(fed, data, model, tmp_path, budget=AuditConfig(shadow_models=2))
+    ctx.joined.remember(later)
+    from_genesis = sent(fed, candidate(fed, model, later, parent_hash=bytes(32)))
+    assert audit_candidate(from_genesis, ctx) == CandidateRefused("not-from-our-base")
+    outcome = audit_candidate(sent(fed, candidate(fed, model, later)), ctx)
+    assert isinstance(outcome, AuditFailed) and outcome.round == 2
+
+
 def test_a_failed_audit_sends_nothing_and_is_audited_once(
     fed: Federation, data: IngestedSite, model: StudyModel, joined: RoundOpen, tmp_path: Path
 ) -> None:
