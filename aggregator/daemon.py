@@ -4,10 +4,10 @@ Start-up, in order, each step failing with a message that names the fix:
 
 1. the configuration (`aggregator.config`), the startup bundle and its coordinator-signed
    roster; the manifest, verified against the bundle's pinned coordinator key, and checked
-   to name the same members and keys as the roster
-   (`broker.provisioning.roster.check_manifest_agrees`);
+   to name the same members and keys as the roster (`broker.provisioning.member`, as for
+   a node);
 2. the study's terms: this aggregator's k and clip norm may be stricter than the study's,
-   never looser; the model the study trains (`tessera.models.study`);
+   never looser; the model the study trains (`aggregator.setup`);
 3. the private keys, then the state store: `store.recover()` aborts any round a crash left
    in flight and deletes its shares, so a restarted aggregator never resumes a round;
 4. the HTTP endpoints (`/healthz`, `/readyz`: broker connected, keys and store loaded;
@@ -30,101 +30,27 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
 
 from aggregator.config import AggregatorConfig
-from aggregator.errors import AggregatorConfigError
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
 from aggregator.rounds import Stage
-from aggregator.service import AggregatorService, Outgoing, RosterKeys, ServiceKeys
+from aggregator.service import AggregatorService, Outgoing, ServiceKeys
+from aggregator.setup import StudySetup, load_study_setup
 from aggregator.store import RESTART_REASON, Store
 from broker import topics
-from broker.provisioning.bundle import Bundle, load_bundle
-from broker.provisioning.roster import check_manifest_agrees
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
 from tessera.crypto.sealing import load_hpke_key
-from tessera.crypto.signing import load_private_key, public_key_bytes
+from tessera.crypto.signing import load_private_key
 from tessera.governance.audit import AuditLog
-from tessera.governance.manifest import Manifest, load_manifest, verify_manifest
-from tessera.governance.manifest_model import Study
-from tessera.models.study import StudyModel
 from tessera.observability.http import HealthServer
 from tessera.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("tessera.aggregator.daemon")
 TICK_S = 0.5
 AUDIT_FILE = "audit.log"
-
-
-@dataclass(frozen=True)
-class StudySetup:
-    """What start-up derives from the bundle and the manifest for one study."""
-
-    bundle: Bundle
-    manifest: Manifest  # verified against the bundle's pinned coordinator key
-    study: Study
-    model: StudyModel
-    roster: RosterKeys
-    max_rounds: int
-
-    @property
-    def roster_sites(self) -> tuple[str, ...]:
-        """Every site of the roster: the nodes each round expects."""
-        return tuple(sorted(self.roster.node_signing))
-
-
-def load_study_setup(config: AggregatorConfig) -> StudySetup:
-    """Steps 1 and 2 of start-up (see the module docstring)."""
-    if config.bundle_dir is None:
-        raise AggregatorConfigError(
-            "bundle_dir is not set; point it at this aggregator's startup bundle from "
-            "`tessera provision` (it holds the roster the service trusts)"
-        )
-    bundle = load_bundle(config.bundle_dir)
-    manifest = load_manifest(config.manifest)
-    verify_manifest(manifest, public_key_bytes(bundle.coordinator_key))
-    check_manifest_agrees(bundle.roster, manifest)
-    study = manifest.study(config.study_id)
-    if study is None:
-        known = ", ".join(s.id for s in manifest.studies)
-        raise AggregatorConfigError(
-            f"study_id = {config.study_id!r} is not in the manifest ({known})"
-        )
-    architecture = config.architecture or _only(study.architectures, "architecture")
-    rounds = config.round
-    if rounds.min_participants < study.min_participants:
-        raise AggregatorConfigError(
-            f"round.min_participants = {rounds.min_participants} is below the study's k = "
-            f"{study.min_participants}; use at least that"
-        )
-    if rounds.clip_norm > study.clip_norm:
-        raise AggregatorConfigError(
-            f"round.clip_norm = {rounds.clip_norm} is above the study's {study.clip_norm}; "
-            "nodes would refuse every round"
-        )
-    roster = bundle.roster
-    signing, hpke = roster.signing_keys(), roster.hpke_keys()
-    keys = RosterKeys(
-        aggregator_ids=roster.aggregator_ids,
-        aggregator_signing={a: signing[a] for a in roster.aggregator_ids},
-        aggregator_hpke={a: hpke[a] for a in roster.aggregator_ids},
-        node_signing={s: signing[s] for s in roster.site_ids},
-    )
-    limit = study.max_rounds if rounds.max_rounds == 0 else min(rounds.max_rounds, study.max_rounds)
-    model = StudyModel.from_study(manifest.federation_id, study, architecture)
-    return StudySetup(bundle, manifest, study, model, keys, limit)
-
-
-def _only(values: tuple[str, ...], what: str) -> str:
-    if len(values) != 1:
-        raise AggregatorConfigError(
-            f"the study allows {len(values)} {what}s ({', '.join(values)}); set {what} in the "
-            "configuration to choose one"
-        )
-    return values[0]
 
 
 class AggregatorDaemon:

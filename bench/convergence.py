@@ -33,11 +33,11 @@ from aggregator.strategies import (
     apply_update,
     fedavg,
 )
-from node.daemon import study_preprocess
 from node.demo.federation import FederationSpec, prepare_federation
 from node.demo.report import BaselinePlan, SiteData, baselines, load_site_data, mean
 from node.intake.ingest import IntakeConfig, run_ingest
 from node.privacy.ledger import PrivacyLedger
+from node.setup import study_preprocess
 from node.synth.sites import SynthConfig, generate
 from node.training.trainer import DPSettings, TrainConfig, evaluate, run_local_round
 from node.training.update import build_update

@@ -52,8 +52,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def models_command(args: argparse.Namespace) -> int:
     """List, pin, unpin or roll back; prints what is served afterwards."""
-    from node.daemon import AUDIT_FILE
     from node.round.releases import open_model_store
+    from node.setup import AUDIT_FILE
     from tessera.governance.audit import AuditLog
 
     with AuditLog.open(args.state / AUDIT_FILE, counts_only=True) as audit:

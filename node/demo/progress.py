@@ -70,8 +70,8 @@ def follow_rounds(
     show: Progress,
 ) -> tuple[RunRecord, list[tuple[int, dict[str, Score]]]]:
     """Follow the logs until the last round ends; score each release as it lands."""
-    from node.daemon import study_preprocess
     from node.round.releases import open_model_store
+    from node.setup import study_preprocess
 
     spec = prepared.spec
     preprocess = study_preprocess(prepared.study_model())

@@ -35,8 +35,8 @@ def summarise_run(
     show: Progress,
 ) -> dict[str, object]:
     """Baselines, the printed summary, the plot, the final model and inference; the report."""
-    from node.daemon import study_preprocess
     from node.round.releases import open_model_store
+    from node.setup import study_preprocess
 
     spec = prepared.spec
     study = prepared.study()

@@ -35,10 +35,10 @@ from pathlib import Path
 import pytest
 from support.e2e import LiveFederation
 
-from node.daemon import study_preprocess
 from node.demo.federation import FederationSpec
 from node.demo.report import BaselinePlan, baselines, load_site_data, mean, score_onnx
 from node.round.releases import open_model_store
+from node.setup import study_preprocess
 
 LEADER = "agg-uni"
 IMAGES = 240  # per site; half held out. Fewer than a site needs alone: see the docstring

@@ -15,10 +15,10 @@ import pydicom
 import pytest
 from support.e2e import LiveFederation
 
-from node.daemon import study_preprocess
 from node.demo.federation import FederationSpec
 from node.intake.cache import CachedDataset
 from node.intake.phi import instance_key, load_or_create_site_secret
+from node.setup import study_preprocess
 from tests.node.test_receiver import storescu
 
 SITE = "site-a"
