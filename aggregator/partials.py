@@ -3,9 +3,9 @@
 `seal_partial_sums` seals this aggregator's one partial sum to each other aggregator, bound
 to the round and to the participant set's hash. `open_partial_sum` opens one it received and
 refuses it unless it covers exactly the set this aggregator agreed to: adding sums over two
-different sets would decode to garbage, or worse, to one hospital's update;
-`open_partial_sums` opens all of a round's. `combine_round` adds all S partial sums and
-decodes the aggregate.
+different sets would decode to garbage, or worse, to one hospital's update
+(`open_partial_sums` opens every one a round received). `combine_round` adds all S partial
+sums and decodes the aggregate.
 """
 
 from __future__ import annotations
