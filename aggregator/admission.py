@@ -102,12 +102,13 @@ def open_share(
 
 
 def collection_close_reason(
-    now_ms: int, deadline_ms: int, held: Collection[str], expected: Collection[str]
+    now_ms: int | None, deadline_ms: int, held: Collection[str], expected: Collection[str]
 ) -> str | None:
     """ "all-reported" once every expected node is held, "deadline" once it has passed,
-    else None (keep collecting). All-reported wins when both hold."""
+    else None (keep collecting). All-reported wins when both hold. `now_ms` None (on a
+    share, not on the clock) asks only whether everyone reported."""
     if set(expected) <= set(held):
         return "all-reported"
-    if now_ms >= deadline_ms:
+    if now_ms is not None and now_ms >= deadline_ms:
         return "deadline"
     return None

@@ -1,4 +1,5 @@
-"""The leader's pure steps: plan a round (the RoundOpen it announces) and its store record.
+"""The leader's pure steps: plan a round (the RoundOpen it announces) and its store record;
+and the followers' check of a RoundOpen they receive.
 
 The ring encoding is derived from the update layout's bound (DESIGN.md section 3, "overflow
 is impossible by construction"): with weights scaled into (0, 1], every coordinate of one
@@ -12,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aggregator.config import AggregatorConfig, RoundSettings
-from aggregator.errors import AggregatorConfigError
+from aggregator.errors import AggregatorConfigError, MessageRejected
 from aggregator.records import RoundRecord
 from aggregator.rounds import RoundState
 from aggregator.strategies import ALGORITHMS
 from tessera.crypto.encoding import RingParams, derive_ring_params
 from tessera.crypto.update_layout import required_bound
+from tessera.wire.envelopes import require_fields
 from tessera.wire.messages import RoundOpen
 
 
@@ -90,6 +92,20 @@ def plan_round(
         weight_cap=settings.weight_cap,
         loss_cap=settings.loss_cap,
     )
+
+
+def check_round_open(
+    message: RoundOpen, signer: str, config: AggregatorConfig, held_round: int | None
+) -> None:
+    """A follower's checks of a RoundOpen before it holds the round: signed by this study's
+    leader, for this federation and study, and newer than `held_round` (the round this
+    aggregator holds, if any). MessageRejected (AuthenticationError for another federation
+    or study) otherwise. The base model is checked by the caller, which holds it."""
+    if signer != config.leader_id or message.leader_id != signer:
+        raise MessageRejected(f"RoundOpen signed by {signer!r}, the leader is {config.leader_id!r}")
+    require_fields(message, federation_id=config.federation_id, study_id=config.study_id)
+    if held_round is not None and message.round <= held_round:
+        raise MessageRejected(f"RoundOpen for round {message.round} is not new")
 
 
 def round_record(announcement: RoundOpen) -> RoundRecord:

@@ -3,8 +3,9 @@
 `seal_partial_sums` seals this aggregator's one partial sum to each other aggregator, bound
 to the round and to the participant set's hash. `open_partial_sum` opens one it received and
 refuses it unless it covers exactly the set this aggregator agreed to: adding sums over two
-different sets would decode to garbage, or worse, to one hospital's update. `combine_round`
-adds all S partial sums and decodes the aggregate.
+different sets would decode to garbage, or worse, to one hospital's update
+(`open_partial_sums` opens every one a round received). `combine_round` adds all S partial
+sums and decodes the aggregate.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aggregator.errors import AggregatorError, PartialSumRejected
 from tessera.crypto.encoding import decode
 from tessera.crypto.sealing import open_sealed, seal
 from tessera.crypto.sharing import combine
+from tessera.errors import TesseraError
 from tessera.wire.envelopes import partial_sum_binding
 from tessera.wire.messages import PartialSum, RoundOpen
 
@@ -102,6 +104,30 @@ def open_partial_sum(
     vector = np.frombuffer(plaintext, dtype=dtype.newbyteorder("<"))
     result: np.ndarray = vector.astype(dtype)
     return result
+
+
+def open_partial_sums(
+    own: np.ndarray,
+    received: Mapping[str, PartialSum],
+    announcement: RoundOpen,
+    aggregator_id: str,
+    private_key: X25519PrivateKey,
+    agreed_set_hash: bytes,
+) -> dict[str, np.ndarray]:
+    """Every aggregator's partial sum: `own`, and each of `received` opened with
+    `open_partial_sum`. PartialSumRejected naming the first (by id) that does not open, and
+    why in one word: the round must abort."""
+    vectors = {aggregator_id: own}
+    for other in sorted(received):
+        try:
+            vectors[other] = open_partial_sum(
+                received[other], announcement, aggregator_id, private_key, agreed_set_hash
+            )
+        except (TesseraError, ValueError) as exc:
+            raise PartialSumRejected(
+                f"partial sum from {other} refused: {type(exc).__name__}"
+            ) from exc
+    return vectors
 
 
 def combine_round(

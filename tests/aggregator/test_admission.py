@@ -119,3 +119,5 @@ def test_collection_closes_when_all_reported_or_at_the_deadline() -> None:
     assert collection_close_reason(10_000, 10_000, ["site-a"], expected) == "deadline"
     assert collection_close_reason(5_000, 10_000, expected, expected) == "all-reported"
     assert collection_close_reason(11_000, 10_000, expected, expected) == "all-reported"
+    assert collection_close_reason(None, 10_000, ["site-a"], expected) is None  # on a share
+    assert collection_close_reason(None, 10_000, expected, expected) == "all-reported"

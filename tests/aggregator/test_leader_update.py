@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig, BrokerSettings, RoundSettings, StrategySettings
-from aggregator.errors import AggregatorConfigError, StrategyError
-from aggregator.leader import plan_round, ring_bound, round_record
+from aggregator.errors import AggregatorConfigError, MessageRejected, StrategyError
+from aggregator.leader import check_round_open, plan_round, ring_bound, round_record
 from aggregator.rounds import Stage
 from aggregator.strategies import Aggregate, ServerState
 from aggregator.update import apply_round
 from tessera.crypto.encoding import decode, encode
 from tessera.crypto.sharing import combine
+from tessera.errors import AuthenticationError
 from tessera.wire.messages import RoundOpen
 
 CONFIG = AggregatorConfig(
@@ -75,6 +76,20 @@ def test_only_the_leader_plans_and_only_for_at_least_k_nodes() -> None:
         plan(dataclasses.replace(CONFIG, aggregator_id="agg-2"))
     with pytest.raises(AggregatorConfigError, match="fewer than"):
         plan(nodes=("site-a",))
+
+
+def test_a_follower_accepts_only_a_new_round_opened_by_its_leader() -> None:
+    follower = dataclasses.replace(CONFIG, aggregator_id="agg-2")
+    announcement = plan()  # round 4, led by agg-1
+    check_round_open(announcement, "agg-1", follower, held_round=None)
+    check_round_open(announcement, "agg-1", follower, held_round=3)
+    with pytest.raises(MessageRejected, match="the leader is 'agg-1'"):
+        check_round_open(announcement, "agg-2", follower, held_round=None)
+    with pytest.raises(MessageRejected, match="not new"):
+        check_round_open(announcement, "agg-1", follower, held_round=4)
+    other_study = dataclasses.replace(follower, study_id="study-2")
+    with pytest.raises(AuthenticationError):
+        check_round_open(announcement, "agg-1", other_study, held_round=None)
 
 
 def params() -> dict[str, np.ndarray]:

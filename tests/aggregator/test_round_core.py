@@ -16,7 +16,12 @@ from aggregator.accumulator import ShareAccumulator
 from aggregator.admission import aggregator_index, check_share_envelope, open_share
 from aggregator.agreement import check_partial_sum_request, intersect_received
 from aggregator.errors import PartialSumRefused, PartialSumRejected
-from aggregator.partials import combine_round, open_partial_sum, seal_partial_sums
+from aggregator.partials import (
+    combine_round,
+    open_partial_sum,
+    open_partial_sums,
+    seal_partial_sums,
+)
 from aggregator.records import RoundRecord
 from aggregator.registry import weights_bytes
 from aggregator.rounds import (
@@ -204,3 +209,18 @@ def test_partial_sums_for_the_wrong_round_or_peer_are_rejected() -> None:
         combine_round({"agg-1": np.zeros(OPEN.vector_length, RING.dtype)}, OPEN, 3)
     with pytest.raises(PartialSumRejected, match=r"\[5\]"):
         seal_partial_sums(np.zeros(5, RING.dtype), OPEN, "agg-1", b"h" * 32, {})
+
+
+def test_a_partial_sum_that_does_not_open_names_its_sender_for_the_abort() -> None:
+    own = np.arange(OPEN.vector_length, dtype=RING.dtype)
+    to_agg2 = {"agg-2": HPKE["agg-2"].public_key()}
+    (message,) = seal_partial_sums(own, OPEN, "agg-1", b"h" * 32, to_agg2)
+    opened = open_partial_sums(own, {"agg-1": message}, OPEN, "agg-2", HPKE["agg-2"], b"h" * 32)
+    assert set(opened) == {"agg-1", "agg-2"}
+    np.testing.assert_array_equal(opened["agg-1"], own)
+    refused = "partial sum from agg-1 refused: PartialSumRejected"
+    with pytest.raises(PartialSumRejected, match=refused):  # over another participant set
+        open_partial_sums(own, {"agg-1": message}, OPEN, "agg-2", HPKE["agg-2"], b"x" * 32)
+    forged = dataclasses.replace(message, sealed=bytes(len(message.sealed)))
+    with pytest.raises(PartialSumRejected, match="refused: AuthenticationError"):
+        open_partial_sums(own, {"agg-1": forged}, OPEN, "agg-2", HPKE["agg-2"], b"h" * 32)

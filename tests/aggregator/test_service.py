@@ -299,7 +299,7 @@ def test_forged_misrouted_and_replayed_shares_are_rejected_and_logged(
     leader = fed.services[LEADER]
     _, fresh = fed.shares("site-a", 7)
     mallory = generate_signing_key()
-    envelope = open_envelope(fresh["agg-1"].payload, fed.services[LEADER]._keys_all, 1 << 30)
+    envelope = open_envelope(fresh["agg-1"].payload, fed.services[LEADER].signers, 1 << 30)
     assert isinstance(envelope.message, ShareEnvelope)
     tampered = bytearray(fresh["agg-1"].payload)
     tampered[-80] ^= 1

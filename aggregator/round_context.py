@@ -1,0 +1,249 @@
+"""The round an aggregator holds in memory, as one object: what the leader announced, where
+the state machine stands, what has arrived so far, and the store every move is persisted to.
+
+`RoundContext.open` records a new round; `move` runs the pure `rounds.transition`, persists
+the state it returns and, once the round is over (released or aborted), deletes its shares,
+seeds and files alike: nothing secret outlives its round. The steps that touch only the
+round are here too, each over the pure helpers: `admit_share` (aggregator.admission),
+`close_collection`, `partial_sums_for` (aggregator.agreement, aggregator.partials), and
+`keep_received` and `keep_partial`, which keep what the other aggregators send whenever it
+arrives (first copy wins). Which step comes when, and what is sent, is the protocol's
+business (aggregator.service).
+
+Also here: what a round starts from, `base_model` (the newest release, or the genesis
+model) and `latest_server_state` (the server optimiser's state after that release).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from aggregator.accumulator import ShareAccumulator
+from aggregator.admission import (
+    aggregator_index,
+    check_share_envelope,
+    collection_close_reason,
+    open_share,
+)
+from aggregator.agreement import check_partial_sum_request
+from aggregator.errors import DuplicateShare, MessageRejected
+from aggregator.leader import round_record
+from aggregator.partials import seal_partial_sums
+from aggregator.registry import GENESIS_PARENT, Registry, weights_bytes
+from aggregator.release_build import BuiltRelease
+from aggregator.rounds import (
+    CollectionClosed,
+    Event,
+    ParticipantsAgreed,
+    RoundState,
+    ShareAccepted,
+    Stage,
+    transition,
+)
+from aggregator.store import Store
+from aggregator.strategies import ServerState, server_state_from_bytes
+from tessera.governance.privacy_report import PrivacyAuditReport
+from tessera.wire.envelopes import Message, require_fields
+from tessera.wire.messages import (
+    ModelRelease,
+    PartialSum,
+    ParticipantSet,
+    RoundOpen,
+    ShareEnvelope,
+)
+
+# One logger for all of the service's events, wherever the step lives.
+log = logging.getLogger("tessera.aggregator.service")
+
+
+def ms(seconds: float) -> int:
+    """Seconds as the whole milliseconds that deadlines are counted in."""
+    return int(seconds * 1000)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """What the next round trains on: its parameters and version, and the hash that the
+    new model names as its parent."""
+
+    params: Mapping[str, np.ndarray]
+    version: int
+    parent_hash: bytes
+
+    def weights_hash(self) -> bytes:
+        """SHA-256 of the weights' canonical bytes: what a RoundOpen names as its base."""
+        return hashlib.sha256(weights_bytes(self.params)).digest()
+
+
+def base_model(registry: Registry, study_id: str, genesis: Mapping[str, np.ndarray]) -> BaseModel:
+    """The study's newest released model, or the genesis model before the first release."""
+    latest = registry.latest(study_id)
+    if latest is None:
+        return BaseModel(genesis, 0, GENESIS_PARENT)
+    record = latest.record
+    weights = registry.weights(record.study_id, record.version)
+    return BaseModel(weights, record.version, record.model_hash)
+
+
+def latest_server_state(store: Store, study_id: str) -> ServerState:
+    """The server optimiser's state after the newest release (empty before the first)."""
+    stored = store.server_state(study_id)
+    if stored is None or stored.path is None:
+        return ServerState()
+    return server_state_from_bytes(Path(stored.path).read_bytes())
+
+
+@dataclass(eq=False)
+class RoundContext:
+    """What this aggregator keeps of the round in progress, and the store it persists to."""
+
+    store: Store
+    announcement: RoundOpen
+    state: RoundState
+    accumulator: ShareAccumulator
+    base_params: Mapping[str, np.ndarray]
+    version: int  # of the model this round releases
+    parent_hash: bytes
+    stall_ms: int  # past this, a round that is not collecting any more aborts
+    received: dict[str, tuple[str, ...]] = field(default_factory=dict)  # leader only
+    set_hash: bytes | None = None
+    partials: dict[str, PartialSum] = field(default_factory=dict)
+    own_partial: np.ndarray | None = None
+    epsilon: dict[str, float] = field(default_factory=dict)  # per node, from its shares
+    candidate: BuiltRelease | None = None  # audited studies: the release before the gate
+    audit_deadline_ms: int | None = None
+    reports: dict[str, PrivacyAuditReport] = field(default_factory=dict)  # per site
+    built: BuiltRelease | None = None  # the release to sign (after the gate, if audited)
+    note_sent: bool = False  # follower: its signature is out; the leader decides now
+    notes: dict[str, ModelRelease] = field(default_factory=dict)  # leader only
+
+    @classmethod
+    def open(
+        cls,
+        announcement: RoundOpen,
+        *,
+        me: str,
+        base: BaseModel,
+        store: Store,
+        agreement_timeout_s: float,
+    ) -> RoundContext:
+        """Record the announced round in `store` and hold it, at stage OPEN."""
+        store.create_round(round_record(announcement))
+        accumulator = ShareAccumulator(
+            federation_id=announcement.federation_id,
+            study_id=announcement.study_id,
+            round_number=announcement.round,
+            aggregator_index=aggregator_index(announcement, me),
+            params=announcement.ring,
+            length=announcement.vector_length,
+            ledger=store,
+        )
+        return cls(
+            store,
+            announcement,
+            RoundState(announcement.round),
+            accumulator,
+            base.params,
+            base.version + 1,
+            base.parent_hash,
+            stall_ms=announcement.deadline_ms + ms(agreement_timeout_s),
+        )
+
+    @property
+    def is_over(self) -> bool:
+        """True once the round is released or aborted."""
+        return self.state.stage.is_terminal
+
+    def move(self, event: Event) -> None:
+        """Move the state machine and persist the state; purge the shares once it is over."""
+        study = self.announcement.study_id
+        self.state = transition(self.state, event)
+        self.store.save_state(study, self.state)
+        if self.state.stage.is_terminal:
+            self.store.purge_shares(study, self.state.round)
+
+    def close_collection(self, now_ms: int | None) -> tuple[str, ...] | None:
+        """The node ids held, if collection closes now (the round moves to AGREEING): at
+        the deadline, or once every expected node reported (all that `now_ms` None, on a
+        share, asks). None while it stays open, or once it is no longer collecting."""
+        if self.state.stage is not Stage.COLLECTING:
+            return None
+        a = self.announcement
+        if now_ms is None and self.state.received < len(a.expected_nodes):
+            return None  # on a share, before everyone reported: nothing to read (O(1), not O(N))
+        held = self.store.held_nodes(a.study_id, a.round)
+        reason = collection_close_reason(now_ms, a.deadline_ms, held, a.expected_nodes)
+        if reason is None:
+            return None
+        self.move(CollectionClosed(reason))
+        return held
+
+    def partial_sums_for(
+        self, participants: ParticipantSet, me: str, hpke: Mapping[str, X25519PublicKey]
+    ) -> list[PartialSum]:
+        """This aggregator's one partial sum over the agreed set, sealed to each other
+        aggregator, once the set passed its own checks (PartialSumRefused otherwise). The
+        move to SUMMING is committed with the partial-sum decision, in one transaction."""
+        a = self.announcement
+        members = check_partial_sum_request(
+            round_number=a.round,
+            requested=participants.node_ids,
+            requested_hash=participants.digest(),
+            held=self.store.held_nodes(a.study_id, a.round),
+            expected_nodes=a.expected_nodes,
+            min_participants=a.min_participants,
+            already_published=self.store.published_sum(a.study_id, a.round),
+        )
+        self.state = transition(self.state, ParticipantsAgreed(members))
+        self.set_hash = participants.digest()
+        self.store.decide_partial_sum(a.study_id, self.state, self.set_hash)
+        self.own_partial = self.accumulator.finalize(members)
+        return seal_partial_sums(self.own_partial, a, me, self.set_hash, hpke)
+
+    def admit_share(self, message: ShareEnvelope, me: str, hpke: X25519PrivateKey) -> bool:
+        """Check, open and accumulate a node's share; False for a second copy (the first
+        wins, logged), and ShareRejected or AuthenticationError for one that fails."""
+        check_share_envelope(message, self.announcement, me, self.state.stage)
+        share = open_share(message, self.announcement, me, hpke)
+        digest = hashlib.sha256(message.sealed).digest()
+        try:
+            self.accumulator.add(message.node_id, share, envelope_digest=digest)
+        except DuplicateShare:
+            log.info("share-duplicate", extra={"fields": {"round": message.round}})
+            return False
+        self.epsilon[message.node_id] = message.epsilon_total
+        self.move(ShareAccepted(message.node_id))
+        return True
+
+    def keep_received(self, signer: str, node_ids: tuple[str, ...]) -> None:
+        """Leader: keep an aggregator's ReceivedSet; MessageRejected for a stranger or a
+        second one."""
+        if signer not in self.announcement.aggregator_ids or signer in self.received:
+            raise MessageRejected(f"ReceivedSet from {signer!r} is unexpected or repeated")
+        self.received[signer] = node_ids
+
+    def keep_partial(self, message: PartialSum, signer: str) -> None:
+        """Keep another aggregator's partial sum, opened once the set is agreed;
+        MessageRejected for a stranger's or a second one."""
+        if signer not in self.announcement.aggregator_ids:
+            raise MessageRejected(f"partial sum signed by {signer!r}, not an aggregator")
+        if message.from_aggregator in self.partials:
+            raise MessageRejected(
+                f"second partial sum from {message.from_aggregator!r}; first wins"
+            )
+        self.partials[message.from_aggregator] = message
+
+    def check(self, message: Message, **more: object) -> None:
+        """Refuse a message for another federation, study or round (AuthenticationError,
+        naming the field), or one whose `more` fields differ."""
+        a = self.announcement
+        require_fields(
+            message, federation_id=a.federation_id, study_id=a.study_id, round=a.round, **more
+        )
