@@ -40,7 +40,7 @@ from aggregator.registry import assemble_release
 from aggregator.strategies import ServerState, aggregate_from_vector
 from aggregator.update import RoundOutcome, apply_round
 from tessera.crypto.flatten import flatten
-from tessera.crypto.signing import RELEASE_DOMAIN, verify_message
+from tessera.crypto.signing import SignatureDomain, verify_message
 from tessera.errors import AuthenticationError
 from tessera.wire.messages import RoundOpen
 from tessera.wire.release import ModelRelease, release_header_bytes, sign_release
@@ -162,7 +162,7 @@ def add_noted_signature(
     )
     if not same:
         raise AuthenticationError("signature note is for another release")
-    verify_message(signer_key, RELEASE_DOMAIN, release_header_bytes(own), signature)
+    verify_message(signer_key, SignatureDomain.RELEASE, release_header_bytes(own), signature)
     if any(name == signer for name, _ in own.signatures):
         return own
     return replace(own, signatures=(*own.signatures, (signer, signature)))

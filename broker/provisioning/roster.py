@@ -1,7 +1,7 @@
 """The signed roster: every member's public keys, as provisioning issued them.
 
 The roster is canonical JSON (sorted keys, no spaces) signed with the coordinator's
-Ed25519 key under its own domain tag. Members trust it only through ``load_roster``,
+Ed25519 key under `SignatureDomain.ROSTER`. Members trust it only through ``load_roster``,
 which verifies the signature against the coordinator key from their startup bundle
 (never a key found in the roster itself) and raises AuthenticationError otherwise.
 """
@@ -13,18 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from tessera.crypto.sealing import load_hpke_public
-from tessera.crypto.signing import SIGNATURE_LENGTH, load_public_key
+from tessera.crypto.signing import SignatureDomain, load_public_key, sign_message, verify_message
 from tessera.errors import AuthenticationError, ConfigError
 from tessera.governance.manifest_model import Manifest
 
-# tessera.crypto.signing accepts only its own envelope and release domains, so the roster's tag
-# lives here; it is distinct from both and ends in NUL, so none is a prefix of another.
-ROSTER_DOMAIN = b"tessera/roster-signature/v1\x00"
 ROSTER_FORMAT = 1
 
 
@@ -120,18 +116,17 @@ class Roster:
 
 def sign_roster(roster: Roster, coordinator_key: Ed25519PrivateKey) -> bytes:
     """The coordinator's 64-byte signature over the roster's canonical bytes."""
-    return coordinator_key.sign(ROSTER_DOMAIN + roster.to_bytes())
+    return sign_message(coordinator_key, SignatureDomain.ROSTER, roster.to_bytes())
 
 
 def load_roster(roster_path: Path, signature_path: Path, coordinator: Ed25519PublicKey) -> Roster:
     """Read and verify a roster; AuthenticationError if the signature does not verify."""
     raw = Path(roster_path).read_bytes()
     signature = Path(signature_path).read_bytes()
-    if len(signature) != SIGNATURE_LENGTH:
-        raise AuthenticationError("roster signature did not verify")
     try:
-        coordinator.verify(signature, ROSTER_DOMAIN + raw)
-    except InvalidSignature:
+        verify_message(coordinator, SignatureDomain.ROSTER, raw, signature)
+    except AuthenticationError:
+        # Name what failed (the roster), never why.
         raise AuthenticationError("roster signature did not verify") from None
     roster = Roster.from_bytes(raw)
     if roster.to_bytes() != raw:

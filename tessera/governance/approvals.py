@@ -1,8 +1,8 @@
 """Study approvals: a site's data steward signs one study's exact terms for one site.
 
-An approval signs `APPROVAL_DOMAIN + canonical_json({federation_id, site_id, study_id,
-study_hash (hex), steward_id, approved_at})` with the steward's Ed25519 key. It is stored as
-one small JSON file (`to_json` / `from_json`).
+An approval signs `canonical_json({federation_id, site_id, study_id, study_hash (hex),
+steward_id, approved_at})` under `SignatureDomain.STUDY_APPROVAL` with the steward's Ed25519
+key. It is stored as one small JSON file (`to_json` / `from_json`).
 
 Guarantees of `verify_approval`: it returns only when the approval was signed by a key that
 the (already verified) manifest lists as a steward of that very site, for this federation,
@@ -25,13 +25,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tessera.crypto.signing import public_key_bytes
+from tessera.crypto.signing import SignatureDomain, public_key_bytes, sign_message, verify_message
 from tessera.errors import AuthenticationError, ConfigError
 from tessera.files import atomic_write
 from tessera.governance.canonical import canonical_json
-from tessera.governance.manifest import Manifest, _sign_tagged, _verify_tagged, study_hash
+from tessera.governance.manifest import Manifest, study_hash
 
-APPROVAL_DOMAIN = b"tessera/study-approval/v1\x00"
 _FIELDS = ("federation_id", "site_id", "study_id", "study_hash", "steward_id", "approved_at")
 
 
@@ -137,7 +136,7 @@ def approve_study(
         approved_at=now.astimezone(dt.UTC).isoformat(timespec="seconds"),
         signature=b"",
     )
-    signature = _sign_tagged(steward_key, APPROVAL_DOMAIN, unsigned.signed_bytes())
+    signature = sign_message(steward_key, SignatureDomain.STUDY_APPROVAL, unsigned.signed_bytes())
     return replace(unsigned, signature=signature)
 
 
@@ -162,7 +161,9 @@ def verify_approval(approval: Approval, manifest: Manifest, study_id: str, site_
     steward = next((m for m in site.stewards if m.id == approval.steward_id), None)
     if steward is None:
         raise AuthenticationError("approval is not signed by a steward of this site")
-    _verify_tagged(steward.key, APPROVAL_DOMAIN, approval.signed_bytes(), approval.signature)
+    verify_message(
+        steward.key, SignatureDomain.STUDY_APPROVAL, approval.signed_bytes(), approval.signature
+    )
 
 
 def find_approval(

@@ -38,8 +38,8 @@ Format (TOML; `tests/data/federation-manifest.toml` is a complete example)::
 
 Canonical bytes: `canonical_json(manifest.canonical_dict())` (see
 `tessera.governance.canonical` and `tessera.governance.manifest_model`). The signature
-covers `MANIFEST_DOMAIN + canonical bytes`, so TOML layout, comments, key order, table order
-and hex-versus-base64 keys do not matter, while every term does.
+covers the canonical bytes under `SignatureDomain.MANIFEST`, so TOML layout, comments, key
+order, table order and hex-versus-base64 keys do not matter, while every term does.
 
 Trust: a manifest is trusted only after `verify_manifest` with the coordinator key that the
 node or aggregator was provisioned with (pinned, never taken from the manifest itself).
@@ -58,10 +58,9 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tessera.crypto.signing import public_key_bytes
+from tessera.crypto.signing import SignatureDomain, public_key_bytes, sign_message, verify_message
 from tessera.errors import AuthenticationError, ConfigError
 from tessera.files import atomic_write
 from tessera.governance.canonical import canonical_json
@@ -79,7 +78,6 @@ from tessera.governance.manifest_schema import decode_key, manifest_from_dict
 
 __all__ = [
     "FORMAT",
-    "MANIFEST_DOMAIN",
     "Aggregator",
     "Change",
     "DPRequirement",
@@ -102,8 +100,7 @@ __all__ = [
     "verify_manifest",
 ]
 
-# Domain tags, distinct from every other Tessera signature, each ending in NUL.
-MANIFEST_DOMAIN = b"tessera/federation-manifest/v1\x00"
+# A hash tag, not a signature domain (those are tessera.crypto.signing.SignatureDomain).
 STUDY_HASH_DOMAIN = b"tessera/study/v1\x00"
 
 
@@ -164,7 +161,7 @@ def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
             f"coordinator's key, or change [coordinator] key to {_b64(public_key_bytes(key))}"
         )
     return replace(
-        manifest, signature=_sign_tagged(key, MANIFEST_DOMAIN, canonical_bytes(manifest))
+        manifest, signature=sign_message(key, SignatureDomain.MANIFEST, canonical_bytes(manifest))
     )
 
 
@@ -181,8 +178,11 @@ def verify_manifest(manifest: Manifest, coordinator_key: bytes | None) -> None:
         raise AuthenticationError("manifest is not signed; sign it with `tessera manifest sign`")
     if coordinator_key is not None and coordinator_key != manifest.coordinator.key:
         raise AuthenticationError("manifest signature did not verify")
-    _verify_tagged(
-        manifest.coordinator.key, MANIFEST_DOMAIN, canonical_bytes(manifest), manifest.signature
+    verify_message(
+        manifest.coordinator.key,
+        SignatureDomain.MANIFEST,
+        canonical_bytes(manifest),
+        manifest.signature,
     )
 
 
@@ -259,21 +259,3 @@ def _render(value: Any) -> str:
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
-
-
-# Governance signatures are plain Ed25519 over a domain tag and canonical bytes. They live
-# here, not in tessera.crypto.signing, because that module's domain list was still being written
-# when governance landed; move them there once it accepts governance domains.
-def _sign_tagged(key: Ed25519PrivateKey, domain: bytes, message: bytes) -> bytes:
-    """Ed25519 over `domain + message`; `domain` must end in NUL so no tag prefixes another."""
-    if not domain.endswith(b"\x00"):
-        raise ValueError(f"signature domain {domain!r} must end in a NUL byte")
-    return key.sign(domain + message)
-
-
-def _verify_tagged(public_raw: bytes, domain: bytes, message: bytes, signature: bytes) -> None:
-    """Return only if `signature` is valid over `domain + message`; AuthenticationError else."""
-    try:
-        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, domain + message)
-    except (InvalidSignature, ValueError):
-        raise AuthenticationError("signature did not verify") from None

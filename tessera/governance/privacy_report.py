@@ -16,10 +16,11 @@ document (`to_json`) has exactly these keys, and `from_json` refuses any other::
     FIGURES = {auc, balanced_accuracy, tpr_at_0_1pct_fpr, tpr_at_1pct_fpr: {value, low, high},
                empirical_epsilon: lower bound (null without DP)}
 
-Signature: the site's node key (from the federation manifest) over `PRIVACY_REPORT_DOMAIN +
-canonical_json(document without signature)`. `verify_report` returns only if the site's node
-key in the given (already verified) manifest signed these exact figures; otherwise it raises
-`AuthenticationError`, deliberately vague. Never take the key from the report itself.
+Signature: the site's node key (from the federation manifest) over `canonical_json(document
+without signature)` under `SignatureDomain.PRIVACY_REPORT`. `verify_report` returns only if
+the site's node key in the given (already verified) manifest signed these exact figures;
+otherwise it raises `AuthenticationError`, deliberately vague. Never take the key from the
+report itself.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tessera.crypto.signing import SignatureDomain, sign_message, verify_message
 from tessera.errors import AuthenticationError, CodecError
 from tessera.governance.canonical import canonical_json
-from tessera.governance.manifest import Manifest, _sign_tagged, _verify_tagged
+from tessera.governance.manifest import Manifest
 from tessera.wire.ids import check_id
 
 REPORT_FORMAT = "tessera-privacy-audit/1"
-PRIVACY_REPORT_DOMAIN = b"tessera/privacy-audit-report/v1\x00"
 ATTACKS = ("lira", "loss")
 RATES = ("auc", "balanced_accuracy", "tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr")
 _TOP = ("format", "federation_id", "study_id", "site_id", "model", "population", "budget",
@@ -226,7 +227,7 @@ def report_from_json(data: bytes) -> PrivacyAuditReport:
 
 def sign_report(report: PrivacyAuditReport, node_key: Ed25519PrivateKey) -> PrivacyAuditReport:
     """The report signed with the site's node key."""
-    signature = _sign_tagged(node_key, PRIVACY_REPORT_DOMAIN, report.signed_bytes())
+    signature = sign_message(node_key, SignatureDomain.PRIVACY_REPORT, report.signed_bytes())
     return replace(report, signature=signature)
 
 
@@ -236,7 +237,9 @@ def verify_report(report: PrivacyAuditReport, manifest: Manifest) -> None:
     site = manifest.site(report.site_id)
     if report.signature is None or site is None or report.federation_id != manifest.federation_id:
         raise AuthenticationError("privacy audit report signature did not verify")
-    _verify_tagged(site.node_key, PRIVACY_REPORT_DOMAIN, report.signed_bytes(), report.signature)
+    verify_message(
+        site.node_key, SignatureDomain.PRIVACY_REPORT, report.signed_bytes(), report.signature
+    )
 
 
 def _is_number(value: object) -> bool:

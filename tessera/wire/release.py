@@ -29,7 +29,12 @@ from typing import ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from tessera.crypto.signing import RELEASE_DOMAIN, SIGNATURE_LENGTH, sign_message, verify_message
+from tessera.crypto.signing import (
+    SIGNATURE_LENGTH,
+    SignatureDomain,
+    sign_message,
+    verify_message,
+)
 from tessera.errors import AuthenticationError, CodecError, ConfigError
 from tessera.wire.codec import (
     Bytes,
@@ -205,7 +210,7 @@ def sign_release(release: ModelRelease, aggregator_id: str, key: Ed25519PrivateK
     if any(signer == aggregator_id for signer, _ in release.signatures):
         raise ValueError(f"aggregator {aggregator_id!r} has already signed this release")
     _check_payload(release)
-    signature = sign_message(key, RELEASE_DOMAIN, release_header_bytes(release))
+    signature = sign_message(key, SignatureDomain.RELEASE, release_header_bytes(release))
     return replace(release, signatures=(*release.signatures, (aggregator_id, signature)))
 
 
@@ -229,7 +234,7 @@ def verify_release(
         raise AuthenticationError("release signatures did not verify")
     header = release_header_bytes(release)
     for aggregator_id, public_key in aggregator_keys.items():
-        verify_message(public_key, RELEASE_DOMAIN, header, signatures[aggregator_id])
+        verify_message(public_key, SignatureDomain.RELEASE, header, signatures[aggregator_id])
     return _check_payload(release)
 
 
@@ -246,7 +251,7 @@ def verify_candidate(
     if [signer for signer, _ in release.signatures] != [leader_id]:
         raise AuthenticationError("candidate signature did not verify")
     verify_message(
-        leader_key, RELEASE_DOMAIN, release_header_bytes(release), release.signatures[0][1]
+        leader_key, SignatureDomain.RELEASE, release_header_bytes(release), release.signatures[0][1]
     )
     return _check_payload(release)
 

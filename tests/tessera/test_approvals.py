@@ -9,9 +9,9 @@ import datetime as dt
 import pytest
 import tomli_w
 
+from tessera.crypto.signing import SignatureDomain, sign_message
 from tessera.errors import AuthenticationError, ConfigError
 from tessera.governance.approvals import (
-    APPROVAL_DOMAIN,
     Approval,
     approve_study,
     find_approval,
@@ -19,7 +19,7 @@ from tessera.governance.approvals import (
     load_approvals,
     verify_approval,
 )
-from tessera.governance.manifest import _sign_tagged, loads_manifest, study_hash
+from tessera.governance.manifest import loads_manifest, study_hash
 from tests.support.governance import NOW, STUDY_ID, build_federation, manifest_document
 
 SECOND_STUDY = {
@@ -89,7 +89,9 @@ def test_another_sites_steward_cannot_approve_for_this_site(fed) -> None:
     claim = dataclasses.replace(theirs, site_id="site-1")
     claim = dataclasses.replace(
         claim,
-        signature=_sign_tagged(fed.keys["steward-site-2"], APPROVAL_DOMAIN, claim.signed_bytes()),
+        signature=sign_message(
+            fed.keys["steward-site-2"], SignatureDomain.STUDY_APPROVAL, claim.signed_bytes()
+        ),
     )
     with pytest.raises(AuthenticationError, match="not signed by a steward of this site"):
         verify_approval(claim, fed.manifest, STUDY_ID, "site-1")
@@ -97,8 +99,8 @@ def test_another_sites_steward_cannot_approve_for_this_site(fed) -> None:
     impostor = dataclasses.replace(claim, steward_id="steward-site-1")
     impostor = dataclasses.replace(
         impostor,
-        signature=_sign_tagged(
-            fed.keys["steward-site-2"], APPROVAL_DOMAIN, impostor.signed_bytes()
+        signature=sign_message(
+            fed.keys["steward-site-2"], SignatureDomain.STUDY_APPROVAL, impostor.signed_bytes()
         ),
     )
     with pytest.raises(AuthenticationError, match="did not verify"):

@@ -14,11 +14,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tessera.crypto.signing import generate_signing_key, public_key_bytes
+from tessera.crypto.signing import (
+    SignatureDomain,
+    generate_signing_key,
+    public_key_bytes,
+    sign_message,
+)
 from tessera.errors import AuthenticationError, ConfigError
 from tessera.governance.manifest import (
-    MANIFEST_DOMAIN,
-    _sign_tagged,
     canonical_bytes,
     check_successor,
     diff,
@@ -97,7 +100,7 @@ def test_manifest_signed_by_a_non_coordinator_key_is_rejected(fed) -> None:
     intruder = generate_signing_key()
     forged = dataclasses.replace(
         fed.manifest,
-        signature=_sign_tagged(intruder, MANIFEST_DOMAIN, canonical_bytes(fed.manifest)),
+        signature=sign_message(intruder, SignatureDomain.MANIFEST, canonical_bytes(fed.manifest)),
     )
     with pytest.raises(AuthenticationError):
         verify_manifest(forged, fed.coordinator_public)

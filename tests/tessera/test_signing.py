@@ -1,4 +1,4 @@
-"""Ed25519 signing: envelope signatures, domain separation, and key files."""
+"""Ed25519 signing: envelope signatures, the domain registry, and key files."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 from tessera.crypto.sealing import save_hpke_key
 from tessera.crypto.signing import (
-    ENVELOPE_DOMAIN,
-    RELEASE_DOMAIN,
+    SignatureDomain,
     generate_signing_key,
     key_fingerprint,
     load_private_key,
@@ -29,6 +28,18 @@ from tessera.crypto.signing import (
 from tessera.errors import AuthenticationError, ConfigError
 
 KEY = generate_signing_key()
+ROOT = Path(__file__).resolve().parents[2]
+
+# The tag bytes as they were first shipped: every signature made so far covers them, so they
+# must never change (a new purpose or version gets a new member instead).
+SHIPPED_TAGS = {
+    "ENVELOPE": b"tessera/envelope-signature/v1\x00",
+    "RELEASE": b"tessera/model-release-signature/v1\x00",
+    "MANIFEST": b"tessera/federation-manifest/v1\x00",
+    "STUDY_APPROVAL": b"tessera/study-approval/v1\x00",
+    "PRIVACY_REPORT": b"tessera/privacy-audit-report/v1\x00",
+    "ROSTER": b"tessera/roster-signature/v1\x00",
+}
 
 
 def test_valid_signature_verifies_and_returns_nothing() -> None:
@@ -71,16 +82,63 @@ def test_wrong_key_raises() -> None:
         verify_envelope(other, b"header", b"payload", signature)
 
 
-def test_signature_for_one_domain_is_refused_in_the_other() -> None:
-    signature = sign_message(KEY, ENVELOPE_DOMAIN, b"message")
-    verify_message(KEY.public_key(), ENVELOPE_DOMAIN, b"message", signature)
-    with pytest.raises(AuthenticationError):
-        verify_message(KEY.public_key(), RELEASE_DOMAIN, b"message", signature)
+def test_registered_tags_are_the_shipped_bytes() -> None:
+    assert {domain.name: domain.value for domain in SignatureDomain} == SHIPPED_TAGS
+
+
+@pytest.mark.parametrize("domain", list(SignatureDomain), ids=lambda d: d.name)
+def test_signature_is_ed25519_over_tag_then_message(domain: SignatureDomain) -> None:
+    # Ed25519 is deterministic, so equal signatures mean byte-identical signed messages.
+    signature = sign_message(KEY, domain, b"message")
+    assert signature == KEY.sign(SHIPPED_TAGS[domain.name] + b"message")
+    verify_message(KEY.public_key(), domain, b"message", signature)
+    verify_message(public_key_bytes(KEY), domain, b"message", signature)  # the manifest's form
+
+
+def test_every_tag_is_registered_once_and_none_prefixes_another() -> None:
+    tags = [domain.value for domain in SignatureDomain]
+    assert len(set(tags)) == len(tags)
+    for tag in tags:
+        assert tag.startswith(b"tessera/") and tag.endswith(b"\x00")
+        assert tag.count(b"\x00") == 1
+        assert [other for other in tags if other.startswith(tag)] == [tag]
+
+
+def test_no_module_but_signing_spells_a_signature_tag() -> None:
+    # A tag copied into another module would be a second, unchecked registration.
+    owners: dict[str, list[str]] = {}
+    for package in ("tessera", "node", "aggregator", "broker"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            for domain in SignatureDomain:
+                if repr(domain.value)[2:-1] in text:
+                    owners.setdefault(domain.name, []).append(str(path.relative_to(ROOT)))
+    expected = ["tessera/crypto/signing.py"]
+    assert owners == {domain.name: expected for domain in SignatureDomain}
+
+
+@pytest.mark.parametrize("domain", list(SignatureDomain), ids=lambda d: d.name)
+def test_signature_for_one_domain_is_refused_in_every_other(domain: SignatureDomain) -> None:
+    signature = sign_message(KEY, domain, b"message")
+    for other in SignatureDomain:
+        if other is not domain:
+            with pytest.raises(AuthenticationError):
+                verify_message(KEY.public_key(), other, b"message", signature)
 
 
 def test_unknown_domain_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown signature domain"):
-        sign_message(KEY, b"made-up", b"message")
+        sign_message(KEY, b"made-up", b"message")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown signature domain"):
+        # Even a registered tag's bytes: only the registry's members are accepted.
+        sign_message(KEY, SignatureDomain.ENVELOPE.value, b"message")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x00" * 31, b"\x00" * 33])
+def test_raw_public_key_of_the_wrong_length_fails_verification(raw: bytes) -> None:
+    signature = sign_message(KEY, SignatureDomain.MANIFEST, b"message")
+    with pytest.raises(AuthenticationError):
+        verify_message(raw, SignatureDomain.MANIFEST, b"message", signature)
 
 
 @pytest.mark.parametrize("signature", [b"", b"\x00" * 63, b"\x00" * 65, b"\x00" * 64])
