@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.errors import AggregatorConfigError, StrategyError
-from aggregator.strategies import ALGORITHMS, OPTIMIZERS, PolicyConfig, StrategyConfig
+from aggregator.strategies import OPTIMIZERS, PolicyConfig, StrategyConfig
 from broker.provisioning.bundle import load_bundle
 from tessera.crypto.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP
 from tessera.errors import TesseraError
 from tessera.settings import ENV_PREFIX, build_document, check, read_toml
+from tessera.wire.messages import ALGORITHMS
 
 
 @dataclass(frozen=True)

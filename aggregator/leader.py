@@ -16,11 +16,10 @@ from aggregator.config import AggregatorConfig, RoundSettings
 from aggregator.errors import AggregatorConfigError, MessageRejected
 from aggregator.records import RoundRecord
 from aggregator.rounds import RoundState
-from aggregator.strategies import ALGORITHMS
 from tessera.crypto.encoding import RingParams, derive_ring_params
 from tessera.crypto.update_layout import required_bound
 from tessera.wire.envelopes import require_fields
-from tessera.wire.messages import RoundOpen
+from tessera.wire.messages import ALGORITHMS, RoundOpen
 
 
 def ring_bound(settings: RoundSettings) -> float:

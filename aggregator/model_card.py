@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.errors import RegistryError
-from aggregator.strategies import ALGORITHMS, OPTIMIZERS
+from aggregator.strategies import OPTIMIZERS
 from tessera.governance.canonical import canonical_json
+from tessera.wire.messages import ALGORITHMS
 
 CARD_FORMAT = "tessera-model-card/v1"
 

@@ -33,8 +33,8 @@ from safetensors.numpy import load, save
 
 from aggregator.errors import StrategyError
 from tessera.crypto.update_layout import split_update_vector
+from tessera.wire.messages import ALGORITHMS
 
-ALGORITHMS = ("fedavg", "fedsgd")
 OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi")
 
 

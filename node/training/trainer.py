@@ -34,8 +34,8 @@ from node.errors import NodeError
 from node.privacy.ledger import ACCOUNTANTS, PrivacyLedger, RoundCharge
 from node.training.metrics import macro_auc
 from tessera.models.transfer import set_train_mode
+from tessera.wire.messages import ALGORITHMS
 
-ALGORITHMS = ("fedavg", "fedsgd")
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -39,6 +39,7 @@ from tessera.wire.ids import check_id
 from tessera.wire.release import ModelRelease
 
 __all__ = [
+    "ALGORITHMS",
     "ModelRelease",
     "PartialSum",
     "ParticipantSet",
@@ -48,6 +49,8 @@ __all__ = [
     "ShareEnvelope",
 ]
 
+# The training algorithms a round can run (RoundOpen.algorithm): the node trains with one,
+# the aggregator applies its strategy for it. One definition for both sides.
 ALGORITHMS = ("fedavg", "fedsgd")
 MAX_AGGREGATORS = 16
 MAX_VECTOR_LENGTH = 2**31
