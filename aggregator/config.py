@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.errors import AggregatorConfigError, StrategyError
+from aggregator.layout import DEFAULT_STATE_DIR, StateLayout
 from aggregator.strategies import OPTIMIZERS, PolicyConfig, StrategyConfig
 from broker.provisioning.bundle import load_bundle
 from tessera.crypto.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP
@@ -186,7 +187,7 @@ class AggregatorConfig:
     manifest: Path
     signing_key: Path
     hpke_key: Path
-    state_dir: Path = Path("/var/lib/tessera")
+    state_dir: Path = DEFAULT_STATE_DIR
     bundle_dir: Path | None = None
     architecture: str | None = None  # None: the study's only allowed architecture
     http_port: int = 8080
@@ -218,19 +219,24 @@ class AggregatorConfig:
         return self.aggregator_id == self.leader_id
 
     @property
+    def layout(self) -> StateLayout:
+        """What lives where under `state_dir` (aggregator.layout)."""
+        return StateLayout(self.state_dir)
+
+    @property
     def database_path(self) -> Path:
         """The SQLite state store."""
-        return self.state_dir / "aggregator.sqlite3"
+        return self.layout.database
 
     @property
     def registry_dir(self) -> Path:
         """Where every released model version lives."""
-        return self.state_dir / "models"
+        return self.layout.registry
 
     @property
     def shares_dir(self) -> Path:
         """Where full-length shares wait until their round ends."""
-        return self.state_dir / "shares"
+        return self.layout.shares
 
 
 _SECTIONS = {"broker": BrokerSettings, "round": RoundSettings, "strategy": StrategySettings}

@@ -50,7 +50,6 @@ from tessera.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("tessera.aggregator.daemon")
 TICK_S = 0.5
-AUDIT_FILE = "audit.log"
 
 
 class AggregatorDaemon:
@@ -62,7 +61,7 @@ class AggregatorDaemon:
         keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.database_path, config.shares_dir)
-        self.audit = AuditLog.open(config.state_dir / AUDIT_FILE)
+        self.audit = AuditLog.open(config.layout.audit_log)
         self._audited: tuple[int, Stage] | None = None
         for study_id, number in self.store.recover():
             self.audit.append(
@@ -102,7 +101,7 @@ class AggregatorDaemon:
             endpoint_config(
                 setup.bundle, Endpoint(config.broker.host, config.broker.port, config.broker.tls)
             ),
-            spool_dir=config.state_dir / "spool",
+            spool_dir=config.layout.spool,
             on_wire=self._count_wire,
         )
         self.health = HealthServer(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from aggregator.errors import AggregatorError
+from aggregator.layout import DEFAULT_STATE_DIR, StateLayout
 from aggregator.records import ModelRecord
 from aggregator.registry import GENESIS_PARENT, Registry
 from aggregator.store import Store
@@ -30,12 +31,6 @@ from tessera.wire.release import ModelRelease, verify_release
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
-
-DEFAULT_STATE = Path("/var/lib/tessera")
-# The state layout of aggregator.config.AggregatorConfig (database_path, registry_dir, shares_dir).
-DATABASE_FILE = "aggregator.sqlite3"
-REGISTRY_DIR = "models"
-SHARES_DIR = "shares"
 
 
 def register(commands: Subparsers) -> None:
@@ -47,9 +42,9 @@ def register(commands: Subparsers) -> None:
     common.add_argument(
         "--state",
         type=Path,
-        default=DEFAULT_STATE,
+        default=DEFAULT_STATE_DIR,
         metavar="DIR",
-        help=f"the aggregator's state_dir (default {DEFAULT_STATE})",
+        help=f"the aggregator's state_dir (default {DEFAULT_STATE_DIR})",
     )
     common.add_argument("--study", help="the study id (needed when the state holds several)")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -73,14 +68,15 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def _open(state: Path) -> tuple[Store, Registry]:
     """The aggregator's store and registry, without creating a state that is not there."""
-    database = state / DATABASE_FILE
+    layout = StateLayout(state)
+    database = layout.database
     if not database.is_file():
         raise AggregatorError(
             f"no aggregator state at {state} ({database} does not exist); pass --state with "
             "the aggregator's state_dir"
         )
-    store = Store(database, state / SHARES_DIR)
-    return store, Registry(store, state / REGISTRY_DIR)
+    store = Store(database, layout.shares)
+    return store, Registry(store, layout.registry)
 
 
 def _created(ms: int) -> str:
