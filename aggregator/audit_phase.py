@@ -37,11 +37,11 @@ from aggregator.signed_messages import Outgoing, Publisher
 from broker import topics
 from tessera.errors import TesseraError
 from tessera.governance.privacy_report import report_from_json, verify_report
+from tessera.limits import MAX_AUDIT_REPORT_BYTES
 
 # One logger for all of the service's events (`tessera.aggregator.service`), wherever the
 # step lives: operators and the README filter on it.
 log = logging.getLogger("tessera.aggregator.service")
-MAX_AUDIT_REPORT = 64 * 1024  # a report is a few kilobytes of aggregate figures
 
 
 def candidate_of(current: RoundContext) -> ReleaseCandidate:
@@ -113,9 +113,10 @@ class AuditPhase:
         """Keep a site's signed report for the round in progress, or raise why not: it is
         verified now and checked against our own candidate once that exists (a report may
         overtake this aggregator's combining); the first one from a site wins."""
-        if len(payload) > MAX_AUDIT_REPORT:
+        if len(payload) > MAX_AUDIT_REPORT_BYTES:
             raise MessageRejected(
-                f"audit report of {len(payload)} bytes is over the limit of {MAX_AUDIT_REPORT}"
+                f"audit report of {len(payload)} bytes is over the limit of "
+                f"{MAX_AUDIT_REPORT_BYTES}"
             )
         report = report_from_json(payload)
         routed = (topic.federation, topic.study, topic.node) == (

@@ -200,7 +200,7 @@ def show_details(
     signatures = "not checked (pass --bundle)"
     if aggregator_keys is not None:
         try:
-            release = ModelRelease.from_bytes(shown.release_path.read_bytes(), 1 << 31)
+            release = ModelRelease.from_bytes(shown.release_path.read_bytes())
             verify_release(release, aggregator_keys)
             signatures = f"verified ({len(aggregator_keys)} of {len(aggregator_keys)})"
         except (TesseraError, OSError) as error:

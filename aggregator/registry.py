@@ -36,12 +36,17 @@ from aggregator.records import ModelRecord, ServerStateRecord
 from aggregator.store import Store
 from aggregator.strategies import ServerState, server_state_to_bytes
 from tessera.files import atomic_write
-from tessera.wire.release import ModelRelease, ReleaseBundle, build_release, verify_release
+from tessera.wire.release import (
+    CARD_FILE,
+    ONNX_FILE,
+    RELEASE_FILE,
+    WEIGHTS_FILE,
+    ModelRelease,
+    ReleaseBundle,
+    build_release,
+    verify_release,
+)
 
-WEIGHTS_FILE = "model.safetensors"
-ONNX_FILE = "model.onnx"
-CARD_FILE = "card.json"
-RELEASE_FILE = "release.bin"
 SERVER_STATE_FILE = "server_state.safetensors"
 GENESIS_PARENT = bytes(32)
 

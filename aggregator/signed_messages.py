@@ -12,10 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from aggregator.errors import AggregatorConfigError, MessageRejected
 from broker import topics
+from tessera.limits import MAX_AGGREGATOR_MESSAGE_BYTES
 from tessera.wire.envelopes import Message, Signed, open_envelope, seal_envelope
 from tessera.wire.messages import PartialSum, ReceivedSet, ShareEnvelope
-
-MAX_MESSAGE = 512 * 1024 * 1024  # a release with its weights and ONNX export is the largest
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def open_routed(
     """Open a signed envelope received on `topic` (AuthenticationError, vague, if no signer
     in `signers` signed it) and refuse it if the topic tells another story than the message
     (`check_topic`). None for our own publication, which the broker echoes back."""
-    signed = open_envelope(payload, signers, MAX_MESSAGE)
+    signed = open_envelope(payload, signers, MAX_AGGREGATOR_MESSAGE_BYTES)
     if signed.signer_id == me:
         return None
     check_topic(topics.parse(topic), signed.message)

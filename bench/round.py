@@ -71,12 +71,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from broker import topics
 from tessera.crypto.sealing import generate_hpke_key
 from tessera.crypto.signing import generate_signing_key
+from tessera.limits import MAX_AGGREGATOR_MESSAGE_BYTES
 from tessera.wire.envelopes import open_envelope_as, seal_envelope
 from tessera.wire.messages import RoundOpen
 
 FED, STUDY, LEADER = "bench-round", "bench-study", "agg-1"
 AGGREGATORS = ("agg-1", "agg-2")
-MAX_MESSAGE = 512 << 20
 TARGET_FLAT = 0.20  # per-node CPU and peak memory within 20% of the 10-node run
 
 
@@ -198,7 +198,9 @@ class SecureAggregator:
 
         start = time.perf_counter()
         b, a = self.bench, self.round_open
-        envelope = open_envelope_as(payload, ShareEnvelope, b.node_public, MAX_MESSAGE).message
+        envelope = open_envelope_as(
+            payload, ShareEnvelope, b.node_public, MAX_AGGREGATOR_MESSAGE_BYTES
+        ).message
         check_share_envelope(envelope, a, self.me, Stage.COLLECTING)
         share = open_share(envelope, a, self.me, b.hpke[self.me])
         digest = hashlib.sha256(envelope.sealed).digest()
@@ -219,7 +221,9 @@ class SecureAggregator:
         from tessera.wire.messages import PartialSum
 
         b = self.bench
-        message = open_envelope_as(payload, PartialSum, b.agg_public, MAX_MESSAGE).message
+        message = open_envelope_as(
+            payload, PartialSum, b.agg_public, MAX_AGGREGATOR_MESSAGE_BYTES
+        ).message
         vector = open_partial_sum(message, self.round_open, self.me, b.hpke[self.me], self.set_hash)
         with self._lock:
             self.partials[message.from_aggregator] = vector
@@ -671,7 +675,9 @@ def scaling_case(
         conns[LEADER].send(("open", producer.nodes))
         opened = conns[LEADER].recv()
         agg_keys = {a: k.public_key() for a, k in signing.items()}
-        announcement = open_envelope_as(opened[0][1], RoundOpen, agg_keys, MAX_MESSAGE).message
+        announcement = open_envelope_as(
+            opened[0][1], RoundOpen, agg_keys, MAX_AGGREGATOR_MESSAGE_BYTES
+        ).message
         deliver([(LEADER, o) for o in opened])
         # Shares: node i's envelopes go out, node i+1's are made while the children work.
         upcoming = producer.envelopes(announcement, 0)

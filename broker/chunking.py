@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from broker.errors import ChunkError, PayloadTooLargeError
+from tessera.limits import MAX_TRANSFER_BYTES, MAX_TRANSFERS_IN_FLIGHT_BYTES
 
 MAGIC = b"TSCK"
 VERSION = 1
@@ -157,9 +158,9 @@ def encode_frames(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Itera
 class ReassemblyLimits:
     """Bounds on what a Reassembler will hold."""
 
-    max_payload_bytes: int = 256 << 20
+    max_payload_bytes: int = MAX_TRANSFER_BYTES
     max_transfers: int = 16
-    max_total_bytes: int = 512 << 20
+    max_total_bytes: int = MAX_TRANSFERS_IN_FLIGHT_BYTES
     spool_threshold: int = 64 << 20
     timeout_s: float = 600.0
     spool_dir: Path | None = None

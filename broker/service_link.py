@@ -29,6 +29,7 @@ from broker.provisioning.bundle import Bundle
 from broker.session import Session, SessionConfig
 from broker.topics import presence_topic
 from broker.transfer import PayloadReceiver, max_chunk_size, send_payload
+from tessera.limits import MAX_TRANSFER_BYTES, MQTT_PACKET_OVERHEAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
         insecure_plaintext=True,
         protocol="mqttv311",
         presence_topic=presence_topic(bundle.federation_id, bundle.member_id),
-        max_packet_bytes=bundle.max_packet_bytes + (64 << 10),
+        max_packet_bytes=bundle.max_packet_bytes + MQTT_PACKET_OVERHEAD_BYTES,
     )
 
 
@@ -73,7 +74,7 @@ class ServiceLink:
         config: SessionConfig,
         *,
         spool_dir: Path | None = None,
-        max_payload_bytes: int = 256 << 20,
+        max_payload_bytes: int = MAX_TRANSFER_BYTES,
         on_wire: WireCounter | None = None,
     ) -> None:
         self.session = Session(config)

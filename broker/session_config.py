@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from tessera.errors import ConfigError
+from tessera.limits import DEFAULT_MQTT_PACKET_BYTES
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class SessionConfig:
     max_inflight: int = 20
     max_queued: int = 1000
     receive_maximum: int = 64
-    max_packet_bytes: int = 2 << 20
+    max_packet_bytes: int = DEFAULT_MQTT_PACKET_BYTES
     reconnect_min_s: float = 0.25
     reconnect_max_s: float = 30.0
     connect_timeout_s: float = 10.0

@@ -67,14 +67,14 @@ from node.round.participation import Joined, participate, reconcile_epsilon_audi
 from node.round.releases import ReleaseRefused, accept_release, parse_release
 from node.setup import NodeSetup, load_node_setup
 from tessera.errors import AuthenticationError, TesseraError
+from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
 from tessera.observability.http import HealthServer, Request, Response
 from tessera.wire.envelopes import open_envelope
 from tessera.wire.messages import RoundAbort, RoundOpen
-from tessera.wire.release import DEFAULT_MAX_RELEASE_PAYLOAD, is_signature_note
+from tessera.wire.release import is_signature_note
 
 log = logging.getLogger("tessera.node.daemon")
 STORE_POLL_S = 2.0
-MAX_ROUND_MESSAGE = 1 << 20
 
 
 class NodeDaemon:
@@ -164,7 +164,7 @@ class NodeDaemon:
 
     def _on_round(self, _topic: str, payload: bytes) -> None:
         try:
-            signed = open_envelope(payload, self.aggregator_signing, MAX_ROUND_MESSAGE)
+            signed = open_envelope(payload, self.aggregator_signing, MAX_ROUND_OPEN_BYTES)
         except (TesseraError, ValueError) as error:
             log.warning("message-rejected", extra={"fields": {"error": type(error).__name__}})
             return
@@ -274,7 +274,7 @@ class NodeDaemon:
 
     def _on_release(self, _topic: str, payload: bytes) -> None:
         try:
-            release = parse_release(payload, self.aggregator_signing, DEFAULT_MAX_RELEASE_PAYLOAD)
+            release = parse_release(payload, self.aggregator_signing, MAX_RELEASE_PAYLOAD_BYTES)
         except (TesseraError, ValueError) as error:
             log.warning("release-refused", extra={"fields": {"error": type(error).__name__}})
             return

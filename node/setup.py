@@ -37,17 +37,18 @@ from node.privacy.site_audit import SiteData
 from node.round.candidate import CandidateContext, JoinedRounds
 from node.round.participation import PROTOCOL_REASONS, ParticipationContext
 from node.round.policy import REASONS, SitePolicy, load_site_policy
-from node.round.releases import WEIGHTS_FILE, ModelStore
+from node.round.releases import ModelStore
 from node.training.federated import SiteTraining
 from tessera.crypto.signing import public_key_bytes
 from tessera.errors import ConfigError
 from tessera.governance.approvals import load_approvals
 from tessera.governance.audit import AuditLog
+from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES
 from tessera.models.nets import TesseraNet
 from tessera.models.study import StudyModel
 from tessera.models.weights import load_arrays, load_weights
 from tessera.observability.metrics import ServiceMetrics
-from tessera.wire.release import DEFAULT_MAX_RELEASE_PAYLOAD
+from tessera.wire.release import WEIGHTS_FILE
 
 if TYPE_CHECKING:
     from node.intake.ingest import IngestSummary
@@ -184,7 +185,7 @@ class NodeSetup:
         return ServiceLink(
             endpoint_config(self.member.bundle, Endpoint(broker.host, broker.port, broker.tls)),
             spool_dir=self.config.state_dir / "spool",
-            max_payload_bytes=DEFAULT_MAX_RELEASE_PAYLOAD,
+            max_payload_bytes=MAX_RELEASE_PAYLOAD_BYTES,
             on_wire=on_wire,
         )
 

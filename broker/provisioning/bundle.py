@@ -28,6 +28,7 @@ from broker.topics import presence_topic
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key, load_public_key
 from tessera.errors import ConfigError
+from tessera.limits import MQTT_PACKET_OVERHEAD_BYTES
 
 BUNDLE_FORMAT = 1
 
@@ -85,7 +86,9 @@ class Bundle:
             transport=transport,
             proxy=proxy,
             presence_topic=presence_topic(self.federation_id, self.member_id),
-            max_packet_bytes=overrides.pop("max_packet_bytes", self.max_packet_bytes + (64 << 10)),
+            max_packet_bytes=overrides.pop(
+                "max_packet_bytes", self.max_packet_bytes + MQTT_PACKET_OVERHEAD_BYTES
+            ),
             **overrides,
         )
 

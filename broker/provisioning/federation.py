@@ -31,6 +31,11 @@ from typing import Any, Literal
 from broker.errors import TopicError
 from broker.topics import validate_id
 from tessera.errors import ConfigError
+from tessera.limits import (
+    DEFAULT_MQTT_PACKET_BYTES,
+    MAX_MQTT_PACKET_BYTES,
+    MIN_MQTT_PACKET_BYTES,
+)
 
 MAX_NAME_LENGTH = 64  # RFC 5280 upper bound of commonName and organizationName
 Role = Literal["site", "aggregator"]
@@ -52,7 +57,7 @@ class BrokerSettings:
     hostnames: tuple[str, ...] = ()
     mqtt_port: int = 8883
     websockets_port: int = 443
-    max_packet_bytes: int = 2 << 20
+    max_packet_bytes: int = DEFAULT_MQTT_PACKET_BYTES
 
 
 @dataclass(frozen=True)
@@ -131,14 +136,14 @@ def _broker(table: Any, source: str) -> BrokerSettings:
         tuple(hostnames),
         table.get("mqtt_port", 8883),
         table.get("websockets_port", 443),
-        table.get("max_packet_bytes", 2 << 20),
+        table.get("max_packet_bytes", DEFAULT_MQTT_PACKET_BYTES),
     )
     for name in ("mqtt_port", "websockets_port"):
         value = getattr(settings, name)
         if not isinstance(value, int) or not 0 < value < 65536:
             raise ConfigError(f"{source}: [broker] {name} = {value!r} must be 1-65535")
     if not isinstance(settings.max_packet_bytes, int) or not (
-        64 << 10 <= settings.max_packet_bytes <= 256 << 20
+        MIN_MQTT_PACKET_BYTES <= settings.max_packet_bytes <= MAX_MQTT_PACKET_BYTES
     ):
         raise ConfigError(f"{source}: [broker] max_packet_bytes must be 64 KiB to 256 MiB")
     return settings

@@ -18,9 +18,9 @@ from pathlib import Path
 from string import Template
 
 from broker.provisioning.federation import Federation
+from tessera.limits import MQTT_PACKET_OVERHEAD_BYTES
 
 _TEMPLATE = Path(__file__).parent / "templates" / "mosquitto.conf.tmpl"
-_PACKET_OVERHEAD = 64 << 10  # MQTT header and topic on top of the largest payload
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def render_conf(
     return Template(template).substitute(
         persistence_dir=str(files.persistence_dir).rstrip("/"),
         run_as_user=run_as_user,
-        max_packet_bytes=federation.broker.max_packet_bytes + _PACKET_OVERHEAD,
+        max_packet_bytes=federation.broker.max_packet_bytes + MQTT_PACKET_OVERHEAD_BYTES,
         mqtt_port=mqtt_port or federation.broker.mqtt_port,
         websockets_port=websockets_port or federation.broker.websockets_port,
         bind_address=bind_address,

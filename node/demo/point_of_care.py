@@ -20,14 +20,20 @@ from node.demo.progress import Progress
 def export_final_model(out: Path, prepared: PreparedFederation, store: object) -> dict[str, str]:
     """Verify the current release's signatures and copy its files to `<out>/model`."""
     from broker.provisioning.bundle import load_bundle
-    from node.round.releases import CARD_FILE, ONNX_FILE, RELEASE_FILE, ModelStore
-    from tessera.wire.release import ModelRelease, verify_release
+    from node.round.releases import ModelStore
+    from tessera.wire.release import (
+        CARD_FILE,
+        ONNX_FILE,
+        RELEASE_FILE,
+        ModelRelease,
+        verify_release,
+    )
 
     assert isinstance(store, ModelStore)
     version = store.current()
     assert version is not None
     folder = store.folder(version)
-    release = ModelRelease.from_bytes((folder / RELEASE_FILE).read_bytes(), 1 << 30)
+    release = ModelRelease.from_bytes((folder / RELEASE_FILE).read_bytes())
     roster = load_bundle(prepared.bundle(prepared.spec.sites[0])).roster
     keys = roster.signing_keys()
     verify_release(release, {a: keys[a] for a in roster.aggregator_ids})  # raises if not

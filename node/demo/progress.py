@@ -72,6 +72,7 @@ def follow_rounds(
     """Follow the logs until the last round ends; score each release as it lands."""
     from node.round.releases import open_model_store
     from node.setup import study_preprocess
+    from tessera.wire.release import CARD_FILE
 
     spec = prepared.spec
     preprocess = study_preprocess(prepared.study_model())
@@ -115,7 +116,7 @@ def follow_rounds(
                 data = [load_site_data(s, prepared.state(s), preprocess) for s in spec.sites]
             store = open_model_store(prepared.state(spec.sites[0]))
             scores = score_onnx(store.onnx_bytes(version), data)
-            card = json.loads((store.folder(version) / "card.json").read_text())
+            card = json.loads((store.folder(version) / CARD_FILE).read_text())
             curve.append((version, scores))
             record.rounds.append(
                 {

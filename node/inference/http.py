@@ -24,10 +24,10 @@ from typing import Any
 from node.errors import NodeError, UnusableImageError
 from node.inference.runtime import ModelSlot, infer_dicom_bytes
 from node.intake.screen import IntakeLimits
+from tessera.limits import MAX_INFERENCE_BODY_BYTES
 
 log = logging.getLogger("tessera.node.inference")
 _ROUTES = "use POST /v1/infer or GET /v1/model"
-DEFAULT_MAX_BODY = 256 << 20  # 256 MiB: a large uncompressed CT slab still fits
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
-    max_body_bytes: int = DEFAULT_MAX_BODY
+    max_body_bytes: int = MAX_INFERENCE_BODY_BYTES
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tessera.errors import ConfigError
+from tessera.limits import MAX_DECODED_IMAGE_BYTES
 
 if TYPE_CHECKING:
     from node.intake.ingest import IntakeConfig
@@ -53,7 +54,7 @@ def register(node_commands: Subparsers) -> None:
     ingest.add_argument(
         "--max-decoded-bytes",
         type=int,
-        default=1 << 30,
+        default=MAX_DECODED_IMAGE_BYTES,
         help="quarantine images whose header declares more decoded bytes",
     )
     ingest.add_argument(

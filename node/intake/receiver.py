@@ -26,6 +26,7 @@ from node.errors import NodeError
 from node.intake.phi import instance_key, keyed_hash, load_or_create_site_secret
 from node.intake.worker import TEMP_PREFIX
 from node.logs import log_event
+from tessera.limits import MAX_DICOM_OBJECT_BYTES
 
 LOGGER = logging.getLogger("tessera.node.receiver")
 STATUS_SUCCESS = 0x0000
@@ -43,7 +44,7 @@ class ReceiverConfig:
     port: int = 11112
     ae_title: str = "TESSERA"
     allowed_calling_aets: tuple[str, ...] = ()  # empty: accept any calling AE title
-    max_object_bytes: int = 2 << 30
+    max_object_bytes: int = MAX_DICOM_OBJECT_BYTES
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

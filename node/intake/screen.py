@@ -24,6 +24,7 @@ from pydicom.uid import UID
 
 from node.errors import UnusableImageError
 from node.intake.codestream import check_deflate
+from tessera.limits import MAX_DECODED_IMAGE_BYTES, MAX_DICOM_OBJECT_BYTES
 
 REASONS: dict[str, str] = {
     "not-dicom": "not a DICOM file",
@@ -55,8 +56,8 @@ class IntakeLimits:
     min_side: int = 8
     max_side: int = 16384
     max_frames: int = 4096
-    max_decoded_bytes: int = 1 << 30
-    max_file_bytes: int = 2 << 30
+    max_decoded_bytes: int = MAX_DECODED_IMAGE_BYTES
+    max_file_bytes: int = MAX_DICOM_OBJECT_BYTES
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_side <= self.max_side:

@@ -25,7 +25,7 @@ from node.errors import NodeError
 from node.inference.runtime import preprocess_from_metadata
 from node.privacy.attacks import AuditConfig
 from node.privacy.site_audit import AuditTarget, SiteData, audit_at_site
-from node.round.releases import WEIGHTS_FILE, ModelStore, open_model_store
+from node.round.releases import ModelStore, open_model_store
 from node.training.trainer import DPSettings, TrainConfig
 from tessera.cli import subcommands
 from tessera.crypto.signing import load_private_key
@@ -34,6 +34,7 @@ from tessera.governance.privacy_report import PrivacyAuditReport, sign_report
 from tessera.models import ModelSpec, build_model
 from tessera.models.onnx_export import ExportMetadata, read_metadata
 from tessera.models.weights import load_arrays, load_weights, model_hash
+from tessera.wire.release import WEIGHTS_FILE
 
 if TYPE_CHECKING:
     from tessera.cli import Subparsers

@@ -46,10 +46,11 @@ from node.training.trainer import TrainConfig
 from tessera.errors import AuthenticationError, TesseraError
 from tessera.governance.audit import AuditLog
 from tessera.governance.privacy_report import PrivacyAuditReport, sign_report
+from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES
 from tessera.models.study import StudyModel
 from tessera.wire.envelopes import open_envelope_as, require_fields
 from tessera.wire.messages import ModelRelease, RoundOpen
-from tessera.wire.release import DEFAULT_MAX_RELEASE_PAYLOAD, ReleaseBundle, verify_candidate
+from tessera.wire.release import ReleaseBundle, verify_candidate
 
 JOINED_KEPT = 8  # the rounds joined whose candidates this node would still audit
 GENESIS_PARENT = bytes(32)  # the parent hash of a study's first model
@@ -103,7 +104,7 @@ class CandidateContext:
     joined: JoinedRounds
     audit: AuditLog
     run_audit: Auditor = field(default=audit_at_site)
-    max_payload: int = DEFAULT_MAX_RELEASE_PAYLOAD
+    max_payload: int = MAX_RELEASE_PAYLOAD_BYTES
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,11 @@ from tessera.errors import AuthenticationError
 from tessera.governance.approvals import Approval
 from tessera.governance.audit import AuditLog, read_entries
 from tessera.governance.manifest import Manifest
+from tessera.limits import MAX_ROUND_OPEN_BYTES
 from tessera.models.nets import TesseraNet
 from tessera.models.weights import model_hash, state_arrays
 from tessera.wire.envelopes import open_envelope_as, seal_envelope, share_binding
 from tessera.wire.messages import RoundOpen, ShareEnvelope
-
-# A RoundOpen is a few hundred bytes plus two id lists; anything near this is not one.
-MAX_ROUND_OPEN_BYTES = 1 << 20
 
 # Refusals found here, beside node.round.policy.REASONS (which check_round raises).
 PROTOCOL_REASONS = (

@@ -38,15 +38,19 @@ from node.errors import NodeError
 from tessera.errors import AuthenticationError, CodecError
 from tessera.files import atomic_write
 from tessera.governance.audit import AuditLog
+from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES
 from tessera.models.onnx_export import read_metadata
 from tessera.wire.envelopes import ENVELOPE_MAGIC, open_envelope_as
 from tessera.wire.ids import check_id
-from tessera.wire.release import DEFAULT_MAX_RELEASE_PAYLOAD, ModelRelease, verify_release
+from tessera.wire.release import (
+    CARD_FILE,
+    ONNX_FILE,
+    RELEASE_FILE,
+    WEIGHTS_FILE,
+    ModelRelease,
+    verify_release,
+)
 
-WEIGHTS_FILE = "model.safetensors"
-ONNX_FILE = "model.onnx"
-CARD_FILE = "card.json"
-RELEASE_FILE = "release.bin"
 STATE_FILE = "state.json"
 _FORMAT = 1
 
@@ -270,7 +274,7 @@ def accept_release(
     release_bytes: bytes,
     aggregator_keys: Mapping[str, Ed25519PublicKey],
     store: ModelStore,
-    max_payload: int = DEFAULT_MAX_RELEASE_PAYLOAD,
+    max_payload: int = MAX_RELEASE_PAYLOAD_BYTES,
 ) -> StoredModel:
     """Verify a release and install it in `store`; return its record.
 

@@ -31,6 +31,7 @@ from typing import IO, Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from tessera.limits import MAX_HTTP_BODY_BYTES
 from tessera.observability.metrics import InferenceTimer, ServiceMetrics
 
 __all__ = [
@@ -168,7 +169,7 @@ class HealthServer:
         routes: Mapping[tuple[str, str], Handler] | None = None,
         *,
         host: str = "0.0.0.0",  # noqa: S104 - probes come from outside the pod; see docstring
-        max_body_bytes: int = 32 << 20,
+        max_body_bytes: int = MAX_HTTP_BODY_BYTES,
         request_timeout_s: float = 30.0,
     ) -> None:
         routes = dict(routes or {})

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tessera.errors import CodecError
+from tessera.limits import MAX_PARTIAL_SUM_BYTES
 from tessera.wire.codec import (
     Bytes,
     MessageType,
@@ -26,8 +27,6 @@ from tessera.wire.codec import (
     write_context,
 )
 from tessera.wire.ids import check_id
-
-DEFAULT_MAX_PARTIAL_SUM = 1 << 30  # 1 GiB
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ class PartialSum:
         return w.finish()
 
     @classmethod
-    def from_bytes(cls, data: Bytes, max_payload: int = DEFAULT_MAX_PARTIAL_SUM) -> PartialSum:
+    def from_bytes(cls, data: Bytes, max_payload: int = MAX_PARTIAL_SUM_BYTES) -> PartialSum:
         """Decode strictly; a sealed sum over `max_payload` bytes is refused."""
         r = begin(data, cls.__name__, cls.TYPE)
         message = cls(

@@ -36,6 +36,7 @@ from tessera.crypto.signing import (
     verify_message,
 )
 from tessera.errors import AuthenticationError, CodecError, ConfigError
+from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES
 from tessera.wire.codec import (
     Bytes,
     MessageType,
@@ -50,8 +51,15 @@ from tessera.wire.codec import (
 )
 from tessera.wire.ids import check_id
 
-DEFAULT_MAX_RELEASE_PAYLOAD = 512 << 20  # 512 MiB
 MAX_SIGNATURES = 16
+
+# A stored release is a folder of these four files, at the node (node.round.releases) and in
+# the aggregator's registry (aggregator.registry): the bundle's three parts, then the signed
+# release itself, from which the other three can be checked.
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+CARD_FILE = "card.json"
+RELEASE_FILE = "release.bin"
 
 
 @dataclass(frozen=True)
@@ -140,9 +148,7 @@ class ModelRelease:
         return w.finish()
 
     @classmethod
-    def from_bytes(
-        cls, data: Bytes, max_payload: int = DEFAULT_MAX_RELEASE_PAYLOAD
-    ) -> ModelRelease:
+    def from_bytes(cls, data: Bytes, max_payload: int = MAX_RELEASE_PAYLOAD_BYTES) -> ModelRelease:
         """Decode strictly; a payload over `max_payload` bytes is refused before it is read."""
         r = begin(data, cls.__name__, cls.TYPE)
         head = (

@@ -1,0 +1,61 @@
+"""Size ceilings: how many bytes each reader takes before it refuses, all in one place.
+
+Each limit bounds something that comes from outside the process (over MQTT or HTTP, from a
+PACS, or from a file another process wrote), so that a peer or a damaged file cannot make a
+reader allocate without bound. Each name says what it bounds, and where two readers bound the
+same thing they use the same name. Limits that belong to another system (protobuf's 2 GiB
+message, Kubernetes' 1 MiB Secret, MQTT's 256 MiB packet) stay beside the code that talks to
+that system.
+"""
+
+from __future__ import annotations
+
+_KIB = 1 << 10
+_MIB = 1 << 20
+_GIB = 1 << 30
+
+# --- Protocol messages (tessera.wire) ---------------------------------------------------------
+
+# A model release's weights, ONNX export and card together, wherever a release is parsed (node,
+# aggregator registry, `tessera models show`). A ResNet-18 release is about 45 MB.
+MAX_RELEASE_PAYLOAD_BYTES = 512 * _MIB
+# One partial sum parsed on its own (`PartialSum.from_bytes` default); inside an envelope the
+# envelope's own limit applies.
+MAX_PARTIAL_SUM_BYTES = 1 * _GIB
+# Any signed envelope an aggregator opens; the largest is a release with its weights and ONNX
+# export.
+MAX_AGGREGATOR_MESSAGE_BYTES = 512 * _MIB
+# A round's control envelope at a node (RoundOpen, RoundAbort): a few hundred bytes plus two id
+# lists, so anything near this is not one.
+MAX_ROUND_OPEN_BYTES = 1 * _MIB
+# A site's signed privacy-audit report at an aggregator: a few kilobytes of aggregate figures.
+MAX_AUDIT_REPORT_BYTES = 64 * _KIB
+
+# --- Transport (broker) -----------------------------------------------------------------------
+
+# One chunked MQTT transfer being reassembled, unless the service asks for more (a node takes a
+# release, so it passes MAX_RELEASE_PAYLOAD_BYTES).
+MAX_TRANSFER_BYTES = 256 * _MIB
+# All transfers one receiver is reassembling at once.
+MAX_TRANSFERS_IN_FLIGHT_BYTES = 512 * _MIB
+# The largest MQTT payload the broker takes when FEDERATION.toml does not say; chunks fit in it.
+DEFAULT_MQTT_PACKET_BYTES = 2 * _MIB
+# The range FEDERATION.toml's [broker] max_packet_bytes may take.
+MIN_MQTT_PACKET_BYTES = 64 * _KIB
+MAX_MQTT_PACKET_BYTES = 256 * _MIB
+# MQTT header and topic on top of the largest payload, in the broker's and clients' packet limit.
+MQTT_PACKET_OVERHEAD_BYTES = 64 * _KIB
+
+# --- HTTP -------------------------------------------------------------------------------------
+
+# A request body at a service's health/metrics server (tessera.observability.http) by default.
+MAX_HTTP_BODY_BYTES = 32 * _MIB
+# A DICOM body at `tessera node serve`'s POST /v1/infer: a large uncompressed CT slab still fits.
+MAX_INFERENCE_BODY_BYTES = 256 * _MIB
+
+# --- DICOM intake (node.intake) ---------------------------------------------------------------
+
+# Pixel data a DICOM header may declare; a larger image is quarantined, never decoded.
+MAX_DECODED_IMAGE_BYTES = 1 * _GIB
+# One DICOM file read by intake, or one object a PACS sends to the C-STORE receiver.
+MAX_DICOM_OBJECT_BYTES = 2 * _GIB
