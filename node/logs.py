@@ -1,4 +1,4 @@
-"""Structured JSON logs for the node, through the shared formatter in `tessera.observability.http`.
+"""Structured JSON logs for the node, through the shared formatter in `tessera.observability.logs`.
 
 Callers pass fields through `extra={"fields": ...}` and must only put keyed hashes, counts
 and reason codes there, never DICOM values.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import IO, Any
 
-from tessera.observability.http import configure_logging
+from tessera.observability.logs import configure_logging
 
 
 def configure_json_logging(level: int = logging.INFO, stream: IO[str] | None = None) -> None:
