@@ -29,6 +29,7 @@ from broker.provisioning.bundle import Bundle
 from broker.session import Session, SessionConfig
 from broker.topics import presence_topic
 from broker.transfer import PayloadReceiver, max_chunk_size, send_payload
+from tessera.observability.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
     if endpoint.tls:
         return bundle.session_config(endpoint.host, port=endpoint.port)
     log.warning(
-        "insecure-broker",
+        Event.INSECURE_BROKER,
         extra={"fields": {}},
     )
     return SessionConfig(
@@ -114,7 +115,7 @@ class ServiceLink:
         """Send `payload` (chunked), waiting for every PUBACK; see the module docstring."""
         if retain and len(payload) > max_chunk_size(self.session):
             log.warning(
-                "retain-skipped",
+                Event.RETAIN_SKIPPED,
                 extra={"fields": {"bytes": len(payload)}},
             )
             retain = False
@@ -135,7 +136,7 @@ class Service(Protocol):
     def close(self) -> None: ...
 
 
-def run_until_signalled(service: Service, stopped_event: str) -> int:
+def run_until_signalled(service: Service, stopped_event: Event) -> int:
     """Run a started service until SIGTERM or SIGINT, close it, log `stopped_event`; 0."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

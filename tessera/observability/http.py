@@ -29,6 +29,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from tessera.observability.events import Event
+
 __all__ = [
     "Handler",
     "HealthServer",
@@ -80,7 +82,7 @@ def failing_checks(readiness: Mapping[str, ReadinessCheck]) -> list[str]:
             ok = check()
         except Exception as error:  # noqa: BLE001 - a broken check means "not ready"
             _log.warning(
-                "readiness check raised",
+                Event.READINESS_CHECK_RAISED,
                 extra={"fields": {"check": name, "error_type": type(error).__name__}},
             )
             ok = False
@@ -186,7 +188,7 @@ class HealthServer:
             return handler(request)
         except Exception as error:  # noqa: BLE001 - one bad request must not kill the server
             _log.error(
-                "route handler failed",
+                Event.ROUTE_HANDLER_FAILED,
                 extra={
                     "fields": {
                         "route": f"{request.method} {request.path}",
@@ -247,6 +249,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Access lines go to DEBUG without the query string (it could carry anything)."""
         _log.debug(
-            "http request",
+            Event.HTTP_REQUEST,
             extra={"fields": {"method": self.command, "path": self.path.partition("?")[0]}},
         )

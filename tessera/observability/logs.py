@@ -1,7 +1,9 @@
 """Structured JSON logs: one JSON object per line, the event's name and its fields.
 
-A service logs `log.info("round-joined", extra={"fields": {...}})`: the message becomes the
-`event` key and the names in `fields` become keys beside it.
+A service logs `log.info(Event.ROUND_JOINED, extra={"fields": {...}})`, or
+`log_event(log, Event.ROUND_JOINED, round=3)`: the message becomes the `event` key and the
+names in `fields` become keys beside it (`tessera.observability.events` lists every event
+and the fields it carries).
 
 Nothing here may carry PHI: the formatter writes the message, the record's `fields` and an
 exception's type, never a traceback's text; callers put only keyed hashes, counts and reason
@@ -17,7 +19,9 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
-__all__ = ["JsonFormatter", "configure_logging"]
+from tessera.observability.events import Event
+
+__all__ = ["JsonFormatter", "configure_logging", "log_event"]
 
 # Keys the formatter owns; a record field with one of these names is renamed, not obeyed.
 _RESERVED = ("ts", "level", "logger", "event", "error")
@@ -72,3 +76,10 @@ def configure_logging(level: int | str = logging.INFO, stream: IO[str] | None = 
     # The ONNX exporter's optimiser narrates every pass at INFO; an operator needs none of it.
     for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def log_event(
+    logger: logging.Logger, event: Event, level: int = logging.INFO, **fields: Any
+) -> None:
+    """Log `event` with structured `fields` (hashes, counts, codes only)."""
+    logger.log(level, event, extra={"fields": fields})
