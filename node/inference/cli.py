@@ -134,7 +134,8 @@ def serve_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    log.info(Event.SERVING, extra={"port": server.port, "model_version": slot.current().version})
+    fields = {"port": server.port, "model_version": slot.current().version}
+    log.info(Event.SERVING, extra={"fields": fields})
     try:
         while not stop.wait(args.watch):
             try:
@@ -147,13 +148,14 @@ def serve_command(args: argparse.Namespace) -> int:
             try:
                 new = load_model(data)
             except Exception as error:  # noqa: BLE001 - a bad file must not stop serving
-                log.error(Event.MODEL_UPDATE_REJECTED,
-                          extra={"error": type(error).__name__})  # fmt: skip
+                log.error(
+                    Event.MODEL_UPDATE_REJECTED, extra={"fields": {"error": type(error).__name__}}
+                )
                 seen = digest
                 continue
             slot.swap(new)
             seen = digest
-            log.info(Event.SERVE_MODEL_SWAPPED, extra={"model_version": new.version})
+            log.info(Event.SERVE_MODEL_SWAPPED, extra={"fields": {"model_version": new.version}})
     finally:
         server.shutdown()
     return 0

@@ -152,7 +152,7 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             del size
-            log.info(Event.INFERENCE_REQUEST, extra={"method": self.command,
-                     "path": self.path.split("?")[0], "status": int(code)})  # fmt: skip
+            fields = {"method": self.command, "path": self.path.split("?")[0], "status": int(code)}
+            log.info(Event.INFERENCE_REQUEST, extra={"fields": fields})
 
     return Handler
