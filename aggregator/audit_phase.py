@@ -38,6 +38,7 @@ from broker import topics
 from tessera.errors import TesseraError
 from tessera.governance.privacy_report import report_from_json, verify_report
 from tessera.limits import MAX_AUDIT_REPORT_BYTES
+from tessera.observability.events import Event
 
 # One logger for all of the service's events (`tessera.aggregator.service`), wherever the
 # step lives: operators and the README filter on it.
@@ -58,7 +59,7 @@ def candidate_of(current: RoundContext) -> ReleaseCandidate:
 def log_refused_report(exc: Exception) -> None:
     """Log a report that was dropped (the reason names no share content and no PHI)."""
     log.warning(
-        "message-rejected",
+        Event.MESSAGE_REJECTED,
         extra={"fields": {"kind": "AUDIT", "error": type(exc).__name__, "reason": str(exc)}},
     )
 
@@ -95,7 +96,7 @@ class AuditPhase:
                 continue
             current.reports[site] = report
         log.info(
-            "candidate-built",
+            Event.CANDIDATE_BUILT,
             extra={"fields": {"round": a.round, "version": candidate.release.version}},
         )
         if not self.config.is_leader:
@@ -137,7 +138,7 @@ class AuditPhase:
             check_report(report, self.setup.manifest, candidate_of(current), current.reports)
         current.reports[report.site_id] = report
         log.info(
-            "audit-report",
+            Event.AUDIT_REPORT,
             extra={"fields": {"round": report.model_round, "site": report.site_id}},
         )
 
@@ -156,7 +157,7 @@ class AuditPhase:
         if not decision.release:
             return decision
         log.info(
-            "audit-passed",
+            Event.AUDIT_PASSED,
             extra={"fields": {"round": current.state.round, "detail": decision.detail}},
         )
         assert current.candidate is not None

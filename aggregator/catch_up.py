@@ -19,6 +19,7 @@ from aggregator.registry import GENESIS_PARENT, Registry
 from aggregator.round_context import latest_server_state
 from aggregator.signed_messages import RosterKeys
 from aggregator.store import Store
+from tessera.observability.events import Event
 from tessera.wire.messages import ModelRelease
 from tessera.wire.release import verify_release
 
@@ -68,6 +69,6 @@ def catch_up(
     state = latest_server_state(store, config.study_id)
     registry.register(release, keys, server_state=state, next_algorithm=following)
     log.warning(
-        "release-caught-up",
+        Event.RELEASE_CAUGHT_UP,
         extra={"fields": {"round": release.round, "version": release.version}},
     )

@@ -22,7 +22,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Load the configuration, log JSON at its level, run the daemon."""
     from aggregator.config import load_config
     from aggregator.daemon import run
-    from tessera.observability.http import configure_logging
+    from tessera.observability.logs import configure_logging
 
     config = load_config(args.config)
     configure_logging(config.log_level)

@@ -45,6 +45,7 @@ from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_unti
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key
 from tessera.governance.audit import AuditLog
+from tessera.observability.events import Event
 from tessera.observability.http import HealthServer
 from tessera.observability.metrics import ServiceMetrics
 
@@ -68,7 +69,7 @@ class AggregatorDaemon:
                 "round-aborted", {"study_id": study_id, "round": number, "reason": RESTART_REASON}
             )
             log.warning(
-                "round-recovered",
+                Event.ROUND_RECOVERED,
                 extra={"fields": {"study": study_id, "round": number}},
             )
         genesis = setup.model.genesis()
@@ -147,7 +148,7 @@ class AggregatorDaemon:
         self.link.session.subscribe(f"{topics.ROOT}/{fed}/presence/+", self._on_presence)
         self.link.start()
         log.info(
-            "aggregator-started",
+            Event.AGGREGATOR_STARTED,
             extra={
                 "fields": {
                     "aggregator": me,
@@ -203,7 +204,7 @@ class AggregatorDaemon:
                     current = self.service.current
                     assert current is not None
                     log.info(
-                        "round-opened",
+                        Event.ROUND_OPENED,
                         extra={
                             "fields": {
                                 "round": current.state.round,
@@ -286,4 +287,4 @@ class AggregatorDaemon:
 def run(config: AggregatorConfig) -> int:
     """Start the daemon and run it until SIGTERM/SIGINT; the exit status."""
     setup = load_study_setup(config)
-    return run_until_signalled(AggregatorDaemon(config, setup).start(), "aggregator-stopped")
+    return run_until_signalled(AggregatorDaemon(config, setup).start(), Event.AGGREGATOR_STOPPED)

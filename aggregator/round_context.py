@@ -50,6 +50,7 @@ from aggregator.rounds import (
 from aggregator.store import Store
 from aggregator.strategies import ServerState, server_state_from_bytes
 from tessera.governance.privacy_report import PrivacyAuditReport
+from tessera.observability.events import Event as LogEvent
 from tessera.wire.envelopes import Message, require_fields
 from tessera.wire.messages import (
     ModelRelease,
@@ -216,7 +217,7 @@ class RoundContext:
         try:
             self.accumulator.add(message.node_id, share, envelope_digest=digest)
         except DuplicateShare:
-            log.info("share-duplicate", extra={"fields": {"round": message.round}})
+            log.info(LogEvent.SHARE_DUPLICATE, extra={"fields": {"round": message.round}})
             return False
         self.epsilon[message.node_id] = message.epsilon_total
         self.move(ShareAccepted(message.node_id))

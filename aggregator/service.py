@@ -56,6 +56,7 @@ from broker import topics
 from tessera.crypto.flatten import flatten
 from tessera.crypto.update_layout import vector_length
 from tessera.errors import TesseraError
+from tessera.observability.events import Event
 from tessera.wire.envelopes import Message
 from tessera.wire.messages import (
     ModelRelease,
@@ -126,7 +127,7 @@ class AggregatorService:
             held = None if self.current is None else self.current.state.round
             name = None if kind is None else kind.name
             fields = {"kind": name, "error": type(exc).__name__, "reason": str(exc), "round": held}
-            log.warning("message-rejected", extra={"fields": fields})
+            log.warning(Event.MESSAGE_REJECTED, extra={"fields": fields})
             return []
 
     def _step_for(self, kind: topics.Kind) -> Callable[[Message, str], list[Outgoing]] | None:
@@ -392,7 +393,7 @@ class AggregatorService:
         assert current is not None
         current.move(Abort(reason))
         a = current.announcement
-        log.warning("round-abort", extra={"fields": {"round": a.round, "reason": reason}})
+        log.warning(Event.ROUND_ABORTED, extra={"fields": {"round": a.round, "reason": reason}})
         abort = RoundAbort(a.federation_id, a.study_id, a.round, self.me, reason)
         topic = topics.round_topic(a.federation_id, a.study_id)
         return [self.publisher.send(topic, abort, retain=True)]

@@ -24,6 +24,7 @@ from aggregator.rounds import ModelReleased, Stage
 from aggregator.signed_messages import Outgoing, Publisher, RosterKeys
 from broker import topics
 from tessera.errors import AuthenticationError
+from tessera.observability.events import Event
 from tessera.wire.messages import ModelRelease
 from tessera.wire.release import is_signature_note
 
@@ -103,7 +104,7 @@ class SignatureExchange:
             except AuthenticationError:  # an early note that does not match ours: forget it
                 del current.notes[signer]
                 log.warning(
-                    "message-rejected",
+                    Event.MESSAGE_REJECTED,
                     extra={"fields": {"round": release.round, "kind": "RELEASE"}},
                 )
         if set(dict(release.signatures)) != set(current.announcement.aggregator_ids):
@@ -123,6 +124,6 @@ class SignatureExchange:
         )
         current.move(ModelReleased(str(release.version)))
         log.info(
-            "model-released",
+            Event.MODEL_RELEASED,
             extra={"fields": {"round": release.round, "version": release.version}},
         )

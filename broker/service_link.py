@@ -30,6 +30,7 @@ from broker.session import Session, SessionConfig
 from broker.topics import presence_topic
 from broker.transfer import PayloadReceiver, max_chunk_size, send_payload
 from tessera.limits import MAX_TRANSFER_BYTES, MQTT_PACKET_OVERHEAD_BYTES
+from tessera.observability.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
     if endpoint.tls:
         return bundle.session_config(endpoint.host, port=endpoint.port)
     log.warning(
-        "insecure-broker",
+        Event.INSECURE_BROKER,
         extra={"fields": {}},
     )
     return SessionConfig(
@@ -115,7 +116,7 @@ class ServiceLink:
         """Send `payload` (chunked), waiting for every PUBACK; see the module docstring."""
         if retain and len(payload) > max_chunk_size(self.session):
             log.warning(
-                "retain-skipped",
+                Event.RETAIN_SKIPPED,
                 extra={"fields": {"bytes": len(payload)}},
             )
             retain = False
@@ -136,7 +137,7 @@ class Service(Protocol):
     def close(self) -> None: ...
 
 
-def run_until_signalled(service: Service, stopped_event: str) -> int:
+def run_until_signalled(service: Service, stopped_event: Event) -> int:
     """Run a started service until SIGTERM or SIGINT, close it, log `stopped_event`; 0."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

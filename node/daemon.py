@@ -68,6 +68,7 @@ from node.round.releases import ReleaseRefused, accept_release, parse_release
 from node.setup import NodeSetup, load_node_setup
 from tessera.errors import AuthenticationError, TesseraError
 from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
+from tessera.observability.events import Event
 from tessera.observability.http import HealthServer, Request, Response
 from tessera.wire.envelopes import open_envelope
 from tessera.wire.messages import RoundAbort, RoundOpen
@@ -87,7 +88,7 @@ class NodeDaemon:
         self.metrics = setup.metrics
         self.aggregator_signing = setup.member.aggregator_signing
         if reconcile_epsilon_audit(self.ledger, self.audit):
-            log.warning("epsilon-reconciled", extra={"fields": {"study": self.study.id}})
+            log.warning(Event.EPSILON_RECONCILED, extra={"fields": {"study": self.study.id}})
         self.base = setup.newest_model()
         self.slot = ModelSlot()
         self.serving: int | None = None
@@ -130,7 +131,7 @@ class NodeDaemon:
             topic = topics.candidate_topic(fed, study, self.config.site_id)
             self.link.subscribe(topic, self._on_candidate)
         self.link.start()
-        log.info("node-started", extra={"fields": {
+        log.info(Event.NODE_STARTED, extra={"fields": {
             "site": self.config.site_id, "study": study, "model_version": self.serving,
             "http_port": self.health.port,
         }})  # fmt: skip
@@ -166,25 +167,25 @@ class NodeDaemon:
         try:
             signed = open_envelope(payload, self.aggregator_signing, MAX_ROUND_OPEN_BYTES)
         except (TesseraError, ValueError) as error:
-            log.warning("message-rejected", extra={"fields": {"error": type(error).__name__}})
+            log.warning(Event.MESSAGE_REJECTED, extra={"fields": {"error": type(error).__name__}})
             return
         message = signed.message
         if isinstance(message, RoundAbort):
             fields = {"round": message.round, "reason": message.reason}
-            log.info("round-aborted", extra={"fields": fields})
+            log.info(Event.ROUND_ABORT_RECEIVED, extra={"fields": fields})
             return
         if not isinstance(message, RoundOpen):
             return
         try:
             self._rounds.put_nowait(("round", payload))
         except queue.Full:
-            log.warning("round-dropped", extra={"fields": {"round": message.round}})
+            log.warning(Event.ROUND_DROPPED, extra={"fields": {"round": message.round}})
 
     def _on_candidate(self, _topic: str, payload: bytes) -> None:
         try:
             self._rounds.put_nowait(("candidate", payload))
         except queue.Full:
-            log.warning("candidate-dropped", extra={"fields": {"reason": "worker busy"}})
+            log.warning(Event.CANDIDATE_DROPPED, extra={"fields": {"reason": "worker busy"}})
 
     def _round_worker(self) -> None:
         while True:
@@ -199,7 +200,7 @@ class NodeDaemon:
                     self._audit_candidate(payload)
             except Exception as error:  # noqa: BLE001 - one failed round must not stop the node
                 log.error(
-                    "round-failed",
+                    Event.ROUND_FAILED,
                     extra={"fields": {"error": type(error).__name__, "reason": str(error)}},
                 )
 
@@ -209,13 +210,13 @@ class NodeDaemon:
         try:
             outcome = participate(payload, ctx)
         except AuthenticationError:
-            log.warning("message-rejected", extra={"fields": {"kind": "ROUND"}})
+            log.warning(Event.MESSAGE_REJECTED, extra={"fields": {"kind": "ROUND"}})
             return
         round_number = outcome.round_open.round
         if not isinstance(outcome, Joined):
             self.metrics.round_refused(outcome.reason)
             fields = {"round": round_number, "reason": outcome.reason, "detail": outcome.detail}
-            log.warning("round-refused", extra={"fields": fields})
+            log.warning(Event.ROUND_REFUSED, extra={"fields": fields})
             return
         for message in outcome.messages:
             self.link.publish(message.topic, message.payload)
@@ -224,7 +225,7 @@ class NodeDaemon:
         self.metrics.round_joined()
         self.metrics.add_samples(result.train_samples)
         self.metrics.set_epsilon_spent(self.study.id, self.ledger.state().epsilon_spent)
-        log.info("round-joined", extra={"fields": {
+        log.info(Event.ROUND_JOINED, extra={"fields": {
             "round": round_number, "samples": result.train_samples,
             "epsilon_round": outcome.epsilon_spent,
             "epsilon_total": self.ledger.state().epsilon_spent,
@@ -239,7 +240,7 @@ class NodeDaemon:
             summary = self.setup.ingest()
         except (TesseraError, OSError, ValueError) as error:
             log.error(
-                "intake-failed",
+                Event.INTAKE_FAILED,
                 extra={"fields": {"error": type(error).__name__, "reason": str(error)}},
             )
             return
@@ -248,7 +249,7 @@ class NodeDaemon:
                 self.metrics.quarantine(reason)
         if summary.quarantined:
             self.audit.append("quarantine", {"count": summary.quarantined})
-        log.info("intake", extra={"fields": {**summary.as_dict()}})
+        log.info(Event.INTAKE, extra={"fields": {**summary.as_dict()}})
 
     # --- privacy audits of candidates ------------------------------------------------------
 
@@ -257,18 +258,20 @@ class NodeDaemon:
         report (`node.round.candidate`); anything else is logged and dropped."""
         outcome = audit_candidate(payload, self.setup.candidate_context(self._joined))
         if isinstance(outcome, CandidateRefused):
-            log.warning("candidate-refused", extra={"fields": {"error": outcome.error}})
+            log.warning(Event.CANDIDATE_REFUSED, extra={"fields": {"error": outcome.error}})
         elif isinstance(outcome, CandidateIgnored):
-            log.info("candidate-ignored", extra={"fields": {"round": outcome.round}})
+            log.info(Event.CANDIDATE_IGNORED, extra={"fields": {"round": outcome.round}})
         elif isinstance(outcome, AuditFailed):
             log.error(
-                "privacy-audit-failed",
+                Event.PRIVACY_AUDIT_FAILED,
                 extra={"fields": {"round": outcome.round, "outcome": outcome.outcome,
                                   "reason": outcome.detail}},
             )  # fmt: skip
         else:
             self.link.publish(outcome.message.topic, outcome.message.payload)
-            log.info("privacy-audit", extra={"fields": {"round": outcome.round, **outcome.figures}})
+            log.info(
+                Event.PRIVACY_AUDIT, extra={"fields": {"round": outcome.round, **outcome.figures}}
+            )
 
     # --- releases and inference ------------------------------------------------------------
 
@@ -276,7 +279,7 @@ class NodeDaemon:
         try:
             release = parse_release(payload, self.aggregator_signing, MAX_RELEASE_PAYLOAD_BYTES)
         except (TesseraError, ValueError) as error:
-            log.warning("release-refused", extra={"fields": {"error": type(error).__name__}})
+            log.warning(Event.RELEASE_REFUSED, extra={"fields": {"error": type(error).__name__}})
             return
         if is_signature_note(release):
             return  # a follower's signature for the leader, not a release
@@ -286,12 +289,12 @@ class NodeDaemon:
             except (AuthenticationError, ReleaseRefused) as error:
                 reason = getattr(error, "reason", "not-verified")
                 fields = {"version": release.version, "reason": reason}
-                log.warning("release-refused", extra={"fields": fields})
+                log.warning(Event.RELEASE_REFUSED, extra={"fields": fields})
                 return
             self.base = self.setup.newest_model()
             self._refresh_inference()
         fields = {"version": record.version, "round": record.round, "serving": self.serving}
-        log.info("release-installed", extra={"fields": fields})
+        log.info(Event.RELEASE_INSTALLED, extra={"fields": fields})
 
     def _refresh_inference(self) -> None:
         version = self.store.current()
@@ -301,7 +304,7 @@ class NodeDaemon:
             self.slot.swap(load_model(self.store.onnx_bytes(version)))
         except NodeError as error:  # a damaged or incompatible file: keep serving the old one
             log.error(
-                "model-unusable", extra={"fields": {"version": version, "reason": str(error)}}
+                Event.MODEL_UNUSABLE, extra={"fields": {"version": version, "reason": str(error)}}
             )
             return
         self.serving = version
@@ -309,7 +312,7 @@ class NodeDaemon:
         assert record is not None
         self.metrics.set_model(version, bytes.fromhex(record.model_hash))
         log.info(
-            "model-swapped",
+            Event.MODEL_SWAPPED,
             extra={"fields": {"version": version, "pinned": self.store.pinned is not None}},
         )
 
@@ -325,4 +328,4 @@ class NodeDaemon:
 
 def run(config: NodeConfig) -> int:
     """Start the node and run it until SIGTERM/SIGINT; the exit status."""
-    return run_until_signalled(NodeDaemon(load_node_setup(config)).start(), "node-stopped")
+    return run_until_signalled(NodeDaemon(load_node_setup(config)).start(), Event.NODE_STOPPED)

@@ -43,7 +43,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Load the configuration, log JSON at its level, run the node."""
     from node.config import load_node_config
     from node.daemon import run
-    from tessera.observability.http import configure_logging
+    from tessera.observability.logs import configure_logging
 
     config = load_node_config(args.config)
     configure_logging(config.log_level)

@@ -19,6 +19,7 @@ from node.demo.federation import PreparedFederation
 from node.demo.options import DemoOptions
 from node.demo.report import RunRecord, Score, SiteData, load_site_data, mean, score_onnx
 from node.errors import NodeError
+from tessera.observability.events import Event
 
 
 @dataclass
@@ -89,25 +90,25 @@ def follow_rounds(
                 raise NodeError(f"{member} exited with {process.returncode}; see its log")
         for member, event in logs.events():
             name = event.get("event")
-            if name == "round-opened" and member == spec.leader:
+            if name == Event.ROUND_OPENED and member == spec.leader:
                 show.bar(
                     ended,
                     opts.rounds,
                     f"round {event['round']} open "
                     f"({event['algorithm']}, {event['expected']} sites)",
                 )
-            elif name == "round-joined":
+            elif name == Event.ROUND_JOINED:
                 record.joined[member] = record.joined.get(member, 0) + 1
                 record.epsilon[member] = float(event["epsilon_total"])  # type: ignore[arg-type]
                 record.bytes_sent += int(event["bytes_sent"])  # type: ignore[call-overload]
                 record.plaintext_bytes += int(event["plaintext_bytes"])  # type: ignore[call-overload]
-            elif name == "round-refused":
+            elif name == Event.ROUND_REFUSED:
                 show.say(f"    {member} refused round {event['round']}: {event['reason']}")
-            elif name == "round-abort" and member == spec.leader:
+            elif name == Event.ROUND_ABORTED and member == spec.leader:
                 ended += 1
                 record.aborts.append(event)
                 show.bar(ended, opts.rounds, f"round {event['round']} aborted: {event['reason']}")
-            elif name == "release-installed":
+            elif name == Event.RELEASE_INSTALLED:
                 installed.setdefault(int(event["version"]), set()).add(member)  # type: ignore[call-overload]
         for version in sorted(installed):
             if installed[version] != set(spec.sites) or version <= len(curve):

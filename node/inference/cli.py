@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tessera.observability.events import Event
+
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -132,7 +134,8 @@ def serve_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    log.info("serving", extra={"port": server.port, "model_version": slot.current().version})
+    fields = {"port": server.port, "model_version": slot.current().version}
+    log.info(Event.SERVING, extra={"fields": fields})
     try:
         while not stop.wait(args.watch):
             try:
@@ -145,13 +148,14 @@ def serve_command(args: argparse.Namespace) -> int:
             try:
                 new = load_model(data)
             except Exception as error:  # noqa: BLE001 - a bad file must not stop serving
-                log.error("model update rejected; still serving the old one",
-                          extra={"error": type(error).__name__})  # fmt: skip
+                log.error(
+                    Event.MODEL_UPDATE_REJECTED, extra={"fields": {"error": type(error).__name__}}
+                )
                 seen = digest
                 continue
             slot.swap(new)
             seen = digest
-            log.info("model swapped", extra={"model_version": new.version})
+            log.info(Event.SERVE_MODEL_SWAPPED, extra={"fields": {"model_version": new.version}})
     finally:
         server.shutdown()
     return 0

@@ -25,6 +25,7 @@ from node.errors import NodeError, UnusableImageError
 from node.inference.runtime import ModelSlot, infer_dicom_bytes
 from node.intake.screen import IntakeLimits
 from tessera.limits import MAX_INFERENCE_BODY_BYTES
+from tessera.observability.events import Event
 
 log = logging.getLogger("tessera.node.inference")
 _ROUTES = "use POST /v1/infer or GET /v1/model"
@@ -151,7 +152,7 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             del size
-            log.info("inference request", extra={"method": self.command,
-                     "path": self.path.split("?")[0], "status": int(code)})  # fmt: skip
+            fields = {"method": self.command, "path": self.path.split("?")[0], "status": int(code)}
+            log.info(Event.INFERENCE_REQUEST, extra={"fields": fields})
 
     return Handler

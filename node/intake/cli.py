@@ -135,9 +135,9 @@ def ingest_command(args: argparse.Namespace) -> int:
     """Run one intake pass (or keep watching), then optionally report."""
     from node.intake.ingest import run_ingest
     from node.intake.report import build_report, format_report, quarantined_paths
-    from node.logs import configure_json_logging
+    from tessera.observability.logs import configure_logging
 
-    configure_json_logging()
+    configure_logging()
     with _config_errors():
         cfg = intake_config(args)
     if not args.report_only:
@@ -158,9 +158,9 @@ def ingest_command(args: argparse.Namespace) -> int:
 def receive_command(args: argparse.Namespace) -> int:
     """Serve C-STORE until SIGINT or SIGTERM."""
     from node.intake.receiver import ReceiverConfig, start_receiver
-    from node.logs import configure_json_logging
+    from tessera.observability.logs import configure_logging
 
-    configure_json_logging()
+    configure_logging()
     with _config_errors():
         cfg = ReceiverConfig(args.intake, args.state, args.host, args.port, args.ae_title,
                              tuple(args.allow_aet))  # fmt: skip

@@ -32,8 +32,9 @@ from node.intake.phi import keyed_hash, load_or_create_site_secret
 from node.intake.preprocess import PreprocessConfig
 from node.intake.screen import IntakeLimits
 from node.intake.worker import TEMP_PREFIX, FileTask, WorkerContext, ingest_batch, shard_path
-from node.logs import log_event
 from tessera.errors import ConfigError
+from tessera.observability.events import Event
+from tessera.observability.logs import log_event
 
 LOGGER = logging.getLogger("tessera.node.intake")
 RECEIVED = PurePosixPath("received")  # where received objects are named, in any layout
@@ -224,7 +225,7 @@ def _run_locked(cfg: IntakeConfig, ctx: WorkerContext) -> IngestSummary:
         scan = index.next_scan(conn)
         index.set_meta(conn, "digest", ctx.digest)
         index.set_meta(conn, "label_set", json.dumps(list(cfg.label_set or ())))
-        log_event(LOGGER, "intake.start", scan=scan, digest=ctx.digest[:16], stale_temp=stale)
+        log_event(LOGGER, Event.INTAKE_START, scan=scan, digest=ctx.digest[:16], stale_temp=stale)
         shards = _shards_on_disk(cfg, ctx)
         _process(cfg, ctx, conn, scan, summary, shards)
         summary.dropped = index.drop_unseen(conn, scan)
@@ -236,7 +237,7 @@ def _run_locked(cfg: IntakeConfig, ctx: WorkerContext) -> IngestSummary:
             index.replace_manifest(conn, manifest.rows)
             summary.labels_out_of_set = manifest.out_of_set
         index.set_meta(conn, "last_summary", json.dumps(summary.as_dict()))
-        log_event(LOGGER, "intake.done", scan=scan, summary=summary.as_dict())
+        log_event(LOGGER, Event.INTAKE_DONE, scan=scan, summary=summary.as_dict())
     finally:
         conn.close()
     return summary
@@ -361,6 +362,6 @@ def _record(
             summary.quarantined += 1
             summary.reasons[record.reason or "unknown"] += 1
             log_event(
-                LOGGER, "intake.quarantine", logging.WARNING,
+                LOGGER, Event.INTAKE_QUARANTINE, logging.WARNING,
                 file=record.path_key, reason=record.reason, detail=record.detail,
             )  # fmt: skip

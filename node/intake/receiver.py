@@ -25,8 +25,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.errors import NodeError
 from node.intake.phi import instance_key, keyed_hash, load_or_create_site_secret
 from node.intake.worker import TEMP_PREFIX
-from node.logs import log_event
 from tessera.limits import MAX_DICOM_OBJECT_BYTES
+from tessera.observability.events import Event
+from tessera.observability.logs import log_event
 
 LOGGER = logging.getLogger("tessera.node.receiver")
 STATUS_SUCCESS = 0x0000
@@ -82,10 +83,10 @@ def _handle_store(event: evt.Event, cfg: ReceiverConfig, secret: bytes) -> int:
     try:
         data = event.encoded_dataset(include_meta=True)
     except Exception:  # noqa: BLE001 - a malformed request gets a status, not a crash
-        log_event(LOGGER, "receiver.unreadable", logging.WARNING)
+        log_event(LOGGER, Event.RECEIVER_UNREADABLE, logging.WARNING)
         return STATUS_CANNOT_UNDERSTAND
     if len(data) > cfg.max_object_bytes:
-        log_event(LOGGER, "receiver.too_large", logging.WARNING, size=len(data))
+        log_event(LOGGER, Event.RECEIVER_TOO_LARGE, logging.WARNING, size=len(data))
         return STATUS_OUT_OF_RESOURCES
     sop = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
     key = (
@@ -96,18 +97,18 @@ def _handle_store(event: evt.Event, cfg: ReceiverConfig, secret: bytes) -> int:
     try:
         write_received(cfg.intake_dir, f"{key}.dcm", data)
     except OSError as error:
-        log_event(LOGGER, "receiver.write_failed", logging.ERROR, instance=key,
+        log_event(LOGGER, Event.RECEIVER_WRITE_FAILED, logging.ERROR, instance=key,
                   error=type(error).__name__)  # fmt: skip
         return STATUS_OUT_OF_RESOURCES
-    log_event(LOGGER, "receiver.stored", instance=key, size=len(data))
+    log_event(LOGGER, Event.RECEIVER_STORED, instance=key, size=len(data))
     return STATUS_SUCCESS
 
 
 def _check_calling(event: evt.Event, cfg: ReceiverConfig) -> None:
     calling = event.assoc.requestor.ae_title.strip()
-    log_event(LOGGER, "receiver.association", calling_aet=calling)
+    log_event(LOGGER, Event.RECEIVER_ASSOCIATION, calling_aet=calling)
     if cfg.allowed_calling_aets and calling not in cfg.allowed_calling_aets:
-        log_event(LOGGER, "receiver.rejected", logging.WARNING, calling_aet=calling)
+        log_event(LOGGER, Event.RECEIVER_REJECTED, logging.WARNING, calling_aet=calling)
         event.assoc.abort()
 
 
@@ -134,6 +135,6 @@ def start_receiver(cfg: ReceiverConfig) -> ThreadedAssociationServer:
     server = build_ae(cfg).start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers)
     if not isinstance(server, ThreadedAssociationServer):
         raise NodeError(f"C-STORE receiver did not start on {cfg.host}:{cfg.port}")
-    log_event(LOGGER, "receiver.listening", host=cfg.host, port=server.server_address[1],
+    log_event(LOGGER, Event.RECEIVER_LISTENING, host=cfg.host, port=server.server_address[1],
               ae_title=cfg.ae_title)  # fmt: skip
     return server

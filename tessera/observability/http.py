@@ -1,4 +1,4 @@
-"""Structured JSON logs, and the HTTP endpoints every Tessera service serves.
+"""The HTTP endpoints every Tessera service serves.
 
 Node and aggregator both run one `HealthServer` on port 8080 (the deployment constant):
 
@@ -10,98 +10,38 @@ Node and aggregator both run one `HealthServer` on port 8080 (the deployment con
 
 A service mounts extra routes (the node's inference endpoint) as `(method, path) -> Handler`.
 
-Nothing here may carry PHI: `ServiceMetrics` accepts label values only from fixed sets given
-at construction (reason codes) or that pass the id rule (study ids), and the JSON formatter
-writes the message, the record's `fields` and an exception's type, never a traceback's text.
+Nothing here may carry PHI: a failing readiness check or route handler is logged by name and
+exception type only, and access lines go to DEBUG without the query string. The metric
+families are in `tessera.observability.metrics`, the JSON logs in `tessera.observability.logs`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from tessera.limits import MAX_HTTP_BODY_BYTES
-from tessera.observability.metrics import InferenceTimer, ServiceMetrics
+from tessera.observability.events import Event
 
 __all__ = [
     "Handler",
     "HealthServer",
-    "InferenceTimer",
-    "JsonFormatter",
     "ReadinessCheck",
     "Request",
     "Response",
-    "ServiceMetrics",
-    "configure_logging",
     "failing_checks",
 ]
 
 _log = logging.getLogger("tessera.observability.http")
-
-# Keys the formatter owns; a record field with one of these names is renamed, not obeyed.
-_RESERVED = ("ts", "level", "logger", "event", "error")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, event, the record's `fields`, error type.
-
-    Only `extra={"fields": {...}}` reaches the output; other record attributes and the raw
-    `args` never do (the message is formatted first). Exceptions contribute their class name
-    only, because a traceback's text can quote a DICOM value.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        """The record as a JSON object on one line."""
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, Mapping):
-            for key, value in fields.items():
-                name = str(key)
-                entry[f"field_{name}" if name in _RESERVED else name] = value
-        if record.exc_info and record.exc_info[0] is not None:
-            entry["error"] = record.exc_info[0].__name__
-        return json.dumps(entry, default=str, ensure_ascii=False)
-
-
-def configure_logging(level: int | str = logging.INFO, stream: IO[str] | None = None) -> None:
-    """Send every log record to `stream` (stderr) as JSON lines at `level`; idempotent.
-
-    Replaces the root logger's handlers, so a second call does not duplicate lines.
-    """
-    if isinstance(level, str):
-        numeric = logging.getLevelNamesMapping().get(level.upper())
-        if numeric is None:
-            raise ValueError(
-                f"log level {level!r} is unknown: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
-            )
-        level = numeric
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # pydicom quotes element values in its records; they must not reach a service's output.
-    logging.getLogger("pydicom").disabled = True
-    # The ONNX exporter's optimiser narrates every pass at INFO; an operator needs none of it.
-    for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -143,7 +83,7 @@ def failing_checks(readiness: Mapping[str, ReadinessCheck]) -> list[str]:
             ok = check()
         except Exception as error:  # noqa: BLE001 - a broken check means "not ready"
             _log.warning(
-                "readiness check raised",
+                Event.READINESS_CHECK_RAISED,
                 extra={"fields": {"check": name, "error_type": type(error).__name__}},
             )
             ok = False
@@ -249,7 +189,7 @@ class HealthServer:
             return handler(request)
         except Exception as error:  # noqa: BLE001 - one bad request must not kill the server
             _log.error(
-                "route handler failed",
+                Event.ROUTE_HANDLER_FAILED,
                 extra={
                     "fields": {
                         "route": f"{request.method} {request.path}",
@@ -310,6 +250,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Access lines go to DEBUG without the query string (it could carry anything)."""
         _log.debug(
-            "http request",
+            Event.HTTP_REQUEST,
             extra={"fields": {"method": self.command, "path": self.path.partition("?")[0]}},
         )

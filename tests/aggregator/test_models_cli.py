@@ -151,7 +151,7 @@ def test_the_installed_command_lists_versions(state) -> None:
         [sys.executable, "-m", "tessera.cli", "models", "list", "--state", str(root)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -160,7 +160,7 @@ def test_the_installed_command_lists_versions(state) -> None:
         [sys.executable, "-m", "tessera.cli", "models", "show", "9", "--state", str(root)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         check=False,
     )
     assert missing.returncode == 2 and "known versions: 1, 2, 3" in missing.stderr

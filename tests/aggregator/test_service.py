@@ -31,6 +31,7 @@ from tessera.crypto.sealing import generate_hpke_key
 from tessera.crypto.signing import generate_signing_key
 from tessera.crypto.update_layout import pack_update
 from tessera.governance.audit import AuditLog
+from tessera.observability.events import Event
 from tessera.wire.envelopes import open_envelope, seal_envelope
 from tessera.wire.messages import ModelRelease, RoundAbort, RoundOpen, ShareEnvelope
 from tessera.wire.release import verify_release
@@ -196,8 +197,8 @@ class Federation:
         return out
 
 
-def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.getMessage() == name]
+def events(caplog: pytest.LogCaptureFixture, event: Event) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == event]
 
 
 def run_round(
@@ -229,7 +230,7 @@ def test_a_full_round_releases_one_model_signed_by_both(
             _, again = fed.shares(node, 99)
             fed.deliver([outgoing["agg-1"], again["agg-1"], outgoing["agg-1"]])
             fed.deliver([outgoing["agg-2"]])
-            assert len(events(caplog, "share-duplicate")) == 2
+            assert len(events(caplog, Event.SHARE_DUPLICATE)) == 2
             continue
         # site-d reaches only the leader, so it is left out
         fed.deliver(out for agg, out in outgoing.items() if (node, agg) != ("site-d", "agg-2"))
@@ -314,7 +315,7 @@ def test_forged_misrouted_and_replayed_shares_are_rejected_and_logged(
     ]
     for where, payload in attempts:
         assert leader.on_message(where, payload) == []
-    rejected = events(caplog, "message-rejected")
+    rejected = events(caplog, Event.MESSAGE_REJECTED)
     assert [r.fields["error"] for r in rejected] == [  # type: ignore[attr-defined]
         "AuthenticationError",
         "AuthenticationError",
@@ -348,7 +349,7 @@ def test_a_round_open_not_signed_by_the_leader_is_refused(
     follower = fed.services["agg-2"]
     assert follower.on_message(announcement.topic, forged) == []
     assert follower.current is None
-    (rejected,) = events(caplog, "message-rejected")
+    (rejected,) = events(caplog, Event.MESSAGE_REJECTED)
     assert "the leader is 'agg-1'" in rejected.fields["reason"]  # type: ignore[attr-defined]
     fed.deliver(genuine)
     assert fed.stage("agg-2") is Stage.COLLECTING
@@ -389,7 +390,7 @@ def test_a_bad_signature_note_is_refused_and_the_genuine_one_completes_the_relea
         payload = seal_envelope(message, "agg-2", fed.services["agg-2"].keys.signing)
         assert fed.services[LEADER].on_message(held.topic, payload) == []
     assert fed.stage("agg-1") is Stage.COMBINING
-    assert [r.fields["error"] for r in events(caplog, "message-rejected")] == [  # type: ignore[attr-defined]
+    assert [r.fields["error"] for r in events(caplog, Event.MESSAGE_REJECTED)] == [  # type: ignore[attr-defined]
         "AuthenticationError",
         "AuthenticationError",
     ]

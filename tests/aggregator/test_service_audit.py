@@ -20,6 +20,7 @@ from broker import topics
 from tessera.errors import AuthenticationError
 from tessera.governance.audit import read_entries
 from tessera.governance.privacy_report import AttackFigures, PrivacyAuditReport, Rate, sign_report
+from tessera.observability.events import Event
 from tessera.wire.messages import ModelRelease, RoundAbort
 from tessera.wire.release import ReleaseBundle, verify_candidate, verify_release
 from tests.aggregator.test_service import (
@@ -171,9 +172,9 @@ def test_bad_reports_are_refused_and_logged(
     wrong_model = report(fed, "site-a", other)
     oversized = Outgoing(topics.audit_topic(FED, STUDY, "site-a"), b" " * (65 * 1024))
     for bad in (forged, misrouted, wrong_model, oversized):
-        before = len(events(caplog, "message-rejected"))
+        before = len(events(caplog, Event.MESSAGE_REJECTED))
         fed.deliver([bad])
-        assert len(events(caplog, "message-rejected")) == before + len(AGGREGATORS)
+        assert len(events(caplog, Event.MESSAGE_REJECTED)) == before + len(AGGREGATORS)
     assert all(fed.stage(agg) is Stage.AUDITING for agg in AGGREGATORS)
     for agg in AGGREGATORS:
         current = fed.services[agg].current

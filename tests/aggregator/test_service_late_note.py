@@ -22,6 +22,7 @@ from aggregator.registry import Registry
 from aggregator.rounds import Stage
 from aggregator.service import AggregatorService
 from broker import topics
+from tessera.observability.events import Event
 from tests.aggregator.test_service import (
     GENESIS,
     LEADER,
@@ -136,5 +137,5 @@ def test_a_missed_release_is_not_taken_over_when_the_optimiser_keeps_state(
     caplog.set_level(logging.WARNING)
     fed.deliver([held])
     assert follower.registry.latest(STUDY) is None
-    (rejected,) = events(caplog, "message-rejected")
+    (rejected,) = events(caplog, Event.MESSAGE_REJECTED)
     assert "restore this aggregator's state" in rejected.__dict__["fields"]["reason"]

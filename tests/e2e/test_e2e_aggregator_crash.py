@@ -43,6 +43,7 @@ from node.demo.federation import FederationSpec
 from tessera.crypto.flatten import flatten
 from tessera.crypto.sharing import ShareContext, full_share_holder
 from tessera.crypto.signing import load_private_key
+from tessera.observability.events import Event
 from tessera.wire.envelopes import seal_envelope
 from tessera.wire.release import ModelRelease, ReleaseBundle, sign_release, verify_release
 
@@ -161,12 +162,12 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
         live.start_all([LEADER, FOLLOWER, *RUNNING_SITES])
 
         # 1. A first release, so that the registry has a version to keep intact.
-        live.wait_for(LEADER, "model-released", timeout=150, round=1)
+        live.wait_for(LEADER, Event.MODEL_RELEASED, timeout=150, round=1)
         for site in RUNNING_SITES:
-            live.wait_for(site, "release-installed", timeout=60, version=1)
+            live.wait_for(site, Event.RELEASE_INSTALLED, timeout=60, version=1)
 
         # 2. Kill the leader once it holds every running site's share of round 2.
-        live.wait_for(LEADER, "round-opened", timeout=60, round=2)
+        live.wait_for(LEADER, Event.ROUND_OPENED, timeout=60, round=2)
         live.wait_until(
             lambda: live.held_shares(LEADER, 2) == sorted(RUNNING_SITES),
             "the leader to hold three shares of round 2",
@@ -175,7 +176,7 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
             interval=0.05,
         )
         live.kill(LEADER)
-        assert not live.find(LEADER, "model-released", round=2), "killed too late"
+        assert not live.find(LEADER, Event.MODEL_RELEASED, round=2), "killed too late"
         killed_state = tmp_path / "killed-leader-state"
         shutil.copytree(live.state(LEADER), killed_state)
 
@@ -203,23 +204,23 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
 
         # The follower aborts round 2 after its deadline plus its agreement timeout.
         abort = live.wait_for(
-            FOLLOWER, "round-abort", timeout=COLLECT_S + AGREEMENT_S + 60, round=2
+            FOLLOWER, Event.ROUND_ABORTED, timeout=COLLECT_S + AGREEMENT_S + 60, round=2
         )
         assert "agreement timeout" in abort["reason"]
         deadline_ms, aborted_ms = _deadline_and_update(live, FOLLOWER, 2)
         assert aborted_ms >= deadline_ms + AGREEMENT_S * 1000
-        assert not live.find(FOLLOWER, "model-released", round=2)
+        assert not live.find(FOLLOWER, Event.MODEL_RELEASED, round=2)
 
         # 3. Restart the leader: it recovers and opens round 3 (max_rounds counts the rounds
         # its store already holds, so raise it by one), which is released.
         live.start(LEADER, TESSERA_ROUND_MAX_ROUNDS="3", TESSERA_ROUND_START_WAIT_S="1")
-        recovered = live.wait_for(LEADER, "round-recovered", timeout=60, run=1)
+        recovered = live.wait_for(LEADER, Event.ROUND_RECOVERED, timeout=60, run=1)
         assert recovered["round"] == 2
         assert not list((live.state(LEADER) / "shares").rglob("*.share"))
-        live.wait_for(LEADER, "model-released", timeout=150, run=1, round=3)
-        live.wait_for(FOLLOWER, "model-released", timeout=60, round=3)
+        live.wait_for(LEADER, Event.MODEL_RELEASED, timeout=150, run=1, round=3)
+        live.wait_for(FOLLOWER, Event.MODEL_RELEASED, timeout=60, round=3)
         for site in RUNNING_SITES:
-            live.wait_for(site, "release-installed", timeout=60, version=2)
+            live.wait_for(site, Event.RELEASE_INSTALLED, timeout=60, version=2)
 
         # 4. Forged releases, published with the leader's certificate while it is stopped.
         assert live.stop(LEADER) == 0
@@ -242,7 +243,7 @@ def test_an_aggregator_killed_mid_round_aborts_cleanly_and_leaves_only_uniform_b
             live.wait_until(
                 lambda site=site: (
                     len(_refusals(live, site)) >= refused_before[site] + len(forged)
-                    and len(live.find(site, "release-refused")) >= len(forged)
+                    and len(live.find(site, Event.RELEASE_REFUSED)) >= len(forged)
                 ),
                 f"{site} to audit and log {len(forged)} refused releases",
                 timeout=60,

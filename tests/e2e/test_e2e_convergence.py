@@ -39,6 +39,7 @@ from node.demo.federation import FederationSpec
 from node.demo.report import BaselinePlan, baselines, load_site_data, mean, score_onnx
 from node.round.releases import open_model_store
 from node.setup import study_preprocess
+from tessera.observability.events import Event
 
 LEADER = "agg-uni"
 IMAGES = 240  # per site; half held out. Fewer than a site needs alone: see the docstring
@@ -71,7 +72,7 @@ def test_federated_accuracy_is_within_two_points_of_centralised_and_beats_local_
     with LiveFederation(tmp_path, SPEC, images_per_site=IMAGES, synth=SYNTH) as live:
         live.start_all()
         for number in range(1, ROUNDS + 1):
-            live.wait_for(LEADER, "model-released", timeout=180, round=number)
+            live.wait_for(LEADER, Event.MODEL_RELEASED, timeout=180, round=number)
         for site in SITES:
             live.wait_until(
                 lambda s=site: live.node_versions(s)[-1:] == [ROUNDS],
@@ -79,7 +80,7 @@ def test_federated_accuracy_is_within_two_points_of_centralised_and_beats_local_
                 timeout=60,
                 watch=[site],
             )
-        assert live.find(LEADER, "round-abort") == []
+        assert live.find(LEADER, Event.ROUND_ABORTED) == []
         live.stop_all()
 
         model = live.prepared.study_model()

@@ -36,6 +36,7 @@ from node.demo.federation import FederationSpec
 from node.privacy.ledger import PrivacyLedger
 from node.round.participation import reconcile_epsilon_audit
 from tessera.governance.audit import AuditLog
+from tessera.observability.events import Event
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 FIRST, LATE, VICTIM = ("site-a", "site-b"), "site-c", "site-d"
@@ -91,12 +92,12 @@ def test_fewer_than_k_aborts_then_a_node_killed_mid_round_is_left_out(tmp_path: 
         # 1. Two nodes of k = 3: abort with the reason, nothing released. The paused nodes
         # refuse round 1 early; resuming them now lets them take part in round 2.
         for site in (LATE, VICTIM):
-            live.wait_for(site, "round-refused", timeout=90, round=1)
+            live.wait_for(site, Event.ROUND_REFUSED, timeout=90, round=1)
             live.write_policy(site, paused=False)
-        abort = live.wait_for(LEADER, "round-abort", timeout=COLLECT_S + 90, round=1)
+        abort = live.wait_for(LEADER, Event.ROUND_ABORTED, timeout=COLLECT_S + 90, round=1)
         assert BELOW_K in abort["reason"] and abort["reason"].startswith("2 node(s)")
         for site in FIRST:
-            aborted = live.wait_for(site, "round-aborted", timeout=30, round=1)
+            aborted = live.wait_for(site, Event.ROUND_ABORT_RECEIVED, timeout=30, round=1)
             assert BELOW_K in aborted["reason"]
         live.wait_until(
             lambda: any(
@@ -108,7 +109,7 @@ def test_fewer_than_k_aborts_then_a_node_killed_mid_round_is_left_out(tmp_path: 
             watch=[FOLLOWER],
         )
         for aggregator in (LEADER, FOLLOWER):
-            assert not live.find(aggregator, "model-released")
+            assert not live.find(aggregator, Event.MODEL_RELEASED)
             assert models_registered(live, aggregator) == 0
             assert not list((live.state(aggregator) / "models").rglob("release.bin"))
         for site in SPEC.sites:
@@ -121,7 +122,7 @@ def test_fewer_than_k_aborts_then_a_node_killed_mid_round_is_left_out(tmp_path: 
             assert (refused["round"], refused["reason"]) == (1, "paused")
 
         # 2. site-d is killed while it trains in round 2.
-        live.wait_for(LEADER, "round-opened", timeout=60, round=2)
+        live.wait_for(LEADER, Event.ROUND_OPENED, timeout=60, round=2)
         live.wait_until(
             lambda: 2 in charged_rounds(live, VICTIM),
             "site-d to charge round 2 (it trains right after)",
@@ -134,12 +135,12 @@ def test_fewer_than_k_aborts_then_a_node_killed_mid_round_is_left_out(tmp_path: 
         assert 2 not in joined, "site-d finished round 2 before the kill landed"
 
         released = live.wait_for(
-            LEADER, "model-released", timeout=COLLECT_S + AGREEMENT_S + 60, round=2
+            LEADER, Event.MODEL_RELEASED, timeout=COLLECT_S + AGREEMENT_S + 60, round=2
         )
         assert released["version"] == 1
-        live.wait_for(FOLLOWER, "model-released", timeout=60, round=2)
+        live.wait_for(FOLLOWER, Event.MODEL_RELEASED, timeout=60, round=2)
         for site in (*FIRST, LATE):
-            live.wait_for(site, "release-installed", timeout=60, version=1)
+            live.wait_for(site, Event.RELEASE_INSTALLED, timeout=60, version=1)
 
         # The running services' endpoints: ready once connected with a verified model,
         # metrics without patient data, inference with the version it used.
@@ -211,7 +212,7 @@ def _get(port: int, path: str, body: bytes | None = None) -> tuple[int, bytes]:
 
 
 def _check_endpoints(live: LiveFederation, member: str, *, node: bool) -> None:
-    started = live.find(member, "node-started" if node else "aggregator-started")[-1]
+    started = live.find(member, Event.NODE_STARTED if node else Event.AGGREGATOR_STARTED)[-1]
     port = int(started["http_port"])
     assert _get(port, "/healthz")[0] == 200
     status, body = _get(port, "/readyz")

@@ -21,6 +21,7 @@ from support.e2e import LiveFederation, audit_entries
 
 from node.demo.federation import FederationSpec
 from node.round.releases import CARD_FILE
+from tessera.observability.events import Event
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 SITES = ("site-a", "site-b", "site-c")
@@ -48,15 +49,15 @@ def test_every_site_audits_the_candidate_and_the_release_carries_the_figures(
             live.start(site, **AUDIT_BUDGET)
 
         for number in (1, 2):  # the first candidate's parent is genesis, the second's v1
-            live.wait_for(LEADER, "candidate-built", timeout=200, round=number)
+            live.wait_for(LEADER, Event.CANDIDATE_BUILT, timeout=200, round=number)
             for site in SITES:
-                audit = live.wait_for(site, "privacy-audit", timeout=200, round=number)
+                audit = live.wait_for(site, Event.PRIVACY_AUDIT, timeout=200, round=number)
                 assert 0.0 <= audit["tpr_at_0_1pct_fpr"] <= 1.0 and 0.0 <= audit["auc"] <= 1.0
                 # DP-trained: the empirical bound is reported beside the accountant's epsilon
                 assert audit["empirical_epsilon"] <= audit["accountant_epsilon"]
             for aggregator in (LEADER, FOLLOWER):
-                live.wait_for(aggregator, "audit-passed", timeout=120, round=number)
-                live.wait_for(aggregator, "model-released", timeout=120, round=number)
+                live.wait_for(aggregator, Event.AUDIT_PASSED, timeout=120, round=number)
+                live.wait_for(aggregator, Event.MODEL_RELEASED, timeout=120, round=number)
 
         for site in SITES:
             live.wait_until(

@@ -19,6 +19,7 @@ from node.demo.federation import FederationSpec
 from node.intake.cache import CachedDataset
 from node.intake.phi import instance_key, load_or_create_site_secret
 from node.setup import study_preprocess
+from tessera.observability.events import Event
 from tests.node.test_receiver import storescu
 
 SITE = "site-a"
@@ -37,8 +38,8 @@ def test_a_running_node_ingests_what_a_pacs_pushes(tmp_path: Path) -> None:
             TESSERA_RECEIVER_ALLOWED_CALLING_AETS="PACS1",
             TESSERA_INTAKE_INTERVAL_S="1",
         )
-        listening = live.wait_for(SITE, "receiver.listening", timeout=60)
-        first = live.wait_for(SITE, "intake", timeout=60)
+        listening = live.wait_for(SITE, Event.RECEIVER_LISTENING, timeout=60)
+        first = live.wait_for(SITE, Event.INTAKE, timeout=60)
         assert first["ingested"] == 20
         pushed = next((live.root / "synth" / "site-01" / "dicom").rglob("*.dcm"))
         result = storescu(int(listening["port"]), pushed)
@@ -51,7 +52,7 @@ def test_a_running_node_ingests_what_a_pacs_pushes(tmp_path: Path) -> None:
         received = state / "received" / f"{key}.dcm"
         assert received.exists() and stat.S_IMODE(received.stat().st_mode) == 0o600
         live.wait_until(
-            lambda: any(e["ingested"] == 1 for e in live.find(SITE, "intake")),
+            lambda: any(e["ingested"] == 1 for e in live.find(SITE, Event.INTAKE)),
             "the pushed object ingested",
             timeout=60,
             watch=[SITE],

@@ -28,6 +28,7 @@ import pytest
 from support.e2e import LiveFederation, audit_entries
 
 from node.demo.federation import FederationSpec
+from tessera.observability.events import Event
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 SPEC = FederationSpec(
@@ -71,10 +72,10 @@ def test_every_node_refuses_its_broken_term_and_sends_nothing(tmp_path: Path) ->
         for site, path in policies.items():
             live.start(site, TESSERA_POLICY=str(path))
 
-        abort = live.wait_for(LEADER, "round-abort", timeout=150, round=1)
+        abort = live.wait_for(LEADER, Event.ROUND_ABORTED, timeout=150, round=1)
         assert "0 node(s)" in abort["reason"] and "fewer than the minimum k=2" in abort["reason"]
         for site, reason in EXPECTED.items():
-            refused = live.wait_for(site, "round-refused", timeout=30, round=1)
+            refused = live.wait_for(site, Event.ROUND_REFUSED, timeout=30, round=1)
             assert refused["reason"] == reason, (site, refused)
             (entry,) = audit_entries(live.state(site), "round-refused")
             assert (entry["round"], entry["reason"]) == (1, reason)
@@ -82,7 +83,7 @@ def test_every_node_refuses_its_broken_term_and_sends_nothing(tmp_path: Path) ->
             assert not audit_entries(live.state(site), "epsilon-spent")
             ledger = live.state(site) / "privacy" / f"{SPEC.study_id}.json"
             assert not ledger.exists() or '"rounds": []' in ledger.read_text()
-            port = int(live.find(site, "node-started")[-1]["http_port"])
+            port = int(live.find(site, Event.NODE_STARTED)[-1]["http_port"])
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
                 metrics = r.read().decode()
             assert f'tessera_rounds_refused_total{{reason="{reason}"}} 1.0' in metrics
@@ -90,4 +91,4 @@ def test_every_node_refuses_its_broken_term_and_sends_nothing(tmp_path: Path) ->
             assert "tessera_rounds_joined_total 0.0" in metrics
         for aggregator in (LEADER, FOLLOWER):
             assert live.held_shares(aggregator, 1) == []
-            assert not live.find(aggregator, "model-released")
+            assert not live.find(aggregator, Event.MODEL_RELEASED)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pydicom
 
+from tessera.observability.events import Event
+
 TESSERA = [sys.executable, "-m", "tessera.cli"]
 
 
@@ -73,7 +75,7 @@ def test_nothing_the_node_writes_or_prints_names_a_patient(
     finally:
         receiver.send_signal(signal.SIGTERM)
         receiver_out, receiver_err = receiver.communicate(timeout=30)
-    assert '"receiver.stored"' in receiver_err
+    assert f'"{Event.RECEIVER_STORED}"' in receiver_err
 
     outbox.mkdir()
     manifest = outbox / "labels.csv"
@@ -85,7 +87,7 @@ def test_nothing_the_node_writes_or_prints_names_a_patient(
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert ingest.returncode == 0, ingest.stderr
-    assert '"intake.quarantine"' in ingest.stderr and "truncated" in ingest.stdout
+    assert f'"{Event.INTAKE_QUARANTINE}"' in ingest.stderr and "truncated" in ingest.stdout
     report = subprocess.run(
         [*TESSERA, "node", "ingest", "--intake", str(intake), "--state", str(state),
          "--size", "32", "--report-only", "--json"],

@@ -3,14 +3,15 @@ real `tessera aggregator run` / `tessera node run` processes.
 
     with LiveFederation(tmp_path, spec) as live:
         live.start_all()
-        live.wait_for("agg-uni", "model-released", round=1)
+        live.wait_for("agg-uni", Event.MODEL_RELEASED, round=1)
         live.kill("site-d")                     # SIGKILL, the whole process group
 
-Every daemon writes JSON lines (one event per line, the "event" key is its name) to
-`<root>/logs/<member>.<run>.log`; a restart opens a new run file. `wait_for` polls those
-files, never the wall clock of the daemons, and fails with the tail of the member's log
-(and says so when the process died). `close()` (also on `__exit__`) ends every process it
-started: SIGTERM, then SIGKILL of its process group; then the broker.
+Every daemon writes JSON lines (one event per line; the "event" key is its name, a member of
+`tessera.observability.events.Event`) to `<root>/logs/<member>.<run>.log`; a restart opens a
+new run file. `wait_for` polls those files, never the wall clock of the daemons, and fails
+with the tail of the member's log (and says so when the process died). `close()` (also on
+`__exit__`) ends every process it started: SIGTERM, then SIGKILL of its process group; then
+the broker.
 
 Small by design: 32-pixel synthetic DICOM, a few dozen images per site, one local epoch,
 one torch thread per process, so that a whole federation runs on a two-core machine.
@@ -40,10 +41,11 @@ from node.synth.sites import SynthConfig, generate
 from tessera.crypto.signing import public_key_bytes
 from tessera.files import atomic_write
 from tessera.governance.audit import epsilon_by_study, read_entries
+from tessera.observability.events import Event
 
 REPO = Path(__file__).resolve().parents[2]
 TESSERA = Path(sys.executable).parent / "tessera"
-Event = dict[str, Any]
+LogEntry = dict[str, Any]  # one JSON line of a member's log
 
 
 class LiveFederation:
@@ -190,11 +192,11 @@ class LiveFederation:
 
     # --- logs ------------------------------------------------------------------------------
 
-    def events(self, member: str, run: int | None = None) -> list[Event]:
+    def events(self, member: str, run: int | None = None) -> list[LogEntry]:
         """The JSON events of one run of `member` (default: every run, in order)."""
         paths = self.runs.get(member, [])
         chosen = paths if run is None else [paths[run]]
-        found: list[Event] = []
+        found: list[LogEntry] = []
         for path in chosen:
             if not path.exists():
                 continue
@@ -206,7 +208,9 @@ class LiveFederation:
                         continue  # a line being written
         return found
 
-    def find(self, member: str, event: str, run: int | None = None, **fields: Any) -> list[Event]:
+    def find(
+        self, member: str, event: Event, run: int | None = None, **fields: Any
+    ) -> list[LogEntry]:
         """Events named `event` of `member` whose fields equal `fields`."""
         return [
             e
@@ -245,11 +249,16 @@ class LiveFederation:
             time.sleep(interval)
 
     def wait_for(
-        self, member: str, event: str, timeout: float = 120.0, run: int | None = None, **fields: Any
-    ) -> Event:
+        self,
+        member: str,
+        event: Event,
+        timeout: float = 120.0,
+        run: int | None = None,
+        **fields: Any,
+    ) -> LogEntry:
         """The first `event` of `member` with `fields`, waiting for it (see wait_until)."""
 
-        def found() -> Event | None:
+        def found() -> LogEntry | None:
             hits = self.find(member, event, run, **fields)
             return hits[0] if hits else None
 

@@ -16,14 +16,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tessera.errors import CodecError
-from tessera.observability.http import (
-    HealthServer,
-    JsonFormatter,
-    Request,
-    Response,
-    ServiceMetrics,
-    configure_logging,
-)
+from tessera.observability.http import HealthServer, Request, Response
+from tessera.observability.logs import JsonFormatter, configure_logging
+from tessera.observability.metrics import ServiceMetrics
 
 
 def fetch(url: str, data: bytes | None = None, method: str | None = None) -> tuple[int, bytes]:

@@ -1,0 +1,156 @@
+"""Every event a Tessera service logs, by name, and the fields each one carries.
+
+A service logs `log.info(Event.ROUND_JOINED, extra={"fields": {...}})`; a StrEnum formats to
+its value, so the JSON line reads `"event": "round-joined"`. The demo's progress display and
+the end-to-end tests read the logs back and compare against the same members, so a renamed
+event breaks at import or in a test, not silently in a dashboard.
+
+`EVENT_FIELDS` lists the fields an event may carry, as the call site names them (an event
+logged from several places, such as `message-rejected`, carries a subset at each). A field
+that shares its name with one of the formatter's own keys is written with a `field_` prefix
+(`error` becomes `field_error`; `tessera.observability.logs`). Fields hold keyed hashes,
+counts, reason codes and exception type names only, never a DICOM value.
+
+The values are the wire names operators already grep for. Most are kebab-case; the intake
+and receiver events keep their dotted names and the `tessera node serve` and HTTP-server
+events their spaced ones.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+
+__all__ = ["EVENT_FIELDS", "Event"]
+
+
+@enum.unique
+class Event(enum.StrEnum):
+    """One logged event; the value is the `event` key of its JSON line."""
+
+    # --- any service's HTTP server (tessera.observability.http) -----------------------------
+    READINESS_CHECK_RAISED = "readiness check raised"  # a /readyz check raised: not ready
+    ROUTE_HANDLER_FAILED = "route handler failed"  # a mounted route raised: answered 500
+    HTTP_REQUEST = "http request"  # an access line (DEBUG)
+
+    # --- a service's MQTT link (broker.service_link) ----------------------------------------
+    INSECURE_BROKER = "insecure-broker"  # connecting to the plaintext development broker
+    RETAIN_SKIPPED = "retain-skipped"  # a "retained" payload too large for one frame
+
+    # --- the node daemon (node.daemon) ------------------------------------------------------
+    NODE_STARTED = "node-started"
+    NODE_STOPPED = "node-stopped"
+    EPSILON_RECONCILED = "epsilon-reconciled"  # the ledger was ahead of the audit log
+    MESSAGE_REJECTED = "message-rejected"  # a message failed its checks (node or aggregator)
+    ROUND_ABORT_RECEIVED = "round-abort-received"  # the leader's RoundAbort reached this node
+    ROUND_DROPPED = "round-dropped"  # a RoundOpen arrived while the worker queue was full
+    ROUND_REFUSED = "round-refused"  # the site's policy or the study's terms said no
+    ROUND_JOINED = "round-joined"  # trained and sent one sealed share per aggregator
+    ROUND_FAILED = "round-failed"  # answering a round or a candidate raised
+    INTAKE = "intake"  # one intake pass's summary
+    INTAKE_FAILED = "intake-failed"
+    CANDIDATE_DROPPED = "candidate-dropped"  # a candidate arrived while the queue was full
+    CANDIDATE_REFUSED = "candidate-refused"  # the leader's candidate failed verification
+    CANDIDATE_IGNORED = "candidate-ignored"  # a candidate of a round this site did not join
+    PRIVACY_AUDIT = "privacy-audit"  # audited a candidate and sent the signed report
+    PRIVACY_AUDIT_FAILED = "privacy-audit-failed"  # no report sent: the release waits
+    RELEASE_REFUSED = "release-refused"
+    RELEASE_INSTALLED = "release-installed"
+    MODEL_UNUSABLE = "model-unusable"  # the store's current model did not load: kept the old
+    MODEL_SWAPPED = "model-swapped"  # inference now serves another version
+
+    # --- the node's intake and DICOM receiver (node.intake) ---------------------------------
+    INTAKE_START = "intake.start"
+    INTAKE_DONE = "intake.done"
+    INTAKE_QUARANTINE = "intake.quarantine"  # one file quarantined, by keyed hash
+    RECEIVER_LISTENING = "receiver.listening"
+    RECEIVER_ASSOCIATION = "receiver.association"
+    RECEIVER_REJECTED = "receiver.rejected"  # a calling AE title not on the allow-list
+    RECEIVER_UNREADABLE = "receiver.unreadable"
+    RECEIVER_TOO_LARGE = "receiver.too_large"
+    RECEIVER_WRITE_FAILED = "receiver.write_failed"
+    RECEIVER_STORED = "receiver.stored"
+
+    # --- `tessera node serve` (node.inference) ----------------------------------------------
+    SERVING = "serving"
+    MODEL_UPDATE_REJECTED = "model update rejected; still serving the old one"
+    SERVE_MODEL_SWAPPED = "model swapped"  # the watched model file changed and loaded
+    INFERENCE_REQUEST = "inference request"
+
+    # --- the aggregator daemon (aggregator.daemon) ------------------------------------------
+    AGGREGATOR_STARTED = "aggregator-started"
+    AGGREGATOR_STOPPED = "aggregator-stopped"
+    ROUND_RECOVERED = "round-recovered"  # a round a crash left in flight, aborted at start
+    ROUND_OPENED = "round-opened"  # the leader opened a round
+
+    # --- the aggregator's round protocol (aggregator.service) -------------------------------
+    SHARE_DUPLICATE = "share-duplicate"  # a node's second share for the round, ignored
+    CANDIDATE_BUILT = "candidate-built"  # the release candidate awaiting the privacy audits
+    AUDIT_REPORT = "audit-report"  # a site's signed audit report arrived
+    AUDIT_PASSED = "audit-passed"  # the release gate passed
+    ROUND_ABORTED = "round-aborted"  # this aggregator aborted the round (and says why)
+    RELEASE_CAUGHT_UP = "release-caught-up"  # registered a release signed before a restart
+    MODEL_RELEASED = "model-released"
+
+
+EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
+    Event.READINESS_CHECK_RAISED: ("check", "error_type"),
+    Event.ROUTE_HANDLER_FAILED: ("route", "error_type"),
+    Event.HTTP_REQUEST: ("method", "path"),
+    Event.INSECURE_BROKER: (),
+    Event.RETAIN_SKIPPED: ("bytes",),
+    Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
+    Event.NODE_STOPPED: (),
+    Event.EPSILON_RECONCILED: ("study",),
+    Event.MESSAGE_REJECTED: ("kind", "error", "reason", "round"),
+    Event.ROUND_ABORT_RECEIVED: ("round", "reason"),
+    Event.ROUND_DROPPED: ("round",),
+    Event.ROUND_REFUSED: ("round", "reason", "detail"),
+    Event.ROUND_JOINED: (
+        "round", "samples", "epsilon_round", "epsilon_total", "validation_loss",
+        "validation_accuracy", "bytes_sent", "plaintext_bytes",
+    ),
+    Event.ROUND_FAILED: ("error", "reason"),
+    Event.INTAKE: (
+        "seen", "unchanged", "ingested", "quarantined", "dropped", "reasons", "labels_out_of_set",
+    ),
+    Event.INTAKE_FAILED: ("error", "reason"),
+    Event.CANDIDATE_DROPPED: ("reason",),
+    Event.CANDIDATE_REFUSED: ("error",),
+    Event.CANDIDATE_IGNORED: ("round",),
+    Event.PRIVACY_AUDIT: (
+        "round", "auc", "tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr", "empirical_epsilon",
+        "accountant_epsilon",
+    ),
+    Event.PRIVACY_AUDIT_FAILED: ("round", "outcome", "reason"),
+    Event.RELEASE_REFUSED: ("version", "reason", "error"),
+    Event.RELEASE_INSTALLED: ("version", "round", "serving"),
+    Event.MODEL_UNUSABLE: ("version", "reason"),
+    Event.MODEL_SWAPPED: ("version", "pinned"),
+    Event.INTAKE_START: ("scan", "digest", "stale_temp"),
+    Event.INTAKE_DONE: ("scan", "summary"),
+    Event.INTAKE_QUARANTINE: ("file", "reason", "detail"),
+    Event.RECEIVER_LISTENING: ("host", "port", "ae_title"),
+    Event.RECEIVER_ASSOCIATION: ("calling_aet",),
+    Event.RECEIVER_REJECTED: ("calling_aet",),
+    Event.RECEIVER_UNREADABLE: (),
+    Event.RECEIVER_TOO_LARGE: ("size",),
+    Event.RECEIVER_WRITE_FAILED: ("instance", "error"),
+    Event.RECEIVER_STORED: ("instance", "size"),
+    Event.SERVING: ("port", "model_version"),
+    Event.MODEL_UPDATE_REJECTED: ("error",),
+    Event.SERVE_MODEL_SWAPPED: ("model_version",),
+    Event.INFERENCE_REQUEST: ("method", "path", "status"),
+    Event.AGGREGATOR_STARTED: ("aggregator", "study", "leader", "http_port"),
+    Event.AGGREGATOR_STOPPED: (),
+    Event.ROUND_RECOVERED: ("study", "round"),
+    Event.ROUND_OPENED: ("round", "algorithm", "expected"),
+    Event.SHARE_DUPLICATE: ("round",),
+    Event.CANDIDATE_BUILT: ("round", "version"),
+    Event.AUDIT_REPORT: ("round", "site"),
+    Event.AUDIT_PASSED: ("round", "detail"),
+    Event.ROUND_ABORTED: ("round", "reason"),
+    Event.RELEASE_CAUGHT_UP: ("round", "version"),
+    Event.MODEL_RELEASED: ("round", "version"),
+})  # fmt: skip
