@@ -47,6 +47,19 @@ class PartialSumRejected(AggregatorError):
     """A received partial sum does not belong to this round's agreed set or layout."""
 
 
+class AggregateRefused(AggregatorError):
+    """The decoded aggregate is not a sum that honest nodes under the round's terms can give
+    (aggregator.aggregate_check): the round must abort with `reason` and release nothing.
+    `part` names the part of the update vector (weight, delta, loss, squared-norm, range,
+    layout), `figure` its offending value."""
+
+    def __init__(self, part: str, figure: float, detail: str):
+        self.part = part
+        self.figure = figure
+        self.reason = f"aggregate refused ({part}): {detail}"
+        super().__init__(self.reason)
+
+
 class MessageRejected(AggregatorError):
     """A verified message that does not fit this aggregator's state: wrong sender role,
     wrong topic, not the current round, or out of order. Logged and dropped."""

@@ -5,7 +5,9 @@ to the round and to the participant set's hash. `open_partial_sum` opens one it 
 refuses it unless it covers exactly the set this aggregator agreed to: adding sums over two
 different sets would decode to garbage, or worse, to one hospital's update
 (`open_partial_sums` opens every one a round received). `combine_round` adds all S partial
-sums and decodes the aggregate.
+sums, decodes the aggregate and checks it (aggregator.aggregate_check) before anything is
+applied: a sum outside what honest nodes can give raises AggregateRefused, and the round
+aborts with its reason.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Mapping
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from aggregator.errors import AggregatorError, PartialSumRejected
+from aggregator.aggregate_check import AggregateTerms, check_aggregate
+from aggregator.errors import AggregateRefused, AggregatorError, PartialSumRejected
 from tessera.crypto.encoding import decode
 from tessera.crypto.sealing import open_sealed, seal
 from tessera.crypto.sharing import combine
@@ -133,10 +136,14 @@ def open_partial_sums(
 def combine_round(
     partials: Mapping[str, np.ndarray], announcement: RoundOpen, n_participants: int
 ) -> np.ndarray:
-    """Add every aggregator's partial sum and decode the aggregate (float64).
+    """Add every aggregator's partial sum, decode the aggregate (float64) and check it.
 
-    The sum is taken in aggregator-index order, although modular addition does not care,
-    so that the code path is the same at every aggregator.
+    AggregateRefused (the round must abort; its reason names the part and the figure) when
+    the ring sum is outside the range n_participants encodings can reach, or the decoded
+    sum is outside what n honest nodes can give under the round's terms
+    (`aggregator.aggregate_check.check_aggregate`). The sum is taken in aggregator-index
+    order, although modular addition does not care, so that the code path is the same at
+    every aggregator.
     """
     missing = [a for a in announcement.aggregator_ids if a not in partials]
     if missing:
@@ -145,7 +152,17 @@ def combine_round(
     for vector in ordered:
         _check_vector(vector, announcement, "partial sum")
     total = combine(ordered)
-    decoded: np.ndarray = decode(total, announcement.ring, n_participants)
+    try:
+        decoded: np.ndarray = decode(total, announcement.ring, n_participants)
+    except ValueError:  # a node sent ring values beyond the bound: abort, never stall
+        limit = n_participants * announcement.ring.bound
+        raise AggregateRefused(
+            "range",
+            limit,
+            f"the ring sum is outside the range {n_participants} encodings can reach "
+            f"(|x| <= {limit:g}): a node sent values beyond the ring's bound",
+        ) from None
+    check_aggregate(decoded, n_participants, AggregateTerms.of(announcement))
     return decoded
 
 

@@ -1,5 +1,6 @@
-"""Step 7 and 8 as pure helpers for the service: combine, strategy, card, release, and the
-release signature exchange.
+"""Step 7 and 8 as pure helpers for the service: strategy, card, release (from the aggregate
+that `aggregator.partials.combine_round` decoded and checked), and the release signature
+exchange.
 
 Signature exchange (the simplest scheme the existing ModelRelease type allows):
 
@@ -35,7 +36,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorError
 from aggregator.model_card import ModelCard
-from aggregator.partials import combine_round
 from aggregator.registry import assemble_release
 from aggregator.strategies import ServerState, aggregate_from_vector
 from aggregator.update import RoundOutcome, apply_round
@@ -60,7 +60,7 @@ def build_signed_release(
     *,
     config: AggregatorConfig,
     announcement: RoundOpen,
-    partials: Mapping[str, np.ndarray],
+    decoded: np.ndarray,
     participants: int,
     base_params: Mapping[str, np.ndarray],
     server_state: ServerState,
@@ -70,13 +70,16 @@ def build_signed_release(
     key: Ed25519PrivateKey,
     epsilon_per_site: Mapping[str, float],
 ) -> BuiltRelease:
-    """Combine the S partial sums, apply the strategy, card and assemble the release, sign it.
+    """Apply the strategy to the decoded aggregate, card and assemble the release, sign it.
+
+    `decoded` is the round's aggregate as `aggregator.partials.combine_round` returns it:
+    decoded and checked (`aggregator.aggregate_check`), so nothing here applies a sum that
+    honest nodes could not have sent.
 
     `onnx(params, version)` exports the new weights (the caller's exporter). Everything else is
     deterministic, so every aggregator gets the same release bytes. `epsilon_per_site` is
     each site's composed epsilon, as its signed share envelopes state it (`carry_epsilon`).
     """
-    decoded = combine_round(partials, announcement, participants)
     aggregate = aggregate_from_vector(decoded, n=participants)
     outcome = apply_round(
         base_params,

@@ -41,9 +41,9 @@ from aggregator.agreement import intersect_received
 from aggregator.audit_phase import AuditPhase
 from aggregator.catch_up import catch_up
 from aggregator.config import AggregatorConfig
-from aggregator.errors import AgreementFailed, MessageRejected, PartialSumRejected
+from aggregator.errors import AggregateRefused, AgreementFailed, MessageRejected, PartialSumRejected
 from aggregator.leader import check_round_open, plan_round
-from aggregator.partials import open_partial_sums
+from aggregator.partials import combine_round, open_partial_sums
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
 from aggregator.release_build import build_signed_release, carry_epsilon
@@ -310,8 +310,8 @@ class AggregatorService:
         return self._maybe_combine()
 
     def _maybe_combine(self) -> list[Outgoing]:
-        """With all S-1 other partial sums in, build and sign the release (or, audited,
-        the candidate)."""
+        """With all S-1 other partial sums in, combine and check the aggregate (a refused one
+        aborts the round), build and sign the release (or, audited, the candidate)."""
         current = self.current
         assert current is not None
         a = current.announcement
@@ -321,14 +321,15 @@ class AggregatorService:
             return []
         assert current.set_hash is not None and current.own_partial is not None
         received = {other: current.partials[other] for other in others}
+        participants = current.state.participants or ()
         try:
             vectors = open_partial_sums(
                 current.own_partial, received, a, self.me, self.keys.hpke, current.set_hash
             )
-        except PartialSumRejected as exc:
+            decoded = combine_round(vectors, a, len(participants))  # checked before any use
+        except (PartialSumRejected, AggregateRefused) as exc:
             return self._abort(str(exc))
         server_state = latest_server_state(self.store, self.config.study_id)
-        participants = current.state.participants or ()
         parent = self.registry.latest(a.study_id)
         epsilon = carry_epsilon(
             None if parent is None else parent.card,
@@ -337,7 +338,7 @@ class AggregatorService:
         built = build_signed_release(
             config=self.config,
             announcement=a,
-            partials=vectors,
+            decoded=decoded,
             participants=len(participants),
             base_params=current.base_params,
             server_state=server_state,
