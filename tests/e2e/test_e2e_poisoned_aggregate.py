@@ -16,6 +16,7 @@ import pytest
 from support.e2e import REPO, LiveFederation, audit_entries
 
 from node.demo.federation import FederationSpec
+from tessera.observability.events import Event
 
 LEADER, FOLLOWER = "agg-uni", "agg-ngo"
 HONEST, HOSTILE = ("site-a", "site-b"), "site-c"
@@ -40,14 +41,15 @@ def test_a_hostile_site_cannot_release_a_poisoned_model(tmp_path: Path) -> None:
         live.start(HOSTILE, PYTHONPATH=path, TESSERA_TEST_HOSTILE="1")
 
         def ended() -> list[dict[str, object]]:
-            return live.find(LEADER, "round-abort", round=1) + live.find(LEADER, "model-released")
+            aborted = live.find(LEADER, Event.ROUND_ABORTED, round=1)
+            return aborted + live.find(LEADER, Event.MODEL_RELEASED)
 
         live.wait_until(ended, "the round's end at the leader", 240, watch=[LEADER, FOLLOWER])
         for site in SPEC.sites:  # the hostile one too (logged once its shares are out)
             live.wait_for(site, "round-joined", timeout=60, round=1)
-        assert not live.find(LEADER, "model-released"), "the poisoned model was released"
+        assert not live.find(LEADER, Event.MODEL_RELEASED), "the poisoned model was released"
         for aggregator in (LEADER, FOLLOWER):
-            abort = live.wait_for(aggregator, "round-abort", timeout=60, round=1)
+            abort = live.wait_for(aggregator, Event.ROUND_ABORTED, timeout=60, round=1)
             assert "aggregate refused (delta)" in abort["reason"], abort
             live.wait_until(
                 lambda a=aggregator: audit_entries(live.state(a), "round-aborted"),
@@ -56,6 +58,6 @@ def test_a_hostile_site_cannot_release_a_poisoned_model(tmp_path: Path) -> None:
             )
             (entry,) = audit_entries(live.state(aggregator), "round-aborted")
             assert entry["round"] == 1 and "aggregate refused (delta)" in entry["reason"]
-            assert not live.find(aggregator, "model-released")
+            assert not live.find(aggregator, Event.MODEL_RELEASED)
         for site in HONEST:
             assert live.node_versions(site) == []
