@@ -25,6 +25,7 @@ abort is announced at once, and the leader opens the next round on a consistent 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sqlite3
 import threading
@@ -50,6 +51,7 @@ from aggregator.store_schema import open_database
 from tessera.files import make_private_dir
 
 RESTART_REASON = "aggregator restarted"
+log = logging.getLogger("tessera.aggregator.store")
 _ORDER = {stage: rank for rank, stage in enumerate(Stage)}  # the happy path, in order
 
 
@@ -253,16 +255,18 @@ class Store:
         shutil.rmtree(self.shares_dir / safe_folder_name(study_id) / f"{round_number:010d}", True)
 
     def _truncate_wal(self) -> None:
-        """Copy every WAL frame into the database and truncate the WAL to zero bytes;
-        StoreError if another connection's reader stops the checkpoint from finishing."""
+        """Copy every WAL frame into the database and truncate the WAL to zero bytes. SQLite
+        waits (the connection's busy timeout) for another connection's reader to finish; if
+        one is still open, this is logged and the next purge (or close) tries again, since
+        failing here would stop a round that is already over from being published."""
         with self._lock:
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
-            raise StoreError(
-                f"state store {self.path}: the WAL could not be truncated after a purge (a "
-                "reader is open); close other connections to the store (tessera aggregator "
-                "models reads it) and restart the aggregator"
-            )
+            log.warning(
+                "wal-truncate-incomplete",
+                extra={"fields": {"reason": "another connection reads the store; retried at "
+                                  "the next purge (close `tessera aggregator models`)"}},
+            )  # fmt: skip
 
     # --- the honest-aggregator fact -----------------------------------------------------
 

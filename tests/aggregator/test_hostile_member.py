@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
+from aggregator.daemon import AggregatorDaemon
 from aggregator.rounds import Stage
 from broker import topics
 from tessera.crypto.update_layout import pack_update
-from tessera.governance.audit import read_entries
+from tessera.governance.audit import AuditLog, read_entries
 from tessera.wire.messages import ModelRelease, ReceivedSet, RoundAbort
 from tests.aggregator.test_service import (
     AGGREGATORS,
@@ -30,8 +29,9 @@ from tests.aggregator.test_service import (
     STUDY,
     Federation,
     Outgoing,
+    run_round,
 )
-from tests.aggregator.test_service_audit import LIMIT, audited_round, report
+from tests.aggregator.test_service_audit import LIMIT, audited_round, candidate, report
 from tests.support.shares import node_envelopes, node_update
 
 LIAR = "site-a"
@@ -72,6 +72,21 @@ def test_a_site_stating_two_epsilons_is_left_out_and_the_round_still_releases(
     (received,) = [m for _, m in fed.published(ReceivedSet, on=(topics.Kind.RECEIVED,))]
     assert isinstance(received, ReceivedSet) and received.node_ids == NODES
     assert len(set(received.statement_hashes)) == len(NODES)  # salted: all different
+
+
+def test_the_leaders_audit_log_names_the_node_it_left_out(tmp_path: Path) -> None:
+    fed = Federation(tmp_path)
+    split_statements(fed)
+    # the daemon's own audit step, over the leader's real service (no MQTT needed for it)
+    daemon = object.__new__(AggregatorDaemon)
+    daemon.service, daemon._audited = fed.services[LEADER], None
+    daemon.audit = AuditLog.open(tmp_path / "leader-audit.log")
+    daemon._audit_progress()
+    (entry,) = [
+        e for e in read_entries(tmp_path / "leader-audit.log") if e.kind == "participant-set"
+    ]
+    assert entry.fields["left_out_statement_mismatch"] == [LIAR]
+    assert entry.fields["nodes"] == list(NODES[1:])
 
 
 def test_an_honest_node_commitment_matches_at_both_aggregators(tmp_path: Path) -> None:
@@ -132,9 +147,6 @@ def test_two_reports_in_the_same_order_never_give_two_cards(tmp_path: Path) -> N
         return topic.kind is topics.Kind.PARTIAL and topic.aggregator == "agg-2"
 
     # the follower is still combining when both reports arrive; the leader is not
-    from tests.aggregator.test_service import run_round
-    from tests.aggregator.test_service_audit import candidate
-
     run_round(fed, skip=set(), drop=to_follower)
     cand = candidate(fed)
     fed.deliver([report(fed, site, cand) for site in NODES[:-1]])
@@ -149,4 +161,5 @@ def test_a_repeated_identical_report_is_no_conflict(tmp_path: Path) -> None:
     first, _ = conflicting_reports(fed)
     fed.deliver([first, first])  # a QoS 1 redelivery: the same bytes again
     assert all(fed.stage(a) is Stage.RELEASED for a in AGGREGATORS)
-    assert np.all([fed.services[a].registry.latest(STUDY) is not None for a in AGGREGATORS])
+    cards = [fed.services[a].registry.latest(STUDY) for a in AGGREGATORS]
+    assert cards[0] is not None and cards[1] is not None and cards[0].card == cards[1].card
