@@ -56,6 +56,19 @@ def intersect_received(
     return tuple(sorted(common))
 
 
+def statement_mismatches(received_sets: Mapping[str, Mapping[str, bytes]]) -> tuple[str, ...]:
+    """The sorted nodes that told the aggregators different things: held by every aggregator,
+    but with a statement commitment (`ReceivedSet.statement_hashes`) that differs between
+    them. The leader leaves them out of the intersection, like dropouts, so one member cannot
+    make the aggregators' model cards differ and stall the round."""
+    if not received_sets:
+        return ()
+    common = set.intersection(*(set(held) for held in received_sets.values()))
+    return tuple(
+        sorted(node for node in common if len({held[node] for held in received_sets.values()}) > 1)
+    )
+
+
 @dataclass(frozen=True)
 class PublishedSum:
     """The persisted fact that this aggregator published its partial sum for a round."""

@@ -113,7 +113,8 @@ class AuditPhase:
     ) -> None:
         """Keep a site's signed report for the round in progress, or raise why not: it is
         verified now and checked against our own candidate once that exists (a report may
-        overtake this aggregator's combining); the first one from a site wins."""
+        overtake this aggregator's combining). A repeat of the same report counts once; a
+        second, different one from the same site is a conflict, which holds the release."""
         if len(payload) > MAX_AUDIT_REPORT_BYTES:
             raise MessageRejected(
                 f"audit report of {len(payload)} bytes is over the limit of "
@@ -132,8 +133,18 @@ class AuditPhase:
             raise MessageRejected(
                 f"audit report is for round {report.model_round}, not round {current.state.round}"
             )
-        if report.site_id in current.reports:
-            raise MessageRejected(f"a second audit report from {report.site_id!r}; first wins")
+        first = current.reports.get(report.site_id)
+        if first is not None and first.signed_bytes() == report.signed_bytes():
+            raise MessageRejected(f"audit report from {report.site_id!r} repeated; it counts once")
+        if first is not None:
+            # Two different reports from one site: whichever reached which aggregator first,
+            # the release is held at every aggregator that sees both (never two cards).
+            current.audit_conflicts.add(report.site_id)
+            log.warning(
+                Event.AUDIT_REPORT_CONFLICT,
+                extra={"fields": {"round": report.model_round, "site": report.site_id}},
+            )
+            return
         if current.candidate is not None:
             check_report(report, self.setup.manifest, candidate_of(current), current.reports)
         current.reports[report.site_id] = report
@@ -146,14 +157,20 @@ class AuditPhase:
         """The release gate, once every participant reported (or, `final`, at the audit
         deadline); None while it waits. On a pass the round's release to sign is the
         candidate re-carded with the figures; a hold is in the audit log, the caller aborts."""
-        if current.state.stage is not Stage.AUDITING or current.built is not None:
+        if current.state.stage is not Stage.AUDITING:
+            return None
+        # A site's two different reports hold the release even after a pass, as long as this
+        # aggregator may still abort: a follower whose note is out leaves that to the leader.
+        conflict = bool(current.audit_conflicts) and not current.note_sent
+        if current.built is not None and not conflict:
             return None
         candidate = candidate_of(current)
-        if not final and candidate.sites - set(current.reports):
+        if not final and not conflict and candidate.sites - set(current.reports):
             return None
         decision = gate_release(
-            self.setup.manifest, candidate, current.reports.values(), self.setup.log
-        )
+            self.setup.manifest, candidate, current.reports.values(), self.setup.log,
+            conflicts=current.audit_conflicts,
+        )  # fmt: skip
         if not decision.release:
             return decision
         log.info(

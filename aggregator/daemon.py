@@ -238,6 +238,8 @@ class AggregatorDaemon:
             self.audit.append("participant-set", {
                 "study_id": a.study_id, "round": a.round, "count": len(state.participants),
                 "nodes": list(state.participants),
+                # leader: nodes whose sealed statements differed between aggregators
+                "left_out_statement_mismatch": list(current.left_out),
             })  # fmt: skip
         if state.stage is Stage.RELEASED and seen_stage is not Stage.RELEASED:
             latest = self.service.registry.latest(a.study_id)

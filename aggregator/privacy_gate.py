@@ -10,8 +10,10 @@ a signed report of aggregate figures (`tessera.governance.privacy_report`). The 
    report must be dropped;
 2. decides with `gate_release` once the reports are in: the release goes ahead only if every
    participating site reported and no site's strongest attack has a TPR at 0.1% FPR above
-   the study's `max_tpr_at_0_1pct_fpr`. A hold is appended to the audit log (kind `release`,
-   outcome `held`) with its reason, the limit and the sites concerned, and returned;
+   the study's `max_tpr_at_0_1pct_fpr`, and no site published two different reports for
+   the round (`audit-conflict`: whatever order they arrived in, never two cards). A hold is
+   appended to the audit log (kind `release`, outcome `held`) with its reason, the limit
+   and the sites concerned, and returned;
 3. records the figures on the model card with `card_figures` (per site, or only the count and
    the worst figures where fewer than k sites would be named; see `aggregator.model_card`).
 
@@ -33,6 +35,7 @@ NOT_REQUIRED = "audit-not-required"
 PASSED = "audit-passed"
 MISSING = "audit-missing"
 OVER_LIMIT = "audit-limit-exceeded"
+CONFLICT = "audit-conflict"
 
 
 class AuditReportRefused(AggregatorError):
@@ -114,9 +117,14 @@ def gate_release(
     candidate: ReleaseCandidate,
     reports: Iterable[PrivacyAuditReport],
     audit: AuditLog,
+    conflicts: Collection[str] = (),
 ) -> GateDecision:
     """Release or hold `candidate`; every report is checked with `check_report` (which
-    raises on a bad one), and a hold is written to `audit` before it is returned."""
+    raises on a bad one), and a hold is written to `audit` before it is returned.
+
+    `conflicts` names the sites that published two different reports for this round: any
+    one holds the release, so that no order of delivery can give two aggregators two cards.
+    """
     study = manifest.study(candidate.study_id)
     if study is None:
         raise ConfigError(f"the manifest has no study {candidate.study_id!r}")
@@ -130,6 +138,9 @@ def gate_release(
     worst = {site: accepted[site].worst_tpr_at_0_1pct_fpr for site in sorted(accepted)}
     missing = sorted(candidate.sites - set(accepted))
     over = sorted(site for site, tpr in worst.items() if tpr > limit)
+    if conflicts:
+        detail = f"{len(conflicts)} site(s) published two different audit reports"
+        return _hold(audit, candidate, CONFLICT, detail, limit, worst, sorted(conflicts))
     if missing:
         detail = f"{len(missing)} of {len(candidate.sites)} sites have not reported an audit"
         return _hold(audit, candidate, MISSING, detail, limit, worst, missing)

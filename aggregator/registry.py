@@ -35,7 +35,7 @@ from aggregator.model_card import ModelCard, card_from_bytes
 from aggregator.records import ModelRecord, ServerStateRecord
 from aggregator.store import Store
 from aggregator.strategies import ServerState, server_state_to_bytes
-from tessera.files import atomic_write
+from tessera.files import PRIVATE_MODE, atomic_write, make_private_dir
 from tessera.wire.release import (
     CARD_FILE,
     ONNX_FILE,
@@ -115,7 +115,7 @@ class Registry:
     def __init__(self, store: Store, root: Path) -> None:
         self.store = store
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.root)
 
     def _folder(self, study_id: str, version: int) -> Path:
         return self.root / study_id.encode("utf-8").hex() / f"{version:010d}"
@@ -151,17 +151,19 @@ class Registry:
                 "versions are never replaced, release the next one"
             )
         folder = self._folder(release.study_id, release.version)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_dir(folder)
         for name, data in (
             (WEIGHTS_FILE, bundle.weights),
             (ONNX_FILE, bundle.onnx),
             (CARD_FILE, bundle.card),
             (RELEASE_FILE, release.to_bytes()),
         ):
-            atomic_write(folder / name, data)
+            atomic_write(folder / name, data, mode=PRIVATE_MODE)
         state_record = None
         if server_state is not None:
-            atomic_write(folder / SERVER_STATE_FILE, server_state_to_bytes(server_state))
+            atomic_write(
+                folder / SERVER_STATE_FILE, server_state_to_bytes(server_state), mode=PRIVATE_MODE
+            )
             path = os.fspath(folder / SERVER_STATE_FILE)
             state_record = ServerStateRecord(release.round, next_algorithm, path)
         record = ModelRecord(

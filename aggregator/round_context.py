@@ -32,7 +32,7 @@ from aggregator.admission import (
     collection_close_reason,
     open_share,
 )
-from aggregator.agreement import check_partial_sum_request
+from aggregator.agreement import check_partial_sum_request, statement_mismatches
 from aggregator.errors import DuplicateShare, MessageRejected
 from aggregator.leader import round_record
 from aggregator.partials import seal_partial_sums
@@ -59,6 +59,7 @@ from tessera.wire.messages import (
     RoundOpen,
     ShareEnvelope,
 )
+from tessera.wire.statement import NodeStatement, open_statement
 
 # One logger for all of the service's events, wherever the step lives.
 log = logging.getLogger("tessera.aggregator.service")
@@ -113,14 +114,17 @@ class RoundContext:
     version: int  # of the model this round releases
     parent_hash: bytes
     stall_ms: int  # past this, a round that is not collecting any more aborts
-    received: dict[str, tuple[str, ...]] = field(default_factory=dict)  # leader only
+    # leader only: per aggregator, node -> the commitment of the statement it holds
+    received: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    left_out: tuple[str, ...] = ()  # leader only: nodes whose statements differed
     set_hash: bytes | None = None
     partials: dict[str, PartialSum] = field(default_factory=dict)
     own_partial: np.ndarray | None = None
-    epsilon: dict[str, float] = field(default_factory=dict)  # per node, from its shares
+    statements: dict[str, NodeStatement] = field(default_factory=dict)  # per node, sealed
     candidate: BuiltRelease | None = None  # audited studies: the release before the gate
     audit_deadline_ms: int | None = None
     reports: dict[str, PrivacyAuditReport] = field(default_factory=dict)  # per site
+    audit_conflicts: set[str] = field(default_factory=set)  # sites with two different reports
     built: BuiltRelease | None = None  # the release to sign (after the gate, if audited)
     note_sent: bool = False  # follower: its signature is out; the leader decides now
     notes: dict[str, ModelRelease] = field(default_factory=dict)  # leader only
@@ -213,22 +217,40 @@ class RoundContext:
         wins, logged), and ShareRejected or AuthenticationError for one that fails."""
         check_share_envelope(message, self.announcement, me, self.state.stage)
         share = open_share(message, self.announcement, me, hpke)
+        statement = open_statement(message, self.announcement, hpke)
         digest = hashlib.sha256(message.sealed).digest()
         try:
             self.accumulator.add(message.node_id, share, envelope_digest=digest)
         except DuplicateShare:
             log.info(LogEvent.SHARE_DUPLICATE, extra={"fields": {"round": message.round}})
             return False
-        self.epsilon[message.node_id] = message.epsilon_total
+        self.statements[message.node_id] = statement
         self.move(ShareAccepted(message.node_id))
         return True
 
-    def keep_received(self, signer: str, node_ids: tuple[str, ...]) -> None:
-        """Leader: keep an aggregator's ReceivedSet; MessageRejected for a stranger or a
-        second one."""
+    def keep_received(self, signer: str, statements: Mapping[str, bytes]) -> None:
+        """Leader: keep an aggregator's ReceivedSet (node -> statement commitment);
+        MessageRejected for a stranger or a second one."""
         if signer not in self.announcement.aggregator_ids or signer in self.received:
             raise MessageRejected(f"ReceivedSet from {signer!r} is unexpected or repeated")
-        self.received[signer] = node_ids
+        self.received[signer] = dict(statements)
+
+    def consistent_received(self) -> dict[str, list[str]]:
+        """Leader: each aggregator's ReceivedSet without the nodes whose statement
+        commitments differ between aggregators (kept in `left_out`, for the audit log):
+        a node that told the aggregators different things is left out, like a dropout."""
+        self.left_out = statement_mismatches(self.received)
+        if self.left_out:
+            fields = {"round": self.announcement.round, "nodes": len(self.left_out)}
+            log.warning(LogEvent.STATEMENT_MISMATCH, extra={"fields": fields})
+        return {
+            agg: [node for node in held if node not in self.left_out]
+            for agg, held in self.received.items()
+        }
+
+    def commitments(self, held: tuple[str, ...]) -> tuple[bytes, ...]:
+        """The commitment of each held node's statement, in `held`'s order (a ReceivedSet's)."""
+        return tuple(self.statements[node].commitment() for node in held)
 
     def keep_partial(self, message: PartialSum, signer: str) -> None:
         """Keep another aggregator's partial sum, opened once the set is agreed;

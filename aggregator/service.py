@@ -241,18 +241,19 @@ class AggregatorService:
         held = None if current is None else current.close_collection(now_ms)
         if current is None or held is None:
             return []
+        commitments = current.commitments(held)
         if self.config.is_leader:
-            current.received[self.me] = held
+            current.received[self.me] = dict(zip(held, commitments, strict=True))
             return self._maybe_agree()
         a = current.announcement
-        received = ReceivedSet(a.federation_id, a.study_id, a.round, self.me, held)
+        received = ReceivedSet(a.federation_id, a.study_id, a.round, self.me, held, commitments)
         topic = topics.received_topic(a.federation_id, a.study_id, self.me)
         return [self.publisher.send(topic, received)]
 
     def _on_received(self, message: Message, signer: str) -> list[Outgoing]:
         if not isinstance(message, ReceivedSet) or not self.config.is_leader:
             return []
-        self._round_of(message).keep_received(signer, tuple(message.node_ids))
+        self._round_of(message).keep_received(signer, message.statements())
         return self._maybe_agree()
 
     def _maybe_agree(self) -> list[Outgoing]:
@@ -264,8 +265,9 @@ class AggregatorService:
         if current.state.stage is not Stage.AGREEING or missing:
             return []
         try:
+            consistent = current.consistent_received()  # statements that differ: left out
             agreed = intersect_received(
-                current.received, a.aggregator_ids, a.expected_nodes, a.min_participants
+                consistent, a.aggregator_ids, a.expected_nodes, a.min_participants
             )
         except AgreementFailed as exc:
             return self._abort(exc.reason)
@@ -333,7 +335,7 @@ class AggregatorService:
         parent = self.registry.latest(a.study_id)
         epsilon = carry_epsilon(
             None if parent is None else parent.card,
-            {node: current.epsilon[node] for node in participants},  # each sent a share
+            {node: current.statements[node].epsilon_total for node in participants},  # agreed
         )
         built = build_signed_release(
             config=self.config,

@@ -25,6 +25,7 @@ abort is announced at once, and the leader opens the next round on a consistent 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sqlite3
 import threading
@@ -47,8 +48,11 @@ from aggregator.records import (
 )
 from aggregator.rounds import RoundState, Stage
 from aggregator.store_schema import open_database
+from tessera.files import make_private_dir
+from tessera.observability.events import Event
 
 RESTART_REASON = "aggregator restarted"
+log = logging.getLogger("tessera.aggregator.store")
 _ORDER = {stage: rank for rank, stage in enumerate(Stage)}  # the happy path, in order
 
 
@@ -60,8 +64,8 @@ class Store:
         self.shares_dir = Path(shares_dir)
         self._clock = clock
         self._lock = threading.Lock()  # paho callbacks and the main loop may share the store
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.shares_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
+        make_private_dir(self.shares_dir)
         self._db = open_database(self.path)
 
     def close(self) -> None:
@@ -182,8 +186,7 @@ class Store:
     def share_folder(self, study_id: str, round_number: int) -> Path:
         """Where this round's full-share files go (created on demand)."""
         folder = self.shares_dir / safe_folder_name(study_id) / f"{round_number:010d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        return make_private_dir(folder)
 
     def record_share(self, study_id: str, round_number: int, share: ShareRecord) -> None:
         """Record a received share; DuplicateShare if the node already has one this round.
@@ -242,10 +245,29 @@ class Store:
             last = rows[-1][0]
 
     def purge_shares(self, study_id: str, round_number: int) -> None:
-        """Forget a finished round's shares: rows (with their seeds) and files."""
+        """Forget a finished round's shares: rows (with their seeds) and files.
+
+        The rows are overwritten with zeros (secure_delete), and the WAL, which still holds
+        the frames that wrote them, is checkpointed and truncated: no seed stays on disk.
+        """
         with self._transaction() as db:
             db.execute("DELETE FROM shares WHERE study_id=? AND round=?", (study_id, round_number))
+        self._truncate_wal()
         shutil.rmtree(self.shares_dir / safe_folder_name(study_id) / f"{round_number:010d}", True)
+
+    def _truncate_wal(self) -> None:
+        """Copy every WAL frame into the database and truncate the WAL to zero bytes. SQLite
+        waits (the connection's busy timeout) for another connection's reader to finish; if
+        one is still open, this is logged and the next purge (or close) tries again, since
+        failing here would stop a round that is already over from being published."""
+        with self._lock:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            log.warning(
+                Event.WAL_TRUNCATE_INCOMPLETE,
+                extra={"fields": {"reason": "another connection reads the store; retried at "
+                                  "the next purge (close `tessera aggregator models`)"}},
+            )  # fmt: skip
 
     # --- the honest-aggregator fact -----------------------------------------------------
 
@@ -351,6 +373,7 @@ class Store:
                  Stage.ABORTED.value),
             )  # fmt: skip
             db.execute("DELETE FROM shares")
+        self._truncate_wal()
         for child in self.shares_dir.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 from aggregator.errors import StoreError
+from tessera.files import make_private_file
 
 SCHEMA_VERSION = 1
 
@@ -46,12 +47,20 @@ CREATE TABLE IF NOT EXISTS server_state (
 
 
 def open_database(path: Path) -> sqlite3.Connection:
-    """Open or create the store at `path`: WAL, synchronous=FULL, the schema, its version.
+    """Open or create the store at `path` (mode 0600): WAL, synchronous=FULL, secure
+    delete, the schema, its version.
 
     StoreError, naming the fix, when SQLite cannot open it or it has another schema version.
     """
+    # Private from the first byte: SQLite gives the -wal and -shm files the database's mode.
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if name == path or name.exists():
+            make_private_file(name)
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # Deleted rows (a purged round's seeds) are overwritten with zeros, not left in free
+        # space; Store.purge_shares then folds the WAL back and truncates it.
+        db.execute("PRAGMA secure_delete=ON")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")

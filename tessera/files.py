@@ -95,6 +95,42 @@ def read_private_file(path: str | os.PathLike[str], what: str) -> bytes:
     return target.read_bytes()
 
 
+PRIVATE_DIR_MODE = 0o700
+
+
+def make_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create `path` and any missing parents with mode 0700, and return it.
+
+    An existing folder that group or others may enter is narrowed to 0700 where this user
+    owns it; a folder owned by someone else (a mount point) is left as it is, since the
+    files inside are private (0600) anyway.
+    """
+    target = Path(path)
+    missing = []
+    for folder in (target, *target.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        folder.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+    status = target.stat()
+    if stat.S_IMODE(status.st_mode) & 0o077 and status.st_uid == os.getuid():
+        os.chmod(target, PRIVATE_DIR_MODE)
+    return target
+
+
+def make_private_file(path: str | os.PathLike[str]) -> Path:
+    """Create `path` empty with mode 0600 if it does not exist, or narrow it to 0600 if it
+    does (for files another library then opens, such as a SQLite database)."""
+    target = Path(path)
+    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_MODE)
+    try:
+        os.fchmod(descriptor, PRIVATE_MODE)
+    finally:
+        os.close(descriptor)
+    return target
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable; skipped where folders cannot be opened."""
     try:

@@ -20,7 +20,8 @@ Order, and what each step guarantees:
 3. Only then is a copy of the model trained (`ctx.train`, default `train_for_round`; the
    node's own model stays the base model, so an aborted round leaves it untouched).
 4. The encoded vector is split into one share per aggregator (`tessera.crypto.sharing.split`),
-   each sealed with HPKE to its aggregator under `share_binding`, wrapped in a ShareEnvelope
+   each sealed with HPKE to its aggregator under `share_binding`, with the node's statement
+   (its composed epsilon, sealed the same way: `tessera.wire.statement`), wrapped in a ShareEnvelope
    signed with the node's key, and addressed to `broker.topics.share_topic`. A `round-joined`
    entry (and, with DP, an `epsilon-spent` entry) is appended before returning.
 """
@@ -56,6 +57,7 @@ from tessera.models.nets import TesseraNet
 from tessera.models.weights import model_hash, state_arrays
 from tessera.wire.envelopes import open_envelope_as, seal_envelope, share_binding
 from tessera.wire.messages import RoundOpen, ShareEnvelope
+from tessera.wire.statement import NodeStatement, seal_statement
 
 # Refusals found here, beside node.round.policy.REASONS (which check_round raises).
 PROTOCOL_REASONS = (
@@ -225,25 +227,30 @@ def seal_shares(
 ) -> list[Outgoing]:
     """Split `encoded` into one share per aggregator of the round, seal each to its
     aggregator, sign each envelope as this site, and address it; ordered by aggregator index.
-    Every envelope carries the same `epsilon_total` (the site's composed epsilon for the
-    study, this round included), which the model card reports.
+    Every envelope carries the same statement (`epsilon_total`, the site's composed epsilon
+    for the study, this round included, which the model card reports, and one fresh salt),
+    sealed to its aggregator like the share: the broker never reads the epsilon.
 
-    Guarantee: each aggregator can open only its own share, only under the binding it
-    builds from its own RoundOpen, and fewer than all shares reveal nothing of the vector.
+    Guarantee: each aggregator can open only its own share and statement, only under the
+    binding it builds from its own RoundOpen, and fewer than all shares reveal nothing of
+    the vector.
     """
     share_ctx = ShareContext(
         round_open.federation_id, round_open.study_id, round_open.round, ctx.site_id
     )
     shares = split(encoded, len(round_open.aggregator_ids), share_ctx, round_open.ring)
+    statement = NodeStatement.fresh(epsilon_total)  # one per round, the same for every one
     out = []
     for share in shares:
         aggregator = round_open.aggregator_ids[share.aggregator_index]
+        hpke = ctx.aggregator_hpke_keys[aggregator]
         binding = share_binding(round_open, ctx.site_id, aggregator)
-        sealed = seal(share.plaintext(), ctx.aggregator_hpke_keys[aggregator], binding)
+        sealed = seal(share.plaintext(), hpke, binding)
+        stated = seal_statement(statement, round_open, ctx.site_id, aggregator, hpke)
         envelope = ShareEnvelope(
             round_open.federation_id, round_open.study_id, round_open.round,
             round_open.base_model_hash, ctx.site_id, aggregator, round_open.ring,
-            round_open.vector_length, sealed, epsilon_total,
+            round_open.vector_length, sealed, stated,
         )  # fmt: skip
         topic = share_topic(round_open.federation_id, round_open.study_id, aggregator, ctx.site_id)
         out.append(Outgoing(topic, seal_envelope(envelope, ctx.site_id, ctx.signing_key)))

@@ -39,7 +39,7 @@ ENC_LENGTH = 32
 TAG_LENGTH = 16
 SEAL_OVERHEAD = ENC_LENGTH + TAG_LENGTH
 PUBLIC_KEY_LENGTH = 32
-PURPOSES = ("share", "partial-sum")
+PURPOSES = ("share", "statement", "partial-sum")
 _INFO_TAG = b"tessera/seal/v1\x00"
 
 
@@ -47,7 +47,7 @@ _INFO_TAG = b"tessera/seal/v1\x00"
 class SealBinding:
     """The context a sealed box is bound to; opening under any other context fails."""
 
-    purpose: str  # "share" or "partial-sum"
+    purpose: str  # "share", "statement" (a node's sealed statement) or "partial-sum"
     federation_id: str
     study_id: str
     round: int

@@ -92,6 +92,9 @@ class Event(enum.StrEnum):
     ROUND_ABORTED = "round-aborted"  # this aggregator aborted the round (and says why)
     RELEASE_CAUGHT_UP = "release-caught-up"  # registered a release signed before a restart
     MODEL_RELEASED = "model-released"
+    STATEMENT_MISMATCH = "statement-mismatch"  # nodes left out: their sealed statements differ
+    AUDIT_REPORT_CONFLICT = "audit-report-conflict"  # one site sent two different reports
+    WAL_TRUNCATE_INCOMPLETE = "wal-truncate-incomplete"  # a reader held the WAL; retried
 
 
 EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
@@ -153,4 +156,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.ROUND_ABORTED: ("round", "reason"),
     Event.RELEASE_CAUGHT_UP: ("round", "version"),
     Event.MODEL_RELEASED: ("round", "version"),
+    Event.STATEMENT_MISMATCH: ("round", "nodes"),
+    Event.AUDIT_REPORT_CONFLICT: ("round", "site"),
+    Event.WAL_TRUNCATE_INCOMPLETE: ("reason",),
 })  # fmt: skip

@@ -31,19 +31,37 @@ from tessera.wire.ids import check_id
 
 @dataclass(frozen=True)
 class ReceivedSet:
-    """The nodes whose shares one aggregator holds. Ids are kept sorted and unique."""
+    """The nodes whose shares one aggregator holds, each with the commitment of the sealed
+    statement it sent here (`tessera.wire.statement.NodeStatement.commitment`): the leader
+    leaves out a node whose commitments differ between aggregators. Ids are kept sorted and
+    unique, each hash beside its id (`statement_hashes[i]` is `node_ids[i]`'s)."""
 
     federation_id: str
     study_id: str
     round: int
     aggregator_id: str
     node_ids: tuple[str, ...]
+    statement_hashes: tuple[bytes, ...]
     TYPE: ClassVar[MessageType] = MessageType.RECEIVED_SET
 
     def __post_init__(self) -> None:
         check_context(self.federation_id, self.study_id, self.round)
         check_id("aggregator_id", self.aggregator_id)
-        object.__setattr__(self, "node_ids", sorted_ids("node_ids", self.node_ids))
+        nodes, hashes = tuple(self.node_ids), tuple(self.statement_hashes)
+        if len(nodes) != len(hashes):
+            raise CodecError(
+                f"a ReceivedSet carries one statement hash per node id: {len(nodes)} ids, "
+                f"{len(hashes)} hashes"
+            )
+        for digest in hashes:
+            check_hash("statement_hashes", digest)
+        by_node = dict(zip(nodes, hashes, strict=True))
+        object.__setattr__(self, "node_ids", sorted_ids("node_ids", nodes))
+        object.__setattr__(self, "statement_hashes", tuple(by_node[n] for n in self.node_ids))
+
+    def statements(self) -> dict[str, bytes]:
+        """Node id -> the commitment of the statement this aggregator holds from it."""
+        return dict(zip(self.node_ids, self.statement_hashes, strict=True))
 
     @property
     def sender_id(self) -> str | None:
@@ -55,17 +73,21 @@ class ReceivedSet:
         write_context(w, self.federation_id, self.study_id, self.round)
         w.id(self.aggregator_id)
         w.ids(self.node_ids)
+        for digest in self.statement_hashes:  # as many as node_ids: no count of their own
+            w.hash(digest)
         return w.finish()
 
     @classmethod
     def from_bytes(cls, data: Bytes) -> ReceivedSet:
-        """Decode strictly; ids must arrive sorted and unique (one encoding per set)."""
+        """Decode strictly; ids must arrive sorted and unique (one encoding per set), each
+        followed, after the list, by its 32-byte statement hash."""
         r = begin(data, cls.__name__, cls.TYPE)
         context = read_context(r)
         aggregator = r.id("aggregator_id")
         nodes = read_sorted_ids(r, "node_ids")
+        hashes = tuple(r.hash("statement_hashes") for _ in nodes)
         r.done()
-        return cls(*context, aggregator, nodes)
+        return cls(*context, aggregator, nodes, hashes)
 
 
 @dataclass(frozen=True)

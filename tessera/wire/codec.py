@@ -59,6 +59,7 @@ class MessageType(IntEnum):
     ROUND_ABORT = 7
     RELEASE_HEADER = 0x46  # only ever signed, never sent alone
     RELEASE_BUNDLE = 0x47  # only inside a ModelRelease payload
+    NODE_STATEMENT = 0x48  # only inside a sealed statement of a ShareEnvelope
 
 
 def check_uint(name: str, value: object, bits: int) -> int:

@@ -56,6 +56,8 @@ MAX_AGGREGATORS = 16
 MAX_VECTOR_LENGTH = 2**31
 # Plaintext framing of one Share (its header, seed) plus HPKE's enc and tag, with room to spare.
 SHARE_OVERHEAD_LIMIT = 256
+# A sealed NodeStatement is under 100 bytes (tessera.wire.statement); room to grow.
+SEALED_STATEMENT_LIMIT = 256
 MAX_REASON_LENGTH = 1024
 
 
@@ -180,9 +182,9 @@ class ShareEnvelope:
     ring: RingParams
     vector_length: int
     sealed: bytes
-    # The site's cumulative DP epsilon for this study, this round included: signed by the
-    # node, it is what the model card reports per site (never the site's data).
-    epsilon_total: float = 0.0
+    # The node's statement to this aggregator (its composed epsilon and a salt), sealed like
+    # the share: the broker never reads it (tessera.wire.statement).
+    sealed_statement: bytes
     TYPE: ClassVar[MessageType] = MessageType.SHARE_ENVELOPE
 
     def __post_init__(self) -> None:
@@ -199,7 +201,13 @@ class ShareEnvelope:
         limit = self.sealed_limit(self.ring, self.vector_length)
         if not isinstance(self.sealed, bytes) or len(self.sealed) > limit:
             raise CodecError(f"sealed share must be bytes of at most {limit} bytes")
-        check_float("epsilon_total", self.epsilon_total)
+        if (
+            not isinstance(self.sealed_statement, bytes)
+            or len(self.sealed_statement) > SEALED_STATEMENT_LIMIT
+        ):
+            raise CodecError(
+                f"sealed statement must be bytes of at most {SEALED_STATEMENT_LIMIT} bytes"
+            )
 
     @staticmethod
     def sealed_limit(ring: RingParams, vector_length: int) -> int:
@@ -220,7 +228,7 @@ class ShareEnvelope:
         write_ring(w, self.ring)
         w.u64(self.vector_length)
         w.blob64(self.sealed)
-        w.f64(self.epsilon_total)
+        w.blob64(self.sealed_statement)
         return w.finish()
 
     @classmethod
@@ -236,9 +244,9 @@ class ShareEnvelope:
         if not 1 <= length <= MAX_VECTOR_LENGTH:
             raise CodecError(f"ShareEnvelope: vector_length {length} is out of range")
         sealed = r.blob64("sealed", cls.sealed_limit(ring, length))
-        epsilon_total = r.f64("epsilon_total")
+        sealed_statement = r.blob64("sealed_statement", SEALED_STATEMENT_LIMIT)
         r.done()
-        return cls(*head, ring, length, sealed, epsilon_total)
+        return cls(*head, ring, length, sealed, sealed_statement)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from tessera.crypto.sharing import ShareContext, expand, split
 from tessera.errors import AuthenticationError
 from tessera.wire.envelopes import share_binding
 from tessera.wire.messages import RoundOpen, ShareEnvelope
+from tessera.wire.statement import NodeStatement, seal_statement
 
 RING = derive_ring_params(bound=8.0, max_participants=16)
 ANNOUNCEMENT = RoundOpen(
@@ -65,6 +66,9 @@ def envelopes_from(node: str, vector: np.ndarray, announcement: RoundOpen = ANNO
                 RING,
                 16,
                 sealed,
+                seal_statement(
+                    NodeStatement.fresh(1.5), announcement, node, agg, KEYS[agg].public_key()
+                ),
             ),
             share,
         )

@@ -6,7 +6,12 @@ import hashlib
 
 import pytest
 
-from aggregator.agreement import PublishedSum, check_partial_sum_request, intersect_received
+from aggregator.agreement import (
+    PublishedSum,
+    check_partial_sum_request,
+    intersect_received,
+    statement_mismatches,
+)
 from aggregator.errors import AgreementFailed, PartialSumRefused
 
 ROSTER = ("site-a", "site-b", "site-c", "site-d")
@@ -107,3 +112,14 @@ def test_a_set_below_k_or_off_the_roster_is_refused() -> None:
 def test_a_fact_from_another_round_is_a_caller_bug() -> None:
     with pytest.raises(ValueError, match="round 4"):
         check(ROSTER[:3], ROSTER, PublishedSum(round=4, participant_set_hash=bytes(32)))
+
+
+def test_nodes_whose_statement_commitments_differ_are_named() -> None:
+    a, b = b"a" * 32, b"b" * 32
+    received = {
+        "agg-1": {"site-a": a, "site-b": a, "site-c": a},
+        "agg-2": {"site-a": b, "site-b": a, "site-d": b},  # site-a split, c and d dropped
+    }
+    assert statement_mismatches(received) == ("site-a",)
+    assert statement_mismatches({"agg-1": {"site-a": a}, "agg-2": {"site-a": a}}) == ()
+    assert statement_mismatches({}) == ()

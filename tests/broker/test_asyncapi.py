@@ -27,6 +27,7 @@ from tessera.wire.codec import MessageType
 from tessera.wire.envelopes import seal_envelope
 from tessera.wire.messages import RoundAbort, RoundOpen, ShareEnvelope
 from tessera.wire.release import ReleaseBundle, build_release
+from tessera.wire.statement import NodeStatement
 
 DOCUMENT = Path(__file__).parents[2] / "broker" / "asyncapi.yaml"
 H = hashlib.sha256
@@ -61,9 +62,11 @@ class LayoutReader:
         self.at += count
         return chunk
 
-    def field(self, field: dict[str, Any]) -> Any:
+    def field(self, field: dict[str, Any], before: dict[str, Any] | None = None) -> Any:
         encoding = field["encoding"]
-        if encoding in self.FIXED:
+        if encoding == "hashes":  # one 32-byte hash per item of the field it names
+            value = tuple(self.take(32) for _ in (before or {})[field["per"]])
+        elif encoding in self.FIXED:
             fmt = self.FIXED[encoding]
             value = struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
         elif encoding == "magic":
@@ -103,7 +106,8 @@ def parse(spec: dict[str, Any], schema: str, data: bytes, header: bool = True) -
     values: dict[str, Any] = {}
     if header:
         values.update({f["name"]: reader.field(f) for f in layout(spec, "MessageHeader")})
-    values.update({f["name"]: reader.field(f) for f in layout(spec, schema)})
+    for f in layout(spec, schema):
+        values[f["name"]] = reader.field(f, values)
     assert reader.at == len(data), f"{schema}: {len(data) - reader.at} bytes left unparsed"
     return values
 
@@ -136,8 +140,19 @@ def example_messages() -> list[Any]:
             ("site-a", "site-b"),
             "agg-1",
         ),
-        ShareEnvelope("fed-a", "study.1", 7, h1, "site-a", "agg-2", ring(), 1000, os.urandom(80)),
-        ReceivedSet("fed-a", "study.1", 7, "agg-1", ("site-a", "site-b")),
+        ShareEnvelope(
+            "fed-a",
+            "study.1",
+            7,
+            h1,
+            "site-a",
+            "agg-2",
+            ring(),
+            1000,
+            os.urandom(80),
+            os.urandom(94),
+        ),
+        ReceivedSet("fed-a", "study.1", 7, "agg-1", ("site-a", "site-b"), (h1, h2)),
         ParticipantSet("fed-a", "study.1", 7, "agg-1", ("site-a", "site-b")),
         PartialSum("fed-a", "study.1", 7, "agg-1", "agg-2", h2, os.urandom(100)),
         build_release("fed-a", "study.1", 7, 4, h1, bundle),
@@ -178,8 +193,17 @@ def test_release_bundle_layout(spec: dict[str, Any]) -> None:
     assert (parsed["weights"], parsed["onnx"], parsed["card"]) == (b"w" * 10, b"o" * 3, b"card")
 
 
+def test_node_statement_layout(spec: dict[str, Any]) -> None:
+    statement = NodeStatement.fresh(2.75)
+    schema = spec["components"]["schemas"]["NodeStatement"]
+    assert schema["x-tessera-type"] == int(MessageType.NODE_STATEMENT) == int(statement.TYPE)
+    parsed = parse(spec, "NodeStatement", statement.to_bytes())
+    assert parsed["type"] == int(MessageType.NODE_STATEMENT)
+    assert (parsed["epsilon_total"], parsed["salt"]) == (2.75, statement.salt)
+
+
 def test_signed_envelope_layout(spec: dict[str, Any]) -> None:
-    message = ReceivedSet("fed-a", "s", 1, "agg-1", ("site-a",))
+    message = ReceivedSet("fed-a", "s", 1, "agg-1", ("site-a",), (bytes(32),))
     raw = seal_envelope(message, "agg-1", generate_signing_key())
     parsed = parse(spec, "SignedEnvelope", raw, header=False)
     assert parsed["signer"] == "agg-1" and parsed["message"] == message.to_bytes()
@@ -206,6 +230,7 @@ def test_every_message_type_on_the_wire_is_documented(spec: dict[str, Any]) -> N
     on_the_wire = {int(t) for t in MessageType} - {
         MessageType.RELEASE_HEADER,  # only ever signed, never sent
         MessageType.RELEASE_BUNDLE,  # documented as the ReleaseBundle schema
+        MessageType.NODE_STATEMENT,  # documented as the NodeStatement schema, only ever sealed
     }
     assert documented == on_the_wire
 

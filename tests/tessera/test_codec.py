@@ -57,7 +57,7 @@ def test_share_envelope_round_trips(message: ShareEnvelope) -> None:
     _round_trip(message)
 
 
-@given(received_sets)
+@given(received_sets())
 def test_received_set_round_trips(message: ReceivedSet) -> None:
     _round_trip(message)
 
@@ -100,8 +100,11 @@ def test_unknown_version_type_and_magic_are_refused() -> None:
 
 
 def test_sets_are_kept_sorted_and_unsorted_wire_sets_are_refused() -> None:
-    message = ReceivedSet("fed-1", "study-1", 1, "agg-1", ("node-c", "node-a", "node-b"))
+    hashes = (b"c" * 32, b"a" * 32, b"b" * 32)  # each beside its node, wherever it goes
+    message = ReceivedSet("fed-1", "study-1", 1, "agg-1", ("node-c", "node-a", "node-b"), hashes)
     assert message.node_ids == ("node-a", "node-b", "node-c")
+    assert message.statement_hashes == (b"a" * 32, b"b" * 32, b"c" * 32)
+    assert ReceivedSet.from_bytes(message.to_bytes()) == message
     data = message.to_bytes()
     swapped = data.replace(b"node-a", b"node-x")  # now "node-x" precedes "node-b"
     with pytest.raises(CodecError, match="strictly sorted"):
@@ -128,33 +131,44 @@ def test_share_size_is_bounded_by_vector_length() -> None:
         aggregator_id="agg-1",
         ring=small_ring(),
         vector_length=4,
+        sealed_statement=b"",
     )
     ShareEnvelope(**fields, sealed=b"\x00" * limit)  # type: ignore[arg-type]
     with pytest.raises(CodecError, match="at most"):
         ShareEnvelope(**fields, sealed=b"\x00" * (limit + 1))  # type: ignore[arg-type]
     # On the wire: a declared sealed length one over the bound is refused before reading.
     data = ShareEnvelope(**fields, sealed=b"\x00" * limit).to_bytes()  # type: ignore[arg-type]
-    at = len(data) - 8 - limit - 8  # the sealed length, before the sealed bytes and epsilon
+    at = len(data) - 8 - limit - 8  # the sealed length, before the sealed bytes and statement
     assert struct.unpack(">Q", data[at : at + 8])[0] == limit
     oversized = data[:at] + struct.pack(">Q", limit + 1) + b"\x00" * (limit + 1) + data[-8:]
     with pytest.raises(CodecError, match="over its limit"):
         ShareEnvelope.from_bytes(oversized)
 
 
-@pytest.mark.parametrize("epsilon", [-0.5, float("nan"), float("inf")])
-def test_a_share_envelope_states_a_finite_non_negative_epsilon(epsilon: float) -> None:
+def test_a_share_envelope_carries_its_statement_sealed_and_bounded() -> None:
     fields = dict(
         federation_id="fed", study_id="study", round=1, base_model_hash=b"\x00" * 32,
         node_id="node-a", aggregator_id="agg-1", ring=small_ring(), vector_length=4,
         sealed=b"\x00" * 8,
     )  # fmt: skip
-    good = ShareEnvelope(**fields, epsilon_total=2.5)  # type: ignore[arg-type]
-    assert ShareEnvelope.from_bytes(good.to_bytes()).epsilon_total == 2.5
-    with pytest.raises(CodecError, match="epsilon_total"):
-        ShareEnvelope(**fields, epsilon_total=epsilon)  # type: ignore[arg-type]
-    forged = good.to_bytes()[:-8] + struct.pack(">d", epsilon)
-    with pytest.raises(CodecError):
+    good = ShareEnvelope(**fields, sealed_statement=b"s" * 94)  # type: ignore[arg-type]
+    assert ShareEnvelope.from_bytes(good.to_bytes()).sealed_statement == b"s" * 94
+    assert not [f for f in dataclasses.fields(ShareEnvelope) if "epsilon" in f.name]
+    with pytest.raises(CodecError, match="sealed statement"):
+        ShareEnvelope(**fields, sealed_statement=b"s" * 257)  # type: ignore[arg-type]
+    forged = good.to_bytes()[: -8 - 94] + struct.pack(">Q", 257) + b"s" * 257
+    with pytest.raises(CodecError, match="over its limit"):
         ShareEnvelope.from_bytes(forged)
+
+
+def test_a_received_set_has_one_statement_hash_per_node() -> None:
+    with pytest.raises(CodecError, match="one statement hash per node"):
+        ReceivedSet("fed", "study", 1, "agg-1", ("node-a", "node-b"), (b"a" * 32,))
+    with pytest.raises(CodecError, match="32-byte"):
+        ReceivedSet("fed", "study", 1, "agg-1", ("node-a",), (b"a" * 31,))
+    data = ReceivedSet("fed", "study", 1, "agg-1", ("node-a",), (b"a" * 32,)).to_bytes()
+    with pytest.raises(CodecError):
+        ReceivedSet.from_bytes(data[:-1])
 
 
 def test_huge_declared_lengths_fail_fast() -> None:
@@ -261,7 +275,9 @@ def test_mutated_messages_are_refused_or_reencode_exactly(case: tuple[bytes, byt
 
 def test_every_truncation_of_every_example_is_refused() -> None:
     examples: list[Message] = [example_round_open(), example_release()]
-    examples.append(ReceivedSet("fed-1", "study-1", 1, "agg-1", ("node-a", "node-b")))
+    examples.append(
+        ReceivedSet("fed-1", "study-1", 1, "agg-1", ("node-a", "node-b"), (b"a" * 32, b"b" * 32))
+    )
     examples.append(RoundAbort("fed-1", "study-1", 1, "agg-1", "only 1 of 2 participants"))
     for message in examples:
         data = message.to_bytes()

@@ -52,6 +52,7 @@ def _share(round_open: RoundOpen, node: str = "node-a", aggregator: str = "agg-1
         ring=round_open.ring,
         vector_length=round_open.vector_length,
         sealed=sealed,
+        sealed_statement=b"",
     )
     return seal_envelope(envelope, node, SIGNING[node])
 
@@ -154,7 +155,7 @@ def test_size_limit_is_enforced_before_parsing() -> None:
 
 
 def test_wrong_message_kind_is_refused() -> None:
-    received = ReceivedSet("fed-1", "study-1", 7, "agg-1", ("node-a",))
+    received = ReceivedSet("fed-1", "study-1", 7, "agg-1", ("node-a",), (bytes(32),))
     data = seal_envelope(received, "agg-1", SIGNING["agg-1"])
     with pytest.raises(CodecError, match="expected a ShareEnvelope"):
         open_envelope_as(data, ShareEnvelope, PUBLIC, MAX_SIZE)

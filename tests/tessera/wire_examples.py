@@ -71,11 +71,17 @@ def share_envelopes(draw: st.DrawFn) -> ShareEnvelope:
         ring=draw(rings),
         vector_length=length,
         sealed=draw(st.binary(max_size=length * 4 + 64)),
-        epsilon_total=draw(st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False)),
+        sealed_statement=draw(st.binary(max_size=256)),
     )
 
 
-received_sets = st.builds(ReceivedSet, ids, ids, rounds, ids, unique_ids)
+@st.composite
+def received_sets(draw: st.DrawFn) -> ReceivedSet:
+    nodes = draw(unique_ids)
+    statements = tuple(draw(hashes) for _ in nodes)
+    return ReceivedSet(draw(ids), draw(ids), draw(rounds), draw(ids), nodes, statements)
+
+
 participant_sets = st.builds(ParticipantSet, ids, ids, rounds, ids, unique_ids)
 partial_sums = st.builds(PartialSum, ids, ids, rounds, ids, ids, hashes, st.binary(max_size=300))
 round_aborts = st.builds(RoundAbort, ids, ids, rounds, ids, st.text(max_size=200))
@@ -101,7 +107,7 @@ def model_releases(draw: st.DrawFn) -> ModelRelease:
 any_message = st.one_of(
     round_opens(),
     share_envelopes(),
-    received_sets,
+    received_sets(),
     participant_sets,
     partial_sums,
     model_releases(),
