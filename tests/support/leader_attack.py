@@ -3,9 +3,9 @@ node participation (real policy, real DP training on ingested synthetic DICOM, r
 Ed25519), and an attacker that holds the leader's signing and HPKE keys.
 
 The governance is a signed manifest with four sites and two aggregators (`agg-1` leads);
-the study's k is 2, the follower's own k is 3. Every node trains the same small model (head
-only, FedSGD: one step) on the same ingested images, which keeps a trained share cheap; what
-matters here is what each party checks, not what it learns.
+the study's k is 2, each aggregator's own k is 3. Every node trains the same small model on
+the same ingested images (the attacker's RoundOpens ask for one FedSGD step, which keeps a
+trained share cheap); what matters here is what each party checks, not what it learns.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,12 @@ from node.training.trainer import DPSettings
 from tessera.crypto.encoding import derive_ring_params
 from tessera.crypto.sealing import open_sealed
 from tessera.crypto.sharing import Share, ShareContext, add_into, expand
+from tessera.crypto.signing import sign_envelope
 from tessera.crypto.update_layout import required_bound, vector_length
 from tessera.governance.audit import AuditLog, read_entries
-from tessera.models.transfer import apply_transfer_mode, trainable_parameters
+from tessera.models.transfer import trainable_parameters
 from tessera.models.weights import model_hash, state_arrays
-from tessera.wire.envelopes import Message, open_envelope, seal_envelope, share_binding
+from tessera.wire.envelopes import Message, _header, open_envelope, seal_envelope, share_binding
 from tessera.wire.messages import PartialSum, ParticipantSet, RoundOpen, ShareEnvelope
 from tests.support.governance import NOW, STUDY_ID, Federation, build_federation
 from tests.support.models import IngestedSite, small_model
@@ -74,8 +76,7 @@ class LyingLeaderFederation:
             study={"min_participants": STUDY_K},
         )  # fmt: skip
         self.clock = Clock()
-        self.model, _ = small_model()
-        apply_transfer_mode(self.model, "head")
+        self.model, _ = small_model()  # every parameter trains, as the aggregators expect
         self.genesis = state_arrays(self.model)
         self.roster = RosterKeys(
             aggregator_ids=AGGREGATORS,
@@ -89,7 +90,7 @@ class LyingLeaderFederation:
     # --- the parties ---------------------------------------------------------------------
 
     def config(self, agg: str) -> AggregatorConfig:
-        k = FOLLOWER_K if agg == FOLLOWER else STUDY_K
+        k = FOLLOWER_K  # both aggregators' own k; the study's is lower
         return AggregatorConfig(
             aggregator_id=agg, federation_id=self.gov.manifest.federation_id,
             study_id=STUDY_ID, leader_id=LEADER, manifest=self.gov.manifest_path,
@@ -149,9 +150,13 @@ class LyingLeaderFederation:
         fields.update(changes)
         return RoundOpen(**fields)
 
-    def as_leader(self, message: Message) -> bytes:
-        """`message` in an envelope signed with the leader's key (the attacker holds it)."""
-        return seal_envelope(message, LEADER, self.gov.keys[LEADER])
+    def as_leader(self, message: Message, check: bool = True) -> bytes:
+        """`message` in an envelope signed with the leader's key (the attacker holds it);
+        `check=False` also signs a message that names another sender, as a liar would."""
+        if check:
+            return seal_envelope(message, LEADER, self.gov.keys[LEADER])
+        header = _header(LEADER, len(body := message.to_bytes()))
+        return b"".join((header, body, sign_envelope(self.gov.keys[LEADER], header, body)))
 
     def round_topic(self) -> str:
         return topics.round_topic(self.gov.manifest.federation_id, STUDY_ID)
@@ -166,7 +171,7 @@ class LyingLeaderFederation:
 
     def answer(self, site: str, announcement: RoundOpen, now: dt.datetime = NOW) -> Participation:
         """The node's real answer to the leader-signed `announcement`."""
-        return participate(self.as_leader(announcement), self.nodes[site], now)
+        return participate(self.as_leader(announcement, check=False), self.nodes[site], now)
 
     def to(self, agg: str, outgoing: Iterable[Outgoing]) -> list[Outgoing]:
         """Deliver to `agg` what the broker's ACL lets it read; everything it answers."""
@@ -177,6 +182,17 @@ class LyingLeaderFederation:
                 continue
             answered.extend(self.services[agg].on_message(out.topic, out.payload))
         return answered
+
+    def deliver(self, outgoing: Iterable[Outgoing]) -> list[Outgoing]:
+        """Route among both services, as the broker's ACL would, until nobody answers;
+        every message that went over the wire, in order."""
+        queue, wire = deque(outgoing), []
+        while queue:
+            out = queue.popleft()
+            wire.append(out)
+            for agg in AGGREGATORS:
+                queue.extend(self.to(agg, [out]))
+        return wire
 
     def open_message(self, out: Outgoing) -> Message:
         keys = {**self.roster.aggregator_signing, **self.roster.node_signing}
