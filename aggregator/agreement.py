@@ -5,10 +5,13 @@ set to act on or an exception whose `reason` it publishes. Reasons carry counts,
 names, because an aborted round must not reveal who took part.
 
 Why the rule matters: if an aggregator summed any set a leader asked for, a leader could ask
-for two sums over sets that differ by one hospital and subtract them. So each aggregator
-publishes at most one partial sum per round, and only for a set it checked itself: at least
-k members, every one of whom it holds a share from. The "already published" fact comes from
-the store, which writes it in the same transaction as the decision, before the publish.
+for two sums over sets that differ by one hospital and subtract them, in one round or by
+re-opening the same base model with another expected set (issue #18, attack 2). So each
+aggregator publishes at most one partial sum per base model (hence per round), and only for
+a set it checked itself: at least k members (its own k, never below the study's, whatever
+the leader announced), every one of whom it holds a share from. The "already published"
+fact comes from the store, which writes it in the same transaction as the decision, before
+the publish.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def statement_mismatches(received_sets: Mapping[str, Mapping[str, bytes]]) -> tu
 
 @dataclass(frozen=True)
 class PublishedSum:
-    """The persisted fact that this aggregator published its partial sum for a round."""
+    """The persisted fact that this aggregator published its partial sum in `round`, on
+    that round's base model."""
 
     round: int
     participant_set_hash: bytes
@@ -92,26 +96,29 @@ def check_partial_sum_request(
     `requested` and `requested_hash` come from the leader's verified ParticipantSet
     (`node_ids`, `digest()`); the hash is what the store records and the PartialSum carries.
 
-    Guarantees, when it returns: no partial sum was published for this round before, the set
-    has at least `min_participants` distinct members, every member is on the round's roster,
-    and this aggregator holds a share from every member. The caller must persist the
-    decision (store.record_partial_sum) before it publishes; a second call for the same
-    round, with any set, then raises.
+    `already_published` is the store's fact for this round's base model
+    (store.published_on_base), from this round or an earlier one.
+
+    Guarantees, when it returns: no partial sum was published on this round's base model
+    before, the set has at least `min_participants` distinct members, every member is on the
+    round's roster, and this aggregator holds a share from every member. The caller must
+    persist the decision (store.decide_partial_sum) before it publishes; a second call on the
+    same base model, in any round and with any set, then raises.
     """
     if min_participants < 1:
         raise ValueError(f"min_participants is {min_participants}; k must be at least 1")
     members = set(requested)
     if already_published is not None:
-        if already_published.round != round_number:
-            raise ValueError(
-                f"published fact is for round {already_published.round}, "
-                f"not round {round_number}; pass the fact of this round or None"
-            )
         same = already_published.participant_set_hash == requested_hash
+        where = (
+            "in this round"
+            if already_published.round == round_number
+            else f"on this base model in round {already_published.round}"
+        )
         raise PartialSumRefused(
-            f"round {round_number}: a partial sum was already published "
+            f"round {round_number}: a partial sum was already published {where} "
             f"({'for this same set' if same else 'for a different set'}); "
-            "an honest aggregator publishes at most one per round"
+            "an honest aggregator publishes at most one per base model"
         )
     if len(members) != len(tuple(requested)):
         raise PartialSumRefused(

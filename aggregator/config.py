@@ -36,7 +36,7 @@ from aggregator.errors import AggregatorConfigError, StrategyError
 from aggregator.layout import DEFAULT_STATE_DIR, StateLayout
 from aggregator.strategies import OPTIMIZERS, PolicyConfig, StrategyConfig
 from broker.provisioning.bundle import load_bundle
-from tessera.crypto.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP
+from tessera.crypto.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP, MAX_LOSS_CAP
 from tessera.errors import TesseraError
 from tessera.settings import ENV_PREFIX, build_document, check, read_toml
 from tessera.wire.messages import ALGORITHMS
@@ -107,6 +107,12 @@ class RoundSettings:
         ):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, f"round.{name}", value, "use a number > 0")
+        _check(
+            self.loss_cap <= MAX_LOSS_CAP,
+            "round.loss_cap",
+            self.loss_cap,
+            f"use at most {MAX_LOSS_CAP}: nodes and aggregators refuse a round above it",
+        )
         _check(8 <= self.frac_bits <= 32, "round.frac_bits", self.frac_bits, "use 8 to 32 bits")
         _check(
             1 <= self.weight_cap < 2**32, "round.weight_cap", self.weight_cap, "use 1 to 2**32-1"

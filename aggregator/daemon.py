@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter
 
 from aggregator.config import AggregatorConfig
+from aggregator.errors import BaseModelSpent
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
 from aggregator.rounds import Stage
@@ -85,6 +86,7 @@ class AggregatorDaemon:
             time.time,
             genesis=genesis,
             export_onnx=setup.model.export,
+            terms=setup.terms,
             audit=AuditSetup(setup.manifest, self.audit),
         )
         self.metrics_registry = CollectorRegistry()
@@ -119,6 +121,7 @@ class AggregatorDaemon:
         # Rounds already opened count against max_rounds after a restart too.
         self._opened = self.store.latest_round(config.study_id) or 0
         self._ended_at: float | None = None
+        self._halted = False  # the leader's base model was summed without a release
         self._started = time.monotonic()
         self._seen_terminal: int | None = None
 
@@ -199,8 +202,14 @@ class AggregatorDaemon:
                 self._publish(self.service.tick())
                 self._note_round_end()
                 if self.config.is_leader and self._ready_for_next_round():
+                    try:
+                        opened = self.service.open_round(self.setup.roster_sites)
+                    except BaseModelSpent as exc:
+                        self._halted = True  # until restarted: nothing here can change it
+                        log.error(Event.ROUND_NOT_OPENED, extra={"fields": {"reason": str(exc)}})
+                        continue
                     self._opened += 1
-                    self._publish(self.service.open_round(self.setup.roster_sites))
+                    self._publish(opened)
                     current = self.service.current
                     assert current is not None
                     log.info(
@@ -272,7 +281,7 @@ class AggregatorDaemon:
             self.metrics.set_model(latest.record.version, latest.record.model_hash)
 
     def _ready_for_next_round(self) -> bool:
-        if not self.link.connected or self._opened >= self.setup.max_rounds:
+        if self._halted or not self.link.connected or self._opened >= self.setup.max_rounds:
             return False
         current = self.service.current
         if current is not None and not current.state.stage.is_terminal:

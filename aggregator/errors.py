@@ -43,6 +43,11 @@ class PartialSumRefused(AggregatorError):
         super().__init__(reason)
 
 
+class BaseModelSpent(AggregatorError):
+    """The leader will not open a round on a base model already summed: no honest aggregator
+    would sum it again, so the round could only cost the nodes epsilon."""
+
+
 class PartialSumRejected(AggregatorError):
     """A received partial sum does not belong to this round's agreed set or layout."""
 

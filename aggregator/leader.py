@@ -1,5 +1,7 @@
 """The leader's pure steps: plan a round (the RoundOpen it announces) and its store record;
-and the followers' check of a RoundOpen they receive.
+and every aggregator's check of a RoundOpen before it adopts it (`check_round_open`), which
+takes nothing on the leader's word: k, the expected set, the aggregators, the leader, the
+clip norm, the caps and the ring are held to this aggregator's own `StudyTerms` and roster.
 
 The ring encoding is derived from the update layout's bound (DESIGN.md section 3, "overflow
 is impossible by construction"): with weights scaled into (0, 1], every coordinate of one
@@ -10,16 +12,42 @@ magnitude, and at most len(expected_nodes) vectors are summed.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from aggregator.agreement import PublishedSum
 from aggregator.config import AggregatorConfig, RoundSettings
-from aggregator.errors import AggregatorConfigError, MessageRejected
+from aggregator.errors import AggregatorConfigError, BaseModelSpent, MessageRejected
 from aggregator.records import RoundRecord
 from aggregator.rounds import RoundState
 from tessera.crypto.encoding import RingParams, derive_ring_params
 from tessera.crypto.update_layout import required_bound
 from tessera.wire.envelopes import require_fields
 from tessera.wire.messages import ALGORITHMS, RoundOpen
+from tessera.wire.round_terms import RoundTermsRefused, check_expected_set, check_round_encoding
+
+
+@dataclass(frozen=True)
+class StudyTerms:
+    """What every RoundOpen is held to, from the verified manifest and roster at start-up
+    (aggregator.setup), never from the leader: the study's k and clip norm, the roster's
+    leader, and its sites (the only nodes a round may expect)."""
+
+    min_participants: int  # the study's k
+    clip_norm: float  # the study's clip norm
+    leader_id: str  # the roster's leader
+    sites: tuple[str, ...]  # the roster's sites
+
+    def k_for(self, config: AggregatorConfig) -> int:
+        """k_eff: this aggregator's own k, never below the study's. AggregatorConfigError if
+        `config` names another leader than the roster's."""
+        if config.leader_id != self.leader_id:
+            raise AggregatorConfigError(
+                f"leader_id = {config.leader_id!r}, but the roster's leader is "
+                f"{self.leader_id!r}; remove leader_id from the configuration"
+            )
+        return max(config.round.min_participants, self.min_participants)
 
 
 def ring_bound(settings: RoundSettings) -> float:
@@ -93,18 +121,68 @@ def plan_round(
     )
 
 
+def check_base_unspent(round_number: int, spent: PublishedSum | None) -> None:
+    """The leader's check before it opens `round_number`: no partial sum was published on
+    its base model yet (`spent`, from store.published_on_base). Every honest aggregator would
+    refuse to sum it again (issue #18, attack 2), so such a round could never release, and
+    each node would spend epsilon on it for nothing. BaseModelSpent otherwise."""
+    if spent is not None:
+        raise BaseModelSpent(
+            f"round {round_number} would start from the base model that round {spent.round} "
+            "summed without a release; no honest aggregator sums one base model twice, so it "
+            "could never release and would cost every node epsilon. The study cannot go on "
+            "from this model (docs/architecture.md, section 6)"
+        )
+
+
 def check_round_open(
-    message: RoundOpen, signer: str, config: AggregatorConfig, held_round: int | None
+    message: RoundOpen,
+    signer: str,
+    config: AggregatorConfig,
+    *,
+    terms: StudyTerms,
+    aggregator_ids: Sequence[str],
+    base: bytes,
+    held_round: int | None,
+    now_ms: int,
 ) -> None:
-    """A follower's checks of a RoundOpen before it holds the round: signed by this study's
-    leader, for this federation and study, and newer than `held_round` (the round this
-    aggregator holds, if any). MessageRejected (AuthenticationError for another federation
-    or study) otherwise. The base model is checked by the caller, which holds it."""
-    if signer != config.leader_id or message.leader_id != signer:
-        raise MessageRejected(f"RoundOpen signed by {signer!r}, the leader is {config.leader_id!r}")
+    """Every aggregator's checks of a RoundOpen before it holds the round (issue #18, attack
+    1): signed by the roster's leader, for this federation and study, newer than
+    `held_round` (the newest round in this aggregator's store), from `base` (the hash of the
+    newest model this aggregator holds), naming exactly the roster's aggregators in index
+    order, k at least k_eff (`StudyTerms.k_for`), an expected set of at least k_eff roster
+    sites, the study's clip norm and caps with exactly the ring they require
+    (`tessera.wire.round_terms`), and a deadline still ahead. MessageRejected
+    (AuthenticationError for another federation or study) otherwise."""
+    if signer != terms.leader_id or message.leader_id != signer:
+        raise MessageRejected(f"RoundOpen signed by {signer!r}, the leader is {terms.leader_id!r}")
     require_fields(message, federation_id=config.federation_id, study_id=config.study_id)
     if held_round is not None and message.round <= held_round:
         raise MessageRejected(f"RoundOpen for round {message.round} is not new")
+    if not hmac.compare_digest(message.base_model_hash, base):
+        raise MessageRejected(
+            f"round {message.round} starts from a base model this aggregator does not hold"
+        )
+    if tuple(message.aggregator_ids) != tuple(aggregator_ids):
+        raise MessageRejected(
+            f"round {message.round} names aggregators {list(message.aggregator_ids)}, the "
+            f"roster has {list(aggregator_ids)} (in that order)"
+        )
+    k = terms.k_for(config)
+    if message.min_participants < k:
+        raise MessageRejected(
+            f"round {message.round} asks for k={message.min_participants}, this aggregator "
+            f"requires k >= {k} (its own k, never below the study's)"
+        )
+    try:
+        check_expected_set(message, k=k, sites=terms.sites)
+        check_round_encoding(message, max_clip_norm=terms.clip_norm)
+    except RoundTermsRefused as refused:
+        raise MessageRejected(f"round {message.round}: {refused}") from None
+    if message.deadline_ms <= now_ms:
+        raise MessageRejected(
+            f"round {message.round}'s deadline (Unix ms {message.deadline_ms}) has passed"
+        )
 
 
 def round_record(announcement: RoundOpen) -> RoundRecord:

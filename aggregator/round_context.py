@@ -191,11 +191,17 @@ class RoundContext:
         return held
 
     def partial_sums_for(
-        self, participants: ParticipantSet, me: str, hpke: Mapping[str, X25519PublicKey]
+        self,
+        participants: ParticipantSet,
+        me: str,
+        hpke: Mapping[str, X25519PublicKey],
+        k: int,
     ) -> list[PartialSum]:
         """This aggregator's one partial sum over the agreed set, sealed to each other
-        aggregator, once the set passed its own checks (PartialSumRefused otherwise). The
-        move to SUMMING is committed with the partial-sum decision, in one transaction."""
+        aggregator, once the set passed its own checks (PartialSumRefused otherwise): at
+        least max(`k`, the round's k) members, where `k` is this aggregator's own (never
+        below the study's), and no sum on this base model before. The move to SUMMING is
+        committed with the partial-sum decision, in one transaction."""
         a = self.announcement
         members = check_partial_sum_request(
             round_number=a.round,
@@ -203,8 +209,8 @@ class RoundContext:
             requested_hash=participants.digest(),
             held=self.store.held_nodes(a.study_id, a.round),
             expected_nodes=a.expected_nodes,
-            min_participants=a.min_participants,
-            already_published=self.store.published_sum(a.study_id, a.round),
+            min_participants=max(k, a.min_participants),
+            already_published=self.store.published_on_base(a.study_id, a.base_model_hash),
         )
         self.state = transition(self.state, ParticipantsAgreed(members))
         self.set_hash = participants.digest()

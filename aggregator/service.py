@@ -7,12 +7,12 @@ with the roster's keys and checked against this aggregator's own round; whatever
 logged (event, round, reason: never share content, never PHI) and dropped. `on_message`
 never raises for bad input.
 
-The service holds its parts: keys, store, registry, the Publisher that signs what it sends,
-the round in progress (`current`, a RoundContext that persists each move), the signature
-exchange, and the privacy-audit phase where the study requires one. Below are the round's
-steps in the order of DESIGN.md section 3, each handing its work to pure helpers:
+It holds keys, store, registry, the Publisher that signs what it sends, the round in
+progress (`current`, a RoundContext that persists each move), the signature exchange, the
+privacy-audit phase where the study requires one, and the StudyTerms every RoundOpen is held
+to. The round's steps, in the order of DESIGN.md section 3, each over pure helpers:
 
-1. open: the leader plans and signs RoundOpen (aggregator.leader); followers check it;
+1. open: the leader signs RoundOpen; the others hold it to their terms (aggregator.leader);
 4. admit: each ShareEnvelope is checked, opened and accumulated (aggregator.admission);
 5. agree: at the deadline or once every expected node reported, a signed ReceivedSet; the
    leader publishes their intersection or aborts below k (aggregator.agreement);
@@ -22,12 +22,11 @@ steps in the order of DESIGN.md section 3, each handing its work to pure helpers
 8. sign and release: signature notes, then the leader's fully signed release, retained
    (aggregator.signature_exchange). What survives a restart: aggregator.catch_up.
 
-Order does not matter within a round: what arrives before this aggregator is ready for it is
-kept (first copy wins) and used when it is. A round past collecting aborts at the agreement
-timeout (from the deadline, or from the candidate's audit deadline), except at a follower
-whose signature note is out: the leader alone decides between the release and a RoundAbort,
-so that the two never end a round differently. A RoundAbort is published retained, so that
-it replaces the retained RoundOpen.
+Order does not matter within a round: what arrives early is kept (first copy wins) and used
+when this aggregator is ready. A round past collecting aborts at the agreement timeout (from
+the deadline, or from the candidate's audit deadline), except at a follower whose signature
+note is out: the leader alone decides between the release and a RoundAbort, so that the two
+never end a round differently. A RoundAbort is retained: it replaces the retained RoundOpen.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from aggregator.audit_phase import AuditPhase
 from aggregator.catch_up import catch_up
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregateRefused, AgreementFailed, MessageRejected, PartialSumRejected
-from aggregator.leader import check_round_open, plan_round
+from aggregator.leader import StudyTerms, check_base_unspent, check_round_open, plan_round
 from aggregator.partials import combine_round, open_partial_sums
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
@@ -88,9 +87,11 @@ class AggregatorService:
         *,
         genesis: Mapping[str, np.ndarray],
         export_onnx: Callable[[Mapping[str, np.ndarray], int], bytes],
+        terms: StudyTerms,
         audit: AuditSetup | None = None,
     ) -> None:
-        self.config, self.keys, self.roster = config, keys, roster
+        self.config, self.keys, self.roster, self.terms = config, keys, roster, terms
+        self.k = terms.k_for(config)  # k_eff: the smallest set this aggregator ever sums
         self.me = config.aggregator_id
         self.store, self.registry, self.clock = store, registry, clock
         self.genesis, self.export_onnx = genesis, export_onnx
@@ -176,6 +177,8 @@ class AggregatorService:
         vector, _ = flatten(base.params)
         stored = self.store.server_state(self.config.study_id)
         latest = self.store.latest_round(self.config.study_id) or 0
+        spent = self.store.published_on_base(self.config.study_id, base.weights_hash())
+        check_base_unspent(latest + 1, spent)
         announcement = plan_round(
             self.config,
             round_number=latest + 1,
@@ -200,13 +203,11 @@ class AggregatorService:
             return []
         if not isinstance(message, RoundOpen):
             raise MessageRejected(f"{type(message).__name__} on the round topic")
-        held = None if self.current is None else self.current.state.round
-        check_round_open(message, signer, self.config, held)
         base = base_model(self.registry, self.config.study_id, self.genesis)
-        if message.base_model_hash != base.weights_hash():
-            raise MessageRejected(
-                f"round {message.round} starts from a base model this aggregator does not hold"
-            )
+        check_round_open(message, signer, self.config, terms=self.terms,
+                         aggregator_ids=self.roster.aggregator_ids, base=base.weights_hash(),
+                         held_round=self.store.latest_round(self.config.study_id),
+                         now_ms=int(self.clock() * 1000))  # fmt: skip
         if self.current is not None and not self.current.is_over:
             self.current.move(Abort("superseded by the next round"))
         self._begin(message, base)
@@ -293,12 +294,12 @@ class AggregatorService:
         current = self.current
         assert current is not None
         a = current.announcement
-        sealed = current.partial_sums_for(participants, self.me, self.roster.aggregator_hpke)
+        sums = current.partial_sums_for(participants, self.me, self.roster.aggregator_hpke, self.k)
         out = [
             self.publisher.send(
                 topics.partial_topic(a.federation_id, a.study_id, m.to_aggregator, self.me), m
             )
-            for m in sealed
+            for m in sums
         ]
         current.move(PartialSumPublished())
         return out + self._maybe_combine()

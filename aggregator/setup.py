@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregatorConfigError
+from aggregator.leader import StudyTerms
 from aggregator.service import RosterKeys
 from broker.provisioning.bundle import Bundle
 from broker.provisioning.member import load_member
@@ -36,6 +37,15 @@ class StudySetup:
     def roster_sites(self) -> tuple[str, ...]:
         """Every site of the roster: the nodes each round expects."""
         return tuple(sorted(self.roster.node_signing))
+
+    @property
+    def terms(self) -> StudyTerms:
+        """What this aggregator holds every RoundOpen to: the study's k and clip norm from
+        the verified manifest, the leader and the sites from the verified roster."""
+        return StudyTerms(
+            self.study.min_participants, self.study.clip_norm, self.bundle.roster.leader,
+            self.roster_sites,
+        )  # fmt: skip
 
 
 def load_study_setup(config: AggregatorConfig) -> StudySetup:

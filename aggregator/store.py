@@ -12,7 +12,9 @@ Ordering rules that make a crash harmless:
   *before* the row that names it is committed, so a committed row never points at a missing
   or torn file. A crash in between leaves an unnamed file, which is ignored or replaced.
 - The partial-sum fact is committed in the same transaction as the round's move to SUMMING,
-  before anything is published. A restarted aggregator therefore refuses a second sum.
+  before anything is published, and names the round's base model, at most one fact per base
+  model. A restarted aggregator therefore refuses a second sum, in this round or in any
+  later round on the same base model.
 - Each method is one transaction; SQLite's journal makes it all-or-nothing.
 
 Restart policy: `recover()` aborts every round that was in flight, with reason
@@ -272,24 +274,27 @@ class Store:
     # --- the honest-aggregator fact -----------------------------------------------------
 
     def decide_partial_sum(self, study_id: str, state: RoundState, set_hash: bytes) -> None:
-        """Commit, in one transaction, the round's move to SUMMING and the partial-sum fact.
+        """Commit, in one transaction, the round's move to SUMMING and the partial-sum fact,
+        which names the round's base model (from the stored round, not from the caller).
 
         Call this after agreement.check_partial_sum_request and before publishing. If a fact
-        already exists for the round, nothing is written and PartialSumRefused is raised.
+        already exists for the round or for its base model, nothing is written and
+        PartialSumRefused is raised.
         """
         if state.stage is not Stage.SUMMING:
             raise StoreError(f"the partial-sum decision goes with stage SUMMING, not {state.stage}")
         try:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO partial_sums VALUES (?,?,?,?)",
-                    (study_id, state.round, set_hash, self._now()),
+                    "INSERT INTO partial_sums SELECT study_id, round, ?, ?, base_model_hash "
+                    "FROM rounds WHERE study_id = ? AND round = ?",
+                    (set_hash, self._now(), study_id, state.round),
                 )
                 self._save_state(db, study_id, state)
         except sqlite3.IntegrityError:
             raise PartialSumRefused(
-                f"round {state.round}: a partial sum was already decided and published; "
-                "an honest aggregator publishes at most one per round"
+                f"round {state.round}: a partial sum was already decided and published on this "
+                "round's base model; an honest aggregator publishes at most one per base model"
             ) from None
 
     def published_sum(self, study_id: str, round_number: int) -> PublishedSum | None:
@@ -300,6 +305,16 @@ class Store:
                 (study_id, round_number),
             ).fetchone()
         return None if row is None else PublishedSum(round_number, bytes(row[0]))
+
+    def published_on_base(self, study_id: str, base_model_hash: bytes) -> PublishedSum | None:
+        """The persisted partial-sum fact on a base model (whichever round it was), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round, participant_set_hash FROM partial_sums "
+                "WHERE study_id=? AND base_model_hash=?",
+                (study_id, base_model_hash),
+            ).fetchone()
+        return None if row is None else PublishedSum(int(row[0]), bytes(row[1]))
 
     # --- models and the optimiser state -------------------------------------------------
 

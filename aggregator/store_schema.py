@@ -2,9 +2,11 @@
 
 Tables: `rounds` (one row per round and its stage), `shares` (the shares received per round:
 the seed, or the path of a full share's file), `partial_sums` (the honest-aggregator fact:
-at most one partial sum published per round), `models` (the registry's rows) and
-`server_state` (where the optimiser state that produced the latest model lies). `meta`
-holds the schema version; a store written by another version is refused, never guessed at.
+at most one partial sum published per base model, and so per round), `models` (the
+registry's rows) and `server_state` (where the optimiser state that produced the latest
+model lies). `meta` holds the schema version. A store of schema 1 (one partial sum per
+round) is migrated to schema 2 in one transaction on open; any other version is refused,
+never guessed at.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from aggregator.errors import StoreError
 from tessera.files import make_private_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,7 +35,8 @@ CREATE TABLE IF NOT EXISTS shares (
     PRIMARY KEY (study_id, round, node_id));
 CREATE TABLE IF NOT EXISTS partial_sums (
     study_id TEXT NOT NULL, round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL,
-    decided_ms INTEGER NOT NULL, PRIMARY KEY (study_id, round));
+    decided_ms INTEGER NOT NULL, base_model_hash BLOB NOT NULL,
+    PRIMARY KEY (study_id, round), UNIQUE (study_id, base_model_hash));
 CREATE TABLE IF NOT EXISTS models (
     study_id TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL,
     parent_hash BLOB NOT NULL, model_hash BLOB NOT NULL, onnx_hash BLOB NOT NULL,
@@ -74,8 +77,39 @@ def open_database(path: Path) -> sqlite3.Connection:
     return db
 
 
+# Schema 1 -> 2: the partial-sum fact also names the round's base model, at most one per
+# base model (issue #18, attack 2). A schema-1 store that summed one base model twice keeps
+# the earliest fact, which is all the rule needs: that base model is spent.
+_MIGRATE_1_TO_2 = """
+BEGIN IMMEDIATE;
+ALTER TABLE partial_sums RENAME TO partial_sums_v1;
+CREATE TABLE partial_sums (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL,
+    decided_ms INTEGER NOT NULL, base_model_hash BLOB NOT NULL,
+    PRIMARY KEY (study_id, round), UNIQUE (study_id, base_model_hash));
+INSERT OR IGNORE INTO partial_sums
+    SELECT p.study_id, p.round, p.participant_set_hash, p.decided_ms, r.base_model_hash
+    FROM partial_sums_v1 p JOIN rounds r ON r.study_id = p.study_id AND r.round = p.round
+    ORDER BY p.round;
+DROP TABLE partial_sums_v1;
+UPDATE meta SET value = '2' WHERE key = 'schema';
+COMMIT;
+"""
+
+
 def _check_schema_version(db: sqlite3.Connection, path: Path) -> None:
     row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    if row is not None and int(row[0]) == 1:
+        try:
+            db.executescript(_MIGRATE_1_TO_2)
+        except sqlite3.DatabaseError as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(
+                f"state store {path} has schema 1 and could not be migrated to schema "
+                f"{SCHEMA_VERSION} ({exc}); restore it from a backup or move it aside"
+            ) from None
+        row = ("2",)
     if row is None:
         db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
     elif int(row[0]) != SCHEMA_VERSION:

@@ -506,6 +506,7 @@ def aggregator_child(conn: Connection, spec: dict[str, Any]) -> None:
     import tracemalloc
 
     from aggregator.config import AggregatorConfig, BrokerSettings, RoundSettings
+    from aggregator.leader import StudyTerms
     from aggregator.registry import Registry
     from aggregator.service import AggregatorService, RosterKeys, ServiceKeys
     from aggregator.store import Store
@@ -535,6 +536,7 @@ def aggregator_child(conn: Connection, spec: dict[str, Any]) -> None:
     service = AggregatorService(
         config, keys, roster, store, Registry(store, config.registry_dir), time.time,
         genesis=_genesis(spec["params"]), export_onnx=_fake_onnx,
+        terms=StudyTerms(2, config.round.clip_norm, LEADER, tuple(sorted(spec["nodes"]))),
     )  # fmt: skip
     disk: int | None = None
     cpu: dict[str, float] = {}

@@ -40,6 +40,7 @@ TARGET_AGGREGATOR_GBPS = 0.5
 TARGET_UPLOAD_RATIO = 1.1
 FEDERATION, STUDY, ROUND = "bench-fed", "bench-study", 3
 BASE_MODEL = hashlib.sha256(b"bench base model").digest()
+ANNOUNCEMENT = hashlib.sha256(b"bench round open").digest()  # stands for RoundOpen.digest()
 PARAMS = derive_ring_params(bound=1.0, max_participants=1000, frac_bits=16)
 
 
@@ -61,7 +62,15 @@ def copy_baseline(nbytes: int) -> float:
 
 def binding(node: str, aggregator: str, params: RingParams) -> SealBinding:
     return SealBinding(
-        "share", FEDERATION, STUDY, ROUND, BASE_MODEL, node, aggregator, params.to_bytes()
+        "share",
+        FEDERATION,
+        STUDY,
+        ROUND,
+        ANNOUNCEMENT,
+        BASE_MODEL,
+        node,
+        aggregator,
+        params.to_bytes(),
     )
 
 

@@ -13,10 +13,16 @@ Order, and what each step guarantees:
    for a forgery, so an attacker cannot fill the log.
 2. The round's terms are checked by `node.round.policy.check_round` (manifest, approval, window,
    k, clip norm, rounds, epsilon), then by the protocol checks here: the round names exactly
-   the roster's aggregators, lists this site, is before its deadline, was not joined
-   already, and starts from the model this node holds. All of this runs before one image is
-   touched. A refusal appends a `round-refused` entry and returns `Refused`, which carries no
-   outgoing message at all.
+   the roster's aggregators, lists this site, expects at least max(study k, round k) sites
+   of the manifest and no one else, fits the study's caps with exactly the ring they require
+   (`tessera.wire.round_terms`: a round that can never release must not cost epsilon), is
+   before its deadline, is the first RoundOpen this node answers for its round number (a
+   leader that signs two cannot have a node refuse one and join the other), and starts from
+   the model this node holds. All of this runs before one image is touched. A refusal
+   appends a `round-refused` entry and returns `Refused`, which carries no outgoing message
+   at all. Every answer's audit entry names the RoundOpen's hash (`round_open`), and the
+   audit log is what the node reads back to know which rounds it answered, so a restart
+   does not forget.
 3. Only then is a copy of the model trained (`ctx.train`, default `train_for_round`; the
    node's own model stays the base model, so an aborted round leaves it untouched).
 4. The encoded vector is split into one share per aggregator (`tessera.crypto.sharing.split`),
@@ -57,6 +63,7 @@ from tessera.models.nets import TesseraNet
 from tessera.models.weights import model_hash, state_arrays
 from tessera.wire.envelopes import open_envelope_as, seal_envelope, share_binding
 from tessera.wire.messages import RoundOpen, ShareEnvelope
+from tessera.wire.round_terms import RoundTermsRefused, check_expected_set, check_round_encoding
 from tessera.wire.statement import NodeStatement, seal_statement
 
 # Refusals found here, beside node.round.policy.REASONS (which check_round raises).
@@ -65,8 +72,12 @@ PROTOCOL_REASONS = (
     "bad-terms",
     "aggregators-not-in-roster",
     "not-expected",
+    "expected-not-in-manifest",
+    "expected-below-k",
+    "ring-outside-caps",
     "deadline-passed",
     "already-joined",
+    "already-answered",
     "base-model-mismatch",
     "not-enough-data",
     "budget-exhausted",
@@ -182,7 +193,8 @@ def participate(
     messages = tuple(seal_shares(round_open, update.encoded, ctx, epsilon_total))
     ctx.audit.append("round-joined", {
         "federation_id": round_open.federation_id, "study_id": round_open.study_id,
-        "round": round_open.round, "aggregators": len(messages),
+        "round": round_open.round, "round_open": round_open.digest().hex(),
+        "aggregators": len(messages),
         "samples": update.result.train_samples, "clipped": update.update.clipped,
     })  # fmt: skip
     if charge is not None:
@@ -260,20 +272,32 @@ def seal_shares(
 def _refuse(round_open: RoundOpen, ctx: ParticipationContext, refused: RoundRefused) -> Refused:
     ctx.audit.append("round-refused", {
         "federation_id": round_open.federation_id, "study_id": round_open.study_id,
-        "round": round_open.round, "reason": refused.reason, "detail": refused.detail,
+        "round": round_open.round, "round_open": round_open.digest().hex(),
+        "reason": refused.reason, "detail": refused.detail,
     })  # fmt: skip
     return Refused(round_open, refused.reason, refused.detail)
 
 
+def _answered_rounds(round_open: RoundOpen, ctx: ParticipationContext) -> dict[int, str]:
+    """Rounds of this study that the audit log records an answer to (joined or refused),
+    each with its entry kind ("round-joined" wins over "round-refused")."""
+    answered: dict[int, str] = {}
+    for entry in read_entries(ctx.audit.path):
+        if (
+            entry.kind in ("round-joined", "round-refused")
+            and entry.fields.get("study_id") == round_open.study_id
+            and entry.fields.get("federation_id") == round_open.federation_id
+        ):
+            number = int(entry.fields["round"])
+            if answered.get(number) != "round-joined":
+                answered[number] = entry.kind
+    return answered
+
+
 def _joined_rounds(round_open: RoundOpen, ctx: ParticipationContext) -> set[int]:
     """Rounds of this study that the audit log records as joined."""
-    return {
-        int(entry.fields["round"])
-        for entry in read_entries(ctx.audit.path)
-        if entry.kind == "round-joined"
-        and entry.fields.get("study_id") == round_open.study_id
-        and entry.fields.get("federation_id") == round_open.federation_id
-    }
+    answered = _answered_rounds(round_open, ctx)
+    return {number for number, kind in answered.items() if kind == "round-joined"}
 
 
 def _ledger_state(round_open: RoundOpen, ctx: ParticipationContext) -> LedgerState:
@@ -333,13 +357,21 @@ def _check_protocol(round_open: RoundOpen, ctx: ParticipationContext, now: dt.da
         raise RoundRefused(
             "not-expected", f"site {ctx.site_id!r} is not among the round's expected nodes"
         )
+    _check_round_terms(round_open, ctx)
     if now.timestamp() * 1000 >= round_open.deadline_ms:
         raise RoundRefused(
             "deadline-passed", f"the round's deadline (Unix ms {round_open.deadline_ms}) passed"
         )
-    if round_open.round in _joined_rounds(round_open, ctx):
+    answered = _answered_rounds(round_open, ctx).get(round_open.round)
+    if answered == "round-joined":
         raise RoundRefused(
             "already-joined", f"this site already sent shares for round {round_open.round}"
+        )
+    if answered is not None:
+        raise RoundRefused(
+            "already-answered",
+            f"this site already refused a RoundOpen for round {round_open.round}; it answers "
+            "one announcement per round number (a leader that signs two is equivocating)",
         )
     if not hmac.compare_digest(model_hash(state_arrays(ctx.model)), round_open.base_model_hash):
         raise RoundRefused(
@@ -347,3 +379,18 @@ def _check_protocol(round_open: RoundOpen, ctx: ParticipationContext, now: dt.da
             f"the round starts from model {round_open.base_model_hash.hex()[:16]}..., this "
             "node holds another; accept that release first",
         )
+
+
+def _check_round_terms(round_open: RoundOpen, ctx: ParticipationContext) -> None:
+    """The expected set and the ring, checked against the study's terms (issue #18, attack
+    3): at least max(study k, round k) sites of the manifest, and the ring the caps require."""
+    study = ctx.manifest.study(round_open.study_id)
+    if study is None:  # check_round refused it already; kept for the type checker
+        raise RoundRefused("unknown-study", f"study {round_open.study_id!r} is not in the manifest")
+    sites = {site.id for site in ctx.manifest.sites}
+    try:
+        k = max(study.min_participants, round_open.min_participants)
+        check_expected_set(round_open, k=k, sites=sites)
+        check_round_encoding(round_open, max_clip_norm=study.clip_norm)
+    except RoundTermsRefused as refused:
+        raise RoundRefused(refused.reason, refused.detail) from None

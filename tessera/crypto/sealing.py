@@ -5,8 +5,9 @@ Appendix A.1, through the implementation built into `cryptography`. AES-128-GCM 
 same ~128-bit level as X25519 and is the fastest of the three AEADs on hardware with AES
 instructions. A sealed box is `enc (32 bytes) || ciphertext || tag (16 bytes)`.
 
-Binding: every field of `SealBinding` (purpose, federation, study, round, base model, sender,
-recipient, ring encoding) goes, length-prefixed in a fixed order, into HPKE's `info`. `info`
+Binding: every field of `SealBinding` (purpose, federation, study, round, the hash of the
+exact RoundOpen, base model, sender, recipient, ring encoding) goes, length-prefixed in a
+fixed order, into HPKE's `info`. `info`
 enters the key schedule, so a box opened under any other binding derives a different key and
 its tag fails. `cryptography`'s public HPKE API takes no associated data (it seals with an
 empty AAD), so the binding lives entirely in `info`; for a single-shot box this binds exactly
@@ -40,7 +41,7 @@ TAG_LENGTH = 16
 SEAL_OVERHEAD = ENC_LENGTH + TAG_LENGTH
 PUBLIC_KEY_LENGTH = 32
 PURPOSES = ("share", "statement", "partial-sum")
-_INFO_TAG = b"tessera/seal/v1\x00"
+_INFO_TAG = b"tessera/seal/v2\x00"  # v2: the announcement hash joined the binding
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class SealBinding:
     federation_id: str
     study_id: str
     round: int
+    # SHA-256 of the round's RoundOpen bytes (RoundOpen.digest()): a leader that signs two
+    # announcements for one round gets shares that fit only the one each node answered.
+    announcement_hash: bytes  # 32 bytes
     base_model_hash: bytes  # 32 bytes
     sender_id: str  # node id (share) or aggregator id (partial sum)
     recipient_id: str  # aggregator id
@@ -63,11 +67,12 @@ class SealBinding:
             check_id(name, getattr(self, name))
         if not 0 <= self.round < 2**64:
             raise ValueError(f"round {self.round} is outside 0..2**64-1")
-        if len(self.base_model_hash) != 32:
-            raise ValueError(
-                f"base_model_hash is {len(self.base_model_hash)} bytes; pass the raw 32-byte "
-                "SHA-256 digest, not hex"
-            )
+        for name in ("announcement_hash", "base_model_hash"):
+            if len(getattr(self, name)) != 32:
+                raise ValueError(
+                    f"{name} is {len(getattr(self, name))} bytes; pass the raw 32-byte "
+                    "SHA-256 digest, not hex"
+                )
         if not self.encoding:
             raise ValueError("encoding is empty; pass RingParams.to_bytes()")
 
@@ -78,6 +83,7 @@ class SealBinding:
             self.federation_id.encode("ascii"),
             self.study_id.encode("ascii"),
             struct.pack(">Q", self.round),
+            self.announcement_hash,
             self.base_model_hash,
             self.sender_id.encode("ascii"),
             self.recipient_id.encode("ascii"),

@@ -33,6 +33,9 @@ STATS_LENGTH = len(STATS)
 # cap, or the weighting of the mean is skewed (the bound is safe with any cap, w <= 1).
 DEFAULT_LOSS_CAP = 10.0
 DEFAULT_WEIGHT_CAP = 10_000
+# The largest loss cap a round may announce (the study's cap, until the manifest carries one):
+# the ring bound grows with it, so a larger one would loosen every bound on the aggregate.
+MAX_LOSS_CAP = DEFAULT_LOSS_CAP
 
 
 def required_bound(clip_norm: float, loss_cap: float = DEFAULT_LOSS_CAP) -> float:

@@ -83,6 +83,7 @@ class Event(enum.StrEnum):
     AGGREGATOR_STOPPED = "aggregator-stopped"
     ROUND_RECOVERED = "round-recovered"  # a round a crash left in flight, aborted at start
     ROUND_OPENED = "round-opened"  # the leader opened a round
+    ROUND_NOT_OPENED = "round-not-opened"  # the leader would not open a round (says why)
 
     # --- the aggregator's round protocol (aggregator.service) -------------------------------
     SHARE_DUPLICATE = "share-duplicate"  # a node's second share for the round, ignored
@@ -149,6 +150,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.AGGREGATOR_STOPPED: (),
     Event.ROUND_RECOVERED: ("study", "round"),
     Event.ROUND_OPENED: ("round", "algorithm", "expected"),
+    Event.ROUND_NOT_OPENED: ("reason",),
     Event.SHARE_DUPLICATE: ("round",),
     Event.CANDIDATE_BUILT: ("round", "version"),
     Event.AUDIT_REPORT: ("round", "site"),

@@ -187,12 +187,14 @@ def require_fields(message: Message, **expected: object) -> None:
 def share_binding(round_open: RoundOpen, node_id: str, aggregator_id: str) -> SealBinding:
     """The seal binding for `node_id`'s share to `aggregator_id` in the round `round_open`
     announced. Both the node (to seal) and the aggregator (to open) build it from their own
-    copy of the RoundOpen."""
+    copy of the RoundOpen, and it covers that copy's hash (`RoundOpen.digest`): a share opens
+    only at an aggregator that holds the very announcement the node answered."""
     return SealBinding(
         purpose="share",
         federation_id=round_open.federation_id,
         study_id=round_open.study_id,
         round=round_open.round,
+        announcement_hash=round_open.digest(),
         base_model_hash=round_open.base_model_hash,
         sender_id=node_id,
         recipient_id=aggregator_id,
@@ -203,12 +205,14 @@ def share_binding(round_open: RoundOpen, node_id: str, aggregator_id: str) -> Se
 def partial_sum_binding(
     round_open: RoundOpen, from_aggregator: str, to_aggregator: str
 ) -> SealBinding:
-    """The seal binding for a partial sum from one aggregator to another in this round."""
+    """The seal binding for a partial sum from one aggregator to another in this round (and
+    under this very RoundOpen, as for shares)."""
     return SealBinding(
         purpose="partial-sum",
         federation_id=round_open.federation_id,
         study_id=round_open.study_id,
         round=round_open.round,
+        announcement_hash=round_open.digest(),
         base_model_hash=round_open.base_model_hash,
         sender_id=from_aggregator,
         recipient_id=to_aggregator,

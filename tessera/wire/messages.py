@@ -12,6 +12,7 @@ joint signatures (`tessera.wire.release`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -130,8 +131,14 @@ class RoundOpen:
     def sender_id(self) -> str | None:
         return self.leader_id
 
+    def digest(self) -> bytes:
+        """SHA-256 of `to_bytes()`: names this exact announcement. Every share's seal is
+        bound to it (`tessera.wire.envelopes.share_binding`), so a share made for one
+        RoundOpen opens under no other, whatever the two have in common."""
+        return hashlib.sha256(self.to_bytes()).digest()
+
     def to_bytes(self) -> bytes:
-        """Encode for the wire."""
+        """Encode for the wire (canonical: `from_bytes` then `to_bytes` gives the same bytes)."""
         w = Writer(self.TYPE)
         write_context(w, self.federation_id, self.study_id, self.round)
         w.hash(self.base_model_hash)

@@ -109,8 +109,9 @@ def test_a_set_below_k_or_off_the_roster_is_refused() -> None:
         check(("site-a", "site-b", "site-a"), ROSTER)
 
 
-def test_a_fact_from_another_round_is_a_caller_bug() -> None:
-    with pytest.raises(ValueError, match="round 4"):
+def test_a_fact_from_an_earlier_round_on_the_same_base_model_refuses() -> None:
+    """Issue #18, attack 2: re-opening a summed base model to difference two aggregates."""
+    with pytest.raises(PartialSumRefused, match="on this base model in round 4"):
         check(ROSTER[:3], ROSTER, PublishedSum(round=4, participant_set_hash=bytes(32)))
 
 

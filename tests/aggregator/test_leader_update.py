@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig, BrokerSettings, RoundSettings, StrategySettings
 from aggregator.errors import AggregatorConfigError, MessageRejected, StrategyError
-from aggregator.leader import check_round_open, plan_round, ring_bound, round_record
+from aggregator.leader import (
+    StudyTerms,
+    check_round_open,
+    plan_round,
+    ring_bound,
+    round_record,
+)
 from aggregator.rounds import Stage
 from aggregator.strategies import Aggregate, ServerState
 from aggregator.update import apply_round
-from tessera.crypto.encoding import decode, encode
+from tessera.crypto.encoding import decode, derive_ring_params, encode
 from tessera.crypto.sharing import combine
 from tessera.errors import AuthenticationError
 from tessera.wire.messages import RoundOpen
@@ -78,18 +85,65 @@ def test_only_the_leader_plans_and_only_for_at_least_k_nodes() -> None:
         plan(nodes=("site-a",))
 
 
+TERMS = StudyTerms(min_participants=2, clip_norm=5.0, leader_id="agg-1", sites=NODES)
+
+
+def check(announcement: RoundOpen, signer: str = "agg-1", config: AggregatorConfig | None = None,
+          held_round: int | None = None, **terms: object) -> None:  # fmt: skip
+    check_round_open(
+        announcement, signer, config or dataclasses.replace(CONFIG, aggregator_id="agg-2"),
+        terms=dataclasses.replace(TERMS, **terms), aggregator_ids=("agg-1", "agg-2"),
+        base=b"\x05" * 32, held_round=held_round, now_ms=1_000_000,
+    )  # fmt: skip
+
+
 def test_a_follower_accepts_only_a_new_round_opened_by_its_leader() -> None:
-    follower = dataclasses.replace(CONFIG, aggregator_id="agg-2")
     announcement = plan()  # round 4, led by agg-1
-    check_round_open(announcement, "agg-1", follower, held_round=None)
-    check_round_open(announcement, "agg-1", follower, held_round=3)
+    check(announcement)
+    check(announcement, held_round=3)
     with pytest.raises(MessageRejected, match="the leader is 'agg-1'"):
-        check_round_open(announcement, "agg-2", follower, held_round=None)
+        check(announcement, signer="agg-2")
+    with pytest.raises(MessageRejected, match="the leader is 'agg-2'"):
+        check(announcement, leader_id="agg-2")  # the roster's leader, not the config's
     with pytest.raises(MessageRejected, match="not new"):
-        check_round_open(announcement, "agg-1", follower, held_round=4)
-    other_study = dataclasses.replace(follower, study_id="study-2")
+        check(announcement, held_round=4)
+    other_study = dataclasses.replace(CONFIG, aggregator_id="agg-2", study_id="study-2")
     with pytest.raises(AuthenticationError):
-        check_round_open(announcement, "agg-1", other_study, held_round=None)
+        check(announcement, config=other_study)
+
+
+LIES: list[tuple[dict[str, Any], str]] = [
+    ({"min_participants": 1}, "requires k >= 2"),
+    ({"expected_nodes": ("site-a",)}, "expected-below-k"),
+    ({"expected_nodes": ("site-a", "mallory")}, "expected-not-in-manifest"),
+    ({"aggregator_ids": ("agg-2", "agg-1")}, "in that order"),
+    ({"aggregator_ids": ("agg-1", "agg-3")}, "the roster has"),
+    ({"clip_norm": 6.0}, "clip-norm-above-study"),
+    ({"loss_cap": 11.0}, "ring-outside-caps"),
+    ({"ring": derive_ring_params(5.0, 3)}, "require exactly 25"),
+    ({"ring": derive_ring_params(25.0, 2)}, "holds sums of 2"),
+    ({"ring": derive_ring_params(25.0, 3, 4)}, "fraction bits"),
+    ({"base_model_hash": b"\x06" * 32}, "does not hold"),
+    ({"deadline_ms": 1_000_000}, "has passed"),
+]
+
+
+@pytest.mark.parametrize(("lie", "reason"), LIES, ids=[next(iter(lie)) for lie, _ in LIES])
+def test_every_term_a_leader_could_lie_about_is_checked(lie: dict[str, Any], reason: str) -> None:
+    """Issue #18: k, the expected set, the aggregators, the clip norm, the caps, the ring, the
+    base model and the deadline are held to this aggregator's own terms."""
+    with pytest.raises(MessageRejected, match=reason):
+        check(dataclasses.replace(plan(), **lie))
+
+
+def test_k_eff_is_the_larger_of_the_aggregators_and_the_studys() -> None:
+    config = dataclasses.replace(CONFIG, aggregator_id="agg-2")
+    assert TERMS.k_for(config) == 2
+    assert dataclasses.replace(TERMS, min_participants=3).k_for(config) == 3
+    with pytest.raises(MessageRejected, match="requires k >= 3"):
+        check(plan(), min_participants=3)
+    with pytest.raises(AggregatorConfigError, match="roster's leader"):
+        dataclasses.replace(TERMS, leader_id="agg-2").k_for(config)
 
 
 def params() -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ import pytest
 
 from aggregator.config import AggregatorConfig, BrokerSettings, RoundSettings
 from aggregator.errors import AggregatorConfigError
+from aggregator.leader import StudyTerms
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry, load_weights, weights_bytes
 from aggregator.rounds import Stage
@@ -47,6 +48,7 @@ GENESIS = {
 }
 N_PARAMS = 44
 EPSILON = {node: 0.5 + i for i, node in enumerate(NODES)}  # what each node's shares state
+TERMS = StudyTerms(min_participants=2, clip_norm=1.0, leader_id=LEADER, sites=NODES)
 
 
 def fake_onnx(params: Mapping[str, np.ndarray], version: int) -> bytes:
@@ -118,6 +120,7 @@ class Federation:
                 self.clock,
                 genesis=GENESIS,
                 export_onnx=fake_onnx,
+                terms=TERMS,
                 audit=audit,
             )
         self.wire: list[Outgoing] = []
@@ -433,4 +436,5 @@ def test_ids_shared_by_a_node_and_an_aggregator_are_refused(tmp_path: Path) -> N
             fed.clock,
             genesis=GENESIS,
             export_onnx=fake_onnx,
+            terms=TERMS,
         )

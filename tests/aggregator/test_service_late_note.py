@@ -5,7 +5,9 @@ A follower's signature note that reaches the leader after the round aborted
 
 The leader used to register version 1 of an aborted round, the
 follower never did, and every later RoundOpen named a base model the follower did not hold,
-so the federation could not release again.
+so the federation could not release again. Since issue #18 a round that aborts after its
+partial sums spends its base model: no aggregator sums it again, and the leader opens no
+round on it (each would only cost the nodes epsilon).
 
 Shares (seed rows and full-share files) used to stay on disk after their round ended, until
 the next restart; they are now deleted as soon as the round is released or aborted."""
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.errors import BaseModelSpent
 from aggregator.registry import Registry
 from aggregator.rounds import Stage
 from aggregator.service import AggregatorService
@@ -37,7 +40,7 @@ from tests.aggregator.test_service import (
 )
 
 
-def test_a_note_after_the_abort_registers_nothing_and_the_next_round_opens(
+def test_a_note_after_the_abort_registers_nothing_and_no_round_reuses_the_summed_base(
     tmp_path: Path,
 ) -> None:
     fed = Federation(tmp_path)
@@ -57,9 +60,11 @@ def test_a_note_after_the_abort_registers_nothing_and_the_next_round_opens(
     for service in fed.services.values():
         assert service.registry.latest(STUDY) is None
 
-    fed.deliver(fed.services[LEADER].open_round(NODES))
-    assert fed.stage(LEADER) is Stage.COLLECTING
-    assert fed.stage("agg-2") is Stage.COLLECTING  # same base model at both
+    # Both published a partial sum on the genesis model; a second would let a leader
+    # difference two aggregates (issue #18, attack 2), so no round opens on it.
+    with pytest.raises(BaseModelSpent, match="the base model that round 1 summed"):
+        fed.services[LEADER].open_round(NODES)
+    assert fed.stage(LEADER) is Stage.ABORTED
 
 
 def shares_left(fed: Federation) -> dict[str, tuple[int, int]]:
@@ -94,7 +99,7 @@ def restart(fed: Federation, agg: str, optimizer: str = "none") -> AggregatorSer
     )
     new = AggregatorService(
         config, old.keys, old.roster, old.store, Registry(old.store, config.registry_dir),
-        fed.clock, genesis=GENESIS, export_onnx=fake_onnx,
+        fed.clock, genesis=GENESIS, export_onnx=fake_onnx, terms=old.terms,
     )  # fmt: skip
     fed.services[agg] = new
     return new

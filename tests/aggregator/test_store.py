@@ -115,6 +115,76 @@ def test_the_partial_sum_fact_survives_a_restart(tmp_path: Path) -> None:
         assert store.published_sum(STUDY, 3).participant_set_hash == b"h" * 32  # type: ignore[union-attr]
 
 
+def summing(store: Store, number: int, base: bytes) -> RoundState:
+    state = RoundState(number)
+    store.create_round(RoundRecord(STUDY, base, b"ring", 10, 1_000, "fedavg", state))
+    for event in (StartCollecting(), CollectionClosed("all-reported")):
+        state = transition(state, event)
+    return transition(state, ParticipantsAgreed(("a", "b", "c")))
+
+
+def test_one_partial_sum_per_base_model_survives_a_restart(tmp_path: Path) -> None:
+    """Issue #18, attack 2: a later round on the same base model gets no second sum."""
+    with open_store(tmp_path) as store:
+        store.decide_partial_sum(STUDY, summing(store, 1, b"m" * 32), b"h" * 32)
+        store.decide_partial_sum(STUDY, summing(store, 2, b"n" * 32), b"h" * 32)  # new model
+        again = summing(store, 3, b"m" * 32)
+    with open_store(tmp_path) as store:
+        fact = store.published_on_base(STUDY, b"m" * 32)
+        assert fact is not None and fact.round == 1
+        with pytest.raises(PartialSumRefused, match="at most one per base model"):
+            store.decide_partial_sum(STUDY, again, b"g" * 32)
+        assert store.published_sum(STUDY, 3) is None
+        record = store.load_round(STUDY, 3)
+        assert record is not None and record.state.stage is Stage.OPEN  # nothing moved
+
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+CREATE TABLE rounds (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, stage TEXT NOT NULL,
+    base_model_hash BLOB NOT NULL, ring_params BLOB NOT NULL, vector_length INTEGER NOT NULL,
+    deadline_ms INTEGER NOT NULL, algorithm TEXT NOT NULL, received INTEGER NOT NULL,
+    close_reason TEXT, participants TEXT, model_version TEXT, abort_reason TEXT,
+    created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (study_id, round));
+CREATE TABLE partial_sums (
+    study_id TEXT NOT NULL, round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL,
+    decided_ms INTEGER NOT NULL, PRIMARY KEY (study_id, round));
+"""
+
+
+def test_a_schema_1_store_is_migrated_and_keeps_its_facts(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    db.executescript(SCHEMA_1)
+    for number, base in ((1, b"m"), (2, b"m"), (3, b"n")):  # v1 let round 2 sum "m" again
+        db.execute(
+            "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (STUDY, number, "aborted", base * 32, b"ring", 10, 0, "fedavg", 3, None, None,
+             None, "x", 0, 0),
+        )  # fmt: skip
+        db.execute("INSERT INTO partial_sums VALUES (?,?,?,?)", (STUDY, number, b"h" * 32, 0))
+    db.commit()
+    db.close()
+    with open_store(tmp_path) as store:
+        assert store._db.execute("SELECT value FROM meta").fetchone()[0] == "2"
+        first = store.published_on_base(STUDY, b"m" * 32)
+        assert first is not None and first.round == 1  # the earliest fact on "m" is kept
+        assert store.published_sum(STUDY, 3) is not None
+        with pytest.raises(PartialSumRefused, match="per base model"):
+            store.decide_partial_sum(STUDY, summing(store, 4, b"n" * 32), b"g" * 32)
+
+
+def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "state.sqlite3")
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema 3, this version reads 2"):
+        open_store(tmp_path)
+
+
 def test_recover_aborts_rounds_in_flight_and_drops_their_shares(tmp_path: Path) -> None:
     with open_store(tmp_path) as store:
         new_round(store, 1)
@@ -159,7 +229,8 @@ number = 0
 while True:
     number += 1
     state = RoundState(number)
-    store.create_round(RoundRecord("study-1", bytes(32), b"ring", 8192, 0, "fedavg", state))
+    base = number.to_bytes(32, "big")  # each round on its own base model, as a release makes
+    store.create_round(RoundRecord("study-1", base, b"ring", 8192, 0, "fedavg", state))
     state = transition(state, StartCollecting())
     store.save_state("study-1", state)
     for i in range(6):

@@ -189,6 +189,12 @@ REFUSALS: list[tuple[str, Change]] = [
     ("base-model-mismatch", round_change(base_model_hash=bytes(32))),
     ("not-enough-data", lambda ctx: (dataclasses.replace(ctx, images=ctx.images[:1],
                                                          labels=ctx.labels[:1]), {})),
+    # Attack 3 of issue #18: rounds that can never release must not cost epsilon.
+    ("expected-below-k", round_change(expected_nodes=(SITE,))),
+    ("expected-not-in-manifest", round_change(expected_nodes=(SITE, "site-9"))),
+    ("ring-outside-caps", round_change(ring=derive_ring_params(0.5, 16))),  # cannot encode
+    ("ring-outside-caps", round_change(ring=derive_ring_params(1e6, 16, 8), loss_cap=1e6)),
+    ("ring-outside-caps", round_change(ring=derive_ring_params(required_bound(1.0), 1))),
 ]  # fmt: skip
 
 
@@ -208,7 +214,33 @@ def test_every_refusal_sends_nothing_trains_nothing_and_is_audited(
 
 
 def test_every_protocol_reason_has_a_refusal_test() -> None:
-    assert set(PROTOCOL_REASONS) - {"already-joined"} <= {r for r, _ in REFUSALS}
+    assert set(PROTOCOL_REASONS) - {"already-joined", "already-answered"} <= {
+        r for r, _ in REFUSALS
+    }
+
+
+def test_a_node_answers_one_round_open_per_round_number_even_after_a_restart(
+    fed: Federation, data: IngestedSite, tmp_path: Path
+) -> None:
+    """Issue #18, attack 1: a node that refused RoundOpen(r, k=1) must not then join a second
+    RoundOpen(r, k=2) (equivocation), nor after a restart (its audit log remembers)."""
+    ctx = make_ctx(fed, data, tmp_path)
+    weak, strong = round_open(ctx, min_participants=1), round_open(ctx, min_participants=2)
+    first = participate(signed(fed, weak), ctx, NOW)
+    assert isinstance(first, Refused) and first.reason == "k-below-minimum"
+    for node in (ctx, make_ctx(fed, data, tmp_path)):  # the second: a restarted node
+        second = participate(signed(fed, strong), node, NOW)
+        assert isinstance(second, Refused) and second.reason == "already-answered"
+        assert second.messages == () and node.train.calls == 0  # type: ignore[attr-defined]
+    assert ctx.ledger is not None and ctx.ledger.rounds == []
+    refused = [e for e in read_entries(ctx.audit.path) if e.kind == "round-refused"]
+    assert [e.fields["reason"] for e in refused] == [
+        "k-below-minimum",
+        "already-answered",
+        "already-answered",
+    ]
+    assert refused[0].fields["round_open"] == weak.digest().hex()
+    assert refused[1].fields["round_open"] == strong.digest().hex()
 
 
 def test_an_announcement_not_from_the_leader_is_refused_unaudited(

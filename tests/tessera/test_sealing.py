@@ -48,14 +48,16 @@ RFC_A1 = {
 }
 
 RECORDED_KEY = hashlib.sha256(b"tessera recorded vector recipient").digest()
+# Recorded with seal v2 (the announcement hash joined the binding, issue #18).
 RECORDED_BOX = bytes.fromhex(
-    "0dcb05dc0133298cac192719d2071704ef1a1bda7bb341a4d2cc4011c623597d8a08bcc22b64a2e9cf6d6636"
-    "741f7f6692199320bfc9476412fdf3ed77c7421ea33610bfc2a2dd"
+    "3cea43e22ae071a3d392fa884a18a839fa534fdb5c54dcebbd506d31f021af6d281a9a234d7ab73a709c8fa1"
+    "bb7b08f0e614ba3dfbee94b27c32f5868719a0328595036a806a25"
 )
 RECORDED_INFO = bytes.fromhex(
-    "746573736572612f7365616c2f763100000000057368617265000000056665642d310000000773747564792d"
-    "310000000800000000000000070000002050629b5db748be1071182bea955872390498f78a016a2d19252f3a"
-    "72e897dc1c000000066e6f64652d61000000056167672d310000000e20104059000000000000000003e8"
+    "746573736572612f7365616c2f763200000000057368617265000000056665642d310000000773747564792d"
+    "3100000008000000000000000700000020b1ea3a82dee1b3725db68627d87824189d47eeefc8d85e89cfce5a"
+    "f7e23e94a10000002050629b5db748be1071182bea955872390498f78a016a2d19252f3a72e897dc1c000000"
+    "066e6f64652d61000000056167672d310000000e20104059000000000000000003e8"
 )
 
 BINDING = SealBinding(
@@ -63,6 +65,7 @@ BINDING = SealBinding(
     federation_id="fed-1",
     study_id="study-1",
     round=7,
+    announcement_hash=hashlib.sha256(b"round open").digest(),
     base_model_hash=hashlib.sha256(b"base model").digest(),
     sender_id="node-a",
     recipient_id="agg-1",
@@ -104,6 +107,7 @@ CHANGED_FIELDS = {
     "federation_id": "fed-2",
     "study_id": "study-2",
     "round": 8,
+    "announcement_hash": hashlib.sha256(b"the other round open").digest(),
     "base_model_hash": hashlib.sha256(b"other model").digest(),
     "sender_id": "node-b",
     "recipient_id": "agg-2",
