@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from aggregator.accumulator import ShareAccumulator
@@ -33,11 +34,12 @@ from aggregator.admission import (
     open_share,
 )
 from aggregator.agreement import check_partial_sum_request, statement_mismatches
+from aggregator.config import AggregatorConfig
 from aggregator.errors import DuplicateShare, MessageRejected
 from aggregator.leader import round_record
 from aggregator.partials import seal_partial_sums
 from aggregator.registry import GENESIS_PARENT, Registry, weights_bytes
-from aggregator.release_build import BuiltRelease
+from aggregator.release_build import BuiltRelease, build_signed_release, carry_epsilon
 from aggregator.rounds import (
     CollectionClosed,
     Event,
@@ -268,6 +270,38 @@ class RoundContext:
                 f"second partial sum from {message.from_aggregator!r}; first wins"
             )
         self.partials[message.from_aggregator] = message
+
+    def build_release(
+        self,
+        decoded: np.ndarray,
+        registry: Registry,
+        config: AggregatorConfig,
+        export_onnx: Callable[[Mapping[str, np.ndarray], int], bytes],
+        key: Ed25519PrivateKey,
+    ) -> BuiltRelease:
+        """Step 7 on the checked aggregate: the strategy, the card (epsilon per site from the
+        agreed statements, the parent's figure for sites that sat this round out), the release
+        signed by this aggregator."""
+        a = self.announcement
+        participants = self.state.participants or ()
+        parent = registry.latest(a.study_id)
+        epsilon = carry_epsilon(
+            None if parent is None else parent.card,
+            {node: self.statements[node].epsilon_total for node in participants},
+        )
+        return build_signed_release(
+            config=config,
+            announcement=a,
+            decoded=decoded,
+            participants=len(participants),
+            base_params=self.base_params,
+            server_state=latest_server_state(self.store, config.study_id),
+            version=self.version,
+            parent_hash=self.parent_hash,
+            onnx=export_onnx,
+            key=key,
+            epsilon_per_site=epsilon,
+        )
 
     def check(self, message: Message, **more: object) -> None:
         """Refuse a message for another federation, study or round (AuthenticationError,

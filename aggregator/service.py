@@ -45,8 +45,7 @@ from aggregator.leader import StudyTerms, check_base_unspent, check_round_open, 
 from aggregator.partials import combine_round, open_partial_sums
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
-from aggregator.release_build import build_signed_release, carry_epsilon
-from aggregator.round_context import BaseModel, RoundContext, base_model, latest_server_state
+from aggregator.round_context import BaseModel, RoundContext, base_model
 from aggregator.rounds import Abort, CollectionClosed, PartialSumPublished, Stage, StartCollecting
 from aggregator.signature_exchange import SignatureExchange
 from aggregator.signed_messages import Outgoing, Publisher, RosterKeys, ServiceKeys, open_routed
@@ -332,24 +331,8 @@ class AggregatorService:
             decoded = combine_round(vectors, a, len(participants))  # checked before any use
         except (PartialSumRejected, AggregateRefused) as exc:
             return self._abort(str(exc))
-        server_state = latest_server_state(self.store, self.config.study_id)
-        parent = self.registry.latest(a.study_id)
-        epsilon = carry_epsilon(
-            None if parent is None else parent.card,
-            {node: current.statements[node].epsilon_total for node in participants},  # agreed
-        )
-        built = build_signed_release(
-            config=self.config,
-            announcement=a,
-            decoded=decoded,
-            participants=len(participants),
-            base_params=current.base_params,
-            server_state=server_state,
-            version=current.version,
-            parent_hash=current.parent_hash,
-            onnx=self.export_onnx,
-            key=self.keys.signing,
-            epsilon_per_site=epsilon,
+        built = current.build_release(
+            decoded, self.registry, self.config, self.export_onnx, self.keys.signing
         )
         if self.auditing is None:
             current.built = built
