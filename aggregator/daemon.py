@@ -121,7 +121,7 @@ class AggregatorDaemon:
         # Rounds already opened count against max_rounds after a restart too.
         self._opened = self.store.latest_round(config.study_id) or 0
         self._ended_at: float | None = None
-        self._halted = False  # the leader's base model was summed without a release
+        self._not_opened: str | None = None  # why the last try to open a round failed
         self._started = time.monotonic()
         self._seen_terminal: int | None = None
 
@@ -203,11 +203,18 @@ class AggregatorDaemon:
                 self._note_round_end()
                 if self.config.is_leader and self._ready_for_next_round():
                     try:
-                        opened = self.service.open_round(self.setup.roster_sites)
+                        opened = self.service.open_round(
+                            self.setup.roster_sites, available=set(self._online)
+                        )
                     except BaseModelSpent as exc:
-                        self._halted = True  # until restarted: nothing here can change it
-                        log.error(Event.ROUND_NOT_OPENED, extra={"fields": {"reason": str(exc)}})
+                        # A retry on a summed base waits for the nodes of that sum to return
+                        # (tried again every tick, logged once per reason).
+                        if str(exc) != self._not_opened:
+                            self._not_opened = str(exc)
+                            fields = {"reason": str(exc)}
+                            log.error(Event.ROUND_NOT_OPENED, extra={"fields": fields})
                         continue
+                    self._not_opened = None
                     self._opened += 1
                     self._publish(opened)
                     current = self.service.current
@@ -281,7 +288,7 @@ class AggregatorDaemon:
             self.metrics.set_model(latest.record.version, latest.record.model_hash)
 
     def _ready_for_next_round(self) -> bool:
-        if self._halted or not self.link.connected or self._opened >= self.setup.max_rounds:
+        if not self.link.connected or self._opened >= self.setup.max_rounds:
             return False
         current = self.service.current
         if current is not None and not current.state.stage.is_terminal:

@@ -44,8 +44,9 @@ class PartialSumRefused(AggregatorError):
 
 
 class BaseModelSpent(AggregatorError):
-    """The leader will not open a round on a base model already summed: no honest aggregator
-    would sum it again, so the round could only cost the nodes epsilon."""
+    """The leader will not open a round on a base model already summed without a release
+    while a node of that sum is missing: no honest aggregator would sum a retry without it
+    (agreement.check_retry_rule), so the round could only cost the nodes epsilon."""
 
 
 class PartialSumRejected(AggregatorError):

@@ -13,7 +13,7 @@ magnitude, and at most len(expected_nodes) vectors are summed.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from aggregator.agreement import PublishedSum
@@ -121,17 +121,40 @@ def plan_round(
     )
 
 
-def check_base_unspent(round_number: int, spent: PublishedSum | None) -> None:
-    """The leader's check before it opens `round_number`: no partial sum was published on
-    its base model yet (`spent`, from store.published_on_base). Every honest aggregator would
-    refuse to sum it again (issue #18, attack 2), so such a round could never release, and
-    each node would spend epsilon on it for nothing. BaseModelSpent otherwise."""
-    if spent is not None:
+def required_nodes(prior: Sequence[PublishedSum]) -> tuple[str, ...]:
+    """The sorted nodes every retry on a summed base model must include: every node of
+    every set summed on it (`prior`, from store.published_on_base)."""
+    return tuple(sorted({node for fact in prior for node in fact.participants or ()}))
+
+
+def check_base_reopenable(
+    round_number: int,
+    prior: Sequence[PublishedSum],
+    expected_nodes: Sequence[str],
+    available: Collection[str] | None = None,
+) -> None:
+    """The leader's check before it opens `round_number` on a base model already summed
+    without a release (`prior`, from store.published_on_base; nothing to check if empty).
+    Every honest aggregator holds a retry to the retry rule (agreement.check_retry_rule):
+    it must keep every node summed before. So the round opens only if `expected_nodes` (and
+    `available`, the nodes online, where given) include all of them; otherwise it could never
+    release and would cost every node epsilon for nothing. BaseModelSpent, naming the nodes
+    that must return, otherwise."""
+    if any(fact.participants is None for fact in prior):
         raise BaseModelSpent(
-            f"round {round_number} would start from the base model that round {spent.round} "
-            "summed without a release; no honest aggregator sums one base model twice, so it "
-            "could never release and would cost every node epsilon. The study cannot go on "
-            "from this model (docs/architecture.md, section 6)"
+            f"round {round_number} would start from a base model summed before the store "
+            "recorded participant sets (a migrated store); no retry can be checked, so no "
+            "round can release on it: an operator registers a new base model"
+        )
+    usable = set(expected_nodes) if available is None else set(expected_nodes) & set(available)
+    missing = [node for node in required_nodes(prior) if node not in usable]
+    if missing:
+        raise BaseModelSpent(
+            f"round {round_number} would retry the base model that round {prior[-1].round} "
+            f"summed without a release; a retry must include every node of that sum, and "
+            f"{', '.join(missing)} must return (on the roster and online) before a round "
+            "opens, else it could never release and would cost every node epsilon "
+            "(docs/architecture.md, section 6)"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from aggregator.agreement import PublishedSum
 from aggregator.rounds import RoundState, Stage
 
 
@@ -93,3 +94,9 @@ def model_from_row(row: tuple) -> ModelRecord:  # type: ignore[type-arg]
         row[0], int(row[1]), int(row[2]), bytes(row[3]), bytes(row[4]), bytes(row[5]),
         bytes(row[6]), row[7], row[8], signatures,
     )  # fmt: skip
+
+
+def published_from_row(row: tuple[int, bytes, str | None]) -> PublishedSum:
+    """A partial-sum fact from (round, participant_set_hash, participants JSON or NULL)."""
+    members = None if row[2] is None else tuple(json.loads(row[2]))
+    return PublishedSum(int(row[0]), bytes(row[1]), members)

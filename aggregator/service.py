@@ -32,16 +32,16 @@ never end a round differently. A RoundAbort is retained: it replaces the retaine
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 
-from aggregator.agreement import intersect_received
+from aggregator.agreement import intersect_received, retry_set
 from aggregator.audit_phase import AuditPhase
 from aggregator.catch_up import catch_up
 from aggregator.config import AggregatorConfig
 from aggregator.errors import AggregateRefused, AgreementFailed, MessageRejected, PartialSumRejected
-from aggregator.leader import StudyTerms, check_base_unspent, check_round_open, plan_round
+from aggregator.leader import StudyTerms, check_base_reopenable, check_round_open, plan_round
 from aggregator.partials import combine_round, open_partial_sums
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
@@ -168,8 +168,12 @@ class AggregatorService:
 
     # --- 1. open -----------------------------------------------------------------------------
 
-    def open_round(self, expected_nodes: tuple[str, ...]) -> list[Outgoing]:
-        """Leader only: plan the next round over `expected_nodes`, record it, sign RoundOpen."""
+    def open_round(
+        self, expected_nodes: tuple[str, ...], available: Collection[str] | None = None
+    ) -> list[Outgoing]:
+        """Leader only: plan the next round over `expected_nodes`, record it, sign RoundOpen.
+        On a base model summed without a release, BaseModelSpent unless `expected_nodes` (and
+        `available`, the nodes online, where given) include every node of that sum."""
         if self.current is not None and not self.current.is_over:
             self._abort("superseded by the next round")
         base = base_model(self.registry, self.config.study_id, self.genesis)
@@ -177,7 +181,7 @@ class AggregatorService:
         stored = self.store.server_state(self.config.study_id)
         latest = self.store.latest_round(self.config.study_id) or 0
         spent = self.store.published_on_base(self.config.study_id, base.weights_hash())
-        check_base_unspent(latest + 1, spent)
+        check_base_reopenable(latest + 1, spent, expected_nodes, available)
         announcement = plan_round(
             self.config,
             round_number=latest + 1,
@@ -257,7 +261,8 @@ class AggregatorService:
         return self._maybe_agree()
 
     def _maybe_agree(self) -> list[Outgoing]:
-        """Leader: once every ReceivedSet is in, publish the intersection or abort below k."""
+        """Leader: once every ReceivedSet is in, publish the intersection (on a base model
+        summed before, the set the retry rule allows) or abort: below k, or no such set."""
         current = self.current
         assert current is not None
         a = current.announcement
@@ -269,6 +274,8 @@ class AggregatorService:
             agreed = intersect_received(
                 consistent, a.aggregator_ids, a.expected_nodes, a.min_participants
             )
+            prior = self.store.published_on_base(a.study_id, a.base_model_hash)
+            agreed = retry_set(agreed, prior, max(self.k, a.min_participants))
         except AgreementFailed as exc:
             return self._abort(exc.reason)
         participants = ParticipantSet(a.federation_id, a.study_id, a.round, self.me, agreed)

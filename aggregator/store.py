@@ -12,16 +12,14 @@ Ordering rules that make a crash harmless:
   *before* the row that names it is committed, so a committed row never points at a missing
   or torn file. A crash in between leaves an unnamed file, which is ignored or replaced.
 - The partial-sum fact is committed in the same transaction as the round's move to SUMMING,
-  before anything is published, and names the round's base model, at most one fact per base
-  model. A restarted aggregator therefore refuses a second sum, in this round or in any
-  later round on the same base model.
+  before anything is published, and names the round's base model and participant set (one
+  fact per round). A restarted aggregator therefore refuses a second sum in the round, and
+  holds any later round on the same base model to the retry rule (agreement.py).
 - Each method is one transaction; SQLite's journal makes it all-or-nothing.
 
-Restart policy: `recover()` aborts every round that was in flight, with reason
-"aggregator restarted", and deletes its shares. Resuming would be possible in principle (every
-share can be re-read from disk), but the other aggregators and the nodes keep their own
-deadlines, so a resumed round would mostly wait for messages that will never come again; an
-abort is announced at once, and the leader opens the next round on a consistent base.
+Restart policy: `recover()` aborts every round in flight ("aggregator restarted") and deletes
+its shares: the other aggregators and the nodes keep their own deadlines, so a resumed round
+would mostly wait for messages that never come again; the leader opens the next round.
 """
 
 from __future__ import annotations
@@ -45,6 +43,7 @@ from aggregator.records import (
     ShareRecord,
     ids_json,
     model_from_row,
+    published_from_row,
     round_from_row,
     safe_folder_name,
 )
@@ -124,11 +123,9 @@ class Store:
     def save_state(self, study_id: str, state: RoundState) -> None:
         """Persist a state returned by rounds.transition. A finished round is never reopened.
 
-        A COLLECTING state is committed without an fsync: the service saves one per accepted
-        share (only the count moves), and a round still collecting never outlives a crash
-        (recover() aborts it and drops its shares), so a flush per share, like record_share's,
-        would buy nothing. The move to AGREEING is durable and flushes the WAL, these rows
-        included. Every other stage is durable as before.
+        A COLLECTING state (one per accepted share) is committed without an fsync: a round
+        still collecting never outlives a crash (recover() aborts it), so a flush per share
+        would buy nothing. Every other stage is durable, and flushes the WAL.
         """
         with self._transaction(durable=state.stage is not Stage.COLLECTING) as db:
             self._save_state(db, study_id, state)
@@ -199,10 +196,9 @@ class Store:
         if (has_seed, has_path) != ((True, False) if share.kind == "seed" else (False, True)):
             raise StoreError(f"share of kind {share.kind!r} must carry exactly its seed or path")
         try:
-            # No fsync per share: after a crash recover() drops every share of every round in
-            # flight, so a share row never has to outlive a power cut, and with one fsync per
-            # share a 1,000-node round would wait on 1,000 disk flushes. The next durable
-            # commit (the partial-sum decision) flushes the WAL, these rows included.
+            # No fsync per share: recover() drops every share of a round in flight, so a row
+            # never has to outlive a power cut (1,000 nodes would be 1,000 flushes); the next
+            # durable commit (the partial-sum decision) flushes the WAL, these rows included.
             with self._transaction(durable=False) as db:
                 db.execute(
                     "INSERT INTO shares VALUES (?,?,?,?,?,?,?,?)",
@@ -247,21 +243,17 @@ class Store:
             last = rows[-1][0]
 
     def purge_shares(self, study_id: str, round_number: int) -> None:
-        """Forget a finished round's shares: rows (with their seeds) and files.
-
-        The rows are overwritten with zeros (secure_delete), and the WAL, which still holds
-        the frames that wrote them, is checkpointed and truncated: no seed stays on disk.
-        """
+        """Forget a finished round's shares: rows (with their seeds, overwritten with zeros
+        by secure_delete, and the WAL that wrote them truncated) and files."""
         with self._transaction() as db:
             db.execute("DELETE FROM shares WHERE study_id=? AND round=?", (study_id, round_number))
         self._truncate_wal()
         shutil.rmtree(self.shares_dir / safe_folder_name(study_id) / f"{round_number:010d}", True)
 
     def _truncate_wal(self) -> None:
-        """Copy every WAL frame into the database and truncate the WAL to zero bytes. SQLite
-        waits (the connection's busy timeout) for another connection's reader to finish; if
-        one is still open, this is logged and the next purge (or close) tries again, since
-        failing here would stop a round that is already over from being published."""
+        """Copy every WAL frame into the database and truncate the WAL. If another
+        connection's reader is still open, this is logged and the next purge (or close)
+        tries again: failing here would stop a finished round from being published."""
         with self._lock:
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
@@ -275,46 +267,48 @@ class Store:
 
     def decide_partial_sum(self, study_id: str, state: RoundState, set_hash: bytes) -> None:
         """Commit, in one transaction, the round's move to SUMMING and the partial-sum fact,
-        which names the round's base model (from the stored round, not from the caller).
+        which names the round's base model (from the stored round, not from the caller) and
+        its sorted participant set (`state.participants`).
 
         Call this after agreement.check_partial_sum_request and before publishing. If a fact
-        already exists for the round or for its base model, nothing is written and
-        PartialSumRefused is raised.
+        already exists for the round, nothing is written and PartialSumRefused is raised.
         """
-        if state.stage is not Stage.SUMMING:
+        if state.stage is not Stage.SUMMING or not state.participants:
             raise StoreError(f"the partial-sum decision goes with stage SUMMING, not {state.stage}")
         try:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO partial_sums SELECT study_id, round, ?, ?, base_model_hash "
+                    "INSERT INTO partial_sums SELECT study_id, round, ?, ?, base_model_hash, ? "
                     "FROM rounds WHERE study_id = ? AND round = ?",
-                    (set_hash, self._now(), study_id, state.round),
-                )
+                    (set_hash, self._now(), ids_json(tuple(sorted(state.participants))),
+                     study_id, state.round),
+                )  # fmt: skip
                 self._save_state(db, study_id, state)
         except sqlite3.IntegrityError:
             raise PartialSumRefused(
-                f"round {state.round}: a partial sum was already decided and published on this "
-                "round's base model; an honest aggregator publishes at most one per base model"
+                f"round {state.round}: a partial sum was already decided and published in this "
+                "round; an honest aggregator publishes at most one per round"
             ) from None
 
     def published_sum(self, study_id: str, round_number: int) -> PublishedSum | None:
         """The persisted partial-sum fact of a round, or None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT participant_set_hash FROM partial_sums WHERE study_id=? AND round=?",
+                "SELECT round, participant_set_hash, participants FROM partial_sums "
+                "WHERE study_id=? AND round=?",
                 (study_id, round_number),
             ).fetchone()
-        return None if row is None else PublishedSum(round_number, bytes(row[0]))
+        return None if row is None else published_from_row(row)
 
-    def published_on_base(self, study_id: str, base_model_hash: bytes) -> PublishedSum | None:
-        """The persisted partial-sum fact on a base model (whichever round it was), or None."""
+    def published_on_base(self, study_id: str, base_model_hash: bytes) -> list[PublishedSum]:
+        """Every persisted partial-sum fact on a base model (whichever round), oldest first."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT round, participant_set_hash FROM partial_sums "
-                "WHERE study_id=? AND base_model_hash=?",
+            rows = self._db.execute(
+                "SELECT round, participant_set_hash, participants FROM partial_sums "
+                "WHERE study_id=? AND base_model_hash=? ORDER BY round",
                 (study_id, base_model_hash),
-            ).fetchone()
-        return None if row is None else PublishedSum(int(row[0]), bytes(row[1]))
+            ).fetchall()
+        return [published_from_row(row) for row in rows]
 
     # --- models and the optimiser state -------------------------------------------------
 

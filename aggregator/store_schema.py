@@ -1,12 +1,13 @@
 """The aggregator's SQLite schema, and how a state store is opened and its version checked.
 
 Tables: `rounds` (one row per round and its stage), `shares` (the shares received per round:
-the seed, or the path of a full share's file), `partial_sums` (the honest-aggregator fact:
-at most one partial sum published per base model, and so per round), `models` (the
+the seed, or the path of a full share's file), `partial_sums` (the honest-aggregator facts:
+at most one partial sum per round, each naming its base model and sorted participant set, so
+that a retry on a summed base model can be held to the retry rule), `models` (the
 registry's rows) and `server_state` (where the optimiser state that produced the latest
 model lies). `meta` holds the schema version. A store of schema 1 (one partial sum per
-round) is migrated to schema 2 in one transaction on open; any other version is refused,
-never guessed at.
+round) or 2 (one per base model) is migrated to schema 3 in one transaction on open; any
+other version is refused, never guessed at.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from aggregator.errors import StoreError
 from tessera.files import make_private_file
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,8 +36,8 @@ CREATE TABLE IF NOT EXISTS shares (
     PRIMARY KEY (study_id, round, node_id));
 CREATE TABLE IF NOT EXISTS partial_sums (
     study_id TEXT NOT NULL, round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL,
-    decided_ms INTEGER NOT NULL, base_model_hash BLOB NOT NULL,
-    PRIMARY KEY (study_id, round), UNIQUE (study_id, base_model_hash));
+    decided_ms INTEGER NOT NULL, base_model_hash BLOB NOT NULL, participants TEXT,
+    PRIMARY KEY (study_id, round));
 CREATE TABLE IF NOT EXISTS models (
     study_id TEXT NOT NULL, version INTEGER NOT NULL, round INTEGER NOT NULL,
     parent_hash BLOB NOT NULL, model_hash BLOB NOT NULL, onnx_hash BLOB NOT NULL,
@@ -77,40 +78,43 @@ def open_database(path: Path) -> sqlite3.Connection:
     return db
 
 
-# Schema 1 -> 2: the partial-sum fact also names the round's base model, at most one per
-# base model (issue #18, attack 2). A schema-1 store that summed one base model twice keeps
-# the earliest fact, which is all the rule needs: that base model is spent.
-_MIGRATE_1_TO_2 = """
+# Schema 1 or 2 -> 3: every partial-sum fact is kept, with the round's base model and its
+# participant set (from the rounds table, where the move to SUMMING stored it), and a base
+# model may carry several facts (the retry rule, issue #18 attack 2). A fact whose round has
+# no recorded set keeps NULL: agreement.check_retry_rule then never sums that base again.
+_MIGRATE_TO_3 = """
 BEGIN IMMEDIATE;
-ALTER TABLE partial_sums RENAME TO partial_sums_v1;
+ALTER TABLE partial_sums RENAME TO partial_sums_old;
 CREATE TABLE partial_sums (
     study_id TEXT NOT NULL, round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL,
-    decided_ms INTEGER NOT NULL, base_model_hash BLOB NOT NULL,
-    PRIMARY KEY (study_id, round), UNIQUE (study_id, base_model_hash));
-INSERT OR IGNORE INTO partial_sums
-    SELECT p.study_id, p.round, p.participant_set_hash, p.decided_ms, r.base_model_hash
-    FROM partial_sums_v1 p JOIN rounds r ON r.study_id = p.study_id AND r.round = p.round
-    ORDER BY p.round;
-DROP TABLE partial_sums_v1;
-UPDATE meta SET value = '2' WHERE key = 'schema';
+    decided_ms INTEGER NOT NULL, base_model_hash BLOB NOT NULL, participants TEXT,
+    PRIMARY KEY (study_id, round));
+INSERT INTO partial_sums
+    SELECT p.study_id, p.round, p.participant_set_hash, p.decided_ms, r.base_model_hash,
+        r.participants
+    FROM partial_sums_old p JOIN rounds r ON r.study_id = p.study_id AND r.round = p.round;
+DROP TABLE partial_sums_old;
+CREATE INDEX partial_sums_base ON partial_sums (study_id, base_model_hash);
+UPDATE meta SET value = '3' WHERE key = 'schema';
 COMMIT;
 """
 
 
 def _check_schema_version(db: sqlite3.Connection, path: Path) -> None:
     row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-    if row is not None and int(row[0]) == 1:
+    if row is not None and int(row[0]) in (1, 2):
         try:
-            db.executescript(_MIGRATE_1_TO_2)
+            db.executescript(_MIGRATE_TO_3)
         except sqlite3.DatabaseError as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise StoreError(
-                f"state store {path} has schema 1 and could not be migrated to schema "
+                f"state store {path} has schema {row[0]} and could not be migrated to schema "
                 f"{SCHEMA_VERSION} ({exc}); restore it from a backup or move it aside"
             ) from None
-        row = ("2",)
-    if row is None:
+        row = ("3",)
+    if row is None:  # a new store (the index needs schema 3's partial_sums, so it is here)
+        db.execute("CREATE INDEX partial_sums_base ON partial_sums (study_id, base_model_hash)")
         db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
     elif int(row[0]) != SCHEMA_VERSION:
         raise StoreError(

@@ -10,11 +10,13 @@ from aggregator.agreement import (
     PublishedSum,
     check_partial_sum_request,
     intersect_received,
+    retry_set,
     statement_mismatches,
 )
 from aggregator.errors import AgreementFailed, PartialSumRefused
 
 ROSTER = ("site-a", "site-b", "site-c", "site-d")
+BIG = tuple(f"site-{c}" for c in "abcdefgh")  # a roster where a retry can add k=3 nodes
 
 
 def set_hash(nodes: tuple[str, ...]) -> bytes:
@@ -69,13 +71,13 @@ def test_a_missing_or_foreign_received_set_is_refused() -> None:
         )
 
 
-def check(requested: tuple[str, ...], held: tuple[str, ...], published: PublishedSum | None = None):
+def check(requested: tuple[str, ...], held: tuple[str, ...], *published: PublishedSum):
     return check_partial_sum_request(
         round_number=5,
         requested=requested,
         requested_hash=set_hash(requested),
         held=held,
-        expected_nodes=ROSTER,
+        expected_nodes=BIG,
         min_participants=3,
         already_published=published,
     )
@@ -87,7 +89,7 @@ def test_a_checked_set_is_returned_sorted() -> None:
 
 def test_a_second_partial_sum_is_refused_even_for_the_same_set() -> None:
     first = ("site-a", "site-b", "site-c")
-    published = PublishedSum(round=5, participant_set_hash=set_hash(first))
+    published = PublishedSum(round=5, participant_set_hash=set_hash(first), participants=first)
     with pytest.raises(PartialSumRefused, match="same set"):
         check(first, ROSTER, published)
     # The attack the rule exists for: a set that differs by one hospital.
@@ -109,10 +111,34 @@ def test_a_set_below_k_or_off_the_roster_is_refused() -> None:
         check(("site-a", "site-b", "site-a"), ROSTER)
 
 
-def test_a_fact_from_an_earlier_round_on_the_same_base_model_refuses() -> None:
+def fact(round_number: int, members: tuple[str, ...] | None) -> PublishedSum:
+    return PublishedSum(round_number, set_hash(members or ()), members)
+
+
+def test_a_retry_on_a_summed_base_model_keeps_every_node_and_adds_none_or_k() -> None:
     """Issue #18, attack 2: re-opening a summed base model to difference two aggregates."""
-    with pytest.raises(PartialSumRefused, match="on this base model in round 4"):
-        check(ROSTER[:3], ROSTER, PublishedSum(round=4, participant_set_hash=bytes(32)))
+    abc, abcd = ROSTER[:3], ROSTER[:4]
+    with pytest.raises(PartialSumRefused, match="drops 1 of them and adds 0"):
+        check(abc, ROSTER, fact(4, abcd))  # a subset: site-d's update
+    with pytest.raises(PartialSumRefused, match="drops 0 of them and adds 1"):
+        check(abcd, ROSTER, fact(4, abc))  # a superset adding fewer than k=3
+    with pytest.raises(PartialSumRefused, match="drops 1 of them and adds 1"):
+        check(("site-a", "site-b", "site-d"), ROSTER, fact(4, abc))
+    with pytest.raises(PartialSumRefused, match="did not record"):
+        check(abc, ROSTER, fact(4, None))  # a migrated fact with no set: spent
+    assert check(abc, ROSTER, fact(4, abc)) == abc  # the same set: only fresh noise differs
+    assert check(BIG[:6], BIG, fact(4, abc)) == BIG[:6]  # adds k=3
+    with pytest.raises(PartialSumRefused, match="round 4 summed"):  # every fact, not the first
+        check(BIG[:7], BIG, fact(3, abc), fact(4, BIG[:6]))
+
+
+def test_the_leader_agrees_on_the_set_the_retry_rule_allows() -> None:
+    abc = ROSTER[:3]
+    assert retry_set(abc, [], 3) == abc
+    assert retry_set(ROSTER[:4], [fact(1, abc)], 3) == abc  # site-d left out, like a dropout
+    assert retry_set(BIG[:6], [fact(1, abc)], 3) == BIG[:6]
+    with pytest.raises(AgreementFailed, match="1 node"):
+        retry_set(BIG[:2] + BIG[3:7], [fact(1, abc)], 3)
 
 
 def test_nodes_whose_statement_commitments_differ_are_named() -> None:

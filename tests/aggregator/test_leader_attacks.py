@@ -1,14 +1,17 @@
 """Issue #18, attacks 1 and 2, performed against the real follower and real nodes: a leader
 that equivocates (two RoundOpens for one round), and a leader that re-opens a summed base
-model with another expected set to difference the two aggregates."""
+model with another set (a subset, or a superset adding fewer than k nodes) to difference the
+two aggregates. A retry over a superset adding at least k nodes is accepted."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from aggregator.config import AggregatorConfig
 from aggregator.service import Outgoing
 from node.round.participation import Joined, Participation, Refused
 from tessera.crypto.sealing import open_sealed
@@ -17,7 +20,9 @@ from tessera.wire.envelopes import share_binding
 from tessera.wire.messages import PartialSum, RoundOpen, ShareEnvelope
 from tests.support.leader_attack import (
     FOLLOWER,
+    NOW_MS,
     SITES,
+    STUDY_K,
     LyingLeaderFederation,
     audit_reasons,
 )
@@ -120,10 +125,73 @@ def test_a_second_partial_sum_on_one_base_model_is_refused_even_after_a_restart(
     smaller = SITES[:3]
     second = fed.round_open(round=2, expected_nodes=smaller, deadline_ms=first.deadline_ms + 1000)
     assert summed_round(fed, second, smaller) == []
-    assert "already published on this base model in round 1" in refusals(caplog)[-1]
+    assert (
+        "round 1 summed this base model over 4 node(s); this set drops 1" in (refusals(caplog)[-1])
+    )
 
     follower = fed.restart(FOLLOWER)
     third = fed.round_open(round=3, expected_nodes=smaller, deadline_ms=first.deadline_ms + 2000)
     assert summed_round(fed, third, smaller) == []
     assert follower.current is not None and follower.current.announcement == third
-    assert "already published on this base model in round 1" in refusals(caplog)[-1]
+    assert (
+        "round 1 summed this base model over 4 node(s); this set drops 1" in (refusals(caplog)[-1])
+    )
+
+
+def test_a_superset_adding_fewer_than_k_nodes_is_refused_even_after_a_restart(
+    tmp_path: Path, data: IngestedSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack 2, the other way: sum {1,2,3}, abort, re-open on the same model over
+    {1,2,3,4}: the difference of the two aggregates would be site-4's update (k=3)."""
+    fed = LyingLeaderFederation(tmp_path, data)
+    first = fed.round_open(round=1, expected_nodes=SITES[:3])
+    assert len(summed_round(fed, first, SITES[:3])) == 1
+
+    fed.clock.now += 1
+    second = fed.round_open(round=2, deadline_ms=first.deadline_ms + 1000)
+    assert summed_round(fed, second, SITES) == []
+    assert "drops 0 of them and adds 1" in refusals(caplog)[-1]
+    assert "add none or at least k=3" in refusals(caplog)[-1]
+
+    fed.restart(FOLLOWER)
+    third = fed.round_open(round=3, deadline_ms=first.deadline_ms + 2000)
+    assert summed_round(fed, third, SITES) == []
+    assert "drops 0 of them and adds 1" in refusals(caplog)[-1]
+
+
+class KTwoFederation(LyingLeaderFederation):
+    """Both aggregators with k=2 (the study's), so that four sites can add k to a sum."""
+
+    def config(self, agg: str) -> AggregatorConfig:
+        config = super().config(agg)
+        return dataclasses.replace(
+            config, round=dataclasses.replace(config.round, min_participants=STUDY_K)
+        )
+
+
+def test_a_retry_over_the_same_set_or_one_adding_k_nodes_is_summed(
+    tmp_path: Path, data: IngestedSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry rule's other side: after {1,2} was summed on a base model, {1,2} again (the
+    difference is only fresh DP noise) and {1,2,3,4} (adds k=2 updates, what any round
+    releases) are summed; {1,2,3} (adds one update) is refused, before and after them."""
+    fed = KTwoFederation(tmp_path, data)
+    pair, k = SITES[:2], {"min_participants": STUDY_K}
+    step = 0
+
+    def open_next(expected: tuple[str, ...]) -> RoundOpen:
+        nonlocal step
+        step += 1
+        fed.clock.now += 1
+        deadline = NOW_MS + 600_000 + step * 1000
+        return fed.round_open(round=step, expected_nodes=expected, deadline_ms=deadline, **k)
+
+    assert len(summed_round(fed, open_next(pair), pair)) == 1
+    assert len(summed_round(fed, open_next(pair), pair)) == 1  # the same set: accepted
+    assert summed_round(fed, open_next(SITES[:3]), SITES[:3]) == []
+    assert "adds 1" in refusals(caplog)[-1]
+    assert len(summed_round(fed, open_next(SITES), SITES)) == 1  # adds k=2: accepted
+    fed.restart(FOLLOWER)
+    assert summed_round(fed, open_next(SITES[:3]), SITES[:3]) == []  # drops site-4
+    assert "round 5: round 1 summed this base model" in refusals(caplog)[-1]
+    assert len(summed_round(fed, open_next(SITES), SITES)) == 1

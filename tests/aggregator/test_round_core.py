@@ -135,7 +135,7 @@ def test_a_round_with_a_partial_dropout_gives_fedavg_over_the_agreed_set(tmp_pat
             held=received[agg],
             expected_nodes=NODES,
             min_participants=3,
-            already_published=stores[agg].published_sum(STUDY, ROUND),
+            already_published=stores[agg].published_on_base(STUDY, OPEN.base_model_hash),
         )
         states[agg] = transition(states[agg], ParticipantsAgreed(members))
         stores[agg].decide_partial_sum(STUDY, states[agg], participant_set.digest())
@@ -162,7 +162,7 @@ def test_a_round_with_a_partial_dropout_gives_fedavg_over_the_agreed_set(tmp_pat
                 held=NODES,
                 expected_nodes=NODES,
                 min_participants=3,
-                already_published=stores[agg].published_sum(STUDY, ROUND),
+                already_published=stores[agg].published_on_base(STUDY, OPEN.base_model_hash),
             )
 
     base = np.linspace(-1, 1, LENGTH, dtype=np.float32)

@@ -6,8 +6,8 @@ A follower's signature note that reaches the leader after the round aborted
 The leader used to register version 1 of an aborted round, the
 follower never did, and every later RoundOpen named a base model the follower did not hold,
 so the federation could not release again. Since issue #18 a round that aborts after its
-partial sums spends its base model: no aggregator sums it again, and the leader opens no
-round on it (each would only cost the nodes epsilon).
+partial sums may only be retried on a set the retry rule allows (agreement.check_retry_rule):
+the leader opens the retry only with every node of the earlier sum expected.
 
 Shares (seed rows and full-share files) used to stay on disk after their round ended, until
 the next restart; they are now deleted as soon as the round is released or aborted."""
@@ -40,7 +40,7 @@ from tests.aggregator.test_service import (
 )
 
 
-def test_a_note_after_the_abort_registers_nothing_and_no_round_reuses_the_summed_base(
+def test_a_note_after_the_abort_registers_nothing_and_the_retry_keeps_the_summed_set(
     tmp_path: Path,
 ) -> None:
     fed = Federation(tmp_path)
@@ -60,11 +60,14 @@ def test_a_note_after_the_abort_registers_nothing_and_no_round_reuses_the_summed
     for service in fed.services.values():
         assert service.registry.latest(STUDY) is None
 
-    # Both published a partial sum on the genesis model; a second would let a leader
-    # difference two aggregates (issue #18, attack 2), so no round opens on it.
-    with pytest.raises(BaseModelSpent, match="the base model that round 1 summed"):
-        fed.services[LEADER].open_round(NODES)
-    assert fed.stage(LEADER) is Stage.ABORTED
+    # Both published a partial sum on the genesis model over every node; a retry that left
+    # one out would let a leader difference two aggregates (issue #18, attack 2), so the
+    # leader opens none without it, and opens one that expects every node of the sum.
+    with pytest.raises(BaseModelSpent, match="site-d must return"):
+        fed.services[LEADER].open_round(NODES[:3])
+    assert fed.stage(LEADER) is Stage.ABORTED and fed.announcement().round == 1
+    fed.deliver(fed.services[LEADER].open_round(NODES))
+    assert fed.announcement().round == 2 and fed.stage("agg-2") is Stage.COLLECTING
 
 
 def shares_left(fed: Federation) -> dict[str, tuple[int, int]]:

@@ -123,20 +123,21 @@ def summing(store: Store, number: int, base: bytes) -> RoundState:
     return transition(state, ParticipantsAgreed(("a", "b", "c")))
 
 
-def test_one_partial_sum_per_base_model_survives_a_restart(tmp_path: Path) -> None:
-    """Issue #18, attack 2: a later round on the same base model gets no second sum."""
+def test_every_partial_sum_on_a_base_model_is_kept_with_its_set_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Issue #18, attack 2: a later round on the same base model is held to the retry rule
+    against every earlier sum on it, so every fact keeps its base model and its set."""
     with open_store(tmp_path) as store:
         store.decide_partial_sum(STUDY, summing(store, 1, b"m" * 32), b"h" * 32)
         store.decide_partial_sum(STUDY, summing(store, 2, b"n" * 32), b"h" * 32)  # new model
-        again = summing(store, 3, b"m" * 32)
+        store.decide_partial_sum(STUDY, summing(store, 3, b"m" * 32), b"g" * 32)  # a retry
     with open_store(tmp_path) as store:
-        fact = store.published_on_base(STUDY, b"m" * 32)
-        assert fact is not None and fact.round == 1
-        with pytest.raises(PartialSumRefused, match="at most one per base model"):
-            store.decide_partial_sum(STUDY, again, b"g" * 32)
-        assert store.published_sum(STUDY, 3) is None
-        record = store.load_round(STUDY, 3)
-        assert record is not None and record.state.stage is Stage.OPEN  # nothing moved
+        facts = store.published_on_base(STUDY, b"m" * 32)
+        hashes = [(f.round, f.participant_set_hash) for f in facts]
+        assert hashes == [(1, b"h" * 32), (3, b"g" * 32)]
+        assert all(f.participants == ("a", "b", "c") for f in facts)
+        assert store.published_on_base(STUDY, b"o" * 32) == []
 
 
 SCHEMA_1 = """
@@ -154,35 +155,55 @@ CREATE TABLE partial_sums (
 """
 
 
-def test_a_schema_1_store_is_migrated_and_keeps_its_facts(tmp_path: Path) -> None:
+def old_store(tmp_path: Path, version: int) -> None:
+    """A store of schema 1 (one fact per round) or 2 (one per base model, UNIQUE), with
+    facts: round 1 and 2 on "m" (schema 1 let round 2 sum "m" again), round 3 on "n"."""
     db = sqlite3.connect(tmp_path / "state.sqlite3")
-    db.executescript(SCHEMA_1)
-    for number, base in ((1, b"m"), (2, b"m"), (3, b"n")):  # v1 let round 2 sum "m" again
+    db.executescript(SCHEMA_1.replace("'1'", f"'{version}'"))
+    if version == 2:
+        db.executescript(
+            "DROP TABLE partial_sums; CREATE TABLE partial_sums (study_id TEXT NOT NULL, "
+            "round INTEGER NOT NULL, participant_set_hash BLOB NOT NULL, decided_ms INTEGER "
+            "NOT NULL, base_model_hash BLOB NOT NULL, PRIMARY KEY (study_id, round), "
+            "UNIQUE (study_id, base_model_hash));"
+        )
+    facts = ((1, b"m", '["a", "b", "c"]'), (2, b"m", None), (3, b"n", '["a", "b", "d"]'))
+    for number, base, members in facts[::version]:  # schema 2 holds one fact per base
         db.execute(
             "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (STUDY, number, "aborted", base * 32, b"ring", 10, 0, "fedavg", 3, None, None,
+            (STUDY, number, "aborted", base * 32, b"ring", 10, 0, "fedavg", 3, None, members,
              None, "x", 0, 0),
         )  # fmt: skip
-        db.execute("INSERT INTO partial_sums VALUES (?,?,?,?)", (STUDY, number, b"h" * 32, 0))
+        fact = (STUDY, number, b"h" * 32, 0, *((base * 32,) if version == 2 else ()))
+        db.execute(f"INSERT INTO partial_sums VALUES ({','.join('?' * len(fact))})", fact)
     db.commit()
     db.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_schema_1_or_2_store_is_migrated_to_3_and_keeps_its_facts(
+    tmp_path: Path, version: int
+) -> None:
+    old_store(tmp_path, version)
     with open_store(tmp_path) as store:
-        assert store._db.execute("SELECT value FROM meta").fetchone()[0] == "2"
-        first = store.published_on_base(STUDY, b"m" * 32)
-        assert first is not None and first.round == 1  # the earliest fact on "m" is kept
-        assert store.published_sum(STUDY, 3) is not None
-        with pytest.raises(PartialSumRefused, match="per base model"):
-            store.decide_partial_sum(STUDY, summing(store, 4, b"n" * 32), b"g" * 32)
-
-
-def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    open_store(tmp_path).close()
-    db = sqlite3.connect(tmp_path / "state.sqlite3")
-    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
-    db.commit()
-    db.close()
-    with pytest.raises(StoreError, match="schema 3, this version reads 2"):
-        open_store(tmp_path)
+        assert store._db.execute("SELECT value FROM meta").fetchone()[0] == "3"
+        on_m = store.published_on_base(STUDY, b"m" * 32)
+        assert [(f.round, f.participants) for f in on_m] == [
+            (1, ("a", "b", "c")),
+            *([(2, None)] if version == 1 else []),  # no set recorded
+        ]
+        on_n = store.published_on_base(STUDY, b"n" * 32)
+        assert [(f.round, f.participants) for f in on_n] == [(3, ("a", "b", "d"))]
+        # The facts still refuse: a second sum in round 3, and (checked by the retry rule)
+        # any set on "n" other than {a, b, d} or a superset adding k.
+        state = RoundState(3)
+        for event in (StartCollecting(), CollectionClosed("all-reported")):
+            state = transition(state, event)
+        state = transition(state, ParticipantsAgreed(("a", "b", "d")))
+        with pytest.raises(PartialSumRefused, match="at most one per round"):
+            store.decide_partial_sum(STUDY, state, b"g" * 32)
+    with open_store(tmp_path) as store:  # reopened: schema 3 as is
+        assert len(store.published_on_base(STUDY, b"n" * 32)) == 1
 
 
 def test_recover_aborts_rounds_in_flight_and_drops_their_shares(tmp_path: Path) -> None:
