@@ -202,7 +202,8 @@ class RoundContext:
         """This aggregator's one partial sum over the agreed set, sealed to each other
         aggregator, once the set passed its own checks (PartialSumRefused otherwise): at
         least max(`k`, the round's k) members, where `k` is this aggregator's own (never
-        below the study's), and no sum on this base model before. The move to SUMMING is
+        below the study's), no sum in this round before, and on a base model summed before,
+        the retry rule (agreement.check_retry_rule). The move to SUMMING is
         committed with the partial-sum decision, in one transaction."""
         a = self.announcement
         members = check_partial_sum_request(
