@@ -10,7 +10,7 @@ never raises for bad input.
 The service holds its parts: keys, store, registry, the Publisher that signs what it sends,
 the round in progress (`current`, a RoundContext that persists each move), the signature
 exchange, and the privacy-audit phase where the study requires one. Below are the round's
-steps in the order of DESIGN.md section 3, each handing its work to pure helpers:
+steps in the order of docs/architecture.md section 3, each handing its work to pure helpers:
 
 1. open: the leader plans and signs RoundOpen (aggregator.leader); followers check it;
 4. admit: each ShareEnvelope is checked, opened and accumulated (aggregator.admission);
