@@ -1,4 +1,4 @@
-"""Participant agreement and the honest-aggregator rule (DESIGN.md section 3, steps 5 and 6).
+"""Participant agreement and the honest-aggregator rule (docs/architecture.md, 3.5-3.6).
 
 Pure functions: the daemon hands in what it received and what it persisted, and gets back a
 set to act on or an exception whose `reason` it publishes. Reasons carry counts, never site

@@ -3,8 +3,8 @@ and every aggregator's check of a RoundOpen before it adopts it (`check_round_op
 takes nothing on the leader's word: k, the expected set, the aggregators, the leader, the
 clip norm, the caps and the ring are held to this aggregator's own `StudyTerms` and roster.
 
-The ring encoding is derived from the update layout's bound (DESIGN.md section 3, "overflow
-is impossible by construction"): with weights scaled into (0, 1], every coordinate of one
+The ring is derived from the update layout's bound (docs/architecture.md, section 3: overflow
+is impossible by construction): with weights scaled into (0, 1], every coordinate of one
 node's vector is at most `tessera.crypto.update_layout.required_bound(clip_norm, loss_cap)` in
 magnitude, and at most len(expected_nodes) vectors are summed.
 `tessera.crypto.encoding.derive_ring_params` picks 32 or 64 bits from that.

@@ -1,4 +1,4 @@
-"""The model card every global model carries (DESIGN.md section 6).
+"""The model card every global model carries (docs/architecture.md, section 3, step 8).
 
 A card says where a model came from and how it was made: its parent, version and round, how
 many sites took part, the strategy (algorithm, server optimiser, every switch of the

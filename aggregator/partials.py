@@ -1,4 +1,4 @@
-"""Partial sums between aggregators (DESIGN.md section 3, steps 6 and 7).
+"""Partial sums between aggregators (docs/architecture.md, section 3, steps 6 and 7).
 
 `seal_partial_sums` seals this aggregator's one partial sum to each other aggregator, bound
 to the round and to the participant set's hash. `open_partial_sum` opens one it received and

@@ -10,7 +10,8 @@ never raises for bad input.
 It holds keys, store, registry, the Publisher that signs what it sends, the round in
 progress (`current`, a RoundContext that persists each move), the signature exchange, the
 privacy-audit phase where the study requires one, and the StudyTerms every RoundOpen is held
-to. The round's steps, in the order of DESIGN.md section 3, each over pure helpers:
+to. The round's steps, in the order of docs/architecture.md section 3, each over pure
+helpers:
 
 1. open: the leader signs RoundOpen; the others hold it to their terms (aggregator.leader);
 4. admit: each ShareEnvelope is checked, opened and accumulated (aggregator.admission);

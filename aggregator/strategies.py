@@ -247,7 +247,7 @@ def apply_update(weights: np.ndarray, update: np.ndarray) -> np.ndarray:
     return new_weights
 
 
-# --- The adaptive policy (DESIGN.md section 5) --------------------------------------------
+# --- The adaptive policy (docs/architecture.md, section 3, step 7) ---------------------------
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Steps 2 to 4 of a round at the node (DESIGN.md section 3): check, train, share, seal.
+"""Steps 2 to 4 of a round at the node (docs/architecture.md, section 3): check, train, share, seal.
 
 `participate(round_open_bytes, ctx)` is a pure-ish protocol step: it takes the signed
 RoundOpen as it arrived and everything the node knows as an explicit `ParticipationContext`,

@@ -1,4 +1,4 @@
-"""The protocol's messages (DESIGN.md section 3), each with `to_bytes` and `from_bytes`.
+"""The protocol's messages (docs/architecture.md, section 3), each with `to_bytes` and `from_bytes`.
 
 Every class is a frozen dataclass that validates itself on construction, so an invalid
 message can neither be built nor parsed; both raise `CodecError` (a ValueError). The wire

@@ -1,5 +1,5 @@
 """Terms of a RoundOpen that every honest party checks for itself, never trusting the leader
-(issue #18; DESIGN.md section 2: "any one of them may lie, the leader included").
+(issue #18; docs/architecture.md, section 2: any aggregator may lie, the leader included).
 
 Both a node (before it trains, so before its privacy ledger is charged) and every aggregator
 (before it adopts the round) run these checks over the same RoundOpen, each with k and the
