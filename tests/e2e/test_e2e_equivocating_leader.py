@@ -24,7 +24,7 @@ from support.impostor_leader import ImpostorLeader
 from node.demo.federation import FederationSpec
 from tessera.observability.events import Event
 
-LEADER, FOLLOWER = "agg-uni", "agg-ngo"
+FOLLOWER = "agg-ngo"  # the leader, agg-uni, is the attacker: its daemon never starts
 BYSTANDERS, VICTIM = ("site-a", "site-b"), "site-c"
 K = 3
 SPEC = FederationSpec(
