@@ -64,7 +64,11 @@ def test_nothing_the_node_writes_or_prints_names_a_patient(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        for _ in range(100):
+        # Wait for the receiver to listen: it imports pydicom and pynetdicom first, which
+        # takes tens of seconds on a loaded machine. The limit only guards against a hang.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert receiver.poll() is None, f"the receiver exited with {receiver.returncode}"
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
