@@ -100,10 +100,12 @@ class AggregatorDaemon:
         latest = self.service.registry.latest(config.study_id)
         if latest is not None:
             self.metrics.set_model(latest.record.version, latest.record.model_hash)
+        broker = config.broker
+        endpoint = Endpoint(
+            broker.host, broker.port, broker.tls, broker.publish_timeout_s, broker.reconnect_max_s
+        )
         self.link = ServiceLink(
-            endpoint_config(
-                setup.bundle, Endpoint(config.broker.host, config.broker.port, config.broker.tls)
-            ),
+            endpoint_config(setup.bundle, endpoint),
             spool_dir=config.layout.spool,
             on_wire=self._count_wire,
         )

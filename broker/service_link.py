@@ -45,12 +45,18 @@ class Endpoint:
     host: str | None = None
     port: int | None = None
     tls: bool = True
+    publish_timeout_s: float = 300.0  # a publish unacknowledged this long is reported stalled
+    reconnect_max_s: float = 30.0  # the longest wait between two reconnection attempts
 
 
 def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
     """The session for `bundle`'s member: TLS from the bundle, or the development broker."""
+    tuning = {
+        "publish_timeout_s": endpoint.publish_timeout_s,
+        "reconnect_max_s": endpoint.reconnect_max_s,
+    }
     if endpoint.tls:
-        return bundle.session_config(endpoint.host, port=endpoint.port)
+        return bundle.session_config(endpoint.host, port=endpoint.port, **tuning)
     log.warning(
         Event.INSECURE_BROKER,
         extra={"fields": {}},
@@ -64,6 +70,8 @@ def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
         protocol="mqttv311",
         presence_topic=presence_topic(bundle.federation_id, bundle.member_id),
         max_packet_bytes=bundle.max_packet_bytes + MQTT_PACKET_OVERHEAD_BYTES,
+        publish_timeout_s=endpoint.publish_timeout_s,
+        reconnect_max_s=endpoint.reconnect_max_s,
     )
 
 
@@ -120,7 +128,10 @@ class ServiceLink:
                 extra={"fields": {"bytes": len(payload)}},
             )
             retain = False
-        send_payload(self.session, topic, payload, retain=retain)
+        send_payload(
+            self.session, topic, payload, retain=retain,
+            timeout_s=self.session.config.publish_timeout_s,
+        )  # fmt: skip
         self._on_wire("sent", len(payload))
 
     def close(self) -> None:
