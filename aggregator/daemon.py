@@ -15,7 +15,11 @@ Start-up, in order, each step failing with a message that names the fix:
 
 Then messages go to `AggregatorService.on_message` on the session's dispatch thread and the
 main thread calls `tick()` twice a second; both hold one lock, so the service sees one
-event at a time. The leader also opens rounds: once every expected node is online (or
+event at a time. What a step returns is posted to the link's outbox under that lock (so it
+goes out in the service's order) and sent by the outbox's own thread: no step ever waits
+for the broker. During a broker outage the ticks go on (a round past its timeouts aborts),
+`/readyz` fails its "broker" check, and what was posted goes out once the session is back
+(`broker.outbox`); the leader opens no round while disconnected. The leader also opens rounds: once every expected node is online (or
 `round.start_wait_s` passed), then `round.pause_s` after each round ends, until the study's
 (or the configuration's smaller) maximum number of rounds. Where the study requires a privacy
 audit, every release waits for the participating sites' signed audit reports and the gate
@@ -173,6 +177,7 @@ class AggregatorDaemon:
         self.audit.close()
 
     def _publish(self, outgoing: Iterable[Outgoing]) -> None:
+        """Post to the outbox, in order; returns at once (the outbox waits for the broker)."""
         for out in outgoing:
             self.link.publish(out.topic, out.payload, retain=out.retain)
 
