@@ -19,7 +19,8 @@ event at a time. What a step returns is posted to the link's outbox under that l
 goes out in the service's order) and sent by the outbox's own thread: no step ever waits
 for the broker. During a broker outage the ticks go on (a round past its timeouts aborts),
 `/readyz` fails its "broker" check, and what was posted goes out once the session is back
-(`broker.outbox`); the leader opens no round while disconnected. The leader also opens rounds: once every expected node is online (or
+(`broker.outbox`); the leader opens no round while disconnected or while what it posted
+is still going out. The leader also opens rounds: once every expected node is online (or
 `round.start_wait_s` passed), then `round.pause_s` after each round ends, until the study's
 (or the configuration's smaller) maximum number of rounds. Where the study requires a privacy
 audit, every release waits for the participating sites' signed audit reports and the gate
@@ -296,6 +297,10 @@ class AggregatorDaemon:
 
     def _ready_for_next_round(self) -> bool:
         if not self.link.connected or self._opened >= self.setup.max_rounds:
+            return False
+        if self.link.pending:
+            # The last round's release (or abort) is still on its way: a deadline planned
+            # now would run while it uploads.
             return False
         current = self.service.current
         if current is not None and not current.state.stage.is_terminal:

@@ -136,6 +136,11 @@ class ServiceLink:
         """Whether the MQTT session is connected now."""
         return self.session.connected
 
+    @property
+    def pending(self) -> int:
+        """Payloads published and not yet acknowledged by the broker."""
+        return self.outbox.pending
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Queue `payload` (chunked) for the broker and return; see the module docstring."""
         if retain and len(payload) > max_chunk_size(self.session):

@@ -2,19 +2,21 @@
 timeout, and comes back on the same port (issue 19, point 2).
 
 Two aggregators and two running sites over TLS Mosquitto; a third roster site never runs, so
-round 1 closes only at its deadline. Timeline:
+a round closes only at its deadline. Timeline:
 
-1. once both aggregators hold both running sites' shares of round 1, Mosquitto is stopped;
-2. during the outage the round's deadline passes: the follower publishes its ReceivedSet into
-   the outage; then the agreement timeout passes, and both aggregators abort round 1 and
-   publish their RoundAbort into the outage. Each of these publishes waits longer than the
-   publish timeout (2 s here, 300 s by default). Every daemon must stay up, keep ticking (the
-   aborts happen during the outage, not after it), say in `/readyz` that the broker is down,
-   and log the outage once, not once per message;
-3. Mosquitto starts again on the same port with the same persistence, at least three publish
-   timeouts after it stopped: every member reconnects, what was queued goes out, and round 2
-   is released with both aggregators' signatures (each node installs it, which it does only
-   with every aggregator's signature).
+1. once both aggregators hold both running sites' shares of round 1, Mosquitto is stopped
+   (gracefully: it keeps its persistence, as a broker restarted for maintenance does);
+2. during the outage round 1's deadline passes, and the follower's tick publishes its
+   ReceivedSet into the outage, where it waits longer than the publish timeout (2 s here,
+   300 s by default). The old code raised out of the follower's main loop, which held the
+   service lock, and the daemon exited (rc 2). Every daemon must stay up, say in `/readyz`
+   that the broker is down, and log the outage once, not once per message;
+3. Mosquitto starts again on the same port, at least three publish timeouts after it
+   stopped. The ReceivedSet goes out, so round 1 goes on where it was: the leader publishes
+   the participant set and its partial sum, both aggregators sign, and round 1 is released.
+   Then the next round, round 2, is released too, with both signatures (each node installs
+   both releases, which it does only with every aggregator's signature). No one is
+   restarted.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from support.e2e import LiveFederation
 
 from node.demo.federation import FederationSpec
@@ -36,7 +39,7 @@ RUNNING_SITES = ("site-a", "site-b")
 ABSENT_SITE = "site-c"  # in the roster, never runs: collection waits for the deadline
 MEMBERS = (LEADER, FOLLOWER, *RUNNING_SITES)
 PUBLISH_TIMEOUT_S = 2.0
-COLLECT_S, AGREEMENT_S = 15, 4
+COLLECT_S, AGREEMENT_S = 15, 30  # the agreement timeout never fires here
 SPEC = FederationSpec(
     sites=(*RUNNING_SITES, ABSENT_SITE),
     federation_id="outage-fed",
@@ -69,6 +72,8 @@ def readiness(live: LiveFederation, member: str) -> tuple[int, list[str]]:
         return refused.code, json.loads(refused.read())["failing"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_a_broker_outage_longer_than_the_publish_timeout_ends_with_the_next_round_released(
     tmp_path: Path,
 ) -> None:
@@ -87,8 +92,7 @@ def test_a_broker_outage_longer_than_the_publish_timeout_ends_with_the_next_roun
         live.broker.stop()
         stopped_at = time.monotonic()
 
-        # 2. During the outage: not ready, still ticking (round 1 aborts at its agreement
-        # timeout), the queued publishes stall, and nobody exits.
+        # 2. During the outage: not ready, the follower's ReceivedSet stalls, nobody exits.
         for member in MEMBERS:
             live.wait_until(
                 lambda m=member: "broker" in readiness(live, m)[1],
@@ -97,27 +101,27 @@ def test_a_broker_outage_longer_than_the_publish_timeout_ends_with_the_next_roun
                 watch=MEMBERS,
             )
         live.wait_until(
-            lambda: all(live.find(a, Event.ROUND_ABORTED, round=1) for a in (LEADER, FOLLOWER)),
-            "both aggregators to abort round 1 during the outage",
+            lambda: live.find(FOLLOWER, Event.PUBLISH_STALLED, kind="RECEIVED"),
+            "the follower's ReceivedSet of round 1 to wait out the publish timeout",
             timeout=90,
             watch=MEMBERS,
         )
-        # The last of those aborts was published into the outage: wait out its publish
-        # timeout, and three publish timeouts of outage in all.
-        time.sleep(PUBLISH_TIMEOUT_S + 1)
         time.sleep(max(0.0, stopped_at + 3 * PUBLISH_TIMEOUT_S - time.monotonic()))
         for member in MEMBERS:
             assert live.running(member), f"{member} exited:\n{live.log_tail(member)}"
         during = {m: live.events(m)[before[m] :] for m in MEMBERS}
-        assert not live.find(LEADER, Event.MODEL_RELEASED)  # nothing reached anyone
 
-        # 3. The broker is back on the same port: round 2 is released, signed by both.
+        # 3. The broker is back on the same port: round 1 goes on and is released, then
+        # round 2, each signed by both aggregators.
         live.broker.start()
-        live.wait_for(LEADER, Event.MODEL_RELEASED, timeout=180, round=2)
-        live.wait_for(FOLLOWER, Event.MODEL_RELEASED, timeout=60, round=2)
+        for number in (1, 2):
+            live.wait_for(LEADER, Event.MODEL_RELEASED, timeout=180, round=number)
+            live.wait_for(FOLLOWER, Event.MODEL_RELEASED, timeout=60, round=number)
+            for site in RUNNING_SITES:
+                live.wait_for(site, Event.RELEASE_INSTALLED, timeout=60, round=number)
         for site in RUNNING_SITES:
-            live.wait_for(site, Event.RELEASE_INSTALLED, timeout=60, round=2, version=1)
-            assert live.node_versions(site) == [1]
+            assert live.node_versions(site) == [1, 2]
+        assert not live.find(LEADER, Event.ROUND_ABORTED)
         for member in MEMBERS:
             assert live.running(member), f"{member} exited:\n{live.log_tail(member)}"
             live.wait_until(
@@ -131,7 +135,7 @@ def test_a_broker_outage_longer_than_the_publish_timeout_ends_with_the_next_roun
         for member in MEMBERS:
             names = Counter(e["event"] for e in during[member])
             assert names[Event.BROKER_DISCONNECTED] == 1, (member, names)
-            stalls = 1 if live.is_aggregator(member) else 0  # one payload in flight at a time
+            stalls = 1 if member == FOLLOWER else 0  # it alone had something to send
             assert names[Event.PUBLISH_STALLED] == stalls, (member, names)
             assert max(names.values()) == 1, (member, names)
             assert len(live.find(member, Event.BROKER_DISCONNECTED)) == 1
