@@ -15,7 +15,12 @@ Start-up, in order, each step failing with a message that names the fix:
 
 Then messages go to `AggregatorService.on_message` on the session's dispatch thread and the
 main thread calls `tick()` twice a second; both hold one lock, so the service sees one
-event at a time. The leader also opens rounds: once every expected node is online (or
+event at a time. What a step returns is posted to the link's outbox under that lock (so it
+goes out in the service's order) and sent by the outbox's own thread: no step ever waits
+for the broker. During a broker outage the ticks go on (a round past its timeouts aborts),
+`/readyz` fails its "broker" check, and what was posted goes out once the session is back
+(`broker.outbox`); the leader opens no round while disconnected or while what it posted
+is still going out. The leader also opens rounds: once every expected node is online (or
 `round.start_wait_s` passed), then `round.pause_s` after each round ends, until the study's
 (or the configuration's smaller) maximum number of rounds. Where the study requires a privacy
 audit, every release waits for the participating sites' signed audit reports and the gate
@@ -100,10 +105,12 @@ class AggregatorDaemon:
         latest = self.service.registry.latest(config.study_id)
         if latest is not None:
             self.metrics.set_model(latest.record.version, latest.record.model_hash)
+        broker = config.broker
+        endpoint = Endpoint(
+            broker.host, broker.port, broker.tls, broker.publish_timeout_s, broker.reconnect_max_s
+        )
         self.link = ServiceLink(
-            endpoint_config(
-                setup.bundle, Endpoint(config.broker.host, config.broker.port, config.broker.tls)
-            ),
+            endpoint_config(setup.bundle, endpoint),
             spool_dir=config.layout.spool,
             on_wire=self._count_wire,
         )
@@ -171,6 +178,7 @@ class AggregatorDaemon:
         self.audit.close()
 
     def _publish(self, outgoing: Iterable[Outgoing]) -> None:
+        """Post to the outbox, in order; returns at once (the outbox waits for the broker)."""
         for out in outgoing:
             self.link.publish(out.topic, out.payload, retain=out.retain)
 
@@ -289,6 +297,10 @@ class AggregatorDaemon:
 
     def _ready_for_next_round(self) -> bool:
         if not self.link.connected or self._opened >= self.setup.max_rounds:
+            return False
+        if self.link.pending:
+            # The last round's release (or abort) is still on its way: a deadline planned
+            # now would run while it uploads.
             return False
         current = self.service.current
         if current is not None and not current.state.stage.is_terminal:

@@ -27,6 +27,10 @@ class PublishError(BrokerError):
     """The broker did not accept a publish, or it could not be queued."""
 
 
+class PublishTimeoutError(PublishError):
+    """No acknowledgement within the time waited; the publish stays queued in the session."""
+
+
 class PayloadTooLargeError(BrokerError, ValueError):
     """A payload or a frame is over a configured size limit."""
 

@@ -24,6 +24,7 @@ import queue
 import random
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -46,6 +47,7 @@ from broker.session_config import HttpProxy, SessionConfig, TlsFiles, tls_contex
 from broker.topics import validate_filter, validate_publish_topic
 
 __all__ = [
+    "ConnectionChange",
     "HttpProxy",
     "PublishHandle",
     "Session",
@@ -55,6 +57,16 @@ __all__ = [
 
 Handler = Callable[[str, bytes], None]
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnectionChange:
+    """The session connected (`session_present`: the broker kept our session) or lost the
+    broker (`reason`)."""
+
+    connected: bool
+    session_present: bool = False
+    reason: str = ""
 
 
 class Session:
@@ -83,6 +95,9 @@ class Session:
         self._threads: list[threading.Thread] = []
         self.dropped_oversized = 0
         self.handler_failures = 0
+        # Called on paho's network thread at each connect and each loss of the connection
+        # (not for every failed reconnection attempt); without one, the session logs them.
+        self.on_connection: Callable[[ConnectionChange], None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -316,14 +331,30 @@ class Session:
             # Its PUBACK arrives later on this same thread, so registering now is race-free.
             self._internal_mids.add(info.mid)
         self._connected.set()
-        log.info("%s connected (session present: %s)", self.config.client_id, flags.session_present)
+        if not self._tell(ConnectionChange(True, session_present=flags.session_present)):
+            log.info(
+                "%s connected (session present: %s)", self.config.client_id, flags.session_present
+            )
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._connected.clear()
         if not self._stop.is_set():
             self._last_error = f"disconnected: {reason}"
-            log.warning("%s %s", self.config.client_id, self._last_error)
+            if not self._tell(ConnectionChange(False, reason=str(reason))):
+                log.warning("%s %s", self.config.client_id, self._last_error)
             self._jitter()
+
+    def _tell(self, change: ConnectionChange) -> bool:
+        """Pass `change` to the listener; False when there is none. A listener that raises
+        is logged: an exception must not reach paho's network thread."""
+        listener = self.on_connection
+        if listener is None:
+            return False
+        try:
+            listener(change)
+        except Exception:  # see the docstring
+            log.exception("%s: connection listener raised", self.config.client_id)
+        return True
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         value = int(reason.value) if hasattr(reason, "value") else int(reason)

@@ -42,15 +42,17 @@ def send_payload(
     chunk_size: int | None = None,
     timeout_s: float = 300.0,
     retain: bool = False,
+    wait: Callable[[PublishHandle], None] | None = None,
 ) -> bytes:
     """Publish ``payload`` on ``topic`` as chunk frames; return its payload id once all are acked.
 
     ``chunk_size`` defaults to 1 MiB, or less where the session's packet limit needs it.
 
-    Raises NotAuthorizedError if the broker refuses, PublishError if acknowledgements stop
-    for ``timeout_s`` (each frame stays queued in the session and is resent on reconnect).
-    ``retain`` is allowed only for a payload that fits one frame, since MQTT retains one
-    message per topic.
+    Raises NotAuthorizedError if the broker refuses, PublishTimeoutError if acknowledgements
+    stop for ``timeout_s`` (each frame stays queued in the session and is resent on
+    reconnect). ``wait``, where given, replaces that wait for each frame's acknowledgement
+    (broker.outbox waits as long as the broker is away). ``retain`` is allowed only for a
+    payload that fits one frame, since MQTT retains one message per topic.
     """
     if chunk_size is None:
         chunk_size = min(DEFAULT_CHUNK_SIZE, max_chunk_size(session))
@@ -64,15 +66,16 @@ def send_payload(
             f"cannot retain a {len(payload)}-byte payload: it needs several chunks and MQTT "
             "retains one message per topic; publish it unretained (persistent sessions queue it)"
         )
+    acknowledged = wait or (lambda handle: handle.wait(timeout_s))
     window: deque[PublishHandle] = deque()
     payload_id = b""
     for raw in encode_frames(payload, chunk_size):
         payload_id = payload_id or raw[5 : 5 + PAYLOAD_ID_SIZE]
         window.append(session.publish(topic, raw, retain=retain))
         while len(window) >= session.config.max_inflight:
-            window.popleft().wait(timeout_s)
+            acknowledged(window.popleft())
     while window:
-        window.popleft().wait(timeout_s)
+        acknowledged(window.popleft())
     return payload_id
 
 

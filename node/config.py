@@ -32,6 +32,7 @@ effect at the next RoundOpen without a restart.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,10 +53,17 @@ class BrokerEndpointSettings:
     host: str | None = None
     port: int | None = None
     tls: bool = True
+    # A publish the broker has not acknowledged after this long is logged as stalled; it
+    # stays queued and is sent once the broker is back (broker.outbox).
+    publish_timeout_s: float = 300.0
+    reconnect_max_s: float = 30.0  # the longest wait between two reconnection attempts
 
     def __post_init__(self) -> None:
         if self.port is not None:
             check(0 < self.port < 65536, "broker.port", self.port, "use a TCP port, 1-65535")
+        for name in ("publish_timeout_s", "reconnect_max_s"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 1, f"broker.{name}", value, "use 1 s or more")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ Start-up (`node.setup`), each step failing with a message that names the fix:
 Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
 worker thread, which answers it with `node.round.participation.participate`: every term is
 checked before the cache is read, a refusal is audited and sends nothing, a joined round
-publishes one sealed share per aggregator. The site policy file is re-read for every round,
+publishes one sealed share per aggregator. Publishing only posts to the link's outbox: the
+worker never waits for the broker, and what it posted during a broker outage goes out once
+the session is back (`broker.outbox`). The site policy file is re-read for every round,
 so setting `paused = true` in it takes effect at the next RoundOpen.
 
 Privacy audits (studies that require one): the leader publishes each round's candidate

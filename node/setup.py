@@ -182,8 +182,11 @@ class NodeSetup:
     def link(self, on_wire: WireCounter) -> ServiceLink:
         """The MQTT link (not started), spooling under `<state_dir>/spool`."""
         broker = self.config.broker
+        endpoint = Endpoint(
+            broker.host, broker.port, broker.tls, broker.publish_timeout_s, broker.reconnect_max_s
+        )
         return ServiceLink(
-            endpoint_config(self.member.bundle, Endpoint(broker.host, broker.port, broker.tls)),
+            endpoint_config(self.member.bundle, endpoint),
             spool_dir=self.config.state_dir / "spool",
             max_payload_bytes=MAX_RELEASE_PAYLOAD_BYTES,
             on_wire=on_wire,

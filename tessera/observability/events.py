@@ -34,9 +34,15 @@ class Event(enum.StrEnum):
     ROUTE_HANDLER_FAILED = "route handler failed"  # a mounted route raised: answered 500
     HTTP_REQUEST = "http request"  # an access line (DEBUG)
 
-    # --- a service's MQTT link (broker.service_link) ----------------------------------------
+    # --- a service's MQTT link (broker.service_link, broker.outbox) -------------------------
     INSECURE_BROKER = "insecure-broker"  # connecting to the plaintext development broker
     RETAIN_SKIPPED = "retain-skipped"  # a "retained" payload too large for one frame
+    BROKER_CONNECTED = "broker-connected"  # (re)connected; down_s: how long it was away
+    BROKER_DISCONNECTED = "broker-disconnected"  # lost the broker (once per outage)
+    PUBLISH_STALLED = "publish-stalled"  # unacknowledged for publish_timeout_s; kept queued
+    PUBLISH_RESUMED = "publish-resumed"  # a stalled payload went through
+    PUBLISH_REFUSED = "publish-refused"  # the broker refused a payload (ACL): dropped
+    OUTBOX_ABANDONED = "outbox-abandoned"  # stopped with payloads the broker never took
 
     # --- the node daemon (node.daemon) ------------------------------------------------------
     NODE_STARTED = "node-started"
@@ -104,6 +110,12 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.HTTP_REQUEST: ("method", "path"),
     Event.INSECURE_BROKER: (),
     Event.RETAIN_SKIPPED: ("bytes",),
+    Event.BROKER_CONNECTED: ("session_present", "down_s", "queued"),
+    Event.BROKER_DISCONNECTED: ("reason", "queued"),
+    Event.PUBLISH_STALLED: ("kind", "waited_s", "queued"),
+    Event.PUBLISH_RESUMED: ("kind", "waited_s"),
+    Event.PUBLISH_REFUSED: ("kind", "error", "reason"),
+    Event.OUTBOX_ABANDONED: ("queued",),
     Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
     Event.NODE_STOPPED: (),
     Event.EPSILON_RECONCILED: ("study",),
