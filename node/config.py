@@ -18,9 +18,14 @@ shadow_models = 8                       # even, 2-64: the LiRA shadows, trained 
 
 [receiver]                              # optional: a PACS pushes studies by C-STORE
 enabled = true                          # objects land in <state_dir>/received, then intake
+host = "10.0.5.20"                      # default 127.0.0.1: the PACS needs a LAN address
 port = 11112
 ae_title = "TESSERA"
-allowed_calling_aets = "PACS1,PACS2"    # empty: any calling AE title
+allowed_calling_aets = "PACS1,PACS2"    # required: every other calling AE title is rejected
+allowed_addresses = "10.0.5.0/24"       # optional: only from these addresses
+tls_cert = "/etc/tessera/dicom.pem"     # optional DICOM TLS (with tls_key, tls_client_ca)
+quota_mib = 4096                        # objects waiting for intake; max_object_mib = 1024
+retention_hours = 0                     # delete each original once cached or quarantined
 ```
 
 Defaults that follow the bundle: the manifest is `<bundle_dir>/manifest.toml`, the
@@ -37,12 +42,20 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.privacy.attacks import AuditConfig
 from node.training.trainer import DPSettings
 from tessera.errors import ConfigError
+from tessera.limits import (
+    RECEIVER_MAX_ASSOCIATIONS,
+    RECEIVER_MAX_OBJECT_BYTES,
+    RECEIVER_QUOTA_BYTES,
+)
 from tessera.settings import build_document, check, read_toml
+
+if TYPE_CHECKING:
+    from node.intake.receiver import ReceiverConfig
 
 
 @dataclass(frozen=True)
@@ -128,17 +141,30 @@ class AuditSettings:
         )
 
 
+# What the shipped Kubernetes configuration says until a site names its PACS.
+ALLOW_LIST_PLACEHOLDER = "SET-THE-PACS-AE-TITLES"
+
+
 @dataclass(frozen=True)
 class ReceiverSettings:
     """The DICOM C-STORE receiver (`node.intake.receiver`), run by the node when enabled.
     Received objects are written to `<state_dir>/received` (the state volume is writable;
-    the DICOM folder may be a read-only mount) and ingested with the DICOM folder."""
+    the DICOM folder may be a read-only mount), ingested with the DICOM folder, and deleted
+    once cached or quarantined and `retention_hours` old. Enabled, it needs an allow-list."""
 
     enabled: bool = False
-    host: str = "0.0.0.0"  # noqa: S104 - a PACS on the hospital network must reach it
+    host: str = "127.0.0.1"  # loopback unless configured: a PACS on the LAN needs its address
     port: int = 11112
     ae_title: str = "TESSERA"
-    allowed_calling_aets: str = ""  # comma-separated; empty: any calling AE title
+    allowed_calling_aets: str = ""  # comma-separated; required when enabled
+    allowed_addresses: str = ""  # comma-separated addresses or CIDR blocks; empty: any
+    tls_cert: Path | None = None  # DICOM TLS: the receiver's certificate (PEM) ...
+    tls_key: Path | None = None  # ... and its key
+    tls_client_ca: Path | None = None  # with TLS: every sender needs a certificate it signed
+    max_object_mib: int = RECEIVER_MAX_OBJECT_BYTES >> 20
+    quota_mib: int = RECEIVER_QUOTA_BYTES >> 20
+    max_associations: int = RECEIVER_MAX_ASSOCIATIONS
+    retention_hours: float = 0.0  # keep a cached original this long before deleting it
 
     def __post_init__(self) -> None:
         check(0 <= self.port < 65536, "receiver.port", self.port, "use a TCP port, 1-65535")
@@ -148,11 +174,74 @@ class ReceiverSettings:
             self.ae_title,
             "use 1-16 ASCII characters",
         )
+        check(
+            self.allowed_calling_aets.strip() != ALLOW_LIST_PLACEHOLDER,
+            "receiver.allowed_calling_aets",
+            self.allowed_calling_aets,
+            "it is the shipped placeholder: set the calling AE titles of the PACS that may "
+            'push, comma-separated (e.g. "PACS1,PACS2"), in node.toml or '
+            "TESSERA_RECEIVER_ALLOWED_CALLING_AETS",
+        )
+        check(
+            not self.enabled or bool(self.calling_aets),
+            "receiver.allowed_calling_aets",
+            self.allowed_calling_aets,
+            "an enabled receiver accepts only the calling AE titles it lists: set the PACS's, "
+            'comma-separated (e.g. "PACS1,PACS2")',
+        )
+        check(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "receiver.tls_cert",
+            self.tls_cert,
+            "DICOM TLS needs both tls_cert and tls_key (or neither)",
+        )
+        check(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "receiver.tls_client_ca",
+            self.tls_client_ca,
+            "a client CA needs TLS: set tls_cert and tls_key too",
+        )
+        check(
+            self.retention_hours >= 0,
+            "receiver.retention_hours",
+            self.retention_hours,
+            "use 0 (delete once cached) or more",
+        )
+        if self.enabled:
+            try:
+                self.receiver_config(Path("/"))
+            except ValueError as error:
+                raise ConfigError(f"[receiver] {error}") from None
 
     @property
     def calling_aets(self) -> tuple[str, ...]:
-        """The allowed calling AE titles; empty: any."""
-        return tuple(a.strip() for a in self.allowed_calling_aets.split(",") if a.strip())
+        """The allowed calling AE titles."""
+        return _split(self.allowed_calling_aets)
+
+    def receiver_config(self, state_dir: Path, audit_log: Path | None = None) -> ReceiverConfig:
+        """As `node.intake.receiver` takes it (imported here: pynetdicom only when used)."""
+        from node.intake.receiver import ReceiverConfig, ReceiverTLS
+
+        tls = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            tls = ReceiverTLS(self.tls_cert, self.tls_key, self.tls_client_ca)
+        return ReceiverConfig(
+            state_dir=state_dir,
+            allowed_calling_aets=self.calling_aets,
+            host=self.host,
+            port=self.port,
+            ae_title=self.ae_title,
+            allowed_networks=_split(self.allowed_addresses),
+            tls=tls,
+            max_object_bytes=self.max_object_mib << 20,
+            quota_bytes=self.quota_mib << 20,
+            max_associations=self.max_associations,
+            audit_log=audit_log,
+        )
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 @dataclass(frozen=True)

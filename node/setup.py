@@ -28,7 +28,8 @@ from node.inference.runtime import preprocess_from_metadata
 from node.intake.cache import CachedDataset
 from node.intake.phi import load_or_create_site_secret
 from node.intake.preprocess import PreprocessConfig
-from node.intake.receiver import ReceiverConfig, start_receiver
+from node.intake.receiver import start_receiver
+from node.intake.receiver_store import RECEIVED_DIR
 from node.intake.screen import REASONS as QUARANTINE_REASONS
 from node.intake.screen import IntakeLimits
 from node.intake.worker import TEMP_PREFIX
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
     from node.intake.ingest import IngestSummary
 
 AUDIT_FILE = "audit.log"
-RECEIVED_DIR = "received"  # under state_dir: where the C-STORE receiver writes
 
 
 def study_preprocess(model: StudyModel) -> PreprocessConfig:
@@ -206,27 +206,21 @@ class NodeSetup:
                 f"[receiver] needs a writable {received} ({error.strerror}); the "
                 "state volume must be mounted read-write"
             ) from None
-        return start_receiver(
-            ReceiverConfig(
-                intake_dir=self.config.state_dir,  # objects land in <state>/received
-                state_dir=self.config.state_dir,
-                host=settings.host,
-                port=settings.port,
-                ae_title=settings.ae_title,
-                allowed_calling_aets=settings.calling_aets,
-            )
-        )
+        state = self.config.state_dir
+        return start_receiver(settings.receiver_config(state, audit_log=state / AUDIT_FILE))
 
     def ingest(self) -> IngestSummary:
         """One intake pass over the DICOM folder and the received folder (or the received
-        folder alone); raises what the intake raises (TesseraError, OSError, ValueError)."""
+        folder alone), deleting received originals once cached (`[receiver]
+        retention_hours`); raises what the intake raises (TesseraError, OSError, ValueError)."""
         from node.intake.ingest import IntakeConfig, run_ingest
 
-        config, dicom_dir = self.config, self.config.dicom_dir
+        config = self.config
         return run_ingest(
             IntakeConfig(
-                intake_dir=dicom_dir if dicom_dir is not None else self.received_dir,
-                received_dir=self.received_dir if dicom_dir is not None else None,
+                intake_dir=config.dicom_dir,
+                received_dir=self.received_dir,
+                received_retention_s=config.receiver.retention_hours * 3600,
                 state_dir=config.state_dir,
                 preprocess=self.preprocess,
                 limits=IntakeLimits(),

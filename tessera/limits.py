@@ -59,3 +59,11 @@ MAX_INFERENCE_BODY_BYTES = 256 * _MIB
 MAX_DECODED_IMAGE_BYTES = 1 * _GIB
 # One DICOM file read by intake, or one object a PACS sends to the C-STORE receiver.
 MAX_DICOM_OBJECT_BYTES = 2 * _GIB
+# The C-STORE receiver's defaults (node.intake.receiver; a site changes them in [receiver]).
+# One object: a larger one is cut off mid-transfer, before it is on disk whole.
+RECEIVER_MAX_OBJECT_BYTES = 1 * _GIB
+# Received objects waiting for the intake: beyond it, C-STOREs are refused (out of resources).
+RECEIVER_QUOTA_BYTES = 4 * _GIB
+# Associations at once; each may hold one object in flight in the temp folder (TMPDIR), so
+# the disk a receiver can fill is the quota plus this times the object cap.
+RECEIVER_MAX_ASSOCIATIONS = 4

@@ -72,9 +72,12 @@ class Event(enum.StrEnum):
     INTAKE_QUARANTINE = "intake.quarantine"  # one file quarantined, by keyed hash
     RECEIVER_LISTENING = "receiver.listening"
     RECEIVER_ASSOCIATION = "receiver.association"
-    RECEIVER_REJECTED = "receiver.rejected"  # a calling AE title not on the allow-list
+    RECEIVER_REJECTED = "receiver.rejected"  # an association refused (A-ASSOCIATE-RJ)
+    RECEIVER_CLASSES_REFUSED = "receiver.classes_refused"  # no context: a class never trained on
     RECEIVER_UNREADABLE = "receiver.unreadable"
-    RECEIVER_TOO_LARGE = "receiver.too_large"
+    RECEIVER_TOO_LARGE = "receiver.too_large"  # an object cut off (A-ABORT) past the size cap
+    RECEIVER_STORE_REFUSED = "receiver.store_refused"  # a C-STORE answered with a failure
+    RECEIVER_DUPLICATE = "receiver.duplicate"  # the same object again: success, nothing written
     RECEIVER_WRITE_FAILED = "receiver.write_failed"
     RECEIVER_STORED = "receiver.stored"
 
@@ -149,9 +152,12 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.INTAKE_QUARANTINE: ("file", "reason", "detail"),
     Event.RECEIVER_LISTENING: ("host", "port", "ae_title"),
     Event.RECEIVER_ASSOCIATION: ("calling_aet",),
-    Event.RECEIVER_REJECTED: ("calling_aet",),
+    Event.RECEIVER_REJECTED: ("reason",),
+    Event.RECEIVER_CLASSES_REFUSED: ("classes",),
     Event.RECEIVER_UNREADABLE: (),
-    Event.RECEIVER_TOO_LARGE: ("size",),
+    Event.RECEIVER_TOO_LARGE: ("size", "limit"),
+    Event.RECEIVER_STORE_REFUSED: ("reason", "instance", "size"),
+    Event.RECEIVER_DUPLICATE: ("instance",),
     Event.RECEIVER_WRITE_FAILED: ("instance", "error"),
     Event.RECEIVER_STORED: ("instance", "size"),
     Event.SERVING: ("port", "model_version"),
