@@ -59,3 +59,10 @@ MAX_INFERENCE_BODY_BYTES = 256 * _MIB
 MAX_DECODED_IMAGE_BYTES = 1 * _GIB
 # One DICOM file read by intake, or one object a PACS sends to the C-STORE receiver.
 MAX_DICOM_OBJECT_BYTES = 2 * _GIB
+
+# --- Releases asked for again (broker.topics FETCH and RELEASE_COPY) ---------------------------
+
+# A node holding a release damaged on disk asks the aggregators for it at most this often, and
+# an aggregator sends one node one version at most this often, so that a looping or hostile
+# node cannot make an aggregator push a 45 MB model over and over.
+RELEASE_REFETCH_INTERVAL_S = 60.0
