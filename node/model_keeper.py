@@ -95,14 +95,11 @@ class ModelKeeper:
         return requests
 
     def warnings(self) -> list[str]:
-        """Sentences for `/readyz`: each damaged or unusable version, and what is served."""
+        """Sentences for `/readyz`: each damaged (its error names the fix) or unusable
+        version, and what is served."""
         serving = f"serving version {self.serving}" if self.serving else "serving none"
         damaged, unusable = dict(self.damaged), dict(self.unusable)  # read from HTTP threads
-        found = [
-            f"model version {v} is damaged on disk ({why}); {serving}; the node asked the "
-            f"aggregators to send it again (or restore {self.store.folder(v)} from backup)"
-            for v, why in sorted(damaged.items())
-        ]
+        found = [f"{why}; {serving}" for _, why in sorted(damaged.items())]
         found += [f"model version {v} does not load ({why}); {serving}"
                   for v, why in sorted(unusable.items())]  # fmt: skip
         return found
