@@ -153,6 +153,7 @@ class AggregatorDaemon:
             topics.partials_for_aggregator(fed, study, me),
             topics.release_topic(fed, study),
             topics.audit_reports(fed, study),
+            topics.fetch_requests(fed, study),
         ):
             self.link.subscribe(topic_filter, self._on_payload)
         self.link.session.subscribe(f"{topics.ROOT}/{fed}/presence/+", self._on_presence)

@@ -21,7 +21,8 @@ helpers:
 7. combine: with the S-1 others, a signed release (aggregator.release_build); where the
    study requires it, a candidate that the privacy audit gates (aggregator.audit_phase);
 8. sign and release: signature notes, then the leader's fully signed release, retained
-   (aggregator.signature_exchange). What survives a restart: aggregator.catch_up.
+   (aggregator.signature_exchange). What survives a restart: aggregator.catch_up. A node
+   that holds a release damaged asks for it again: aggregator.release_copies.
 
 Order does not matter within a round: what arrives early is kept (first copy wins) and used
 when this aggregator is ready. A round past collecting aborts at the agreement timeout (from
@@ -46,6 +47,7 @@ from aggregator.leader import StudyTerms, check_base_reopenable, check_round_ope
 from aggregator.partials import combine_round, open_partial_sums
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
+from aggregator.release_copies import ReleaseCopies
 from aggregator.round_context import BaseModel, RoundContext, base_model
 from aggregator.rounds import Abort, CollectionClosed, PartialSumPublished, Stage, StartCollecting
 from aggregator.signature_exchange import SignatureExchange
@@ -62,6 +64,7 @@ from tessera.wire.messages import (
     PartialSum,
     ParticipantSet,
     ReceivedSet,
+    ReleaseRequest,
     RoundAbort,
     RoundOpen,
     ShareEnvelope,
@@ -99,6 +102,7 @@ class AggregatorService:
         self.publisher = Publisher(config.aggregator_id, keys.signing)
         self.current: RoundContext | None = None
         self.signing = SignatureExchange(config, roster, registry, self.publisher)
+        self.copies = ReleaseCopies(config, roster, registry, clock)
         # Set only when the study requires a privacy audit before every release.
         self.audit = audit if audit is not None and audit.required(config.study_id) else None
         self.auditing = (
@@ -140,6 +144,7 @@ class AggregatorService:
             topics.Kind.PARTICIPANTS: self._on_participants,
             topics.Kind.PARTIAL: self._on_partial,
             topics.Kind.RELEASE: self._on_release,
+            topics.Kind.FETCH: self._on_fetch,
         }.get(kind)
 
     def tick(self, now: float | None = None) -> list[Outgoing]:
@@ -378,6 +383,12 @@ class AggregatorService:
             catch_up(message, self.config, self.roster, self.registry, self.store)
             return []
         return self.signing.on_release(self._round_of(message), message, signer)
+
+    def _on_fetch(self, message: Message, signer: str) -> list[Outgoing]:
+        """A node asks again for a release it holds damaged (aggregator.release_copies)."""
+        if not isinstance(message, ReleaseRequest):
+            raise MessageRejected(f"a {type(message).__name__} on a release request topic")
+        return self.copies.answer(message, signer)
 
     # --- a round that ends without a model ---------------------------------------------------
 

@@ -7,15 +7,20 @@ Start-up (`node.setup`), each step failing with a message that names the fix:
    coordinator key and checked to name the same members and keys as the roster
    (`broker.provisioning.member`);
 2. the study and the model it trains (`tessera.models.study`); the audit log (counts only),
-   the privacy ledger, the model store; the newest accepted release becomes the training
-   base (the study's genesis model before the first), and the store's current version
-   (pinned, else newest) is loaded for inference;
+   the privacy ledger, held against the audit log both ways (`node.privacy.reconcile`: a
+   ledger missing or behind makes the node unready and refuse every round until it is
+   restored or rebuilt, re-checked whenever its file changes), the model store; the newest
+   intact accepted release becomes the training base (the study's genesis model before the
+   first), and the newest intact version up to the store's current one (pinned, else
+   newest) is loaded for inference; a damaged version is repaired or fetched again
+   (`node.model_keeper`);
 3. with `[receiver] enabled`, the DICOM C-STORE receiver, which writes what a PACS pushes
    to `<state_dir>/received`; with `dicom_dir` or the receiver, one intake pass (quarantine,
    cache) over the DICOM folder and the received folder before connecting, repeated every
    `intake_interval_s`; training reads the cache, never the DICOM folders;
 4. the HTTP endpoints (`/healthz`; `/readyz`: broker connected, keys loaded, a verified
-   model serving; `/metrics`; `POST /v1/infer`), then the MQTT session.
+   model serving, the privacy ledger not behind, with warnings naming what needs the
+   operator; `/metrics`; `POST /v1/infer`), then the MQTT session.
 
 Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
 worker thread, which answers it with `node.round.participation.participate`: every term is
@@ -48,16 +53,19 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 
 from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
 from broker.service_link import run_until_signalled
 from node.config import NodeConfig
-from node.errors import NodeError
 from node.inference.http import infer_request
-from node.inference.runtime import ModelSlot, load_model
+from node.inference.runtime import ModelSlot
 from node.intake.screen import IntakeLimits
+from node.model_keeper import ModelKeeper
+from node.privacy.ledger import PrivacyLedger
+from node.privacy.reconcile import LedgerGap, ledger_gap, reconcile_epsilon_audit
 from node.round.candidate import (
     AuditFailed,
     CandidateIgnored,
@@ -65,15 +73,15 @@ from node.round.candidate import (
     JoinedRounds,
     audit_candidate,
 )
-from node.round.participation import Joined, participate, reconcile_epsilon_audit
+from node.round.participation import Joined, participate
 from node.round.releases import ReleaseRefused, accept_release, parse_release
 from node.setup import NodeSetup, load_node_setup
 from tessera.errors import AuthenticationError, TesseraError
 from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer, Request, Response
-from tessera.wire.envelopes import open_envelope
-from tessera.wire.messages import RoundAbort, RoundOpen
+from tessera.wire.envelopes import open_envelope, seal_envelope
+from tessera.wire.messages import ReleaseRequest, RoundAbort, RoundOpen
 from tessera.wire.release import is_signature_note
 
 log = logging.getLogger("tessera.node.daemon")
@@ -91,21 +99,31 @@ class NodeDaemon:
         self.aggregator_signing = setup.member.aggregator_signing
         if reconcile_epsilon_audit(self.ledger, self.audit):
             log.warning(Event.EPSILON_RECONCILED, extra={"fields": {"study": self.study.id}})
-        self.base = setup.newest_model()
+        # A second view of the same file for the main thread's checks: the round worker
+        # charges through `self.ledger`, and neither may swap the other's contents.
+        self._ledger_view = PrivacyLedger(self.ledger.path, self.ledger.study_id,
+                                          self.ledger.budget, self.ledger.delta,
+                                          self.ledger.accountant)  # fmt: skip
+        self.ledger_gap: LedgerGap | None = None
+        self.ledger_problem: str | None = None  # why the node may not train, with the fix
+        self._ledger_stamp: tuple[int, ...] | None = None
+        self._check_ledger()
         self.slot = ModelSlot()
-        self.serving: int | None = None
-        self.metrics.set_epsilon_spent(self.study.id, self.ledger.state().epsilon_spent)
-        self._refresh_inference()
+        self.models = ModelKeeper(setup, self.slot)
+        self.base = self.models.training_base()
+        self.models.refresh()
         self.health = HealthServer(
             self.config.http_port,
             setup.metrics_registry,
             readiness={
                 "broker": lambda: self.link.connected,
                 "keys": lambda: True,
-                "model": lambda: self.serving is not None,
+                "model": lambda: self.models.serving is not None,
+                "privacy ledger": lambda: self.ledger_problem is None,
             },
             routes={("POST", "/v1/infer"): self._infer},
             host=self.config.http_host,
+            warnings=self._warnings,
         )
         self.link = setup.link(self._count_wire)
         # Work for the one worker thread, in arrival order: ("round", RoundOpen bytes) or
@@ -115,6 +133,11 @@ class NodeDaemon:
         self._lock = threading.Lock()  # the training base and the store, between threads
         self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
         self.receiver: ThreadedAssociationServer | None = None
+
+    @property
+    def serving(self) -> int | None:
+        """The version inference serves (None before the first intact one)."""
+        return self.models.serving
 
     # --- start and stop --------------------------------------------------------------------
 
@@ -129,6 +152,8 @@ class NodeDaemon:
         fed, study = self.manifest.federation_id, self.study.id
         self.link.subscribe(topics.round_topic(fed, study), self._on_round)
         self.link.subscribe(topics.release_topic(fed, study), self._on_release)
+        site = self.config.site_id  # a release sent again to this node alone
+        self.link.subscribe(topics.release_copy_topic(fed, study, site), self._on_release)
         if self.study.privacy_audit is not None:
             topic = topics.candidate_topic(fed, study, self.config.site_id)
             self.link.subscribe(topic, self._on_candidate)
@@ -147,9 +172,13 @@ class NodeDaemon:
                 self._ingest()
                 next_intake = time.monotonic() + self.config.intake_interval_s
             self.metrics.set_broker_connected(self.link.connected)
+            self._check_ledger()
             with self._lock:
                 if self.store.reload():
-                    self._refresh_inference()
+                    self.models.refresh()
+                due = self.models.due_requests(time.monotonic()) if self.link.connected else []
+            for request in due:
+                self._request_release(request)
             if stop.wait(STORE_POLL_S):
                 return
 
@@ -226,7 +255,7 @@ class NodeDaemon:
         result = outcome.update.result
         self.metrics.round_joined()
         self.metrics.add_samples(result.train_samples)
-        self.metrics.set_epsilon_spent(self.study.id, self.ledger.state().epsilon_spent)
+        self._set_epsilon_metric(self.ledger.state().epsilon_spent)
         log.info(Event.ROUND_JOINED, extra={"fields": {
             "round": round_number, "samples": result.train_samples,
             "epsilon_round": outcome.epsilon_spent,
@@ -293,30 +322,65 @@ class NodeDaemon:
                 fields = {"version": release.version, "reason": reason}
                 log.warning(Event.RELEASE_REFUSED, extra={"fields": fields})
                 return
-            self.base = self.setup.newest_model()
-            self._refresh_inference()
+            self.models.accepted(record.version)
+            self.base = self.models.training_base()
+            self.models.refresh()
         fields = {"version": record.version, "round": record.round, "serving": self.serving}
         log.info(Event.RELEASE_INSTALLED, extra={"fields": fields})
 
-    def _refresh_inference(self) -> None:
-        version = self.store.current()
-        if version is None or version == self.serving:
-            return
+    def _request_release(self, request: ReleaseRequest) -> None:
+        """Ask the aggregators again for a release held damaged (`node.model_keeper`)."""
+        topic = topics.fetch_topic(request.federation_id, request.study_id, request.node_id)
         try:
-            self.slot.swap(load_model(self.store.onnx_bytes(version)))
-        except NodeError as error:  # a damaged or incompatible file: keep serving the old one
-            log.error(
-                Event.MODEL_UNUSABLE, extra={"fields": {"version": version, "reason": str(error)}}
-            )
+            self.link.publish(topic, seal_envelope(request, request.node_id,
+                                                   self.setup.signing_key))  # fmt: skip
+        except (TesseraError, OSError) as error:  # not connected after all: the next interval
+            fields = {"version": request.version, "error": type(error).__name__}
+            log.warning(Event.RELEASE_REFETCH_FAILED, extra={"fields": fields})
             return
-        self.serving = version
-        record = self.store.get(version)
-        assert record is not None
-        self.metrics.set_model(version, bytes.fromhex(record.model_hash))
-        log.info(
-            Event.MODEL_SWAPPED,
-            extra={"fields": {"version": version, "pinned": self.store.pinned is not None}},
-        )
+        log.warning(Event.RELEASE_REFETCH_REQUESTED, extra={"fields": {"version": request.version}})
+
+    # --- the privacy ledger against the audit log -------------------------------------------
+
+    def _check_ledger(self) -> None:
+        """Hold the ledger against the audit log (`node.privacy.reconcile.ledger_gap`)
+        whenever its file changed: a ledger missing or behind makes the node unready and
+        refuse rounds until it is restored or rebuilt (the round worker checks again)."""
+        stamp = _file_stamp(self.ledger.path)
+        if stamp == self._ledger_stamp:
+            return
+        self._ledger_stamp = stamp
+        was = self.ledger_problem
+        try:
+            gap = ledger_gap(self._ledger_view, self.audit.path)
+        except TesseraError as error:  # e.g. a ledger being copied back: unready until whole
+            self.ledger_problem = str(error)
+            if was != self.ledger_problem:
+                fields = {"study": self.study.id, "reason": str(error)}
+                log.error(Event.LEDGER_BEHIND, extra={"fields": fields})
+            return
+        self.ledger_gap = gap
+        self.ledger_problem = None if gap is None else gap.reason
+        if gap is not None and was != gap.reason:
+            log.error(Event.LEDGER_BEHIND, extra={"fields": {
+                "study": self.study.id, "ledger_epsilon": gap.ledger_epsilon,
+                "audit_epsilon": gap.audit_epsilon, "rounds": list(gap.missing_rounds),
+                "reason": gap.reason,
+            }})  # fmt: skip
+        elif gap is None and was is not None:
+            restored = {"study": self.study.id, "epsilon": self._ledger_view.spent}
+            log.info(Event.LEDGER_RESTORED, extra={"fields": restored})
+        self._set_epsilon_metric(self._ledger_view.spent)
+
+    def _set_epsilon_metric(self, ledger_epsilon: float) -> None:
+        """Never below what the audit log records, whatever the ledger says."""
+        gap = self.ledger_gap
+        spent = max(ledger_epsilon, gap.audit_epsilon if gap is not None else 0.0)
+        self.metrics.set_epsilon_spent(self.study.id, spent)
+
+    def _warnings(self) -> list[str]:
+        problem = self.ledger_problem
+        return ([problem] if problem is not None else []) + self.models.warnings()
 
     def _infer(self, request: Request) -> Response:
         with self.metrics.time_inference() as timer:
@@ -326,6 +390,15 @@ class NodeDaemon:
 
     def _count_wire(self, direction: str, count: int) -> None:
         self.metrics.add_wire_bytes("sent" if direction == "sent" else "received", count)
+
+
+def _file_stamp(path: Path) -> tuple[int, ...]:
+    """What changes when a file is written, replaced or deleted."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return ()
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 def run(config: NodeConfig) -> int:

@@ -49,7 +49,6 @@ from tessera.models.nets import TesseraNet
 from tessera.models.study import StudyModel
 from tessera.models.weights import load_arrays, load_weights
 from tessera.observability.metrics import ServiceMetrics
-from tessera.wire.release import WEIGHTS_FILE
 
 if TYPE_CHECKING:
     from node.intake.ingest import IngestSummary
@@ -128,14 +127,13 @@ class NodeSetup:
             )
         return data.stack()
 
-    def newest_model(self) -> TesseraNet:
-        """The training base: the newest accepted release, else the study's genesis model."""
+    def model_at(self, version: int | None) -> TesseraNet:
+        """The model of an accepted `version` (weights re-checked against its hash:
+        `node.round.releases.ModelFileDamaged` if they are damaged), or the study's genesis
+        model for None."""
         model = self.model_def.build()
-        versions = self.store.versions()
-        if versions:
-            newest = versions[-1].version
-            arrays = load_weights((self.store.folder(newest) / WEIGHTS_FILE).read_bytes())
-            load_arrays(model, arrays)
+        if version is not None:
+            load_arrays(model, load_weights(self.store.weights_bytes(version)))
         return model
 
     def participation_context(self, base: TesseraNet) -> ParticipationContext:

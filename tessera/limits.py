@@ -67,3 +67,10 @@ RECEIVER_QUOTA_BYTES = 4 * _GIB
 # Associations at once; each may hold one object in flight in the temp folder (TMPDIR), so
 # the disk a receiver can fill is the quota plus this times the object cap.
 RECEIVER_MAX_ASSOCIATIONS = 4
+
+# --- Releases asked for again (broker.topics FETCH and RELEASE_COPY) ---------------------------
+
+# A node holding a release damaged on disk asks the aggregators for it at most this often, and
+# an aggregator sends one node one version at most this often, so that a looping or hostile
+# node cannot make an aggregator push a 45 MB model over and over.
+RELEASE_REFETCH_INTERVAL_S = 60.0

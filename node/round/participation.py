@@ -22,7 +22,9 @@ Order, and what each step guarantees:
    appends a `round-refused` entry and returns `Refused`, which carries no outgoing message
    at all. Every answer's audit entry names the RoundOpen's hash (`round_open`), and the
    audit log is what the node reads back to know which rounds it answered, so a restart
-   does not forget.
+   does not forget. First of all, the privacy ledger is re-read and held against the audit
+   log (`node.privacy.reconcile.ledger_gap`): a ledger missing or behind refuses the round
+   (`ledger-behind`), since its budget would restart from a lower figure.
 3. Only then is a copy of the model trained (`ctx.train`, default `train_for_round`; the
    node's own model stays the base model, so an aborted round leaves it untouched).
 4. The encoded vector is split into one share per aggregator (`tessera.crypto.sharing.split`),
@@ -39,7 +41,7 @@ import datetime as dt
 import hmac
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -49,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from broker.topics import share_topic
 from node.errors import NodeError
 from node.privacy.ledger import BudgetExceeded, PrivacyLedger
+from node.privacy.reconcile import charge_fields, ledger_gap
 from node.round.policy import LedgerState, RoundAnnouncement, RoundRefused, SitePolicy, check_round
 from node.training.federated import RoundUpdate, SiteTraining, round_train_config, train_for_round
 from node.training.trainer import planned_steps, split_validation
@@ -81,6 +84,7 @@ PROTOCOL_REASONS = (
     "base-model-mismatch",
     "not-enough-data",
     "budget-exhausted",
+    "ledger-behind",
 )
 
 Trainer = Callable[
@@ -198,37 +202,9 @@ def participate(
         "samples": update.result.train_samples, "clipped": update.update.clipped,
     })  # fmt: skip
     if charge is not None:
-        ctx.audit.append("epsilon-spent", {"study_id": round_open.study_id,
-                                           "round": round_open.round, "epsilon": spent,
-                                           "total": charge.epsilon_total})  # fmt: skip
+        assert ctx.ledger is not None  # train_for_round charges only a ledger it was given
+        ctx.audit.append("epsilon-spent", charge_fields(ctx.ledger, asdict(charge), spent))
     return Joined(round_open, messages, spent, update)
-
-
-def reconcile_epsilon_audit(ledger: PrivacyLedger, audit: AuditLog) -> int:
-    """Append an `epsilon-spent` entry for every round the ledger charged but the audit log
-    does not record; return how many. Call at start-up.
-
-    The ledger is charged before training and the audit entry is written after it, so a node
-    killed while training leaves a charge the log does not show. The charge stands (the
-    noise was drawn, or may have been): the entry says so, and the two agree again.
-    """
-    logged = {
-        int(entry.fields["round"])
-        for entry in read_entries(audit.path)
-        if entry.kind == "epsilon-spent" and entry.fields.get("study_id") == ledger.study_id
-    }
-    added, before = 0, 0.0
-    for charge in ledger.rounds:
-        total = float(charge["epsilon_total"])
-        if int(charge["round"]) not in logged:
-            audit.append("epsilon-spent", {
-                "study_id": ledger.study_id, "round": int(charge["round"]),
-                "epsilon": max(0.0, total - before), "total": total,
-                "note": "charged before training; the node stopped before the round finished",
-            })  # fmt: skip
-            added += 1
-        before = total
-    return added
 
 
 def seal_shares(
@@ -301,8 +277,13 @@ def _joined_rounds(round_open: RoundOpen, ctx: ParticipationContext) -> set[int]
 
 
 def _ledger_state(round_open: RoundOpen, ctx: ParticipationContext) -> LedgerState:
-    # With DP the ledger is the authority; without it, the audit log counts joined rounds.
+    # With DP the ledger is the authority, once it holds every charge the audit log records
+    # (re-read here: it may have been deleted, restored or rebuilt since the last round);
+    # without DP, the audit log counts joined rounds.
     if ctx.ledger is not None:
+        gap = ledger_gap(ctx.ledger, ctx.audit.path)
+        if gap is not None:
+            raise RoundRefused("ledger-behind", gap.reason)
         return ctx.ledger.state()
     return LedgerState(epsilon_spent=0.0, rounds_joined=len(_joined_rounds(round_open, ctx)))
 

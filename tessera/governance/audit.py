@@ -77,6 +77,7 @@ KINDS = frozenset(
     | {"release", "strategy-switch", "epsilon-spent", "key-change", "manifest-change"}
     | {"approval-change", "policy-change", "quarantine", "privacy-audit", "recovery"}
     | {"dicom-refused"}  # a C-STORE that would have replaced a received object: tampering
+    | {"ledger-rebuilt"}
 )
 # On a node these kinds may carry counts and scalars only, never a list of who or what.
 COUNT_ONLY_KINDS = frozenset({"participant-set", "quarantine"})

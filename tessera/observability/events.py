@@ -48,6 +48,9 @@ class Event(enum.StrEnum):
     NODE_STARTED = "node-started"
     NODE_STOPPED = "node-stopped"
     EPSILON_RECONCILED = "epsilon-reconciled"  # the ledger was ahead of the audit log
+    EPSILON_AUDIT_BEHIND = "epsilon-audit-behind"  # ...by more than one interrupted round
+    LEDGER_BEHIND = "ledger-behind"  # ledger missing or behind the audit log: no training
+    LEDGER_RESTORED = "ledger-restored"  # the ledger holds the audit log's charges again
     MESSAGE_REJECTED = "message-rejected"  # a message failed its checks (node or aggregator)
     ROUND_ABORT_RECEIVED = "round-abort-received"  # the leader's RoundAbort reached this node
     ROUND_DROPPED = "round-dropped"  # a RoundOpen arrived while the worker queue was full
@@ -65,6 +68,10 @@ class Event(enum.StrEnum):
     RELEASE_INSTALLED = "release-installed"
     MODEL_UNUSABLE = "model-unusable"  # the store's current model did not load: kept the old
     MODEL_SWAPPED = "model-swapped"  # inference now serves another version
+    MODEL_DAMAGED = "model-damaged"  # a stored version's files fail their hashes
+    MODEL_REPAIRED = "model-repaired"  # ...rewritten from a verified copy of its release
+    RELEASE_REFETCH_REQUESTED = "release-refetch-requested"  # asked the aggregators again
+    RELEASE_REFETCH_FAILED = "release-refetch-failed"  # ...could not: asks at the next interval
 
     # --- the node's intake and DICOM receiver (node.intake) ---------------------------------
     INTAKE_START = "intake.start"
@@ -101,6 +108,7 @@ class Event(enum.StrEnum):
     AUDIT_PASSED = "audit-passed"  # the release gate passed
     ROUND_ABORTED = "round-aborted"  # this aggregator aborted the round (and says why)
     RELEASE_CAUGHT_UP = "release-caught-up"  # registered a release signed before a restart
+    RELEASE_RESENT = "release-resent"  # sent a node a registered release it asked for again
     MODEL_RELEASED = "model-released"
     STATEMENT_MISMATCH = "statement-mismatch"  # nodes left out: their sealed statements differ
     AUDIT_REPORT_CONFLICT = "audit-report-conflict"  # one site sent two different reports
@@ -122,6 +130,9 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
     Event.NODE_STOPPED: (),
     Event.EPSILON_RECONCILED: ("study",),
+    Event.EPSILON_AUDIT_BEHIND: ("study", "rounds", "epsilon"),
+    Event.LEDGER_BEHIND: ("study", "ledger_epsilon", "audit_epsilon", "rounds", "reason"),
+    Event.LEDGER_RESTORED: ("study", "epsilon"),
     Event.MESSAGE_REJECTED: ("kind", "error", "reason", "round"),
     Event.ROUND_ABORT_RECEIVED: ("round", "reason"),
     Event.ROUND_DROPPED: ("round",),
@@ -147,6 +158,10 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.RELEASE_INSTALLED: ("version", "round", "serving"),
     Event.MODEL_UNUSABLE: ("version", "reason"),
     Event.MODEL_SWAPPED: ("version", "pinned"),
+    Event.MODEL_DAMAGED: ("version", "reason"),
+    Event.MODEL_REPAIRED: ("version", "source"),
+    Event.RELEASE_REFETCH_REQUESTED: ("version",),
+    Event.RELEASE_REFETCH_FAILED: ("version", "error"),
     Event.INTAKE_START: ("scan", "digest", "stale_temp"),
     Event.INTAKE_DONE: ("scan", "summary"),
     Event.INTAKE_QUARANTINE: ("file", "reason", "detail"),
@@ -175,6 +190,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.AUDIT_PASSED: ("round", "detail"),
     Event.ROUND_ABORTED: ("round", "reason"),
     Event.RELEASE_CAUGHT_UP: ("round", "version"),
+    Event.RELEASE_RESENT: ("node", "version"),
     Event.MODEL_RELEASED: ("round", "version"),
     Event.STATEMENT_MISMATCH: ("round", "nodes"),
     Event.AUDIT_REPORT_CONFLICT: ("round", "site"),

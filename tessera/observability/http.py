@@ -4,7 +4,9 @@ Node and aggregator both run one `HealthServer` on port 8080 (the deployment con
 
 - `/healthz`: 200 while the process can answer at all (the liveness probe);
 - `/readyz`: 200 only if every registered readiness check passes, else 503 with the names
-  of the failing checks, e.g. "broker connected", "keys loaded", "model verified";
+  of the failing checks, e.g. "broker connected", "keys loaded", "model verified"; with
+  `"warnings"` (sentences naming the fix) when the service's `warnings` callable has any,
+  ready or not;
 - `/metrics`: Prometheus exposition of the service's own `CollectorRegistry` (never the
   process-global default, so two services in one test process do not share counters).
 
@@ -38,6 +40,7 @@ __all__ = [
     "ReadinessCheck",
     "Request",
     "Response",
+    "Warnings",
     "failing_checks",
 ]
 
@@ -72,6 +75,7 @@ class Response:
 
 Handler = Callable[[Request], Response]
 ReadinessCheck = Callable[[], bool]
+Warnings = Callable[[], list[str]]
 _BUILTIN_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
@@ -111,6 +115,7 @@ class HealthServer:
         host: str = "0.0.0.0",  # noqa: S104 - probes come from outside the pod; see docstring
         max_body_bytes: int = MAX_HTTP_BODY_BYTES,
         request_timeout_s: float = 30.0,
+        warnings: Warnings | None = None,
     ) -> None:
         routes = dict(routes or {})
         for method, path in routes:
@@ -123,6 +128,7 @@ class HealthServer:
                 )
         self._registry = registry
         self._readiness = dict(readiness or {})
+        self._warnings = warnings
         self._routes = routes
         self._max_body = max_body_bytes
         handler_class = type(
@@ -167,6 +173,18 @@ class HealthServer:
     ) -> None:
         self.close()
 
+    def _read_warnings(self) -> list[str]:
+        if self._warnings is None:
+            return []
+        try:
+            return list(self._warnings())
+        except Exception as error:  # noqa: BLE001 - a broken warning must not break /readyz
+            _log.warning(
+                Event.READINESS_CHECK_RAISED,
+                extra={"fields": {"check": "warnings", "error_type": type(error).__name__}},
+            )
+            return []
+
     def respond(self, request: Request) -> Response:
         """Route one request: built-ins first, then mounted routes; 404/405 otherwise."""
         if request.path in _BUILTIN_PATHS:
@@ -177,7 +195,11 @@ class HealthServer:
             if request.path == "/readyz":
                 failing = failing_checks(self._readiness)
                 status = 503 if failing else 200
-                return Response.json(status, {"ready": not failing, "failing": failing})
+                body: dict[str, object] = {"ready": not failing, "failing": failing}
+                warnings = self._read_warnings()
+                if warnings:
+                    body["warnings"] = warnings
+                return Response.json(status, body)
             encoder, content_type = choose_encoder(request.headers.get("accept", ""))
             return Response(200, encoder(self._registry), content_type)
         handler = self._routes.get((request.method, request.path))

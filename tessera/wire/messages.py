@@ -45,6 +45,7 @@ __all__ = [
     "PartialSum",
     "ParticipantSet",
     "ReceivedSet",
+    "ReleaseRequest",
     "RoundAbort",
     "RoundOpen",
     "ShareEnvelope",
@@ -294,5 +295,45 @@ class RoundAbort:
         """Decode strictly; CodecError on anything malformed."""
         r = begin(data, cls.__name__, cls.TYPE)
         message = cls(*read_context(r), r.id("aggregator_id"), r.text("reason", MAX_REASON_LENGTH))
+        r.done()
+        return message
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """A node's request for a release it accepted before and holds damaged on disk: any
+    aggregator that registered `version` sends it again, to that node alone. The answer's
+    authority is the release's joint signatures, so the request needs none of its own
+    beyond the node's envelope, which the aggregators check against the roster."""
+
+    federation_id: str
+    study_id: str
+    round: int  # the round that released `version`
+    node_id: str
+    version: int
+    TYPE: ClassVar[MessageType] = MessageType.RELEASE_REQUEST
+
+    def __post_init__(self) -> None:
+        check_context(self.federation_id, self.study_id, self.round)
+        check_id("node_id", self.node_id)
+        check_uint("version", self.version, 64)
+
+    @property
+    def sender_id(self) -> str | None:
+        return self.node_id
+
+    def to_bytes(self) -> bytes:
+        """Encode for the wire."""
+        w = Writer(self.TYPE)
+        write_context(w, self.federation_id, self.study_id, self.round)
+        w.id(self.node_id)
+        w.u64(self.version)
+        return w.finish()
+
+    @classmethod
+    def from_bytes(cls, data: Bytes) -> ReleaseRequest:
+        """Decode strictly; CodecError on anything malformed."""
+        r = begin(data, cls.__name__, cls.TYPE)
+        message = cls(*read_context(r), r.id("node_id"), r.u64("version"))
         r.done()
         return message

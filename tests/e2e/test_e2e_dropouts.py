@@ -34,7 +34,7 @@ from aggregator.rounds import Stage
 from aggregator.store import Store
 from node.demo.federation import FederationSpec
 from node.privacy.ledger import PrivacyLedger
-from node.round.participation import reconcile_epsilon_audit
+from node.privacy.reconcile import reconcile_epsilon_audit
 from tessera.governance.audit import AuditLog
 from tessera.observability.events import Event
 

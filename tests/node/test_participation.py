@@ -214,9 +214,26 @@ def test_every_refusal_sends_nothing_trains_nothing_and_is_audited(
 
 
 def test_every_protocol_reason_has_a_refusal_test() -> None:
-    assert set(PROTOCOL_REASONS) - {"already-joined", "already-answered"} <= {
-        r for r, _ in REFUSALS
-    }
+    tested_apart = {"already-joined", "already-answered", "ledger-behind"}
+    assert set(PROTOCOL_REASONS) - tested_apart <= {r for r, _ in REFUSALS}
+
+
+def test_a_ledger_behind_its_audit_log_refuses_before_anything_else(
+    fed: Federation, data: IngestedSite, tmp_path: Path
+) -> None:
+    """Issue #19, point 4: the audit log records a charge the ledger does not hold (deleted,
+    or restored from an older backup): the round is refused, untrained, even one that would
+    also fail every other check, and the ledger stays as it is."""
+    ctx = make_ctx(fed, data, tmp_path)
+    assert ctx.ledger is not None
+    ctx.audit.append("epsilon-spent", {"study_id": STUDY_ID, "round": 1, "epsilon": 0.7,
+                                       "total": 0.7})  # fmt: skip
+    result = participate(signed(fed, round_open(ctx, round=2, clip_norm=0.0)), ctx, NOW)
+    assert isinstance(result, Refused) and result.reason == "ledger-behind"
+    assert "tessera node rebuild-ledger" in result.detail and result.messages == ()
+    assert ctx.train.calls == 0  # type: ignore[attr-defined]
+    assert ctx.ledger.rounds == [] and not ctx.ledger.path.exists()
+    assert kinds(ctx) == ["epsilon-spent", "round-refused"]
 
 
 def test_a_node_answers_one_round_open_per_round_number_even_after_a_restart(
