@@ -15,6 +15,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     run = sub.add_parser("run", help="run the aggregator service until SIGTERM")
     run.add_argument("--config", type=Path, required=True, help="the aggregator's TOML file")
     run.set_defaults(handler=run_command)
+    rebuild = sub.add_parser(
+        "rebuild-state",
+        help="rebuild a lost or empty state store from models/ and the audit log",
+    )
+    rebuild.add_argument("--config", type=Path, required=True, help="the aggregator's TOML file")
+    rebuild.add_argument(
+        "--anchor", help="SEQ:HASH of the audit log, kept apart from it: checked first"
+    )
+    rebuild.set_defaults(handler=rebuild_command)
     models_cli.register(commands)
 
 
@@ -27,3 +36,21 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(config.log_level)
     return run(config)
+
+
+def rebuild_command(args: argparse.Namespace) -> int:
+    """Rebuild the store (aggregator.rebuild) and print what was recovered."""
+    from aggregator.config import load_config
+    from aggregator.rebuild import rebuild_state
+    from aggregator.setup import load_study_setup
+    from tessera.errors import ConfigError
+    from tessera.governance.audit import Anchor
+
+    config = load_config(args.config)
+    try:
+        anchor = None if args.anchor is None else Anchor.from_text(args.anchor)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    report = rebuild_state(config, load_study_setup(config), anchor)
+    print("\n".join(report.lines()))
+    return 0

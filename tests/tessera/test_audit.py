@@ -49,6 +49,7 @@ SAMPLE_FIELDS = {
     "policy-change": {"paused": True},
     "quarantine": {"count": 2, "reason": "unsupported-transfer-syntax"},
     "privacy-audit": {"study_id": "chest-xray", "round": 3, "version": 3, "auc": 0.52},
+    "state-rebuilt": {"study_id": "chest-xray", "versions": 3, "latest_round": 5},
 }
 TICK = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 
