@@ -19,7 +19,8 @@ What the store must know to continue the federation, and where it comes from:
   it, or the genesis model);
 - the **partial-sum facts**: every `participant-set` entry (the daemon appends it before the
   partial sum leaves the process), so the retry rule still holds on a base model summed
-  without a release.
+  without a release. A log written before that ordering (and before a round that aborted
+  in the same step as its sum was logged) may lack such an entry; nothing can recover it.
 
 The audit log's chain is verified first (and its anchor, where given). The rebuild writes
 one store transaction into an empty store, and appends a `state-rebuilt` audit entry.
@@ -85,17 +86,24 @@ class RebuildReport:
     versions: list[Verified]
     rounds: list[RoundRecord]
     sums: int
+    anchor: Anchor | None = None  # the anchor the audit log was checked against, if any
     rewritten: list[Path] = field(default_factory=list)
     moved_aside: list[Path] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """The summary, one fact a line."""
-        anchor = self.history.anchor.to_text() if self.history.anchor else "(empty)"
+        last = self.history.anchor.to_text() if self.history.anchor else "(empty)"
         released = [r.state.round for r in self.rounds if r.state.stage is Stage.RELEASED]
         latest = max((r.state.round for r in self.rounds), default=0)
+        checked = (
+            f"chain intact through the anchored entry {self.anchor.seq}"
+            if self.anchor is not None
+            else "each linked to the one before; without --anchor a log rewritten with "
+            "recomputed hashes or cut off at the end cannot be ruled out"
+        )
         text = [
             f"rebuilt {self.database} from models/ and the audit log "
-            f"({self.history.entries} entries, chain intact, last entry {anchor})",
+            f"({self.history.entries} entries, {checked}; last entry {last})",
         ]
         for v in self.versions:
             signers = ", ".join(who for who, _ in v.release.signatures)
@@ -132,7 +140,7 @@ def rebuild_state(
         (study, s.round, _set_hash(config, setup, history, s.round, s.nodes), s.nodes)
         for s in history.summed
     ]
-    report = RebuildReport(layout.database, history, versions, rounds, len(sums))
+    report = RebuildReport(layout.database, history, versions, rounds, len(sums), anchor)
     if store_is_blank(layout.database):
         report.moved_aside = _move_orphaned_wal(layout.database)
     with Store(layout.database, layout.shares) as store:
