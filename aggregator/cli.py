@@ -30,11 +30,17 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def run_command(args: argparse.Namespace) -> int:
     """Load the configuration, log JSON at its level, run the daemon."""
     from aggregator.config import load_config
-    from aggregator.daemon import run
+    from aggregator.state_history import open_checked_store
     from tessera.observability.logs import configure_logging
 
     config = load_config(args.config)
     configure_logging(config.log_level)
+    # A lost or stale store is refused here, in a second, before the slow imports (torch);
+    # the daemon checks again when it opens the store for good.
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    open_checked_store(config.layout, config.study_id).close()
+    from aggregator.daemon import run
+
     return run(config)
 
 
