@@ -8,8 +8,11 @@ Start-up, in order, each step failing with a message that names the fix:
    a node);
 2. the study's terms: this aggregator's k and clip norm may be stricter than the study's,
    never looser; the model the study trains (`aggregator.setup`);
-3. the private keys, then the state store: `store.recover()` aborts any round a crash left
-   in flight and deletes its shares, so a restarted aggregator never resumes a round;
+3. the private keys, then the state store, refused when it is behind the registry or the
+   audit log (lost, emptied or restored from an older backup: `aggregator.state_history`
+   names the fix, `tessera aggregator rebuild-state`); `store.recover()` aborts any round a
+   crash left in flight and deletes its shares, so a restarted aggregator never resumes a
+   round;
 4. the HTTP endpoints (`/healthz`, `/readyz`: broker connected, keys and store loaded;
    `/metrics`), then the MQTT session, subscribed to what an aggregator reads.
 
@@ -45,7 +48,8 @@ from aggregator.registry import Registry
 from aggregator.rounds import Stage
 from aggregator.service import AggregatorService, Outgoing, ServiceKeys
 from aggregator.setup import StudySetup, load_study_setup
-from aggregator.store import RESTART_REASON, Store
+from aggregator.state_history import open_checked_store
+from aggregator.store import RESTART_REASON
 from broker import topics
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
 from tessera.crypto.sealing import load_hpke_key
@@ -67,7 +71,7 @@ class AggregatorDaemon:
         self.config, self.setup = config, setup
         keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(config.database_path, config.shares_dir)
+        self.store = open_checked_store(config.layout, config.study_id)
         self.audit = AuditLog.open(config.layout.audit_log)
         self._audited: tuple[int, Stage] | None = None
         for study_id, number in self.store.recover():
@@ -185,8 +189,11 @@ class AggregatorDaemon:
 
     def _on_payload(self, topic: str, payload: bytes) -> None:
         with self._lock:
-            self._publish(self.service.on_message(topic, payload))
+            outgoing = self.service.on_message(topic, payload)
+            # The audit log first: a partial sum is on record before it leaves the process,
+            # so a store rebuilt from the log (aggregator.rebuild) keeps every sum's fact.
             self._note_round_end()
+            self._publish(outgoing)
 
     def _on_presence(self, topic: str, payload: bytes) -> None:
         try:
@@ -208,8 +215,9 @@ class AggregatorDaemon:
         while not stop.wait(TICK_S):
             self.metrics.set_broker_connected(self.link.connected)
             with self._lock:
-                self._publish(self.service.tick())
+                outgoing = self.service.tick()
                 self._note_round_end()
+                self._publish(outgoing)
                 if self.config.is_leader and self._ready_for_next_round():
                     try:
                         opened = self.service.open_round(
@@ -225,6 +233,7 @@ class AggregatorDaemon:
                         continue
                     self._not_opened = None
                     self._opened += 1
+                    self._audit_progress()  # `round-opened` is on record before it is out
                     self._publish(opened)
                     current = self.service.current
                     assert current is not None
@@ -255,10 +264,15 @@ class AggregatorDaemon:
                 "min_participants": a.min_participants,
             })  # fmt: skip
         order = list(Stage)
+        # Written whenever this aggregator decided a partial sum, even in a round that has
+        # aborted since: the rebuild of a lost store takes every sum's fact from here.
         if (
             state.participants is not None
             and order.index(seen_stage) < order.index(Stage.SUMMING)
-            and state.stage is not Stage.ABORTED
+            and (
+                state.stage is not Stage.ABORTED
+                or self.store.published_sum(a.study_id, a.round) is not None
+            )
         ):
             self.audit.append("participant-set", {
                 "study_id": a.study_id, "round": a.round, "count": len(state.participants),

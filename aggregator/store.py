@@ -315,26 +315,31 @@ class Store:
     def insert_model(self, record: ModelRecord, server_state: ServerStateRecord | None) -> None:
         """Register a model version (files already written) and, atomically with it, the
         optimiser state that produced it. StoreError if the version exists."""
-        signatures = json.dumps([[who, sig.hex()] for who, sig in record.signatures])
         try:
             with self._transaction() as db:
-                db.execute(
-                    "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (record.study_id, record.version, record.round, record.parent_hash,
-                     record.model_hash, record.onnx_hash, record.card_hash, record.folder,
-                     record.card_json, signatures, self._now()),
-                )  # fmt: skip
-                if server_state is not None:
-                    db.execute(
-                        "INSERT OR REPLACE INTO server_state VALUES (?,?,?,?,?)",
-                        (record.study_id, server_state.round, server_state.algorithm,
-                         server_state.path, self._now()),
-                    )  # fmt: skip
+                self._insert_model(db, record, server_state)
         except sqlite3.IntegrityError:
             raise StoreError(
                 f"study {record.study_id} already has model version {record.version}; "
                 "versions are never replaced, register the next one"
             ) from None
+
+    def _insert_model(
+        self, db: sqlite3.Connection, record: ModelRecord, server_state: ServerStateRecord | None
+    ) -> None:
+        signatures = json.dumps([[who, sig.hex()] for who, sig in record.signatures])
+        db.execute(
+            "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (record.study_id, record.version, record.round, record.parent_hash,
+             record.model_hash, record.onnx_hash, record.card_hash, record.folder,
+             record.card_json, signatures, self._now()),
+        )  # fmt: skip
+        if server_state is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO server_state VALUES (?,?,?,?,?)",
+                (record.study_id, server_state.round, server_state.algorithm,
+                 server_state.path, self._now()),
+            )  # fmt: skip
 
     def list_models(self, study_id: str) -> list[ModelRecord]:
         """Every registered version of the study, oldest first."""
@@ -389,6 +394,43 @@ class Store:
             else:
                 child.unlink()
         return [(study, int(number)) for study, number in rows]
+
+    def restore(
+        self,
+        rounds: list[RoundRecord],
+        sums: list[tuple[str, int, bytes, tuple[str, ...]]],
+        models: list[tuple[ModelRecord, ServerStateRecord | None]],
+    ) -> None:
+        """Fill an empty store, in one transaction, with what `tessera aggregator
+        rebuild-state` recovered (aggregator.rebuild): finished rounds, the partial-sum facts
+        (study, round, set hash, sorted set; each on its round's base model) and the
+        registry's versions with their optimiser state, oldest first. StoreError, and nothing
+        written, if the store holds anything."""
+        with self._transaction() as db:
+            held = [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
+                    for t in ("rounds", "partial_sums", "models")]  # fmt: skip
+            if any(held):
+                raise StoreError(
+                    f"state store {self.path} is not empty ({held[0]} rounds, {held[2]} model "
+                    "versions); a rebuild only fills a lost or empty store: move it aside first"
+                )
+            for record in rounds:
+                s, study = record.state, record.study_id
+                db.execute(
+                    "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (study, s.round, s.stage.value, record.base_model_hash, record.ring_params,
+                     record.vector_length, record.deadline_ms, record.algorithm, s.received,
+                     s.close_reason, ids_json(s.participants), s.model_version, s.abort_reason,
+                     self._now(), self._now()),
+                )  # fmt: skip
+            for study, number, set_hash, members in sums:
+                db.execute(
+                    "INSERT INTO partial_sums SELECT study_id, round, ?, ?, base_model_hash, ? "
+                    "FROM rounds WHERE study_id = ? AND round = ?",
+                    (set_hash, self._now(), ids_json(members), study, number),
+                )  # fmt: skip
+            for model, server_state in models:
+                self._insert_model(db, model, server_state)
 
     def integrity_check(self) -> None:
         """Raise StoreError unless SQLite's own integrity check passes."""

@@ -386,6 +386,13 @@ class NodeDaemon:
         with self.metrics.time_inference() as timer:
             status, body = infer_request(self.slot, self.setup.secret, IntakeLimits(), request.body)
             timer.outcome = "ok" if status == 200 else "rejected" if status == 400 else "error"
+        fields = {
+            "method": "POST",
+            "path": "/v1/infer",
+            "status": int(status),
+            "model_version": body.get("model_version"),
+        }  # which model answered, when
+        log.info(Event.INFERENCE_REQUEST, extra={"fields": fields})
         return Response.json(status, body)
 
     def _count_wire(self, direction: str, count: int) -> None:

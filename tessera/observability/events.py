@@ -178,7 +178,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.SERVING: ("port", "model_version"),
     Event.MODEL_UPDATE_REJECTED: ("error",),
     Event.SERVE_MODEL_SWAPPED: ("model_version",),
-    Event.INFERENCE_REQUEST: ("method", "path", "status"),
+    Event.INFERENCE_REQUEST: ("method", "path", "status", "model_version"),
     Event.AGGREGATOR_STARTED: ("aggregator", "study", "leader", "http_port"),
     Event.AGGREGATOR_STOPPED: (),
     Event.ROUND_RECOVERED: ("study", "round"),
