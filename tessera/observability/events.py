@@ -37,6 +37,10 @@ class Event(enum.StrEnum):
     # --- a service's MQTT link (broker.service_link) ----------------------------------------
     INSECURE_BROKER = "insecure-broker"  # connecting to the plaintext development broker
     RETAIN_SKIPPED = "retain-skipped"  # a "retained" payload too large for one frame
+    # A message its handler could not take now (spool folder missing, disk full): kept
+    # unacknowledged and offered again (broker.session); then taken after `tries`.
+    DELIVERY_DEFERRED = "delivery-deferred"
+    DELIVERY_RESUMED = "delivery-resumed"
 
     # --- the node daemon (node.daemon) ------------------------------------------------------
     NODE_STARTED = "node-started"
@@ -104,6 +108,8 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.HTTP_REQUEST: ("method", "path"),
     Event.INSECURE_BROKER: (),
     Event.RETAIN_SKIPPED: ("bytes",),
+    Event.DELIVERY_DEFERRED: ("topic", "reason"),
+    Event.DELIVERY_RESUMED: ("topic", "tries"),
     Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
     Event.NODE_STOPPED: (),
     Event.EPSILON_RECONCILED: ("study",),
