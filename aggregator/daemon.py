@@ -42,6 +42,7 @@ from aggregator.service import AggregatorService, Outgoing, ServiceKeys
 from aggregator.setup import StudySetup, load_study_setup
 from aggregator.store import RESTART_REASON, Store
 from broker import topics
+from broker.chunking import prepare_spool_dir
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key
@@ -62,6 +63,7 @@ class AggregatorDaemon:
         self.config, self.setup = config, setup
         keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        spool = prepare_spool_dir(config.layout.spool)  # before anything is received
         self.store = Store(config.database_path, config.shares_dir)
         self.audit = AuditLog.open(config.layout.audit_log)
         self._audited: tuple[int, Stage] | None = None
@@ -104,7 +106,7 @@ class AggregatorDaemon:
             endpoint_config(
                 setup.bundle, Endpoint(config.broker.host, config.broker.port, config.broker.tls)
             ),
-            spool_dir=config.layout.spool,
+            spool_dir=spool,
             on_wire=self._count_wire,
         )
         self.health = HealthServer(
