@@ -7,7 +7,9 @@ Start-up, in order, each step failing with a message that names the fix:
    to name the same members and keys as the roster (`broker.provisioning.member`, as for
    a node);
 2. the study's terms: this aggregator's k and clip norm may be stricter than the study's,
-   never looser; the model the study trains (`aggregator.setup`);
+   never looser; the model the study trains (`aggregator.setup`); the leader's weight cap
+   and fraction bits must represent an update of that model (`aggregator.leader`:
+   `check_round_settings`);
 3. the private keys, then the state store: `store.recover()` aborts any round a crash left
    in flight and deletes its shares, so a restarted aggregator never resumes a round;
 4. the HTTP endpoints (`/healthz`, `/readyz`: broker connected, keys and store loaded;
@@ -35,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import BaseModelSpent
+from aggregator.leader import check_round_settings
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
 from aggregator.rounds import Stage
@@ -61,6 +64,9 @@ class AggregatorDaemon:
     def __init__(self, config: AggregatorConfig, setup: StudySetup) -> None:
         config = dataclasses.replace(config, architecture=setup.model.architecture)
         self.config, self.setup = config, setup
+        genesis = setup.model.genesis()
+        if config.is_leader:  # terms every other party would refuse: say so now
+            check_round_settings(config.round, sum(a.size for a in genesis.values()))
         keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
         config.state_dir.mkdir(parents=True, exist_ok=True)
         spool = prepare_spool_dir(config.layout.spool)  # before anything is received
@@ -75,7 +81,6 @@ class AggregatorDaemon:
                 Event.ROUND_RECOVERED,
                 extra={"fields": {"study": study_id, "round": number}},
             )
-        genesis = setup.model.genesis()
         # The first ONNX export in a process takes seconds (the exporter's one-off set-up);
         # pay it now, not between a round's partial sums and its release.
         setup.model.export(genesis, 0)
