@@ -7,7 +7,9 @@ Start-up, in order, each step failing with a message that names the fix:
    to name the same members and keys as the roster (`broker.provisioning.member`, as for
    a node);
 2. the study's terms: this aggregator's k and clip norm may be stricter than the study's,
-   never looser; the model the study trains (`aggregator.setup`);
+   never looser; the model the study trains (`aggregator.setup`); the leader's weight cap
+   and fraction bits must represent an update of that model (`aggregator.leader`:
+   `check_round_settings`);
 3. the private keys, then the state store, refused when it is behind the registry or the
    audit log (lost, emptied or restored from an older backup: `aggregator.state_history`
    names the fix, `tessera aggregator rebuild-state`); `store.recover()` aborts any round a
@@ -43,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from aggregator.config import AggregatorConfig
 from aggregator.errors import BaseModelSpent
+from aggregator.leader import check_round_settings
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
 from aggregator.rounds import Stage
@@ -51,6 +54,7 @@ from aggregator.setup import StudySetup, load_study_setup
 from aggregator.state_history import open_checked_store
 from aggregator.store import RESTART_REASON
 from broker import topics
+from broker.chunking import prepare_spool_dir
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key
@@ -69,8 +73,12 @@ class AggregatorDaemon:
     def __init__(self, config: AggregatorConfig, setup: StudySetup) -> None:
         config = dataclasses.replace(config, architecture=setup.model.architecture)
         self.config, self.setup = config, setup
+        genesis = setup.model.genesis()
+        if config.is_leader:  # terms every other party would refuse: say so now
+            check_round_settings(config.round, sum(a.size for a in genesis.values()))
         keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        spool = prepare_spool_dir(config.layout.spool)  # before anything is received
         self.store = open_checked_store(config.layout, config.study_id)
         self.audit = AuditLog.open(config.layout.audit_log)
         self._audited: tuple[int, Stage] | None = None
@@ -82,7 +90,6 @@ class AggregatorDaemon:
                 Event.ROUND_RECOVERED,
                 extra={"fields": {"study": study_id, "round": number}},
             )
-        genesis = setup.model.genesis()
         # The first ONNX export in a process takes seconds (the exporter's one-off set-up);
         # pay it now, not between a round's partial sums and its release.
         setup.model.export(genesis, 0)
@@ -115,7 +122,7 @@ class AggregatorDaemon:
         )
         self.link = ServiceLink(
             endpoint_config(setup.bundle, endpoint),
-            spool_dir=config.layout.spool,
+            spool_dir=spool,
             on_wire=self._count_wire,
         )
         self.health = HealthServer(

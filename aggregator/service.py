@@ -344,9 +344,15 @@ class AggregatorService:
             decoded = combine_round(vectors, a, len(participants))  # checked before any use
         except (PartialSumRejected, AggregateRefused) as exc:
             return self._abort(str(exc))
-        built = current.build_release(
-            decoded, self.registry, self.config, self.export_onnx, self.keys.signing
-        )
+        try:
+            built = current.build_release(
+                decoded, self.registry, self.config, self.export_onnx, self.keys.signing
+            )
+        except (TesseraError, ValueError) as exc:
+            # The partial sums are all in and will not change: nothing can come of waiting
+            # for the agreement timeout (issue 19, point 9: a card refused an infinite
+            # dispersion, and the round sat for minutes). Abort now, with the reason.
+            return self._abort(f"release not built: {exc}")
         if self.auditing is None:
             current.built = built
             return self.signing.begin(current)

@@ -17,7 +17,7 @@ _GIB = 1 << 30
 # --- Protocol messages (tessera.wire) ---------------------------------------------------------
 
 # A model release's weights, ONNX export and card together, wherever a release is parsed (node,
-# aggregator registry, `tessera models show`). A ResNet-18 release is about 45 MB.
+# aggregator registry, `tessera models show`). A ResNet-18 release is about 85 MiB.
 MAX_RELEASE_PAYLOAD_BYTES = 512 * _MIB
 # One partial sum parsed on its own (`PartialSum.from_bytes` default); inside an envelope the
 # envelope's own limit applies.
@@ -38,6 +38,9 @@ MAX_AUDIT_REPORT_BYTES = 64 * _KIB
 MAX_TRANSFER_BYTES = 256 * _MIB
 # All transfers one receiver is reassembling at once.
 MAX_TRANSFERS_IN_FLIGHT_BYTES = 512 * _MIB
+# A transfer larger than this is reassembled in a file in the service's spool folder
+# (`<state>/spool`), not in memory; a ResNet-18 release (about 85 MiB) is one.
+SPOOL_THRESHOLD_BYTES = 64 * _MIB
 # The largest MQTT payload the broker takes when FEDERATION.toml does not say; chunks fit in it.
 DEFAULT_MQTT_PACKET_BYTES = 2 * _MIB
 # The range FEDERATION.toml's [broker] max_packet_bytes may take.

@@ -15,7 +15,10 @@ Order, and what each step guarantees:
    k, clip norm, rounds, epsilon), then by the protocol checks here: the round names exactly
    the roster's aggregators, lists this site, expects at least max(study k, round k) sites
    of the manifest and no one else, fits the study's caps with exactly the ring they require
-   (`tessera.wire.round_terms`: a round that can never release must not cost epsilon), is
+   (`tessera.wire.round_terms`: a round that can never release must not cost epsilon), can
+   represent this node's own update (its weight, from its training-set size, times the clip
+   norm above the fixed point's rounding: `tessera.crypto.update_layout.check_representable`;
+   else the update could round to all zeros and the round fail after the epsilon is spent), is
    before its deadline, is the first RoundOpen this node answers for its round number (a
    leader that signs two cannot have a node refuse one and join the other), and starts from
    the model this node holds. All of this runs before one image is touched. A refusal
@@ -57,6 +60,7 @@ from node.training.federated import RoundUpdate, SiteTraining, round_train_confi
 from node.training.trainer import planned_steps, split_validation
 from tessera.crypto.sealing import seal
 from tessera.crypto.sharing import ShareContext, split
+from tessera.crypto.update_layout import STATS_LENGTH, check_representable
 from tessera.errors import AuthenticationError
 from tessera.governance.approvals import Approval
 from tessera.governance.audit import AuditLog, read_entries
@@ -78,6 +82,7 @@ PROTOCOL_REASONS = (
     "expected-not-in-manifest",
     "expected-below-k",
     "ring-outside-caps",
+    "update-unrepresentable",
     "deadline-passed",
     "already-joined",
     "already-answered",
@@ -339,6 +344,7 @@ def _check_protocol(round_open: RoundOpen, ctx: ParticipationContext, now: dt.da
             "not-expected", f"site {ctx.site_id!r} is not among the round's expected nodes"
         )
     _check_round_terms(round_open, ctx)
+    _check_own_update(round_open, ctx)
     if now.timestamp() * 1000 >= round_open.deadline_ms:
         raise RoundRefused(
             "deadline-passed", f"the round's deadline (Unix ms {round_open.deadline_ms}) passed"
@@ -375,3 +381,24 @@ def _check_round_terms(round_open: RoundOpen, ctx: ParticipationContext) -> None
         check_round_encoding(round_open, max_clip_norm=study.clip_norm)
     except RoundTermsRefused as refused:
         raise RoundRefused(refused.reason, refused.detail) from None
+
+
+def _check_own_update(round_open: RoundOpen, ctx: ParticipationContext) -> None:
+    """This node's update, weighted by its own training-set size, must survive the round's
+    fixed point (issue 19, point 9: a ResNet-18 update of 15-sample sites at weight_cap
+    10,000 rounded to all zeros, and the round failed after every site spent its epsilon)."""
+    cfg = round_train_config(round_open, ctx.site)
+    try:
+        train_idx, _ = split_validation(len(ctx.images), cfg.validation_fraction, cfg.seed)
+    except NodeError as error:
+        raise RoundRefused("not-enough-data", str(error)) from None
+    try:
+        check_representable(
+            weight_cap=round_open.weight_cap,
+            frac_bits=round_open.ring.frac_bits,
+            clip_norm=round_open.clip_norm,
+            n_params=max(1, round_open.vector_length - STATS_LENGTH),
+            samples=len(train_idx),
+        )
+    except ValueError as error:
+        raise RoundRefused("update-unrepresentable", str(error)) from None

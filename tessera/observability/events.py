@@ -43,6 +43,10 @@ class Event(enum.StrEnum):
     PUBLISH_RESUMED = "publish-resumed"  # a stalled payload went through
     PUBLISH_REFUSED = "publish-refused"  # the broker refused a payload (ACL): dropped
     OUTBOX_ABANDONED = "outbox-abandoned"  # stopped with payloads the broker never took
+    # A message its handler could not take now (spool folder missing, disk full): kept
+    # unacknowledged and offered again (broker.session); then taken after `tries`.
+    DELIVERY_DEFERRED = "delivery-deferred"
+    DELIVERY_RESUMED = "delivery-resumed"
 
     # --- the node daemon (node.daemon) ------------------------------------------------------
     NODE_STARTED = "node-started"
@@ -127,6 +131,8 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.PUBLISH_RESUMED: ("kind", "waited_s"),
     Event.PUBLISH_REFUSED: ("kind", "error", "reason"),
     Event.OUTBOX_ABANDONED: ("queued",),
+    Event.DELIVERY_DEFERRED: ("topic", "reason"),
+    Event.DELIVERY_RESUMED: ("topic", "tries"),
     Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
     Event.NODE_STOPPED: (),
     Event.EPSILON_RECONCILED: ("study",),

@@ -195,6 +195,9 @@ REFUSALS: list[tuple[str, Change]] = [
     ("ring-outside-caps", round_change(ring=derive_ring_params(0.5, 16))),  # cannot encode
     ("ring-outside-caps", round_change(ring=derive_ring_params(1e6, 16, 8), loss_cap=1e6)),
     ("ring-outside-caps", round_change(ring=derive_ring_params(required_bound(1.0), 1))),
+    # Issue 19, point 9: terms under which an update can round to all zeros cost no epsilon.
+    ("update-unrepresentable", round_change(weight_cap=2**15)),  # 1/cap below 2 bits at 16
+    ("update-unrepresentable", round_change(weight_cap=16_000, clip_norm=0.1)),  # too small
 ]  # fmt: skip
 
 
