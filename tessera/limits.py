@@ -62,3 +62,10 @@ MAX_INFERENCE_BODY_BYTES = 256 * _MIB
 MAX_DECODED_IMAGE_BYTES = 1 * _GIB
 # One DICOM file read by intake, or one object a PACS sends to the C-STORE receiver.
 MAX_DICOM_OBJECT_BYTES = 2 * _GIB
+
+# --- State folders (tessera.files: DiskWatch) -------------------------------------------------
+
+# After a write found the disk full, a service resumes once this much is free, or what the
+# failed write needed if that is more; SQLite does not say what it needed, so this covers a
+# store's next transactions (its -wal and -shm files) with room to spare.
+DISK_RESERVE_BYTES = 4 * _MIB
