@@ -112,6 +112,11 @@ class ServiceLink:
         """Whether the MQTT session is connected now."""
         return self.session.connected
 
+    @property
+    def delivering_retained(self) -> bool:
+        """Inside a handler: whether its message is a retained replay (`Session`)."""
+        return self.session.delivering_retained
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Send `payload` (chunked), waiting for every PUBACK; see the module docstring."""
         if retain and len(payload) > max_chunk_size(self.session):
