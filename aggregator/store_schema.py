@@ -63,6 +63,7 @@ def open_database(path: Path) -> sqlite3.Connection:
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         if name == path or name.exists():
             make_private_file(name)
+    db: sqlite3.Connection | None = None
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # Deleted rows (a purged round's seeds) are overwritten with zeros, not left in free
@@ -74,6 +75,8 @@ def open_database(path: Path) -> sqlite3.Connection:
         db.executescript(SCHEMA)
         _check_schema_version(db, path)
     except sqlite3.DatabaseError as exc:
+        if db is not None:
+            db.close()  # a daemon waiting for space opens it again, later
         full = disk_full_error(exc, path)
         if full is not None:
             raise full from None
