@@ -344,6 +344,8 @@ class NodeDaemon:
                 # Not acknowledged: the broker keeps the release and the session offers it
                 # again until it fits (broker.session); nothing is lost, nothing refused.
                 raise DeliveryDeferred(str(full)) from None
+            if self.disk.full and self.disk.poll():  # it fitted: ready again, not in 2 s
+                self.metrics.set_disk_full(False)
             self.base = self.setup.newest_model()
             self._refresh_inference()
         fields = {"version": record.version, "round": record.round, "serving": self.serving}

@@ -78,6 +78,7 @@ def test_a_node_ten_minutes_ahead_is_counted_and_one_beyond_its_bound_is_told(
         assert "NTP" in refused["detail"], refused
 
         # site-b: ready, and its offset is measured (one-way: the skew plus transit time).
+        live.wait_for("site-b", Event.RELEASE_INSTALLED, timeout=60, version=1)
         status, body = http(live, "site-b", "/readyz")
         ready: dict[str, Any] = json.loads(body)
         assert status == 200, ready
