@@ -136,6 +136,7 @@ def plan_round(
         leader_id=config.leader_id,
         weight_cap=settings.weight_cap,
         loss_cap=settings.loss_cap,
+        opened_ms=now_ms,
     )
 
 

@@ -56,7 +56,7 @@ from aggregator.store import Store
 from broker import topics
 from tessera.crypto.flatten import flatten
 from tessera.crypto.update_layout import vector_length
-from tessera.errors import TesseraError
+from tessera.errors import DiskFull, TesseraError
 from tessera.observability.events import Event
 from tessera.wire.envelopes import Message
 from tessera.wire.messages import (
@@ -113,7 +113,8 @@ class AggregatorService:
 
     def on_message(self, topic: str, payload: bytes) -> list[Outgoing]:
         """Handle one message; a rejected one is logged and answers []. Never raises for
-        bad input (a bug in this code still raises)."""
+        bad input (a bug in this code still raises, and so does DiskFull: the daemon waits
+        for space, then starts over as after a restart)."""
         kind: topics.Kind | None = None
         try:
             kind = topics.parse(topic).kind
@@ -126,6 +127,8 @@ class AggregatorService:
             if signed is None:
                 return []  # our own publication, echoed by the broker
             return step(signed.message, signed.signer_id)
+        except DiskFull:
+            raise
         except (TesseraError, ValueError) as exc:
             # ValueError covers CodecError and the admission errors; no share content or
             # site data is in these messages, and AuthenticationError stays vague.

@@ -13,10 +13,12 @@ other version is refused, never guessed at.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePath
 
 from aggregator.errors import StoreError
-from tessera.files import make_private_file
+from tessera.files import disk_full_error, make_private_file
 
 SCHEMA_VERSION = 4
 
@@ -54,12 +56,14 @@ def open_database(path: Path) -> sqlite3.Connection:
     """Open or create the store at `path` (mode 0600): WAL, synchronous=FULL, secure
     delete, the schema, its version.
 
-    StoreError, naming the fix, when SQLite cannot open it or it has another schema version.
+    StoreError, naming the fix, when SQLite cannot open it or it has another schema version;
+    DiskFull (tessera.errors) when the file system is full, which is not damage.
     """
     # Private from the first byte: SQLite gives the -wal and -shm files the database's mode.
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         if name == path or name.exists():
             make_private_file(name)
+    db: sqlite3.Connection | None = None
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # Deleted rows (a purged round's seeds) are overwritten with zeros, not left in free
@@ -71,6 +75,11 @@ def open_database(path: Path) -> sqlite3.Connection:
         db.executescript(SCHEMA)
         _check_schema_version(db, path)
     except sqlite3.DatabaseError as exc:
+        if db is not None:
+            db.close()  # a daemon waiting for space opens it again, later
+        full = disk_full_error(exc, path)
+        if full is not None:
+            raise full from None
         raise StoreError(
             f"state store {path} cannot be opened ({exc}); restore it from a backup, or "
             "move it aside (keep it) and run `tessera aggregator rebuild-state --config "
@@ -79,6 +88,19 @@ def open_database(path: Path) -> sqlite3.Connection:
             "restart from the genesis model and stall"
         ) from None
     return db
+
+
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Raise DiskFull (naming `path`) for an SQLite error that a full disk caused; any other
+    error passes unchanged (`tessera.files.disk_full_error` decides)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        full = disk_full_error(exc, path)
+        if full is None:
+            raise
+        raise full from None
 
 
 # Schema 1 or 2 -> 3: every partial-sum fact is kept, with the round's base model and its

@@ -113,6 +113,7 @@ class Session:
         self._rng = random.Random()  # jitter only; nothing secret comes from it
         self._threads: list[threading.Thread] = []
         self._deferred: list[_Deferred] = []  # touched by the dispatch thread only
+        self._retained = False  # the message whose handlers run now was a retained replay
         self.dropped_oversized = 0
         self.handler_failures = 0
         # Called on paho's network thread at each connect and each loss of the connection
@@ -160,6 +161,13 @@ class Session:
     def connected(self) -> bool:
         """Whether the session is connected right now."""
         return self._connected.is_set()
+
+    @property
+    def delivering_retained(self) -> bool:
+        """Inside a handler (on the dispatch thread): whether the message it handles is a
+        retained one the broker replayed because the subscription is new. Such a message
+        may be old: its age, not the sender's clock, is what a timestamp in it shows."""
+        return self._retained
 
     def close(self, timeout: float = 5.0) -> None:
         """Publish "offline" presence, disconnect cleanly (no last will), stop the threads."""
@@ -444,6 +452,7 @@ class Session:
         payload = payload if isinstance(payload, bytes) else bytes(payload)
         deferred: list[Handler] = []
         reason = ""
+        self._retained = bool(message.retain)
         for handler in delivery.handlers:
             try:
                 handler(message.topic, payload)
@@ -453,6 +462,7 @@ class Session:
             except Exception:  # a handler bug must not kill delivery to others
                 self.handler_failures += 1
                 log.exception("handler for %s raised", message.topic)
+        self._retained = False
         if deferred:
             if delivery.tries == 0:
                 self.deliveries_deferred += 1

@@ -9,6 +9,7 @@ state_dir = "/var/lib/tessera"          # cache, models, ledger, audit log (a vo
 dicom_dir = "/data/dicom"               # optional: ingested at start and before each round
 labels_csv = "/data/labels.csv"         # optional: labels by SOP/Study UID or accession
 http_port = 8080                        # /healthz /readyz /metrics and POST /v1/infer
+max_clock_skew_s = 900                  # tolerated offset from the leader's clock (measured)
 
 [training]
 noise_multiplier = 1.1                  # DP-SGD: every study requires it
@@ -262,6 +263,10 @@ class NodeConfig:
     intake_interval_s: float = 300.0
     http_host: str = "0.0.0.0"  # noqa: S104 - probes and inference clients come from outside
     http_port: int = 8080
+    # How far this node's clock may be from the leader's (measured from its signed
+    # RoundOpen, node.round.clock) and still be corrected; beyond it rounds are refused
+    # ("clock-skew") until the clock is synchronised.
+    max_clock_skew_s: float = 900.0
     log_level: str = "INFO"
     broker: BrokerEndpointSettings = field(default_factory=BrokerEndpointSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
@@ -272,6 +277,12 @@ class NodeConfig:
         check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535")
         check(1 <= self.intake_workers <= 64, "intake_workers", self.intake_workers, "use 1-64")
         check(self.intake_interval_s >= 1, "intake_interval_s", self.intake_interval_s, "use >= 1")
+        check(
+            0 <= self.max_clock_skew_s <= 86_400,
+            "max_clock_skew_s",
+            self.max_clock_skew_s,
+            "use 0-86400 seconds (0: no skew tolerated; synchronise clocks with NTP)",
+        )
         check(
             self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
             "log_level",

@@ -19,16 +19,20 @@ Start-up (`node.setup`), each step failing with a message that names the fix:
    cache) over the DICOM folder and the received folder before connecting, repeated every
    `intake_interval_s`; training reads the cache, never the DICOM folders;
 4. the HTTP endpoints (`/healthz`; `/readyz`: broker connected, keys loaded, a verified
-   model serving, the privacy ledger not behind, with warnings naming what needs the
-   operator; `/metrics`; `POST /v1/infer`), then the MQTT session.
+   model serving, the privacy ledger not behind, the disk not full, the clock within
+   `max_clock_skew_s` of the leader's, with the measured offset under `info` and warnings
+   naming what needs the operator; `/metrics`; `POST /v1/infer`), then the MQTT session.
 
 Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
 worker thread, which answers it with `node.round.participation.participate`: every term is
 checked before the cache is read, a refusal is audited and sends nothing, a joined round
 publishes one sealed share per aggregator. Publishing only posts to the link's outbox: the
 worker never waits for the broker, and what it posted during a broker outage goes out once
-the session is back (`broker.outbox`). The site policy file is re-read for every round,
-so setting `paused = true` in it takes effect at the next RoundOpen.
+the session is back (`broker.outbox`). Each live RoundOpen from the leader is also a
+sample of this node's clock against the leader's (`node.round.clock`): the round's deadline
+is judged on the leader's clock as measured, and a clock further off than the node
+tolerates refuses the round with "clock-skew" and the fix. The site policy file is re-read
+for every round, so setting `paused = true` in it takes effect at the next RoundOpen.
 
 Privacy audits (studies that require one): the leader publishes each round's candidate
 model, signed by itself alone. The same worker thread answers it with
@@ -41,23 +45,31 @@ the aggregators hold the release for the missing report.
 
 Releases: a release is installed only through `node.round.releases.accept_release` (every
 aggregator's signature, every hash, the ONNX naming these weights); a refused one is
-audited and changes nothing. After an install the training base moves to the newest
-version and inference swaps to the store's current version without a restart. The store is
-re-read every few seconds, so `tessera node models pin|unpin|rollback` on the same state
-folder changes the served model of a running node.
+audited and changes nothing. A release that does not fit on the disk is neither refused nor
+lost: the node says "disk full" (log, `/readyz`, `tessera_disk_full`), leaves the message
+unacknowledged so the broker keeps it (`broker.errors.DeliveryDeferred`), and installs it
+when it is offered again after the space is back. After an install the training base moves
+to the newest version and inference swaps to the store's current version without a restart.
+The store is re-read every few seconds, so `tessera node models pin|unpin|rollback` on the
+same state folder changes the served model of a running node.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from prometheus_client import Gauge
 from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
+from broker.errors import DeliveryDeferred
 from broker.service_link import run_until_signalled
 from node.config import NodeConfig
 from node.inference.http import infer_request
@@ -73,10 +85,12 @@ from node.round.candidate import (
     JoinedRounds,
     audit_candidate,
 )
+from node.round.clock import ClockReading, LeaderClock
 from node.round.participation import Joined, participate
 from node.round.releases import ReleaseRefused, accept_release, parse_release
 from node.setup import NodeSetup, load_node_setup
-from tessera.errors import AuthenticationError, TesseraError
+from tessera.errors import AuthenticationError, DiskFull, TesseraError
+from tessera.files import DiskWatch, disk_full_error
 from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer, Request, Response
@@ -112,6 +126,18 @@ class NodeDaemon:
         self.models = ModelKeeper(setup, self.slot)
         self.base = self.models.training_base()
         self.models.refresh()
+        # A write that found no space (a release, a round, intake): not ready until the
+        # space it needed is back; the release itself is delivered again (DeliveryDeferred).
+        self.disk = DiskWatch(reserve=0)
+        self.clock = LeaderClock(self.config.state_dir, self.config.max_clock_skew_s)
+        self.clock_offset = Gauge(
+            "tessera_clock_offset_seconds",
+            "How far this node's clock is ahead of the leader's (negative: behind), estimated "
+            "one-way from the leader's signed RoundOpen (skew plus transit); NaN until measured.",
+            registry=setup.metrics_registry,
+        )
+        self._clock_beyond = False
+        self._show_clock(self.clock.reading())
         self.health = HealthServer(
             self.config.http_port,
             setup.metrics_registry,
@@ -120,8 +146,11 @@ class NodeDaemon:
                 "keys": lambda: True,
                 "model": lambda: self.models.serving is not None,
                 "privacy ledger": lambda: self.ledger_problem is None,
+                "disk": self.disk.readiness,
+                "clock": self._clock_ready,
             },
             routes={("POST", "/v1/infer"): self._infer},
+            info={"clock": lambda: self.clock.reading().as_info()},
             host=self.config.http_host,
             warnings=self._warnings,
         )
@@ -173,6 +202,8 @@ class NodeDaemon:
                 next_intake = time.monotonic() + self.config.intake_interval_s
             self.metrics.set_broker_connected(self.link.connected)
             self._check_ledger()
+            if self.disk.full and self.disk.poll():
+                self.metrics.set_disk_full(False)
             with self._lock:
                 if self.store.reload():
                     self.models.refresh()
@@ -207,6 +238,12 @@ class NodeDaemon:
             return
         if not isinstance(message, RoundOpen):
             return
+        if (
+            signed.signer_id == self.setup.member.leader
+            and message.opened_ms
+            and not self.link.delivering_retained  # a replay is as old as its round
+        ):
+            self._show_clock(self.clock.observe(message.opened_ms))
         try:
             self._rounds.put_nowait(("round", payload))
         except queue.Full:
@@ -230,16 +267,21 @@ class NodeDaemon:
                 else:
                     self._audit_candidate(payload)
             except Exception as error:  # noqa: BLE001 - one failed round must not stop the node
+                full = self._disk_full(error)
                 log.error(
                     Event.ROUND_FAILED,
-                    extra={"fields": {"error": type(error).__name__, "reason": str(error)}},
+                    extra={"fields": {"error": type(error).__name__, "reason": str(full or error)}},
                 )
 
     def _answer_round(self, payload: bytes) -> None:
         with self._lock:
             ctx = self.setup.participation_context(self.base)
+        # Deadlines are the leader's: judge them on its clock, as far as it was measured.
+        reading = self.clock.reading()
+        ctx = dataclasses.replace(ctx, clock=reading)
+        now = dt.datetime.fromtimestamp(self.clock.now() - reading.correction_s, dt.UTC)
         try:
-            outcome = participate(payload, ctx)
+            outcome = participate(payload, ctx, now)
         except AuthenticationError:
             log.warning(Event.MESSAGE_REJECTED, extra={"fields": {"kind": "ROUND"}})
             return
@@ -269,10 +311,13 @@ class NodeDaemon:
     def _ingest(self) -> None:
         try:
             summary = self.setup.ingest()
-        except (TesseraError, OSError, ValueError) as error:
+        except (TesseraError, OSError, ValueError, sqlite3.Error) as error:
+            full = self._disk_full(error)
+            if full is None and isinstance(error, sqlite3.Error):
+                raise
             log.error(
                 Event.INTAKE_FAILED,
-                extra={"fields": {"error": type(error).__name__, "reason": str(error)}},
+                extra={"fields": {"error": type(error).__name__, "reason": str(full or error)}},
             )
             return
         for reason, count in summary.reasons.items():
@@ -322,11 +367,45 @@ class NodeDaemon:
                 fields = {"version": release.version, "reason": reason}
                 log.warning(Event.RELEASE_REFUSED, extra={"fields": fields})
                 return
+            except OSError as error:
+                full = self._disk_full(error)
+                if full is None:
+                    raise
+                # Not acknowledged: the broker keeps the release and the session offers it
+                # again until it fits (broker.session); nothing is lost, nothing refused.
+                raise DeliveryDeferred(str(full)) from None
+            if self.disk.full and self.disk.poll():  # it fitted: ready again, not in 2 s
+                self.metrics.set_disk_full(False)
             self.models.accepted(record.version)
             self.base = self.models.training_base()
             self.models.refresh()
         fields = {"version": record.version, "round": record.round, "serving": self.serving}
         log.info(Event.RELEASE_INSTALLED, extra={"fields": fields})
+
+    # --- a full disk, the clock ----------------------------------------------------------------
+
+    def _disk_full(self, error: BaseException) -> DiskFull | None:
+        """The DiskFull that `error` means (noted: not ready until the space is back), or
+        None when it is not about space."""
+        full = disk_full_error(error, self.config.state_dir)
+        if full is not None:
+            self.disk.note(full)
+            self.metrics.set_disk_full(True)
+        return full
+
+    def _show_clock(self, reading: ClockReading) -> None:
+        """Publish the clock's reading as a metric; log when it crosses the tolerance."""
+        self.clock_offset.set(float("nan") if reading.offset_s is None else reading.offset_s)
+        if reading.beyond != self._clock_beyond:
+            self._clock_beyond = reading.beyond
+            if reading.beyond:
+                fields = {"offset_s": reading.offset_s, "tolerated_s": reading.tolerated_s,
+                          "reason": reading.refusal()}  # fmt: skip
+                log.error(Event.CLOCK_SKEW, extra={"fields": fields})
+
+    def _clock_ready(self) -> bool | str:
+        reading = self.clock.reading()
+        return reading.refusal() if reading.beyond else True
 
     def _request_release(self, request: ReleaseRequest) -> None:
         """Ask the aggregators again for a release held damaged (`node.model_keeper`)."""

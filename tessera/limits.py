@@ -77,3 +77,10 @@ RECEIVER_MAX_ASSOCIATIONS = 4
 # an aggregator sends one node one version at most this often, so that a looping or hostile
 # node cannot make an aggregator push a 45 MB model over and over.
 RELEASE_REFETCH_INTERVAL_S = 60.0
+
+# --- State folders (tessera.files: DiskWatch) -------------------------------------------------
+
+# After a write found the disk full, a service resumes once this much is free, or what the
+# failed write needed if that is more; SQLite does not say what it needed, so this covers a
+# store's next transactions (its -wal and -shm files) with room to spare.
+DISK_RESERVE_BYTES = 4 * _MIB

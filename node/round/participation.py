@@ -19,9 +19,11 @@ Order, and what each step guarantees:
    represent this node's own update (its weight, from its training-set size, times the clip
    norm above the fixed point's rounding: `tessera.crypto.update_layout.check_representable`;
    else the update could round to all zeros and the round fail after the epsilon is spent), is
-   before its deadline, is the first RoundOpen this node answers for its round number (a
-   leader that signs two cannot have a node refuse one and join the other), and starts from
-   the model this node holds. All of this runs before one image is touched. A refusal
+   before its deadline on the leader's clock (this node's own, corrected by the offset it
+   measured; a node whose clock is off by more than it tolerates refuses with "clock-skew"
+   and the fix: `node.round.clock`), is the first RoundOpen this node answers for its round
+   number (a leader that signs two cannot have a node refuse one and join the other), and
+   starts from the model this node holds. All of this runs before one image is touched. A refusal
    appends a `round-refused` entry and returns `Refused`, which carries no outgoing message
    at all. Every answer's audit entry names the RoundOpen's hash (`round_open`), and the
    audit log is what the node reads back to know which rounds it answered, so a restart
@@ -55,6 +57,7 @@ from broker.topics import share_topic
 from node.errors import NodeError
 from node.privacy.ledger import BudgetExceeded, PrivacyLedger
 from node.privacy.reconcile import charge_fields, ledger_gap
+from node.round.clock import ClockReading
 from node.round.policy import LedgerState, RoundAnnouncement, RoundRefused, SitePolicy, check_round
 from node.training.federated import RoundUpdate, SiteTraining, round_train_config, train_for_round
 from node.training.trainer import planned_steps, split_validation
@@ -84,6 +87,7 @@ PROTOCOL_REASONS = (
     "ring-outside-caps",
     "update-unrepresentable",
     "deadline-passed",
+    "clock-skew",
     "already-joined",
     "already-answered",
     "base-model-mismatch",
@@ -105,7 +109,9 @@ class ParticipationContext:
     `aggregator_signing_keys` and `aggregator_hpke_keys` come from the verified roster (all
     aggregators, never only those a RoundOpen names); `leader_id` is the roster's leader.
     `architecture` is the model's architecture id as the study's allowlist spells it.
-    `ledger` is the study's privacy ledger, required when `site.dp` is set.
+    `ledger` is the study's privacy ledger, required when `site.dp` is set. `clock` is what
+    the node measured of its clock against the leader's (`node.round.clock`); None: not
+    known, as for a node that never compared them.
     """
 
     site_id: str
@@ -125,6 +131,7 @@ class ParticipationContext:
     audit: AuditLog
     train: Trainer = field(default=train_for_round)
     max_round_open_bytes: int = MAX_ROUND_OPEN_BYTES
+    clock: ClockReading | None = None
 
 
 class Outgoing(NamedTuple):
@@ -173,6 +180,8 @@ def participate(
 ) -> Participation:
     """Answer one signed RoundOpen: `Joined` with the share envelopes to publish, or
     `Refused` (audited, no messages). See the module docstring for the order of checks.
+    `now` is the leader's time as this node reads it (its own clock corrected by
+    `ctx.clock`, which the daemon measured); default: this machine's clock.
 
     Raises AuthenticationError for an envelope not signed by the roster's leader, CodecError
     for malformed bytes; errors while training (other than the budget) propagate.
@@ -345,9 +354,15 @@ def _check_protocol(round_open: RoundOpen, ctx: ParticipationContext, now: dt.da
         )
     _check_round_terms(round_open, ctx)
     _check_own_update(round_open, ctx)
-    if now.timestamp() * 1000 >= round_open.deadline_ms:
+    if ctx.clock is not None and ctx.clock.beyond:
+        raise RoundRefused("clock-skew", ctx.clock.refusal())
+    late_s = now.timestamp() - round_open.deadline_ms / 1000
+    if late_s >= 0:
+        clock = ctx.clock.describe() if ctx.clock is not None else "clock not compared"
         raise RoundRefused(
-            "deadline-passed", f"the round's deadline (Unix ms {round_open.deadline_ms}) passed"
+            "deadline-passed",
+            f"the round's deadline (Unix ms {round_open.deadline_ms}) passed {late_s:.0f} s "
+            f"ago on the leader's clock as this node reads it ({clock})",
         )
     answered = _answered_rounds(round_open, ctx).get(round_open.round)
     if answered == "round-joined":

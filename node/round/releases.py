@@ -6,7 +6,9 @@ hashes (`tessera.wire.release.verify_release`), the release is for the store's f
 study, and the ONNX export names these very weights in its metadata. Only then are the
 weights, the ONNX file, the model card and the signed release written, each atomically, to
 `<state>/models/<version>/`, and the version recorded. Every refusal raises and is audited
-(kind `release`, outcome `refused`); nothing of a refused release reaches the disk.
+(kind `release`, outcome `refused`); nothing of a refused release reaches the disk. A release
+that does not fit raises DiskFull (naming the models folder and what the release needs) and
+leaves nothing of itself behind: it is not refused, only not yet installed.
 
 Which model inference uses: `current()` is the pinned version if one is pinned, else the
 newest. `rollback()` pins the version before the current one; `pin(v)` and `unpin()` are the
@@ -30,6 +32,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,8 +41,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from node.errors import NodeError
-from tessera.errors import AuthenticationError, CodecError
-from tessera.files import atomic_write
+from tessera.errors import AuthenticationError, CodecError, DiskFull
+from tessera.files import atomic_write, free_bytes
 from tessera.governance.audit import AuditLog
 from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES
 from tessera.models.onnx_export import read_metadata
@@ -298,14 +301,23 @@ class ModelStore:
         self, release: ModelRelease, weights: bytes, onnx: bytes, card: bytes
     ) -> StoredModel:
         folder = self.folder(release.version)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in ((WEIGHTS_FILE, weights), (ONNX_FILE, onnx), (CARD_FILE, card),
-                           (RELEASE_FILE, release.to_bytes())):  # fmt: skip
-            atomic_write(folder / name, data)
+        files = ((WEIGHTS_FILE, weights), (ONNX_FILE, onnx), (CARD_FILE, card),
+                 (RELEASE_FILE, release.to_bytes()))  # fmt: skip
         record = _record(release)
-        with self._locked():
-            self._models[release.version] = record
-            self._save()  # last: the record exists only once every file is in place
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in files:
+                atomic_write(folder / name, data)
+            with self._locked():
+                self._models[release.version] = record
+                self._save()  # last: the record exists only once every file is in place
+        except DiskFull:
+            # Give back what the version took, and say what all of it needs: the release
+            # is taken again once the space is back (node.daemon defers its delivery).
+            if release.version not in self._models:
+                shutil.rmtree(folder, ignore_errors=True)
+            needed = sum(len(data) for _, data in files)
+            raise DiskFull(str(self.root), needed, free_bytes(self.root)) from None
         return record
 
 

@@ -48,6 +48,10 @@ class Event(enum.StrEnum):
     DELIVERY_DEFERRED = "delivery-deferred"
     DELIVERY_RESUMED = "delivery-resumed"
 
+    # --- any service's state folder (tessera.files: DiskFull, DiskWatch) --------------------
+    DISK_FULL = "disk-full"  # a write found no space: not ready, waiting (says where, how much)
+    DISK_SPACE_RETURNED = "disk-space-returned"  # enough space again: resuming
+
     # --- the node daemon (node.daemon) ------------------------------------------------------
     NODE_STARTED = "node-started"
     NODE_STOPPED = "node-stopped"
@@ -61,6 +65,9 @@ class Event(enum.StrEnum):
     ROUND_REFUSED = "round-refused"  # the site's policy or the study's terms said no
     ROUND_JOINED = "round-joined"  # trained and sent one sealed share per aggregator
     ROUND_FAILED = "round-failed"  # answering a round or a candidate raised
+    # This node's clock, measured against the leader's signed RoundOpen, is further off
+    # than `max_clock_skew_s`: rounds are refused ("clock-skew") and /readyz says why.
+    CLOCK_SKEW = "clock-skew"
     INTAKE = "intake"  # one intake pass's summary
     INTAKE_FAILED = "intake-failed"
     CANDIDATE_DROPPED = "candidate-dropped"  # a candidate arrived while the queue was full
@@ -133,6 +140,8 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.OUTBOX_ABANDONED: ("queued",),
     Event.DELIVERY_DEFERRED: ("topic", "reason"),
     Event.DELIVERY_RESUMED: ("topic", "tries"),
+    Event.DISK_FULL: ("path", "needed_bytes", "free_bytes", "reason"),
+    Event.DISK_SPACE_RETURNED: ("path", "free_bytes"),
     Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
     Event.NODE_STOPPED: (),
     Event.EPSILON_RECONCILED: ("study",),
@@ -148,6 +157,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
         "validation_accuracy", "bytes_sent", "plaintext_bytes",
     ),
     Event.ROUND_FAILED: ("error", "reason"),
+    Event.CLOCK_SKEW: ("offset_s", "tolerated_s", "reason"),
     Event.INTAKE: (
         "seen", "unchanged", "ingested", "quarantined", "dropped", "reasons", "labels_out_of_set",
     ),

@@ -139,6 +139,7 @@ def example_messages() -> list[Any]:
             ("agg-1", "agg-2"),
             ("site-a", "site-b"),
             "agg-1",
+            opened_ms=1_699_999_940_000,
         ),
         ShareEnvelope(
             "fed-a",

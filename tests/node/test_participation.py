@@ -13,6 +13,7 @@ import pytest
 
 from broker.topics import share_topic
 from node.privacy.ledger import PrivacyLedger
+from node.round.clock import ClockReading
 from node.round.participation import (
     PROTOCOL_REASONS,
     Joined,
@@ -186,6 +187,8 @@ REFUSALS: list[tuple[str, Change]] = [
     ("aggregators-not-in-roster", extra_roster_aggregator),
     ("not-expected", round_change(expected_nodes=("site-2",))),
     ("deadline-passed", round_change(deadline_ms=int(NOW.timestamp() * 1000) - 1)),
+    # Issue 19: a clock measured further from the leader's than the node tolerates.
+    ("clock-skew", ctx_change(clock=ClockReading(offset_s=600.4, tolerated_s=120.0))),
     ("base-model-mismatch", round_change(base_model_hash=bytes(32))),
     ("not-enough-data", lambda ctx: (dataclasses.replace(ctx, images=ctx.images[:1],
                                                          labels=ctx.labels[:1]), {})),
@@ -214,6 +217,9 @@ def test_every_refusal_sends_nothing_trains_nothing_and_is_audited(
     (entry,) = read_entries(ctx.audit.path)
     assert entry.kind == "round-refused" and entry.fields["reason"] == reason
     assert entry.fields["study_id"] == STUDY_ID and entry.fields["round"] >= 1
+    if reason == "clock-skew":
+        assert result.detail.startswith("your clock is 600 s ahead of the leader's (")
+        assert "NTP" in result.detail
 
 
 def test_every_protocol_reason_has_a_refusal_test() -> None:

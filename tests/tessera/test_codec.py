@@ -207,6 +207,7 @@ def test_huge_declared_lengths_fail_fast() -> None:
         ("federation_id", "fed/1"),
         ("study_id", ""),
         ("expected_nodes", ["node-a"]),
+        ("opened_ms", 1_800_000_000_001),  # after its own deadline
     ],
 )
 def test_invalid_round_open_fields_are_refused(field: str, value: object) -> None:
