@@ -274,7 +274,7 @@ class RoundBench:
         self.root, self.work, self.round_open = root, work, round_open
         self.nodes = [w.node for w in work]
         federation = parse_federation({
-            "federation": {"id": FED, "leader": LEADER},
+            "federation": {"id": FED, "leader": LEADER, "studies": [STUDY]},
             "broker": {"max_packet_bytes": 2 << 20},
             "sites": [{"id": n, "name": f"Hospital {n}"} for n in self.nodes],
             "aggregators": [{"id": a, "name": a} for a in AGGREGATORS],

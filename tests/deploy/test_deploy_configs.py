@@ -52,7 +52,7 @@ def test_aggregator_configurations_load_with_their_bundle(path: Path, tmp_path: 
     member = document["aggregator_id"]
     federation = parse_federation(
         {
-            "federation": {"id": "demo-fed", "leader": "agg-uni"},
+            "federation": {"id": "demo-fed", "leader": "agg-uni", "studies": ["chest-xray"]},
             "sites": [{"id": "site-a", "name": "A"}],
             "aggregators": [{"id": "agg-uni", "name": "U"}, {"id": "agg-ngo", "name": "N"}],
         }
