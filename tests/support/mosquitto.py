@@ -42,6 +42,7 @@ TEST_FEDERATION: dict[str, Any] = {
             "study-offline",
             "study-ws",
             "study-outbox",
+            "study-retained",
             "chest-xray",
         ],
     },
