@@ -31,6 +31,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Load the configuration, log JSON at its level, run the daemon."""
     from aggregator.config import load_config
     from aggregator.state_history import open_checked_store
+    from tessera.errors import DiskFull
     from tessera.observability.logs import configure_logging
 
     config = load_config(args.config)
@@ -38,7 +39,10 @@ def run_command(args: argparse.Namespace) -> int:
     # A lost or stale store is refused here, in a second, before the slow imports (torch);
     # the daemon checks again when it opens the store for good.
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    open_checked_store(config.layout, config.study_id).close()
+    try:
+        open_checked_store(config.layout, config.study_id).close()
+    except DiskFull:
+        pass  # the daemon starts, not ready, and opens the store once the space is back
     from aggregator.daemon import run
 
     return run(config)
