@@ -203,6 +203,9 @@ class AggregatorConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     bundle_dir: Path | None = None
     architecture: str | None = None  # None: the study's only allowed architecture
+    # /healthz, /readyz, /metrics (no patient data): all interfaces by default, since the
+    # kubelet's probes and Prometheus come from outside the pod; "127.0.0.1" keeps it local.
+    http_host: str = "0.0.0.0"  # noqa: S104 - see the comment above
     http_port: int = 8080
     log_level: str = "INFO"
     broker: BrokerSettings = field(default_factory=BrokerSettings)
@@ -219,6 +222,7 @@ class AggregatorConfig:
                 "use a short ASCII id without spaces, as in the manifest",
             )
         _check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535 (0: any)")
+        _check(bool(self.http_host), "http_host", self.http_host, "use an address: 127.0.0.1")
         _check(
             self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
             "log_level",

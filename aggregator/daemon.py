@@ -10,7 +10,8 @@ Start-up, in order, each step failing with a message that names the fix:
    never looser; the model the study trains (`aggregator.setup`);
 3. the private keys, then the state store: `store.recover()` aborts any round a crash left
    in flight and deletes its shares, so a restarted aggregator never resumes a round;
-4. the HTTP endpoints (`/healthz`, `/readyz`: broker connected, keys and store loaded;
+4. the HTTP endpoints on `http_host` (`/healthz`; `/readyz` with the checks
+   `READINESS_CHECKS`: `broker` connected, `keys` on disk the roster's, `store` intact;
    `/metrics`), then the MQTT session, subscribed to what an aggregator reads.
 
 Then messages go to `AggregatorService.on_message` on the session's dispatch thread and the
@@ -47,7 +48,9 @@ from aggregator.service import AggregatorService, Outgoing, ServiceKeys
 from aggregator.setup import StudySetup, load_study_setup
 from aggregator.store import RESTART_REASON, Store
 from broker import topics
+from broker.provisioning.key_check import check_member_keys
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
+from broker.session_config import TlsFiles
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key
 from tessera.governance.audit import AuditLog
@@ -57,6 +60,10 @@ from tessera.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("tessera.aggregator.daemon")
 TICK_S = 0.5
+
+
+# The /readyz checks, in the order it names failing ones (the README's table lists them).
+READINESS_CHECKS = ("broker", "keys", "store")
 
 
 class AggregatorDaemon:
@@ -119,9 +126,10 @@ class AggregatorDaemon:
             self.metrics_registry,
             readiness={
                 "broker": lambda: self.link.connected,
-                "keys": lambda: True,
+                "keys": self._keys_ready,
                 "store": self._store_ok,
             },
+            host=config.http_host,
         )
         self._lock = threading.Lock()
         self._online: set[str] = set()
@@ -136,6 +144,17 @@ class AggregatorDaemon:
 
     def _count_wire(self, direction: str, count: int) -> None:
         self.metrics.add_wire_bytes("sent" if direction == "sent" else "received", count)
+
+    def _keys_ready(self) -> bool:
+        """The signing, HPKE and broker TLS keys on disk are this aggregator's in the roster
+        (raises if not)."""
+        config, broker = self.config, self.config.broker
+        tls = None
+        if broker.tls and broker.ca_file and broker.cert_file and broker.key_file:
+            tls = TlsFiles(broker.ca_file, broker.cert_file, broker.key_file)
+        entry = self.setup.bundle.roster.member(config.aggregator_id)
+        check_member_keys(entry, config.signing_key, hpke_key=config.hpke_key, tls=tls)
+        return True
 
     def _store_ok(self) -> bool:
         self.store.integrity_check()

@@ -14,8 +14,9 @@ Start-up (`node.setup`), each step failing with a message that names the fix:
    to `<state_dir>/received`; with `dicom_dir` or the receiver, one intake pass (quarantine,
    cache) over the DICOM folder and the received folder before connecting, repeated every
    `intake_interval_s`; training reads the cache, never the DICOM folders;
-4. the HTTP endpoints (`/healthz`; `/readyz`: broker connected, keys loaded, a verified
-   model serving; `/metrics`; `POST /v1/infer`), then the MQTT session.
+4. the HTTP endpoints (`/healthz`; `/readyz` with the checks `READINESS_CHECKS`: `broker`
+   connected, `keys` on disk the roster's, `model` a verified release serving; `/metrics`;
+   `POST /v1/infer`), then the MQTT session.
 
 Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
 worker thread, which answers it with `node.round.participation.participate`: every term is
@@ -44,6 +45,7 @@ folder changes the served model of a running node.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import queue
 import threading
@@ -52,6 +54,7 @@ import time
 from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
+from broker.provisioning.key_check import check_member_keys
 from broker.service_link import run_until_signalled
 from node.config import NodeConfig
 from node.errors import NodeError
@@ -80,6 +83,10 @@ log = logging.getLogger("tessera.node.daemon")
 STORE_POLL_S = 2.0
 
 
+# The /readyz checks, in the order it names failing ones (the README's table lists them).
+READINESS_CHECKS = ("broker", "keys", "model")
+
+
 class NodeDaemon:
     """One running node: rounds, releases, inference, health; see the module docstring."""
 
@@ -101,8 +108,8 @@ class NodeDaemon:
             setup.metrics_registry,
             readiness={
                 "broker": lambda: self.link.connected,
-                "keys": lambda: True,
-                "model": lambda: self.serving is not None,
+                "keys": self._keys_ready,
+                "model": self._model_verified,
             },
             routes={("POST", "/v1/infer"): self._infer},
             host=self.config.http_host,
@@ -323,6 +330,30 @@ class NodeDaemon:
             status, body = infer_request(self.slot, self.setup.secret, IntakeLimits(), request.body)
             timer.outcome = "ok" if status == 200 else "rejected" if status == 400 else "error"
         return Response.json(status, body)
+
+    def _keys_ready(self) -> bool:
+        """The signing key and the broker TLS key on disk are this site's (raises if not)."""
+        bundle = self.setup.member.bundle
+        tls = bundle.tls_files if self.config.broker.tls else None
+        entry = bundle.roster.member(self.config.site_id)
+        check_member_keys(entry, bundle.signing_key_file, tls=tls)
+        return True
+
+    def _model_verified(self) -> bool:
+        """A release serves, and the ONNX bytes and weights it was loaded from hash to what
+        its accepted (jointly signed) release names; False before the first release."""
+        try:
+            model = self.slot.current()
+        except NodeError:
+            return False
+        record = self.store.get(int(model.version))
+        if (
+            record is None
+            or not hmac.compare_digest(model.onnx_sha256, record.onnx_hash)
+            or not hmac.compare_digest(model.metadata.model_hash, record.model_hash)
+        ):
+            raise NodeError(f"the model serving as version {model.version} is not its release")
+        return True
 
     def _count_wire(self, direction: str, count: int) -> None:
         self.metrics.add_wire_bytes("sent" if direction == "sent" else "received", count)

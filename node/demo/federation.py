@@ -180,7 +180,7 @@ def prepare_federation(
         _write_config(prepared.config(aggregator), {
             "aggregator_id": aggregator, "bundle_dir": str(prepared.bundle(aggregator)),
             "study_id": spec.study_id, "state_dir": str(prepared.state(aggregator)),
-            "http_port": 0, "broker": broker,
+            "http_host": "127.0.0.1", "http_port": 0, "broker": broker,
             "round": {"min_participants": spec.min_participants, "clip_norm": spec.clip_norm,
                       **spec.round},
             "strategy": dict(spec.strategy),

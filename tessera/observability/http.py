@@ -4,7 +4,8 @@ Node and aggregator both run one `HealthServer` on port 8080 (the deployment con
 
 - `/healthz`: 200 while the process can answer at all (the liveness probe);
 - `/readyz`: 200 only if every registered readiness check passes, else 503 with the names
-  of the failing checks, e.g. "broker connected", "keys loaded", "model verified";
+  of the failing checks, e.g. `{"ready": false, "failing": ["broker", "keys"]}` (each daemon
+  names its checks in `READINESS_CHECKS`; the README's table describes them);
 - `/metrics`: Prometheus exposition of the service's own `CollectorRegistry` (never the
   process-global default, so two services in one test process do not share counters).
 
@@ -133,6 +134,11 @@ class HealthServer:
         self._httpd = ThreadingHTTPServer((host, port), handler_class)
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
+
+    @property
+    def check_names(self) -> tuple[str, ...]:
+        """The readiness checks' names, in the order /readyz reports them."""
+        return tuple(self._readiness)
 
     @property
     def port(self) -> int:

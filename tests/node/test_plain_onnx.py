@@ -79,8 +79,9 @@ def test_the_pipeline_defaults_are_the_intakes_and_presets_resolve_to_numbers() 
     assert resolved == {"size": 32, "channels": 1, "window": "-600/1500", "frame": "middle",
                         "mean": 0.0, "std": 0.25, "pipeline_version": 1}  # fmt: skip
     # The resolved window preprocesses exactly as the preset does.
-    assert PreprocessConfig(window="-600/1500").window_bounds() == PreprocessConfig(
-        window="ct-lung"
-    ).window_bounds()
+    assert (
+        PreprocessConfig(window="-600/1500").window_bounds()
+        == PreprocessConfig(window="ct-lung").window_bounds()
+    )
     with pytest.raises(ValueError, match="unknown preprocessing terms"):
         resolved_preprocess({"gamma": 2})
