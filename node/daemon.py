@@ -15,8 +15,10 @@ Start-up (`node.setup`), each step failing with a message that names the fix:
    cache) over the DICOM folder and the received folder before connecting, repeated every
    `intake_interval_s`; training reads the cache, never the DICOM folders;
 4. the HTTP endpoints (`/healthz`; `/readyz` with the checks `READINESS_CHECKS`: `broker`
-   connected, `keys` on disk the roster's, `model` a verified release serving; `/metrics`;
-   `POST /v1/infer`), then the MQTT session.
+   connected, `keys` on disk the roster's, `model` a verified release serving; `/metrics`),
+   and with `[inference] enabled` the inference listener (`POST /v1/infer`,
+   `node.inference.http`: loopback unless configured, TLS and a token's hash otherwise, a
+   bounded worker pool), then the MQTT session.
 
 Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
 worker thread, which answers it with `node.round.participation.participate`: every term is
@@ -58,9 +60,8 @@ from broker.provisioning.key_check import check_member_keys
 from broker.service_link import run_until_signalled
 from node.config import NodeConfig
 from node.errors import NodeError
-from node.inference.http import infer_request
+from node.inference.http import InferenceServer
 from node.inference.runtime import ModelSlot, load_model
-from node.intake.screen import IntakeLimits
 from node.round.candidate import (
     AuditFailed,
     CandidateIgnored,
@@ -74,7 +75,7 @@ from node.setup import NodeSetup, load_node_setup
 from tessera.errors import AuthenticationError, TesseraError
 from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
 from tessera.observability.events import Event
-from tessera.observability.http import HealthServer, Request, Response
+from tessera.observability.http import HealthServer
 from tessera.wire.envelopes import open_envelope
 from tessera.wire.messages import RoundAbort, RoundOpen
 from tessera.wire.release import is_signature_note
@@ -111,9 +112,12 @@ class NodeDaemon:
                 "keys": self._keys_ready,
                 "model": self._model_verified,
             },
-            routes={("POST", "/v1/infer"): self._infer},
             host=self.config.http_host,
         )
+        self.inference: InferenceServer | None = None
+        if self.config.inference.enabled:
+            serve = self.config.inference.serve_config()
+            self.inference = InferenceServer(self.slot, setup.secret, serve, self.metrics)
         self.link = setup.link(self._count_wire)
         # Work for the one worker thread, in arrival order: ("round", RoundOpen bytes) or
         # ("candidate", candidate bytes); None stops it.
@@ -128,6 +132,8 @@ class NodeDaemon:
     def start(self) -> NodeDaemon:
         """Serve HTTP, start the round worker, subscribe and connect."""
         self.health.start()
+        if self.inference is not None:
+            self.inference.start()
         if self.config.receiver.enabled:
             self.receiver = self.setup.start_receiver()
         if self.setup.intake_enabled:
@@ -143,6 +149,7 @@ class NodeDaemon:
         log.info(Event.NODE_STARTED, extra={"fields": {
             "site": self.config.site_id, "study": study, "model_version": self.serving,
             "http_port": self.health.port,
+            "inference_port": None if self.inference is None else self.inference.port,
         }})  # fmt: skip
         return self
 
@@ -167,6 +174,8 @@ class NodeDaemon:
         if self.receiver is not None:
             self.receiver.shutdown()
         self.link.close()
+        if self.inference is not None:
+            self.inference.shutdown()
         self.health.close()
         self.audit.close()
 
@@ -324,12 +333,6 @@ class NodeDaemon:
             Event.MODEL_SWAPPED,
             extra={"fields": {"version": version, "pinned": self.store.pinned is not None}},
         )
-
-    def _infer(self, request: Request) -> Response:
-        with self.metrics.time_inference() as timer:
-            status, body = infer_request(self.slot, self.setup.secret, IntakeLimits(), request.body)
-            timer.outcome = "ok" if status == 200 else "rejected" if status == 400 else "error"
-        return Response.json(status, body)
 
     def _keys_ready(self) -> bool:
         """The signing key and the broker TLS key on disk are this site's (raises if not)."""

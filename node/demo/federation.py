@@ -190,6 +190,7 @@ def prepare_federation(
             "site_id": site, "bundle_dir": str(prepared.bundle(site)),
             "study_id": spec.study_id, "state_dir": str(prepared.state(site)),
             "http_host": "127.0.0.1", "http_port": 0, "broker": broker,
+            "inference": {"port": 0},  # loopback, any free port: several nodes on one host
             "training": dict(spec.training),
         }  # fmt: skip
         if dicom and site in dicom:

@@ -33,6 +33,8 @@ class Event(enum.StrEnum):
     READINESS_CHECK_RAISED = "readiness check raised"  # a /readyz check raised: not ready
     ROUTE_HANDLER_FAILED = "route handler failed"  # a mounted route raised: answered 500
     HTTP_REQUEST = "http request"  # an access line (DEBUG)
+    HTTP_BUSY = "http busy"  # every worker busy: connections closed at once (first of a run)
+    HTTP_TLS_FAILED = "tls handshake failed"  # a client that did not complete TLS (DEBUG)
 
     # --- a service's MQTT link (broker.service_link, broker.outbox) -------------------------
     INSECURE_BROKER = "insecure-broker"  # connecting to the plaintext development broker
@@ -111,6 +113,8 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.READINESS_CHECK_RAISED: ("check", "error_type"),
     Event.ROUTE_HANDLER_FAILED: ("route", "error_type"),
     Event.HTTP_REQUEST: ("method", "path"),
+    Event.HTTP_BUSY: ("max_workers", "port"),
+    Event.HTTP_TLS_FAILED: ("error_type",),
     Event.INSECURE_BROKER: (),
     Event.RETAIN_SKIPPED: ("bytes",),
     Event.BROKER_CONNECTED: ("session_present", "down_s", "queued"),
@@ -119,7 +123,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.PUBLISH_RESUMED: ("kind", "waited_s"),
     Event.PUBLISH_REFUSED: ("kind", "error", "reason"),
     Event.OUTBOX_ABANDONED: ("queued",),
-    Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
+    Event.NODE_STARTED: ("site", "study", "model_version", "http_port", "inference_port"),
     Event.NODE_STOPPED: (),
     Event.EPSILON_RECONCILED: ("study",),
     Event.MESSAGE_REJECTED: ("kind", "error", "reason", "round"),
@@ -160,7 +164,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.RECEIVER_DUPLICATE: ("instance",),
     Event.RECEIVER_WRITE_FAILED: ("instance", "error"),
     Event.RECEIVER_STORED: ("instance", "size"),
-    Event.SERVING: ("port", "model_version"),
+    Event.SERVING: ("host", "port", "tls", "model_version"),
     Event.MODEL_UPDATE_REJECTED: ("error",),
     Event.SERVE_MODEL_SWAPPED: ("model_version",),
     Event.INFERENCE_REQUEST: ("method", "path", "status"),

@@ -23,15 +23,16 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from tessera.limits import MAX_HTTP_BODY_BYTES
+from tessera.limits import HTTP_MAX_WORKERS, MAX_HTTP_BODY_BYTES
 from tessera.observability.events import Event
+from tessera.observability.http_server import BoundedHTTPServer
 
 __all__ = [
     "Handler",
@@ -99,7 +100,8 @@ class HealthServer:
     `port=0` binds a free port (see `.port`). `host` defaults to all interfaces because the
     kubelet's probes and Prometheus reach the pod from outside its network namespace; a
     service that should stay local passes "127.0.0.1". Request bodies above `max_body_bytes`
-    are refused with 413 before they are read.
+    are refused with 413 before they are read. At most `max_workers` connections are served
+    at once; more are closed on arrival (`tessera.observability.http_server`).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class HealthServer:
         host: str = "0.0.0.0",  # noqa: S104 - probes come from outside the pod; see docstring
         max_body_bytes: int = MAX_HTTP_BODY_BYTES,
         request_timeout_s: float = 30.0,
+        max_workers: int = HTTP_MAX_WORKERS,
     ) -> None:
         routes = dict(routes or {})
         for method, path in routes:
@@ -131,8 +134,7 @@ class HealthServer:
             (_RequestHandler,),
             {"server_state": self, "timeout": request_timeout_s},
         )
-        self._httpd = ThreadingHTTPServer((host, port), handler_class)
-        self._httpd.daemon_threads = True
+        self._httpd = BoundedHTTPServer((host, port), handler_class, max_workers=max_workers)
         self._thread: threading.Thread | None = None
 
     @property
