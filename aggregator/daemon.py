@@ -53,7 +53,7 @@ from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_unti
 from broker.session_config import TlsFiles
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key
-from tessera.governance.audit import AuditLog
+from tessera.governance.audit import open_service_audit
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer
 from tessera.observability.metrics import ServiceMetrics
@@ -75,7 +75,9 @@ class AggregatorDaemon:
         keys = ServiceKeys(load_private_key(config.signing_key), load_hpke_key(config.hpke_key))
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.database_path, config.shares_dir)
-        self.audit = AuditLog.open(config.layout.audit_log)
+        self.audit = open_service_audit(
+            config.layout.audit_log, anchor_file=config.audit_anchor_file
+        )
         self._audited: tuple[int, Stage] | None = None
         for study_id, number in self.store.recover():
             self.audit.append(

@@ -55,6 +55,7 @@ from node.inference import INFERENCE_PORT, OFF_LOOPBACK_FIX
 from node.privacy.attacks import AuditConfig
 from node.training.trainer import DPSettings
 from tessera.errors import ConfigError
+from tessera.governance.audit_anchors import check_anchor_outside
 from tessera.limits import (
     INFERENCE_MAX_WORKERS,
     MAX_INFERENCE_WORKERS,
@@ -336,6 +337,9 @@ class NodeConfig:
     http_host: str = "0.0.0.0"  # noqa: S104 - see the comment above
     http_port: int = 8080
     log_level: str = "INFO"
+    # A file outside state_dir (another volume) that the audit log's anchors are appended to;
+    # they always go to the log stream too (`audit-anchor`).
+    audit_anchor_file: Path | None = None
     broker: BrokerEndpointSettings = field(default_factory=BrokerEndpointSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     privacy_audit: AuditSettings = field(default_factory=AuditSettings)
@@ -343,6 +347,7 @@ class NodeConfig:
     inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     def __post_init__(self) -> None:
+        check_anchor_outside(self.audit_anchor_file, self.state_dir)
         check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535")
         check(1 <= self.intake_workers <= 64, "intake_workers", self.intake_workers, "use 1-64")
         check(self.intake_interval_s >= 1, "intake_interval_s", self.intake_interval_s, "use >= 1")

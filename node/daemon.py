@@ -161,6 +161,8 @@ class NodeDaemon:
                 self._ingest()
                 next_intake = time.monotonic() + self.config.intake_interval_s
             self.metrics.set_broker_connected(self.link.connected)
+            # Entries the receiver or a command-line tool appended get their anchor out too.
+            self.audit.catch_up()
             with self._lock:
                 if self.store.reload():
                     self._refresh_inference()

@@ -36,6 +36,9 @@ class Event(enum.StrEnum):
     HTTP_BUSY = "http busy"  # every worker busy: connections closed at once (first of a run)
     HTTP_TLS_FAILED = "tls handshake failed"  # a client that did not complete TLS (DEBUG)
 
+    # --- any service's audit log (tessera.governance.audit) ------------------------------
+    AUDIT_ANCHOR = "audit-anchor"  # the audit log's latest SEQ:HASH: keep it (verify --anchor)
+
     # --- a service's MQTT link (broker.service_link, broker.outbox) -------------------------
     INSECURE_BROKER = "insecure-broker"  # connecting to the plaintext development broker
     RETAIN_SKIPPED = "retain-skipped"  # a "retained" payload too large for one frame
@@ -115,6 +118,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.HTTP_REQUEST: ("method", "path"),
     Event.HTTP_BUSY: ("max_workers", "port"),
     Event.HTTP_TLS_FAILED: ("error_type",),
+    Event.AUDIT_ANCHOR: ("anchor",),
     Event.INSECURE_BROKER: (),
     Event.RETAIN_SKIPPED: ("bytes",),
     Event.BROKER_CONNECTED: ("session_present", "down_s", "queued"),

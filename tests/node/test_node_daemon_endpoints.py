@@ -130,3 +130,37 @@ def test_inference_is_on_loopback_unless_tls_and_a_token_let_it_off(
         close_unstarted(daemon)
     with pytest.raises(ConfigError, match=r"inference\.host.*needs TLS and a client credential"):
         node_daemon(prepared, "site-a", inference={"host": "0.0.0.0"})
+
+
+def test_audit_anchors_leave_the_state_folder_and_catch_a_cut_tail(
+    prepared: PreparedFederation, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tessera.governance.audit import Anchor, AuditLog, AuditVerificationError, read_entries
+    from tessera.governance.audit import verify as verify_log
+    from tessera.observability.events import Event
+
+    state = prepared.state("site-b")
+    with pytest.raises(ConfigError, match=r"audit_anchor_file.*outside"):  # never beside the log
+        node_daemon(prepared, "site-b", audit_anchor_file=str(state / "anchors"))
+    anchors = tmp_path / "other-volume" / "site-b.anchors"
+    anchors.parent.mkdir()
+    caplog.set_level("INFO", logger="tessera.audit")
+    daemon = node_daemon(prepared, "site-b", audit_anchor_file=str(anchors))
+    try:
+        daemon._on_release("release", release_payload(prepared, version=2))  # audited
+        with AuditLog.open(state / "audit.log", counts_only=True) as other:  # the receiver, a CLI
+            other.append("quarantine", {"count": 1})
+        daemon.audit.catch_up()  # what the daemon's loop does every few seconds
+    finally:
+        close_unstarted(daemon)
+    entries = read_entries(state / "audit.log")
+    last = Anchor(entries[-1].seq, entries[-1].hash)
+    logged = [r.__dict__["fields"]["anchor"] for r in caplog.records if r.msg == Event.AUDIT_ANCHOR]
+    trail = anchors.read_text().splitlines()
+    assert logged[-1] == trail[-1] == last.to_text()
+    assert len(trail) >= 2 and trail == sorted(set(trail), key=trail.index)  # appended, kept
+    # Whoever cuts the log's last entry is caught by the anchor kept outside it.
+    lines = (state / "audit.log").read_bytes().splitlines(keepends=True)
+    (state / "audit.log").write_bytes(b"".join(lines[:-1]))
+    with pytest.raises(AuditVerificationError, match="last entries were deleted"):
+        verify_log(state / "audit.log", Anchor.from_text(trail[-1]))

@@ -4,6 +4,7 @@ check fails when a key on disk is not the roster's."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,25 @@ def test_readyz_keys_fails_for_an_hpke_key_that_is_not_the_rosters(
     finally:
         key_file.write_bytes(original)
         close_unstarted(daemon)
+
+
+def test_audit_anchors_go_to_the_log_stream_and_the_anchor_file(
+    prepared: PreparedFederation, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tessera.errors import ConfigError
+    from tessera.governance.audit import read_entries
+    from tessera.observability.events import Event
+
+    state = prepared.state("agg-uni")
+    with pytest.raises(ConfigError, match=r"audit_anchor_file.*outside"):
+        aggregator_daemon(prepared, "agg-uni", audit_anchor_file=str(state / "x" / "anchors"))
+    anchors = tmp_path / "anchors"
+    caplog.set_level("INFO", logger="tessera.audit")
+    daemon = aggregator_daemon(prepared, "agg-uni", audit_anchor_file=str(anchors))
+    try:
+        daemon.audit.append("round-aborted", {"study_id": "lesion", "round": 1, "reason": "test"})
+    finally:
+        close_unstarted(daemon)
+    last = read_entries(state / "audit.log")[-1]
+    logged = [r.__dict__["fields"]["anchor"] for r in caplog.records if r.msg == Event.AUDIT_ANCHOR]
+    assert logged[-1] == anchors.read_text().splitlines()[-1] == f"{last.seq}:{last.hash}"
