@@ -9,7 +9,9 @@ Node and aggregator both run one `HealthServer` on port 8080 (the deployment con
 - `/metrics`: Prometheus exposition of the service's own `CollectorRegistry` (never the
   process-global default, so two services in one test process do not share counters).
 
-A service mounts extra routes (the node's inference endpoint) as `(method, path) -> Handler`.
+A service may mount extra routes as `(method, path) -> Handler` (none carries patient data:
+inference has its own listener, `node.inference.http`). At most `max_workers` connections
+are served at once (`tessera.observability.http_server.BoundedHTTPServer`).
 
 Nothing here may carry PHI: a failing readiness check or route handler is logged by name and
 exception type only, and access lines go to DEBUG without the query string. The metric
