@@ -141,6 +141,11 @@ class ServiceLink:
         """Payloads published and not yet acknowledged by the broker."""
         return self.outbox.pending
 
+    @property
+    def delivering_retained(self) -> bool:
+        """Inside a handler: whether its message is a retained replay (`Session`)."""
+        return self.session.delivering_retained
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Queue `payload` (chunked) for the broker and return; see the module docstring."""
         if retain and len(payload) > max_chunk_size(self.session):

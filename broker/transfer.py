@@ -23,7 +23,7 @@ from broker.chunking import (
     ReassemblyLimits,
     encode_frames,
 )
-from broker.errors import BrokerError, ChunkError, PayloadTooLargeError
+from broker.errors import BrokerError, ChunkError, DeliveryDeferred, PayloadTooLargeError
 from broker.session import PublishHandle, Session
 
 PayloadHandler = Callable[[str, bytes], None]
@@ -85,6 +85,11 @@ class PayloadReceiver:
     ``rejected`` counts frames refused (malformed, conflicting, over a limit); expired
     transfers are in ``reassembler.expired``. A background thread expires stalled transfers
     every ``timeout_s / 4`` even when no frame arrives.
+
+    A frame that cannot be spooled raises SpoolError, and a payload whose handler raises
+    DeliveryDeferred is kept; either way the frame's handler raises DeliveryDeferred, so the
+    session leaves that frame unacknowledged and offers it again (`broker.session`), and the
+    kept payload is handed over again then.
     """
 
     def __init__(
@@ -96,6 +101,8 @@ class PayloadReceiver:
         self.session = session
         self.reassembler = Reassembler(limits or ReassemblyLimits(), clock)
         self.rejected = 0
+        # Complete payloads whose handler deferred them, by (topic, payload id).
+        self._deferred: dict[tuple[str, bytes], bytes] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="transfer-expiry", daemon=True)
@@ -110,13 +117,22 @@ class PayloadReceiver:
             try:
                 frame = ChunkFrame.from_bytes(raw)
                 with self._lock:
-                    payload = self.reassembler.accept(topic, frame)
+                    ident = (topic, frame.payload_id)
+                    payload = self._deferred.pop(ident, None)
+                    if payload is None:
+                        payload = self.reassembler.accept(topic, frame)
             except (ChunkError, PayloadTooLargeError) as error:
                 self.rejected += 1
                 log.warning("rejected chunk on %s: %s", topic, error)
                 return
-            if payload is not None:
+            if payload is None:
+                return
+            try:
                 on_payload(topic, payload)
+            except DeliveryDeferred:
+                with self._lock:
+                    self._deferred[ident] = payload  # handed over again with this frame
+                raise
 
         self.session.subscribe(topic_filter, on_frame, timeout)
 
@@ -126,6 +142,7 @@ class PayloadReceiver:
         self._sweeper.join(5)
         with self._lock:
             self.reassembler.close()
+            self._deferred.clear()
 
     def _sweep(self) -> None:
         interval = max(0.05, self.reassembler.limits.timeout_s / 4)

@@ -9,6 +9,7 @@ state_dir = "/var/lib/tessera"          # cache, models, ledger, audit log (a vo
 dicom_dir = "/data/dicom"               # optional: ingested at start and before each round
 labels_csv = "/data/labels.csv"         # optional: labels by SOP/Study UID or accession
 http_port = 8080                        # /healthz /readyz /metrics (no patient data)
+max_clock_skew_s = 900                  # tolerated offset from the leader's clock (measured)
 
 [inference]                             # POST /v1/infer; on by default, on loopback
 host = "10.0.5.20"                      # default 127.0.0.1; another address needs all three:
@@ -336,6 +337,10 @@ class NodeConfig:
     # kubelet's probes and Prometheus come from outside the pod; inference is [inference].
     http_host: str = "0.0.0.0"  # noqa: S104 - see the comment above
     http_port: int = 8080
+    # How far this node's clock may be from the leader's (measured from its signed
+    # RoundOpen, node.round.clock) and still be corrected; beyond it rounds are refused
+    # ("clock-skew") until the clock is synchronised.
+    max_clock_skew_s: float = 900.0
     log_level: str = "INFO"
     # A file outside state_dir (another volume) that the audit log's anchors are appended to;
     # they always go to the log stream too (`audit-anchor`).
@@ -351,6 +356,12 @@ class NodeConfig:
         check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535")
         check(1 <= self.intake_workers <= 64, "intake_workers", self.intake_workers, "use 1-64")
         check(self.intake_interval_s >= 1, "intake_interval_s", self.intake_interval_s, "use >= 1")
+        check(
+            0 <= self.max_clock_skew_s <= 86_400,
+            "max_clock_skew_s",
+            self.max_clock_skew_s,
+            "use 0-86400 seconds (0: no skew tolerated; synchronise clocks with NTP)",
+        )
         check(
             self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
             "log_level",

@@ -1,13 +1,14 @@
 """Mosquitto 2 configuration and ACL, generated from the federation.
 
 The ACL is deny-by-default (Mosquitto refuses anything not granted) and grants:
-- a site: write its own shares (to each aggregator), its own privacy-audit reports and its
-  own presence; read round control, releases and its own copy of a candidate. Nothing else,
-  so no site can read a share, another site's candidate or audit report, or impersonate
-  another.
+- a site: write its own shares (to each aggregator), its own privacy-audit reports, its own
+  release requests and its own presence; read round control, releases, and its own copy of
+  a candidate and of a release it asked for again. Nothing else, so no site can read a
+  share, another site's candidate or audit report, or impersonate another.
 - an aggregator: read shares addressed to it, partial sums addressed to it, every
-  received set, participant set, round, release, audit report and presence; write round
-  control, releases, its own received set, its own partial sums and its own presence.
+  received set, participant set, round, release, audit report, release request and
+  presence; write round control, releases (to all, or to the one site that asked), its own
+  received set, its own partial sums and its own presence.
 - only the leader aggregator writes the participant set and the candidate.
 """
 
@@ -70,9 +71,9 @@ def render_acl(federation: Federation) -> str:
     for site in federation.sites:
         lines += [f"# site: {site.name}", f"user {site.id}"]
         lines += [f"topic read {root}/+/{kind}" for kind in ("round", "release")]
-        lines += [f"topic read {root}/+/candidate/{site.id}"]
+        lines += [f"topic read {root}/+/{kind}/{site.id}" for kind in ("candidate", "release")]
         lines += [f"topic write {root}/+/share/{a.id}/{site.id}" for a in federation.aggregators]
-        lines += [f"topic write {root}/+/audit/{site.id}"]
+        lines += [f"topic write {root}/+/{kind}/{site.id}" for kind in ("audit", "fetch")]
         lines += [f"topic write {root}/presence/{site.id}", ""]
     for agg in federation.aggregators:
         lines += [f"# aggregator: {agg.name}", f"user {agg.id}"]
@@ -85,6 +86,8 @@ def render_acl(federation: Federation) -> str:
             f"topic read {root}/+/participants",
             f"topic read {root}/+/partial/{agg.id}/+",
             f"topic read {root}/+/audit/+",
+            f"topic read {root}/+/fetch/+",
+            f"topic write {root}/+/release/+",
         ]
         lines += [
             f"topic write {root}/+/partial/{o.id}/{agg.id}"

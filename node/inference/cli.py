@@ -7,6 +7,8 @@
   label, probabilities, model version; never a path or a patient identifier).
 - `serve`: the HTTP endpoint, on loopback unless `--host` says otherwise, which needs TLS
   and a token (`node.inference.http`); with `--watch`, a changed model file is hot-swapped in.
+  It logs JSON lines on stderr (`--log-level`): what it serves, each swap, and each request
+  with the model version that answered it.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def register(node_commands: Subparsers) -> None:
     serve.add_argument("--max-workers", type=int, default=INFERENCE_MAX_WORKERS,
                        help="connections served at once; more are closed on arrival")  # fmt: skip
     serve.add_argument("--watch", type=float, default=5.0, help="seconds between model checks")
+    serve.add_argument("--log-level", default="INFO", help="JSON logs on stderr at this level")
     serve.set_defaults(handler=serve_command)
 
 
@@ -155,10 +158,16 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM, hot-swapping the model when its file changes."""
+    from node.errors import NodeError
     from node.inference.http import InferenceServer
     from node.inference.runtime import ModelSlot, load_model
     from node.intake.phi import load_or_create_site_secret
+    from tessera.observability.logs import configure_logging
 
+    try:
+        configure_logging(args.log_level)
+    except ValueError as error:
+        raise NodeError(str(error)) from None
     config = serve_config(args)  # before anything loads: a refused address fails at once
     data = args.model.read_bytes()
     slot = ModelSlot(load_model(data))

@@ -15,8 +15,9 @@ CA, mutual TLS) and a token: patient images never cross a network in clear or fr
 who does not hold the site's credential. At most `max_workers` connections are served at
 once (`tessera.observability.http_server.BoundedHTTPServer`).
 
-Nothing about a request is logged except method, path and status: no client-supplied
-header, no instance identifier.
+Each request is logged as one JSON line (`inference request`): method, path, status and,
+for an answered inference, the model version that answered it, so the log records which
+model answered when. Nothing else: no client-supplied header, no instance identifier.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
         timeout = 60  # seconds a slow or idle client may hold a handler thread
         server_version = "tessera-node"
         sys_version = ""
+        answered_by: str | None = None
 
         def do_POST(self) -> None:
             if not self._authorized():
@@ -179,6 +181,7 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(length)
             status, payload = server.handle_infer(body)
+            self.answered_by = payload.get("model_version")  # None unless a model answered
             self._reply(status, payload)
 
         def do_GET(self) -> None:
@@ -230,7 +233,9 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             del size
-            fields = {"method": self.command, "path": self.path.split("?")[0], "status": int(code)}
+            fields = {"method": self.command, "path": self.path.split("?")[0], "status": int(code),
+                      "model_version": self.answered_by}  # fmt: skip
+            self.answered_by = None  # a kept-alive connection's next request starts afresh
             log.info(Event.INFERENCE_REQUEST, extra={"fields": fields})
 
     return Handler

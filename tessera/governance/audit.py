@@ -11,14 +11,18 @@ last one, or a line edited by hand, is detected, and the error names the first l
 not consistent with the lines before it (`AuditVerificationError.line`). An entry rewritten
 together with its own hash shows up at the next line, whose `prev_hash` no longer matches.
 
+An entry found at another line than its seq (two entries swapped, one moved) is named as a
+reorder, not as a deletion.
+
 Limitation: a chain only proves what it contains. Whoever can write the file can delete the
-last entries, or rewrite a whole suffix consistently, and no check of the file alone can
-notice. An **anchor** (the latest `seq:hash`, kept somewhere that attacker cannot write: a
-second volume, the log collector, a printout) closes that gap: `verify(path, anchor)` fails
-if the anchored entry is missing or different. Every new entry's anchor goes to
-`on_anchor` and, with `anchor_path`, is appended to that file
-(`tessera.governance.audit_anchors`); `open_service_audit` is what the daemons open: their
-anchors go to the JSON log stream (`audit-anchor`), out of the service's reach.
+last entries, or rewrite a whole suffix consistently (every hash recomputed), and no check
+of the file alone can notice: `tessera audit verify` says so whenever no anchor is given. An
+**anchor** (the latest `seq:hash`, kept somewhere that attacker cannot write: a second
+volume, the log collector, a printout) closes that gap: `verify(path, anchor)` fails if the
+anchored entry is missing or different. Every new entry's anchor goes to `on_anchor` and,
+with `anchor_path`, is appended to that file (`tessera.governance.audit_anchors`);
+`open_service_audit` is what the daemons open: their anchors go to the JSON log stream
+(`audit-anchor`), out of the service's reach.
 
 Durability: each entry is one `write` of one complete line, then fsync, under an exclusive
 `flock`, so concurrent writers (processes or objects) never interleave and a reader holding
@@ -83,6 +87,8 @@ KINDS = frozenset(
     | {"release", "strategy-switch", "epsilon-spent", "key-change", "manifest-change"}
     | {"approval-change", "policy-change", "quarantine", "privacy-audit", "recovery"}
     | {"dicom-refused"}  # a C-STORE that would have replaced a received object: tampering
+    | {"ledger-rebuilt"}
+    | {"state-rebuilt"}
 )
 # On a node these kinds may carry counts and scalars only, never a list of who or what.
 COUNT_ONLY_KINDS = frozenset({"participant-set", "quarantine"})
@@ -238,10 +244,14 @@ class AuditLog:
         if self._seq == self._anchored:
             return
         anchor = self.anchor()
-        if self._trail is not None:
-            self._trail.append(anchor)
         if self._on_anchor is not None:
             self._on_anchor(anchor)
+        if self._trail is not None:
+            try:
+                self._trail.append(anchor)
+            except OSError as error:  # the entry is written; the next anchor supersedes
+                fields = {"path": str(self._trail.path), "error_type": type(error).__name__}
+                _anchor_log.warning(Event.AUDIT_ANCHOR_NOT_WRITTEN, extra={"fields": fields})
         self._anchored = self._seq
 
     def __enter__(self) -> AuditLog:

@@ -35,6 +35,7 @@ from tessera.wire.messages import (
     PartialSum,
     ParticipantSet,
     ReceivedSet,
+    ReleaseRequest,
     RoundAbort,
     RoundOpen,
     ShareEnvelope,
@@ -50,6 +51,7 @@ Message = (
     | PartialSum
     | ModelRelease
     | RoundAbort
+    | ReleaseRequest
 )
 M = TypeVar("M", bound=Message)
 
@@ -82,6 +84,8 @@ def decode_message(data: Bytes, max_payload: int) -> Message:
         return ModelRelease.from_bytes(data, max_payload)
     if message_type == MessageType.ROUND_ABORT:
         return RoundAbort.from_bytes(data)
+    if message_type == MessageType.RELEASE_REQUEST:
+        return ReleaseRequest.from_bytes(data)
     raise CodecError(f"message type {message_type} is unknown to wire version {VERSION}")
 
 

@@ -11,7 +11,7 @@ import pytest
 from aggregator.daemon import READINESS_CHECKS
 from node.demo.federation import PreparedFederation
 from tessera.crypto.sealing import generate_hpke_key, save_hpke_key
-from tests.support.daemons import aggregator_daemon, close_unstarted, get_json, prepare
+from tests.support.daemons import aggregator_daemon, close_unstarted, failing, get_json, prepare
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,14 @@ def test_readyz_keys_fails_for_an_hpke_key_that_is_not_the_rosters(
     original = key_file.read_bytes()
     daemon = aggregator_daemon(prepared, "agg-ngo")
     try:
-        assert daemon.health.check_names == READINESS_CHECKS == ("broker", "keys", "store")
+        assert daemon.health.check_names == READINESS_CHECKS
+        assert READINESS_CHECKS[:3] == ("broker", "keys", "store")
         daemon.health.start()
         url = f"http://127.0.0.1:{daemon.health.port}/readyz"
-        assert get_json(url) == (503, {"ready": False, "failing": ["broker"]})
+        assert failing(url) == (503, ["broker"])
         key_file.unlink()
         save_hpke_key(generate_hpke_key(), key_file)
-        assert get_json(url) == (503, {"ready": False, "failing": ["broker", "keys"]})
+        assert failing(url) == (503, ["broker", "keys"])
     finally:
         key_file.write_bytes(original)
         close_unstarted(daemon)
@@ -64,6 +65,7 @@ def test_audit_anchors_go_to_the_log_stream_and_the_anchor_file(
     caplog.set_level("INFO", logger="tessera.audit")
     daemon = aggregator_daemon(prepared, "agg-uni", audit_anchor_file=str(anchors))
     try:
+        assert daemon.audit is not None
         daemon.audit.append("round-aborted", {"study_id": "lesion", "round": 1, "reason": "test"})
     finally:
         close_unstarted(daemon)

@@ -100,6 +100,29 @@ def test_only_the_leader_publishes_the_participant_set(
         connect("agg-2", mosquitto).publish(topics.participants_topic(FED, STUDY), b"x").wait(10)
 
 
+def test_a_release_sent_again_reaches_only_the_site_that_asked(
+    mosquitto: MosquittoProcess, connect: SessionFactory
+) -> None:
+    agg, asking, other = (connect(m, mosquitto) for m in ("agg-2", "site-a", "site-b"))
+    requests, copies, snooped = Inbox(), Inbox(), Inbox()
+    agg.subscribe(topics.fetch_requests(FED, STUDY), requests)
+    asking.subscribe(topics.release_copy_topic(FED, STUDY, "site-a"), copies)
+    try:  # Mosquitto may grant the SUBSCRIBE and then withhold every message
+        other.subscribe(topics.release_copy_topic(FED, STUDY, "site-a"), snooped)
+    except NotAuthorizedError:
+        pass
+    with pytest.raises(NotAuthorizedError):
+        other.publish(topics.fetch_topic(FED, STUDY, "site-a"), b"forged").wait(10)
+    asking.publish(topics.fetch_topic(FED, STUDY, "site-a"), b"request").wait(10)
+    assert requests.wait_for(1) == [(topics.fetch_topic(FED, STUDY, "site-a"), b"request")]
+    agg.publish(topics.release_copy_topic(FED, STUDY, "site-a"), b"release").wait(10)
+    assert copies.wait_for(1) == [(topics.release_copy_topic(FED, STUDY, "site-a"), b"release")]
+    with pytest.raises(NotAuthorizedError):
+        asking.publish(topics.release_copy_topic(FED, STUDY, "site-a"), b"self-made").wait(10)
+    time.sleep(0.3)
+    assert snooped.items == [] and len(copies.items) == 1
+
+
 def test_site_cannot_read_shares_addressed_to_an_aggregator(
     mosquitto: MosquittoProcess, connect: SessionFactory
 ) -> None:

@@ -16,6 +16,7 @@ import pytest
 from support.mosquitto import MosquittoProcess
 
 from broker import topics
+from broker.chunking import prepare_spool_dir
 from broker.provisioning.bundle import load_bundle
 from broker.provisioning.federation import Federation
 from broker.service_link import ServiceLink
@@ -64,7 +65,7 @@ def links(
             reconnect_min_s=0.1,
             reconnect_max_s=0.5,
         )
-        made[member] = ServiceLink(config, spool_dir=tmp_path / "spool" / member)
+        made[member] = ServiceLink(config, spool_dir=prepare_spool_dir(tmp_path / "spool" / member))
     yield made
     for link in made.values():
         link.close()

@@ -151,9 +151,11 @@ def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
             "topic read tessera/fed-test/+/round",
             "topic read tessera/fed-test/+/release",
             "topic read tessera/fed-test/+/candidate/site-a",
+            "topic read tessera/fed-test/+/release/site-a",
             "topic write tessera/fed-test/+/share/agg-1/site-a",
             "topic write tessera/fed-test/+/share/agg-2/site-a",
             "topic write tessera/fed-test/+/audit/site-a",
+            "topic write tessera/fed-test/+/fetch/site-a",
             "topic write tessera/fed-test/presence/site-a",
         ]
     )
@@ -165,6 +167,9 @@ def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
     assert "topic write tessera/fed-test/+/candidate/+" in leader
     assert "candidate" not in other  # aggregators compute their own candidate
     assert "topic read tessera/fed-test/+/audit/+" in other
+    for block in (leader, other):  # any aggregator answers a node's release request
+        assert "topic read tessera/fed-test/+/fetch/+" in block
+        assert "topic write tessera/fed-test/+/release/+" in block
 
 
 def test_mosquitto_conf_has_the_security_settings(provisioned: Path) -> None:

@@ -25,6 +25,11 @@ from broker.topics import Kind, Topic
             Topic(Kind.PARTIAL, "f", "s", aggregator="agg-2", from_aggregator="agg-1"),
         ),
         (topics.release_topic("f", "s"), Topic(Kind.RELEASE, "f", "s")),
+        (topics.fetch_topic("f", "s", "site-a"), Topic(Kind.FETCH, "f", "s", node="site-a")),
+        (
+            topics.release_copy_topic("f", "s", "site-a"),
+            Topic(Kind.RELEASE_COPY, "f", "s", node="site-a"),
+        ),
         (topics.presence_topic("f", "site-a"), Topic(Kind.PRESENCE, "f", client="site-a")),
     ],
 )

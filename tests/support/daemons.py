@@ -68,9 +68,10 @@ def close_unstarted(daemon: NodeDaemon | AggregatorDaemon) -> None:
     inference = getattr(daemon, "inference", None)
     if inference is not None:
         inference.shutdown()
-    if isinstance(daemon, AggregatorDaemon):
+    if isinstance(daemon, AggregatorDaemon) and daemon.store is not None:
         daemon.store.close()
-    daemon.audit.close()
+    if daemon.audit is not None:
+        daemon.audit.close()
 
 
 def release_payload(prepared: PreparedFederation, version: int = 1) -> bytes:
@@ -93,3 +94,9 @@ def get_json(url: str, context: ssl.SSLContext | None = None) -> tuple[int, Any]
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def failing(readyz_url: str) -> tuple[int, list[str]]:
+    """(status, the failing checks' names) of a /readyz."""
+    status, body = get_json(readyz_url)
+    return status, list(body["failing"])

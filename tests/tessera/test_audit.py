@@ -50,6 +50,8 @@ SAMPLE_FIELDS = {
     "quarantine": {"count": 2, "reason": "unsupported-transfer-syntax"},
     "privacy-audit": {"study_id": "chest-xray", "round": 3, "version": 3, "auc": 0.52},
     "dicom-refused": {"reason": "overwrite", "instance": "5f" * 16, "calling_aet": "PACS1"},
+    "ledger-rebuilt": {"study_id": "chest-xray", "rounds": 3, "restored": 3, "epsilon": 1.2},
+    "state-rebuilt": {"study_id": "chest-xray", "versions": 3, "latest_round": 5},
 }
 TICK = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 
