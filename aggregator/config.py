@@ -38,6 +38,7 @@ from aggregator.strategies import OPTIMIZERS, PolicyConfig, StrategyConfig
 from broker.provisioning.bundle import load_bundle
 from tessera.crypto.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP, MAX_LOSS_CAP
 from tessera.errors import TesseraError
+from tessera.governance.audit_anchors import check_anchor_outside
 from tessera.settings import ENV_PREFIX, build_document, check, read_toml
 from tessera.wire.messages import ALGORITHMS
 
@@ -203,8 +204,14 @@ class AggregatorConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     bundle_dir: Path | None = None
     architecture: str | None = None  # None: the study's only allowed architecture
+    # /healthz, /readyz, /metrics (no patient data): all interfaces by default, since the
+    # kubelet's probes and Prometheus come from outside the pod; "127.0.0.1" keeps it local.
+    http_host: str = "0.0.0.0"  # noqa: S104 - see the comment above
     http_port: int = 8080
     log_level: str = "INFO"
+    # A file outside state_dir (another volume) that the audit log's anchors are appended to;
+    # they always go to the log stream too (`audit-anchor`).
+    audit_anchor_file: Path | None = None
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     round: RoundSettings = field(default_factory=RoundSettings)
     strategy: StrategySettings = field(default_factory=StrategySettings)
@@ -218,7 +225,12 @@ class AggregatorConfig:
                 value,
                 "use a short ASCII id without spaces, as in the manifest",
             )
+        try:
+            check_anchor_outside(self.audit_anchor_file, self.state_dir)
+        except TesseraError as error:
+            raise AggregatorConfigError(str(error)) from None
         _check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535 (0: any)")
+        _check(bool(self.http_host), "http_host", self.http_host, "use an address: 127.0.0.1")
         _check(
             self.log_level in ("DEBUG", "INFO", "WARNING", "ERROR"),
             "log_level",

@@ -15,8 +15,10 @@ Start-up, in order, each step failing with a message that names the fix:
    names the fix, `tessera aggregator rebuild-state`); `store.recover()` aborts any round a
    crash left in flight and deletes its shares, so a restarted aggregator never resumes a
    round;
-4. the HTTP endpoints (`/healthz`, `/readyz`: broker connected, keys and store loaded, disk
-   not full; `/metrics`), then the MQTT session, subscribed to what an aggregator reads.
+4. the HTTP endpoints on `http_host` (`/healthz`; `/readyz` with the checks
+   `READINESS_CHECKS`: `broker` connected, `keys` on disk the roster's, `store` intact,
+   `disk` not full; `/metrics`), then the MQTT session, subscribed to what an aggregator
+   reads.
 
 Then messages go to `AggregatorService.on_message` on the session's dispatch thread and the
 main thread calls `tick()` twice a second; both hold one lock, so the service sees one
@@ -62,12 +64,14 @@ from aggregator.state_history import open_checked_store
 from aggregator.store import DISK_FULL_REASON, RESTART_REASON, Store
 from broker import topics
 from broker.chunking import prepare_spool_dir
+from broker.provisioning.key_check import check_member_keys
 from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
+from broker.session_config import TlsFiles
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key
 from tessera.errors import DiskFull
 from tessera.files import DiskWatch, disk_full_error, free_bytes
-from tessera.governance.audit import AuditLog
+from tessera.governance.audit import AuditLog, open_service_audit
 from tessera.limits import DISK_RESERVE_BYTES
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer
@@ -75,6 +79,10 @@ from tessera.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("tessera.aggregator.daemon")
 TICK_S = 0.5
+
+
+# The /readyz checks, in the order it names failing ones (the README's table lists them).
+READINESS_CHECKS = ("broker", "keys", "store", "disk")
 
 
 class AggregatorDaemon:
@@ -120,10 +128,11 @@ class AggregatorDaemon:
             self.metrics_registry,
             readiness={
                 "broker": lambda: self.link.connected,
-                "keys": lambda: True,
+                "keys": self._keys_ready,
                 "store": self._store_ok,
                 "disk": self.disk.readiness,
             },
+            host=config.http_host,
         )
         self._lock = threading.Lock()
         self._online: set[str] = set()
@@ -148,7 +157,9 @@ class AggregatorDaemon:
             if self.store is None:
                 self.store = open_checked_store(config.layout, config.study_id)
             if self.audit is None:
-                self.audit = AuditLog.open(config.layout.audit_log)
+                self.audit = open_service_audit(
+                    config.layout.audit_log, anchor_file=config.audit_anchor_file
+                )
             for study_id, number in self.store.recover(reason):
                 self.audit.append(
                     "round-aborted", {"study_id": study_id, "round": number, "reason": reason}
@@ -193,6 +204,17 @@ class AggregatorDaemon:
 
     def _count_wire(self, direction: str, count: int) -> None:
         self.metrics.add_wire_bytes("sent" if direction == "sent" else "received", count)
+
+    def _keys_ready(self) -> bool:
+        """The signing, HPKE and broker TLS keys on disk are this aggregator's in the roster
+        (raises if not)."""
+        config, broker = self.config, self.config.broker
+        tls = None
+        if broker.tls and broker.ca_file and broker.cert_file and broker.key_file:
+            tls = TlsFiles(broker.ca_file, broker.cert_file, broker.key_file)
+        entry = self.setup.bundle.roster.member(config.aggregator_id)
+        check_member_keys(entry, config.signing_key, hpke_key=config.hpke_key, tls=tls)
+        return True
 
     def _store_ok(self) -> bool:
         if self.store is None:

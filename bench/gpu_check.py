@@ -20,6 +20,7 @@ from node.privacy.ledger import PrivacyLedger
 from node.training.trainer import DPSettings, TrainConfig, run_local_round
 from tessera.models import ModelSpec, build_model
 from tessera.models.onnx_export import ExportMetadata, export_onnx, verify_export
+from tessera.pipeline import resolved_preprocess
 
 
 def main() -> None:
@@ -41,7 +42,9 @@ def main() -> None:
         assert moved, "training on CUDA did not change the weights"
         print(f"{arch}: {result.images_per_second:.0f} img/s on cuda, val loss "
               f"{result.validation.loss:.3f}")  # fmt: skip
-        meta = ExportMetadata(spec.model_id, "gpu", "0" * 64, ("a", "b"), {"size": 64})
+        meta = ExportMetadata(
+            spec.model_id, "gpu", "0" * 64, ("a", "b"), resolved_preprocess({"size": 64})
+        )
         data = export_onnx(model, meta, 64)  # exports from a CPU copy; the model stays on GPU
         assert next(model.parameters()).device.type == "cuda"
         print(f"{arch}: ONNX parity {verify_export(data, model, meta, 64):.2e}")

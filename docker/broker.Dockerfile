@@ -5,7 +5,10 @@
 # read-only at /mosquitto/config and a volume at /mosquitto/data (retained model releases and
 # persistent sessions). The image carries no configuration and no key of its own.
 
-ARG MOSQUITTO_IMAGE=eclipse-mosquitto:2
+# The base image by digest (the OCI index of eclipse-mosquitto:2.0.22, as docker-library/
+# repo-info recorded it in September 2026). To move on, take the digest that
+# `docker buildx imagetools inspect eclipse-mosquitto:<version>` prints.
+ARG MOSQUITTO_IMAGE=eclipse-mosquitto:2.0.22@sha256:199ea8ef2e35ec2b1b37e59cfd1dbae538ed4dfa4a2251a121a52215a6248a21
 
 # The first stage lays out the mount points, owned by the unprivileged user, so that the
 # runtime stage needs no shell step. The base image's sample config (anonymous, no TLS) is

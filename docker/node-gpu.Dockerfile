@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # Tessera hospital node, GPU build: CUDA base image and the CUDA build of torch.
-#   docker build -f docker/node-gpu.Dockerfile -t tessera/node-gpu:0.1.0 .
+#   docker build -f docker/node-gpu.Dockerfile -t tessera/node-gpu:0.1.0 \
+#     --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:<digest> .
 # Needs the NVIDIA container toolkit on the host (docker run --gpus all ...). Mounts and the
 # read-only root are as for docker/node.Dockerfile.
 #
@@ -8,9 +9,16 @@
 # is the same in both stages. The torch wheel brings its own CUDA libraries (nvidia-* wheels),
 # so the runtime needs only a CUDA "base" image whose driver compatibility covers them.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# The CUDA base image, by digest, is a required build argument: no digest of
+# nvidia/cuda:12.8.1-base-ubuntu24.04 that we could verify is recorded here. Take it from
+# `docker buildx imagetools inspect nvidia/cuda:12.8.1-base-ubuntu24.04` and pass
+#   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:<digest>
+ARG CUDA_IMAGE
 
 FROM ${CUDA_IMAGE} AS builder
+ARG CUDA_IMAGE
+# Refuse a base image named by tag alone: a tag can be moved to other bytes under us.
+RUN case "${CUDA_IMAGE}" in *@sha256:*) ;; *) echo "CUDA_IMAGE='${CUDA_IMAGE}' is not pinned by digest: pass --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:<digest>, the digest printed by: docker buildx imagetools inspect nvidia/cuda:12.8.1-base-ubuntu24.04" >&2; exit 1 ;; esac
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=noninteractive

@@ -6,7 +6,10 @@
 # Run with a read-only root: state in /var/lib/tessera, DICOM read-only at /data/dicom,
 # the startup bundle read-only at /etc/tessera/bundle, a tmpfs at /tmp.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The base image by digest (the OCI index of python:3.11-slim-bookworm, Python 3.11.16, as
+# docker-library/repo-info recorded it in August 2026). To move to a newer build, take the
+# digest that `docker buildx imagetools inspect python:3.11-slim-bookworm` prints.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:fe556eaffd0d96abd8685b83bb8a69addd0dc730fa193669a7df0d49ddcfac02
 
 FROM ${PYTHON_IMAGE} AS builder
 ARG TORCH_VERSION=2.13.0

@@ -8,8 +8,15 @@ study_id = "chest-xray"
 state_dir = "/var/lib/tessera"          # cache, models, ledger, audit log (a volume)
 dicom_dir = "/data/dicom"               # optional: ingested at start and before each round
 labels_csv = "/data/labels.csv"         # optional: labels by SOP/Study UID or accession
-http_port = 8080                        # /healthz /readyz /metrics and POST /v1/infer
+http_port = 8080                        # /healthz /readyz /metrics (no patient data)
 max_clock_skew_s = 900                  # tolerated offset from the leader's clock (measured)
+
+[inference]                             # POST /v1/infer; on by default, on loopback
+host = "10.0.5.20"                      # default 127.0.0.1; another address needs all three:
+tls_cert = "/etc/tessera/inference/tls.crt"   # the server's certificate and key (PEM),
+tls_key = "/etc/tessera/inference/tls.key"
+token_sha256_file = "/etc/tessera/inference/token.sha256"  # SHA-256 (hex) of the clients' token
+# port = 8443, tls_client_ca = "..." (require client certificates), max_workers = 8
 
 [training]
 noise_multiplier = 1.1                  # DP-SGD: every study requires it
@@ -45,17 +52,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from node.inference import INFERENCE_PORT, OFF_LOOPBACK_FIX
 from node.privacy.attacks import AuditConfig
 from node.training.trainer import DPSettings
 from tessera.errors import ConfigError
+from tessera.governance.audit_anchors import check_anchor_outside
 from tessera.limits import (
+    INFERENCE_MAX_WORKERS,
+    MAX_INFERENCE_WORKERS,
     RECEIVER_MAX_ASSOCIATIONS,
     RECEIVER_MAX_OBJECT_BYTES,
     RECEIVER_QUOTA_BYTES,
 )
+from tessera.observability.http_server import is_loopback
 from tessera.settings import build_document, check, read_toml
 
 if TYPE_CHECKING:
+    from node.inference.http import ServeConfig
     from node.intake.receiver import ReceiverConfig
 
 
@@ -241,6 +254,65 @@ class ReceiverSettings:
         )
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """POST /v1/infer (`node.inference.http`), a listener of its own beside the health server.
+    On loopback unless `host` says otherwise, and then only with TLS and a token's hash: the
+    node refuses to start on another address without them."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = INFERENCE_PORT
+    tls_cert: Path | None = None  # the server's certificate (PEM) ...
+    tls_key: Path | None = None  # ... and its key
+    tls_client_ca: Path | None = None  # with TLS: every client needs a certificate it signed
+    token_sha256_file: Path | None = None  # hex SHA-256 of the bearer token clients present
+    max_workers: int = INFERENCE_MAX_WORKERS  # connections at once; more are closed
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port < 65536, "inference.port", self.port, "use a TCP port, 1-65535")
+        check(
+            1 <= self.max_workers <= MAX_INFERENCE_WORKERS,
+            "inference.max_workers",
+            self.max_workers,
+            f"use 1-{MAX_INFERENCE_WORKERS}",
+        )
+        check(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "inference.tls_cert",
+            self.tls_cert,
+            "TLS needs both tls_cert and tls_key (or neither)",
+        )
+        check(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "inference.tls_client_ca",
+            self.tls_client_ca,
+            "a client CA needs TLS: set tls_cert and tls_key too",
+        )
+        secured = self.tls_cert is not None and self.token_sha256_file is not None
+        check(
+            not self.enabled or is_loopback(self.host) or secured,
+            "inference.host",
+            self.host,
+            OFF_LOOPBACK_FIX,
+        )
+
+    def serve_config(self) -> ServeConfig:
+        """As `node.inference.http` takes it, the token's hash read now (imported here:
+        onnxruntime only when the node serves)."""
+        from node.inference.http import ServeConfig, ServerTLS
+        from tessera.observability.http_server import read_token_hash
+
+        tls = None
+        if self.tls_cert is not None and self.tls_key is not None:
+            tls = ServerTLS(self.tls_cert, self.tls_key, self.tls_client_ca)
+        token = None
+        if self.token_sha256_file is not None:
+            token = read_token_hash(self.token_sha256_file)
+        return ServeConfig(self.host, self.port, tls=tls, token_sha256=token,
+                           max_workers=self.max_workers)  # fmt: skip
+
+
 def _split(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -261,19 +333,26 @@ class NodeConfig:
     labels_csv: Path | None = None
     intake_workers: int = 2
     intake_interval_s: float = 300.0
-    http_host: str = "0.0.0.0"  # noqa: S104 - probes and inference clients come from outside
+    # /healthz, /readyz, /metrics (no patient data): all interfaces by default, since the
+    # kubelet's probes and Prometheus come from outside the pod; inference is [inference].
+    http_host: str = "0.0.0.0"  # noqa: S104 - see the comment above
     http_port: int = 8080
     # How far this node's clock may be from the leader's (measured from its signed
     # RoundOpen, node.round.clock) and still be corrected; beyond it rounds are refused
     # ("clock-skew") until the clock is synchronised.
     max_clock_skew_s: float = 900.0
     log_level: str = "INFO"
+    # A file outside state_dir (another volume) that the audit log's anchors are appended to;
+    # they always go to the log stream too (`audit-anchor`).
+    audit_anchor_file: Path | None = None
     broker: BrokerEndpointSettings = field(default_factory=BrokerEndpointSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     privacy_audit: AuditSettings = field(default_factory=AuditSettings)
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     def __post_init__(self) -> None:
+        check_anchor_outside(self.audit_anchor_file, self.state_dir)
         check(0 <= self.http_port < 65536, "http_port", self.http_port, "use 1-65535")
         check(1 <= self.intake_workers <= 64, "intake_workers", self.intake_workers, "use 1-64")
         check(self.intake_interval_s >= 1, "intake_interval_s", self.intake_interval_s, "use >= 1")
@@ -306,6 +385,7 @@ _SECTIONS = {
     "training": TrainingSettings,
     "privacy_audit": AuditSettings,
     "receiver": ReceiverSettings,
+    "inference": InferenceSettings,
 }
 
 

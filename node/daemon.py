@@ -18,10 +18,13 @@ Start-up (`node.setup`), each step failing with a message that names the fix:
    to `<state_dir>/received`; with `dicom_dir` or the receiver, one intake pass (quarantine,
    cache) over the DICOM folder and the received folder before connecting, repeated every
    `intake_interval_s`; training reads the cache, never the DICOM folders;
-4. the HTTP endpoints (`/healthz`; `/readyz`: broker connected, keys loaded, a verified
-   model serving, the privacy ledger not behind, the disk not full, the clock within
-   `max_clock_skew_s` of the leader's, with the measured offset under `info` and warnings
-   naming what needs the operator; `/metrics`; `POST /v1/infer`), then the MQTT session.
+4. the HTTP endpoints (`/healthz`; `/readyz` with the checks `READINESS_CHECKS`: `broker`
+   connected, `keys` on disk the roster's, `model` a verified release serving, the `privacy
+   ledger` not behind, the `disk` not full, the `clock` within `max_clock_skew_s` of the
+   leader's, with the measured offset under `info` and warnings naming what needs the
+   operator; `/metrics`), and with `[inference] enabled` the inference listener
+   (`POST /v1/infer`, `node.inference.http`: loopback unless configured, TLS and a token's
+   hash otherwise, a bounded worker pool), then the MQTT session.
 
 Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
 worker thread, which answers it with `node.round.participation.participate`: every term is
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hmac
 import logging
 import queue
 import sqlite3
@@ -70,11 +74,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
 from broker.errors import DeliveryDeferred
+from broker.provisioning.key_check import check_member_keys
 from broker.service_link import run_until_signalled
 from node.config import NodeConfig
-from node.inference.http import infer_request
+from node.errors import NodeError
+from node.inference.http import InferenceServer
 from node.inference.runtime import ModelSlot
-from node.intake.screen import IntakeLimits
 from node.model_keeper import ModelKeeper
 from node.privacy.ledger import PrivacyLedger
 from node.privacy.reconcile import LedgerGap, ledger_gap, reconcile_epsilon_audit
@@ -93,13 +98,17 @@ from tessera.errors import AuthenticationError, DiskFull, TesseraError
 from tessera.files import DiskWatch, disk_full_error
 from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
 from tessera.observability.events import Event
-from tessera.observability.http import HealthServer, Request, Response
+from tessera.observability.http import HealthServer
 from tessera.wire.envelopes import open_envelope, seal_envelope
 from tessera.wire.messages import ReleaseRequest, RoundAbort, RoundOpen
 from tessera.wire.release import is_signature_note
 
 log = logging.getLogger("tessera.node.daemon")
 STORE_POLL_S = 2.0
+
+
+# The /readyz checks, in the order it names failing ones (the README's table lists them).
+READINESS_CHECKS = ("broker", "keys", "model", "privacy ledger", "disk", "clock")
 
 
 class NodeDaemon:
@@ -143,17 +152,20 @@ class NodeDaemon:
             setup.metrics_registry,
             readiness={
                 "broker": lambda: self.link.connected,
-                "keys": lambda: True,
-                "model": lambda: self.models.serving is not None,
+                "keys": self._keys_ready,
+                "model": self._model_verified,
                 "privacy ledger": lambda: self.ledger_problem is None,
                 "disk": self.disk.readiness,
                 "clock": self._clock_ready,
             },
-            routes={("POST", "/v1/infer"): self._infer},
             info={"clock": lambda: self.clock.reading().as_info()},
             host=self.config.http_host,
             warnings=self._warnings,
         )
+        self.inference: InferenceServer | None = None
+        if self.config.inference.enabled:
+            serve = self.config.inference.serve_config()
+            self.inference = InferenceServer(self.slot, setup.secret, serve, self.metrics)
         self.link = setup.link(self._count_wire)
         # Work for the one worker thread, in arrival order: ("round", RoundOpen bytes) or
         # ("candidate", candidate bytes); None stops it.
@@ -173,6 +185,8 @@ class NodeDaemon:
     def start(self) -> NodeDaemon:
         """Serve HTTP, start the round worker, subscribe and connect."""
         self.health.start()
+        if self.inference is not None:
+            self.inference.start()
         if self.config.receiver.enabled:
             self.receiver = self.setup.start_receiver()
         if self.setup.intake_enabled:
@@ -190,6 +204,7 @@ class NodeDaemon:
         log.info(Event.NODE_STARTED, extra={"fields": {
             "site": self.config.site_id, "study": study, "model_version": self.serving,
             "http_port": self.health.port,
+            "inference_port": None if self.inference is None else self.inference.port,
         }})  # fmt: skip
         return self
 
@@ -204,6 +219,8 @@ class NodeDaemon:
             self._check_ledger()
             if self.disk.full and self.disk.poll():
                 self.metrics.set_disk_full(False)
+            # Entries the receiver or a command-line tool appended get their anchor out too.
+            self.audit.catch_up()
             with self._lock:
                 if self.store.reload():
                     self.models.refresh()
@@ -220,6 +237,8 @@ class NodeDaemon:
         if self.receiver is not None:
             self.receiver.shutdown()
         self.link.close()
+        if self.inference is not None:
+            self.inference.shutdown()
         self.health.close()
         self.audit.close()
 
@@ -461,18 +480,29 @@ class NodeDaemon:
         problem = self.ledger_problem
         return ([problem] if problem is not None else []) + self.models.warnings()
 
-    def _infer(self, request: Request) -> Response:
-        with self.metrics.time_inference() as timer:
-            status, body = infer_request(self.slot, self.setup.secret, IntakeLimits(), request.body)
-            timer.outcome = "ok" if status == 200 else "rejected" if status == 400 else "error"
-        fields = {
-            "method": "POST",
-            "path": "/v1/infer",
-            "status": int(status),
-            "model_version": body.get("model_version"),
-        }  # which model answered, when
-        log.info(Event.INFERENCE_REQUEST, extra={"fields": fields})
-        return Response.json(status, body)
+    def _keys_ready(self) -> bool:
+        """The signing key and the broker TLS key on disk are this site's (raises if not)."""
+        bundle = self.setup.member.bundle
+        tls = bundle.tls_files if self.config.broker.tls else None
+        entry = bundle.roster.member(self.config.site_id)
+        check_member_keys(entry, bundle.signing_key_file, tls=tls)
+        return True
+
+    def _model_verified(self) -> bool:
+        """A release serves, and the ONNX bytes and weights it was loaded from hash to what
+        its accepted (jointly signed) release names; False before the first release."""
+        try:
+            model = self.slot.current()
+        except NodeError:
+            return False
+        record = self.store.get(int(model.version))
+        if (
+            record is None
+            or not hmac.compare_digest(model.onnx_sha256, record.onnx_hash)
+            or not hmac.compare_digest(model.metadata.model_hash, record.model_hash)
+        ):
+            raise NodeError(f"the model serving as version {model.version} is not its release")
+        return True
 
     def _count_wire(self, direction: str, count: int) -> None:
         self.metrics.add_wire_bytes("sent" if direction == "sent" else "received", count)

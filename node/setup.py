@@ -45,7 +45,7 @@ from node.training.federated import SiteTraining
 from tessera.crypto.signing import public_key_bytes
 from tessera.errors import ConfigError
 from tessera.governance.approvals import load_approvals
-from tessera.governance.audit import AuditLog
+from tessera.governance.audit import AuditLog, open_service_audit
 from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES
 from tessera.models.nets import TesseraNet
 from tessera.models.study import StudyModel
@@ -248,7 +248,9 @@ def load_node_setup(config: NodeConfig) -> NodeSetup:
     state, study = config.state_dir, member.study
     state.mkdir(parents=True, exist_ok=True)
     prepare_spool_dir(state / SPOOL_DIR)  # a release above the spool threshold lands there
-    audit = AuditLog.open(state / AUDIT_FILE, counts_only=True)
+    audit = open_service_audit(
+        state / AUDIT_FILE, counts_only=True, anchor_file=config.audit_anchor_file
+    )
     store = ModelStore(state, member.manifest.federation_id, study.id, audit)
     ledger = PrivacyLedger(
         ledger_path(state, study.id),

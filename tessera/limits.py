@@ -55,6 +55,11 @@ MQTT_PACKET_OVERHEAD_BYTES = 64 * _KIB
 MAX_HTTP_BODY_BYTES = 32 * _MIB
 # A DICOM body at `tessera node serve`'s POST /v1/infer: a large uncompressed CT slab still fits.
 MAX_INFERENCE_BODY_BYTES = 256 * _MIB
+# Connections served at once (a worker thread each; tessera.observability.http_server): more
+# are closed on arrival, so a flood never costs more threads than this.
+HTTP_MAX_WORKERS = 8  # a service's /healthz, /readyz, /metrics
+INFERENCE_MAX_WORKERS = 8  # POST /v1/infer: each may hold one decoded image (the default)
+MAX_INFERENCE_WORKERS = 64  # the most a site may configure
 
 # --- DICOM intake (node.intake) ---------------------------------------------------------------
 

@@ -53,9 +53,14 @@ class Bundle:
         """CA, client certificate and key for the MQTT session."""
         return TlsFiles(self.path / "ca.pem", self.path / "client.pem", self.path / "client.key")
 
+    @property
+    def signing_key_file(self) -> Path:
+        """Where this member's Ed25519 signing key lies."""
+        return self.path / "signing.key"
+
     def signing_key(self) -> Ed25519PrivateKey:
         """This member's Ed25519 signing key."""
-        return load_private_key(self.path / "signing.key")
+        return load_private_key(self.signing_key_file)
 
     def hpke_key(self) -> X25519PrivateKey:
         """This aggregator's HPKE private key; ConfigError for a site."""

@@ -181,7 +181,7 @@ def prepare_federation(
         _write_config(prepared.config(aggregator), {
             "aggregator_id": aggregator, "bundle_dir": str(prepared.bundle(aggregator)),
             "study_id": spec.study_id, "state_dir": str(prepared.state(aggregator)),
-            "http_port": 0, "broker": broker,
+            "http_host": "127.0.0.1", "http_port": 0, "broker": broker,
             "round": {"min_participants": spec.min_participants, "clip_norm": spec.clip_norm,
                       **spec.round},
             "strategy": dict(spec.strategy),
@@ -191,6 +191,7 @@ def prepare_federation(
             "site_id": site, "bundle_dir": str(prepared.bundle(site)),
             "study_id": spec.study_id, "state_dir": str(prepared.state(site)),
             "http_host": "127.0.0.1", "http_port": 0, "broker": broker,
+            "inference": {"port": 0},  # loopback, any free port: several nodes on one host
             "training": dict(spec.training),
         }  # fmt: skip
         if dicom and site in dicom:

@@ -43,6 +43,8 @@ def _fresh_out(out: Path) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by tessera demo; the next demo run replaces it\n")
+    # It holds a federation CA and every member's keys: git ignores it wherever it is.
+    (out / ".gitignore").write_text("# written by tessera demo: keys and a CA, never commit\n*\n")
     return out
 
 

@@ -5,9 +5,10 @@
   (safetensors), the ONNX export and prints a JSON summary.
 - `infer`: DICOM files or folders -> one JSON line per file on stdout (keyed instance hash,
   label, probabilities, model version; never a path or a patient identifier).
-- `serve`: the HTTP endpoint; with `--watch`, a changed model file is hot-swapped in. It logs
-  JSON lines on stderr (`--log-level`): what it serves, each swap, and each request with the
-  model version that answered it.
+- `serve`: the HTTP endpoint, on loopback unless `--host` says otherwise, which needs TLS
+  and a token (`node.inference.http`); with `--watch`, a changed model file is hot-swapped in.
+  It logs JSON lines on stderr (`--log-level`): what it serves, each swap, and each request
+  with the model version that answered it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tessera.limits import INFERENCE_MAX_WORKERS
 from tessera.observability.events import Event
 
 if TYPE_CHECKING:
+    from node.inference.http import ServeConfig
+
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 log = logging.getLogger("tessera.node.inference")
@@ -69,8 +73,15 @@ def register(node_commands: Subparsers) -> None:
     serve = node_commands.add_parser("serve", help="serve POST /v1/infer")
     serve.add_argument("--model", type=Path, required=True)
     serve.add_argument("--state", type=Path, default=Path("/var/lib/tessera"))
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1", help="another address needs TLS and a token")
+    serve.add_argument("--port", type=int, default=8443)
+    serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM), with --tls-key")
+    serve.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    serve.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
+    serve.add_argument("--token-sha256-file", type=Path,
+                       help="file with the hex SHA-256 of the clients' bearer token")  # fmt: skip
+    serve.add_argument("--max-workers", type=int, default=INFERENCE_MAX_WORKERS,
+                       help="connections served at once; more are closed on arrival")  # fmt: skip
     serve.add_argument("--watch", type=float, default=5.0, help="seconds between model checks")
     serve.add_argument("--log-level", default="INFO", help="JSON logs on stderr at this level")
     serve.set_defaults(handler=serve_command)
@@ -122,10 +133,33 @@ def infer_command(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig the flags describe; ConfigError naming the flag to fix."""
+    from node.inference.http import ServeConfig, ServerTLS
+    from tessera.errors import ConfigError
+    from tessera.observability.http_server import read_token_hash
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key (or neither)")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ConfigError("--tls-client-ca needs TLS: pass --tls-cert and --tls-key too")
+    tls = None
+    if args.tls_cert is not None:
+        tls = ServerTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+    token = None if args.token_sha256_file is None else read_token_hash(args.token_sha256_file)
+    try:
+        return ServeConfig(args.host, args.port, tls=tls, token_sha256=token,
+                           max_workers=args.max_workers)  # fmt: skip
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"tessera node serve: {error}") from None
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM, hot-swapping the model when its file changes."""
     from node.errors import NodeError
-    from node.inference.http import InferenceServer, ServeConfig
+    from node.inference.http import InferenceServer
     from node.inference.runtime import ModelSlot, load_model
     from node.intake.phi import load_or_create_site_secret
     from tessera.observability.logs import configure_logging
@@ -134,16 +168,17 @@ def serve_command(args: argparse.Namespace) -> int:
         configure_logging(args.log_level)
     except ValueError as error:
         raise NodeError(str(error)) from None
+    config = serve_config(args)  # before anything loads: a refused address fails at once
     data = args.model.read_bytes()
     slot = ModelSlot(load_model(data))
     seen = hashlib.sha256(data).digest()
-    server = InferenceServer(slot, load_or_create_site_secret(args.state),
-                             ServeConfig(args.host, args.port))  # fmt: skip
+    server = InferenceServer(slot, load_or_create_site_secret(args.state), config)
     server.start()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    fields = {"port": server.port, "model_version": slot.current().version}
+    fields = {"host": config.host, "port": server.port, "tls": config.tls is not None,
+              "model_version": slot.current().version}  # fmt: skip
     log.info(Event.SERVING, extra={"fields": fields})
     try:
         while not stop.wait(args.watch):

@@ -6,6 +6,14 @@
 - 404 unknown path, 405 wrong method, 411 no Content-Length, 413 body over the limit,
   503 no model loaded yet.
 - `GET /v1/model`: the version, hash and labels being served.
+- 401 (`WWW-Authenticate: Bearer`) for either, before anything is read, unless the request
+  carries `Authorization: Bearer <token>` with the token whose SHA-256 the site configured.
+
+Who may ask (`ServeConfig`): the server listens on loopback unless configured otherwise, and
+refuses to start on any other address without TLS (its certificate and key; with a client
+CA, mutual TLS) and a token: patient images never cross a network in clear or from a caller
+who does not hold the site's credential. At most `max_workers` connections are served at
+once (`tessera.observability.http_server.BoundedHTTPServer`).
 
 Each request is logged as one JSON line (`inference request`): method, path, status and,
 for an answered inference, the model version that answered it, so the log records which
@@ -19,43 +27,84 @@ import logging
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 from node.errors import NodeError, UnusableImageError
+from node.inference import INFERENCE_PORT, OFF_LOOPBACK_FIX
 from node.inference.runtime import ModelSlot, infer_dicom_bytes
 from node.intake.screen import IntakeLimits
-from tessera.limits import MAX_INFERENCE_BODY_BYTES
+from tessera.errors import ConfigError
+from tessera.limits import INFERENCE_MAX_WORKERS, MAX_INFERENCE_BODY_BYTES, MAX_INFERENCE_WORKERS
 from tessera.observability.events import Event
+from tessera.observability.http_server import (
+    BoundedHTTPServer,
+    is_loopback,
+    server_tls_context,
+    token_matches,
+)
+from tessera.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("tessera.node.inference")
 _ROUTES = "use POST /v1/infer or GET /v1/model"
 
 
 @dataclass(frozen=True)
+class ServerTLS:
+    """The inference server's certificate and key (PEM); with `client_ca_file`, every client
+    must present a certificate that CA signed (mutual TLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class ServeConfig:
-    """Where to listen and how much to accept."""
+    """Where to listen, how much to accept, and who may ask (module docstring)."""
 
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = INFERENCE_PORT
     max_body_bytes: int = MAX_INFERENCE_BODY_BYTES
+    tls: ServerTLS | None = None
+    token_sha256: bytes | None = None  # SHA-256 of the bearer token clients present
+    max_workers: int = INFERENCE_MAX_WORKERS
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if not 1 <= self.max_workers <= MAX_INFERENCE_WORKERS:
+            limit = MAX_INFERENCE_WORKERS
+            raise ValueError(f"max_workers must be 1..{limit}, got {self.max_workers}")
+        if self.token_sha256 is not None and len(self.token_sha256) != 32:
+            raise ValueError("token_sha256 must be a SHA-256 digest (32 bytes)")
+        if not is_loopback(self.host) and (self.tls is None or self.token_sha256 is None):
+            raise ConfigError(f"inference on {self.host!r}: {OFF_LOOPBACK_FIX}")
 
 
 class InferenceServer:
-    """A ThreadingHTTPServer around a ModelSlot; `start()` serves on a daemon thread."""
+    """The inference endpoint around a ModelSlot; `start()` serves on a daemon thread. With
+    `metrics`, each inference is timed into `tessera_inference_latency_seconds`."""
 
-    def __init__(self, slot: ModelSlot, secret: bytes, cfg: ServeConfig) -> None:
-        self.slot, self.secret, self.cfg = slot, secret, cfg
+    def __init__(
+        self,
+        slot: ModelSlot,
+        secret: bytes,
+        cfg: ServeConfig,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.slot, self.secret, self.cfg, self.metrics = slot, secret, cfg, metrics
         self.limits = IntakeLimits(max_file_bytes=cfg.max_body_bytes)
-        handler = _make_handler(self)
-        self.httpd = ThreadingHTTPServer((cfg.host, cfg.port), handler)
-        self.httpd.daemon_threads = True
+        context = None
+        if cfg.tls is not None:
+            tls = cfg.tls
+            context = server_tls_context(tls.cert_file, tls.key_file, tls.client_ca_file,
+                                         what="the inference server's TLS")  # fmt: skip
+        self.httpd = BoundedHTTPServer((cfg.host, cfg.port), _make_handler(self),
+                                       max_workers=cfg.max_workers, tls=context)  # fmt: skip
         self._thread: threading.Thread | None = None
 
     @property
@@ -69,15 +118,26 @@ class InferenceServer:
         self._thread.start()
 
     def shutdown(self) -> None:
-        """Stop serving and close the socket."""
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        """Stop serving (if started) and close the socket."""
         if self._thread is not None:
+            self.httpd.shutdown()
             self._thread.join(timeout=10)
+            self._thread = None
+        self.httpd.server_close()
 
     def handle_infer(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        """Status and JSON for one request body (the handler's pure part)."""
-        return infer_request(self.slot, self.secret, self.limits, body)
+        """Status and JSON for one request body (the handler's pure part), timed."""
+        if self.metrics is None:
+            return infer_request(self.slot, self.secret, self.limits, body)
+        with self.metrics.time_inference() as timer:
+            status, payload = infer_request(self.slot, self.secret, self.limits, body)
+            timer.outcome = "ok" if status == 200 else "rejected" if status == 400 else "error"
+        return status, payload
+
+    def authorized(self, authorization: str | None) -> bool:
+        """Whether a request's Authorization header satisfies the configured token."""
+        expected = self.cfg.token_sha256
+        return expected is None or token_matches(authorization, expected)
 
 
 def infer_request(
@@ -104,6 +164,8 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
         answered_by: str | None = None
 
         def do_POST(self) -> None:
+            if not self._authorized():
+                return
             if self.path != "/v1/infer":
                 self._error(HTTPStatus.NOT_FOUND, "not-found", _ROUTES)
                 return
@@ -123,6 +185,8 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
             self._reply(status, payload)
 
         def do_GET(self) -> None:
+            if not self._authorized():
+                return
             if self.path == "/v1/infer":
                 self._error(HTTPStatus.METHOD_NOT_ALLOWED, "method", "POST the DICOM bytes")
             elif self.path == "/v1/model":
@@ -137,12 +201,26 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
             else:
                 self._error(HTTPStatus.NOT_FOUND, "not-found", _ROUTES)
 
+        def _authorized(self) -> bool:
+            """401 and close, before any body is read, unless the token is right."""
+            if server.authorized(self.headers.get("Authorization")):
+                return True
+            self.close_connection = True
+            detail = "send the site's inference token: Authorization: Bearer <token>"
+            self._reply(HTTPStatus.UNAUTHORIZED, {"error": "unauthorized", "detail": detail},
+                        ("WWW-Authenticate", 'Bearer realm="tessera-inference"'))  # fmt: skip
+            return False
+
         def _error(self, status: int, reason: str, detail: str) -> None:
             self._reply(status, {"error": reason, "detail": detail})
 
-        def _reply(self, status: int, payload: dict[str, Any]) -> None:
+        def _reply(
+            self, status: int, payload: dict[str, Any], *header: tuple[str, str]
+        ) -> None:
             blob = json.dumps(payload).encode()
             self.send_response(status)
+            for name, value in header:
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(blob)))
             self.send_header("Cache-Control", "no-store")

@@ -31,12 +31,13 @@ from node.intake.phi import instance_key, keyed_hash
 from node.intake.preprocess import PreprocessConfig, preprocess
 from node.intake.screen import IntakeLimits, quiet_pydicom, read_dataset, screen_dataset
 from tessera.models.onnx_export import INPUT_NAME, OUTPUT_NAMES, ExportMetadata, read_metadata
-from tessera.pipeline import PIPELINE_KEY, PIPELINE_VERSION
+from tessera.pipeline import PIPELINE_KEY, PIPELINE_VERSION, resolved_preprocess
 
 
 def preprocess_metadata(cfg: PreprocessConfig) -> dict[str, object]:
-    """The preprocessing config as stored in an export's metadata (with the pipeline version)."""
-    return {**asdict(cfg), PIPELINE_KEY: PIPELINE_VERSION}
+    """The preprocessing config as an export's metadata holds it: every term, resolved
+    (`tessera.pipeline.resolved_preprocess`, as for a release), with the pipeline version."""
+    return resolved_preprocess(asdict(cfg))
 
 
 def preprocess_from_metadata(values: dict[str, object]) -> PreprocessConfig:

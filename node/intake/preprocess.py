@@ -40,23 +40,17 @@ from node.intake.screen import (
     read_dataset,
     screen_dataset,
 )
-from tessera.pipeline import PIPELINE_VERSION
+from tessera.pipeline import PIPELINE_VERSION, WINDOW_PRESETS
 
-# Bump when the pipeline's arithmetic changes, so every cached array is recomputed.
+__all__ = ["WINDOW_PRESETS", "PreprocessConfig", "decode_dicom_bytes", "preprocess"]
 
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "ct-soft-tissue": (40.0, 400.0),
-    "ct-abdomen": (60.0, 400.0),
-    "ct-lung": (-600.0, 1500.0),
-    "ct-bone": (400.0, 1800.0),
-    "ct-brain": (40.0, 80.0),
-}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """What the model expects; part of every cache key through `digest()`."""
+    """What the model expects; part of every cache key through `digest()`. The defaults are
+    `tessera.pipeline.PREPROCESS_DEFAULTS` (a test keeps them equal)."""
 
     size: int = 64
     channels: int = 1

@@ -18,8 +18,11 @@ Limitation: a chain only proves what it contains. Whoever can write the file can
 last entries, or rewrite a whole suffix consistently (every hash recomputed), and no check
 of the file alone can notice: `tessera audit verify` says so whenever no anchor is given. An
 **anchor** (the latest `seq:hash`, kept somewhere that attacker cannot write: a second
-volume, the aggregators, a printout) closes that gap: `verify(path, anchor)` fails if the
-anchored entry is missing or different. `AuditLog(anchor_path=...)` keeps one up to date.
+volume, the log collector, a printout) closes that gap: `verify(path, anchor)` fails if the
+anchored entry is missing or different. Every new entry's anchor goes to `on_anchor` and,
+with `anchor_path`, is appended to that file (`tessera.governance.audit_anchors`);
+`open_service_audit` is what the daemons open: their anchors go to the JSON log stream
+(`audit-anchor`), out of the service's reach.
 
 Durability: each entry is one `write` of one complete line, then fsync, under an exclusive
 `flock`, so concurrent writers (processes or objects) never interleave and a reader holding
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -40,7 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tessera.files import atomic_write
+from tessera.governance.audit_anchors import AnchorTrail
 from tessera.governance.audit_chain import (
     GENESIS,
     MAX_ENTRY_BYTES,
@@ -56,6 +60,7 @@ from tessera.governance.audit_chain import (
     verify,
 )
 from tessera.governance.canonical import canonical_json
+from tessera.observability.events import Event
 
 __all__ = [
     "COUNT_ONLY_KINDS",
@@ -71,6 +76,7 @@ __all__ = [
     "entry_hash",
     "epsilon_by_study",
     "export",
+    "open_service_audit",
     "read_entries",
     "verify",
 ]
@@ -127,8 +133,9 @@ class AuditLog:
 
     `counts_only=True` (nodes) refuses lists and tables in `participant-set` and `quarantine`
     entries, so a node's log cannot name who took part or which file was quarantined.
-    `anchor_path`, if given, is rewritten atomically with the latest `seq:hash` after each
-    append; keep it where whoever can edit the log cannot.
+    Whenever the chain has moved (at open, after each append, at `catch_up`), its anchor goes
+    to `on_anchor` and, with `anchor_path`, is appended to that file, which must lie outside
+    the log's folder (`tessera.governance.audit_anchors`).
     """
 
     def __init__(
@@ -137,13 +144,14 @@ class AuditLog:
         descriptor: int,
         counts_only: bool,
         clock: Callable[[], dt.datetime],
-        anchor_path: Path | None,
+        anchors: tuple[AnchorTrail | None, Callable[[Anchor], None] | None],
     ) -> None:
         self.path = path
         self._fd = descriptor
         self._counts_only = counts_only
         self._clock = clock
-        self._anchor_path = anchor_path
+        self._trail, self._on_anchor = anchors
+        self._anchored = 0  # the seq whose anchor went out last
         self._size = -1
         self._seq = 0
         self._last = GENESIS
@@ -157,29 +165,30 @@ class AuditLog:
         counts_only: bool = False,
         clock: Callable[[], dt.datetime] = _utc_now,
         anchor_path: str | os.PathLike[str] | None = None,
+        on_anchor: Callable[[Anchor], None] | None = None,
     ) -> AuditLog:
         """Open (creating if needed) and verify the log, cutting off a torn last line.
 
         Raises AuditVerificationError if the complete lines do not verify: the writer never
-        appends to a broken chain.
+        appends to a broken chain; ValueError for an `anchor_path` in the log's folder.
         """
         target = Path(path)
+        trail = AnchorTrail(Path(anchor_path), target) if anchor_path else None
         created = not target.exists()
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         descriptor = os.open(target, flags, 0o640)
         if created:  # make the new file's name durable too, not only its bytes
             _fsync_folder(target.parent)
-        log = cls(
-            target, descriptor, counts_only, clock, Path(anchor_path) if anchor_path else None
-        )
+        log = cls(target, descriptor, counts_only, clock, (trail, on_anchor))
         try:
             with log._locked():
                 torn = log._sync()
                 log.recovered_bytes = torn
                 if torn:
                     log._write_entry("recovery", {"truncated_bytes": torn, "reason": "torn write"})
+                log._send_anchor()
         except BaseException:
-            os.close(descriptor)
+            log.close()
             raise
         return log
 
@@ -214,11 +223,36 @@ class AuditLog:
         """The latest entry's seq and hash (seq 0 and 64 zeros for an empty log)."""
         return Anchor(self._seq, self._last)
 
+    def catch_up(self) -> Anchor:
+        """Read what other writers appended (the C-STORE receiver, a command-line tool) and,
+        if the chain moved, send its anchor out; the latest anchor."""
+        with self._locked():
+            self._sync()
+            self._send_anchor()
+        return self.anchor()
+
     def close(self) -> None:
         """Release the file; appending afterwards raises."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._trail is not None:
+            self._trail.close()
+
+    def _send_anchor(self) -> None:
+        """Under the lock: the latest anchor to the trail and `on_anchor`, once per seq."""
+        if self._seq == self._anchored:
+            return
+        anchor = self.anchor()
+        if self._on_anchor is not None:
+            self._on_anchor(anchor)
+        if self._trail is not None:
+            try:
+                self._trail.append(anchor)
+            except OSError as error:  # the entry is written; the next anchor supersedes
+                fields = {"path": str(self._trail.path), "error_type": type(error).__name__}
+                _anchor_log.warning(Event.AUDIT_ANCHOR_NOT_WRITTEN, extra={"fields": fields})
+        self._anchored = self._seq
 
     def __enter__(self) -> AuditLog:
         return self
@@ -281,9 +315,29 @@ class AuditLog:
             raise
         self._size += len(line)
         self._seq, self._last = seq, digest
-        if self._anchor_path is not None:
-            atomic_write(self._anchor_path, (self.anchor().to_text() + "\n").encode("ascii"))
+        self._send_anchor()
         return entry
+
+
+_anchor_log = logging.getLogger("tessera.audit")
+
+
+def _log_anchor(anchor: Anchor) -> None:
+    _anchor_log.info(Event.AUDIT_ANCHOR, extra={"fields": {"anchor": anchor.to_text()}})
+
+
+def open_service_audit(
+    path: str | os.PathLike[str],
+    *,
+    counts_only: bool = False,
+    anchor_file: str | os.PathLike[str] | None = None,
+) -> AuditLog:
+    """The audit log a daemon keeps. Each new anchor is logged as `audit-anchor` (JSON on
+    stderr: the site's log collector takes it beyond the service's reach) and, with
+    `anchor_file`, appended to that file, which must lie outside the log's folder.
+    `tessera audit verify LOG --anchor SEQ:HASH` then detects a deleted tail."""
+    return AuditLog.open(path, counts_only=counts_only, anchor_path=anchor_file,
+                         on_anchor=_log_anchor)  # fmt: skip
 
 
 class _Lock:

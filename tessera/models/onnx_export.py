@@ -6,8 +6,10 @@ The file carries everything point-of-care inference needs, in `metadata_props`:
 - `tessera.model_version`: the release version of the weights (e.g. "7");
 - `tessera.model_hash`: hex SHA-256 of the weights (safetensors) the release names;
 - `tessera.labels`: JSON list of the class names, in output order;
-- `tessera.preprocess`: JSON object of the preprocessing configuration, so an inference
-  service decodes DICOM exactly as the training intake did.
+- `tessera.preprocess`: JSON object of the whole preprocessing configuration
+  (`tessera.pipeline.resolved_preprocess`: every term, defaults filled in, and the pipeline
+  version), so an inference service, Tessera's or a plain onnxruntime client, decodes DICOM
+  exactly as the training intake did. `export_onnx` refuses metadata that lacks a term.
 
 The graph has one input `image` (batch, C, H, W) with a dynamic batch axis and two outputs,
 `logits` and `probabilities` (softmax), so that no client re-implements the softmax.
@@ -38,6 +40,7 @@ import torch
 
 from tessera.models.nets import TesseraNet
 from tessera.models.registry import ModelSpec
+from tessera.pipeline import PIPELINE_KEY, PREPROCESS_TERMS
 
 OPSET = 18
 INPUT_NAME = "image"
@@ -113,8 +116,15 @@ def export_onnx(model: TesseraNet, metadata: ExportMetadata, image_size: int) ->
 
     The model is exported in eval mode on the CPU (a model on another device is copied, not
     moved) and put back into its previous training mode afterwards. Raises ValueError when the
-    file would exceed 2 GB, which a single protobuf cannot hold.
+    file would exceed 2 GB, which a single protobuf cannot hold, or when the metadata's
+    preprocessing lacks a term (a file that cannot be used alone).
     """
+    missing = sorted({*PREPROCESS_TERMS, PIPELINE_KEY} - set(metadata.preprocess))
+    if missing:
+        raise ValueError(
+            f"export metadata lacks the preprocessing terms {missing}; build it with "
+            "tessera.pipeline.resolved_preprocess so the file can be used alone"
+        )
     spec = ModelSpec.from_model_id(metadata.model_id)
     was_training = model.training
     model.eval()

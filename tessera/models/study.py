@@ -22,7 +22,7 @@ from tessera.models.nets import TesseraNet
 from tessera.models.onnx_export import ExportMetadata, export_onnx
 from tessera.models.registry import ModelSpec, build_model
 from tessera.models.weights import load_arrays, model_hash, state_arrays
-from tessera.pipeline import PIPELINE_KEY, PIPELINE_VERSION, PREPROCESS_TERMS
+from tessera.pipeline import PREPROCESS_TERMS, resolved_preprocess
 
 _ALLOWLIST_NAME = re.compile(r"^(?P<arch>[a-z0-9-]+?)-v(?P<version>[1-9][0-9]*)$")
 DEFAULT_IMAGE_SIZE = 64
@@ -65,8 +65,8 @@ class StudyModel:
                 f"({', '.join(study.architectures)})"
             )
         terms = study.preprocessing_dict()
-        preprocess: dict[str, object] = {k: terms[k] for k in PREPROCESS_TERMS if k in terms}
-        preprocess[PIPELINE_KEY] = PIPELINE_VERSION
+        # Every term, defaults filled in: a release's ONNX must stand alone.
+        preprocess = resolved_preprocess({k: terms[k] for k in PREPROCESS_TERMS if k in terms})
         channels = _int_term(preprocess, "channels", 1)
         spec = spec_for(architecture, channels, len(study.labels))
         return cls(federation_id, study.id, architecture, spec, study.labels, preprocess)

@@ -33,6 +33,12 @@ class Event(enum.StrEnum):
     READINESS_CHECK_RAISED = "readiness check raised"  # a /readyz check raised: not ready
     ROUTE_HANDLER_FAILED = "route handler failed"  # a mounted route raised: answered 500
     HTTP_REQUEST = "http request"  # an access line (DEBUG)
+    HTTP_BUSY = "http busy"  # every worker busy: connections closed at once (first of a run)
+    HTTP_TLS_FAILED = "tls handshake failed"  # a client that did not complete TLS (DEBUG)
+
+    # --- any service's audit log (tessera.governance.audit) ------------------------------
+    AUDIT_ANCHOR = "audit-anchor"  # the audit log's latest SEQ:HASH: keep it (verify --anchor)
+    AUDIT_ANCHOR_NOT_WRITTEN = "audit-anchor-not-written"  # the anchor file refused a line
 
     # --- a service's MQTT link (broker.service_link, broker.outbox) -------------------------
     INSECURE_BROKER = "insecure-broker"  # connecting to the plaintext development broker
@@ -130,6 +136,10 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.READINESS_CHECK_RAISED: ("check", "error_type"),
     Event.ROUTE_HANDLER_FAILED: ("route", "error_type"),
     Event.HTTP_REQUEST: ("method", "path"),
+    Event.HTTP_BUSY: ("max_workers", "port"),
+    Event.HTTP_TLS_FAILED: ("error_type",),
+    Event.AUDIT_ANCHOR: ("anchor",),
+    Event.AUDIT_ANCHOR_NOT_WRITTEN: ("path", "error_type"),
     Event.INSECURE_BROKER: (),
     Event.RETAIN_SKIPPED: ("bytes",),
     Event.BROKER_CONNECTED: ("session_present", "down_s", "queued"),
@@ -142,7 +152,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.DELIVERY_RESUMED: ("topic", "tries"),
     Event.DISK_FULL: ("path", "needed_bytes", "free_bytes", "reason"),
     Event.DISK_SPACE_RETURNED: ("path", "free_bytes"),
-    Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
+    Event.NODE_STARTED: ("site", "study", "model_version", "http_port", "inference_port"),
     Event.NODE_STOPPED: (),
     Event.EPSILON_RECONCILED: ("study",),
     Event.EPSILON_AUDIT_BEHIND: ("study", "rounds", "epsilon"),
@@ -191,7 +201,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.RECEIVER_DUPLICATE: ("instance",),
     Event.RECEIVER_WRITE_FAILED: ("instance", "error"),
     Event.RECEIVER_STORED: ("instance", "size"),
-    Event.SERVING: ("port", "model_version"),
+    Event.SERVING: ("host", "port", "tls", "model_version"),
     Event.MODEL_UPDATE_REJECTED: ("error",),
     Event.SERVE_MODEL_SWAPPED: ("model_version",),
     Event.INFERENCE_REQUEST: ("method", "path", "status", "model_version"),

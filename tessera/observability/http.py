@@ -4,7 +4,8 @@ Node and aggregator both run one `HealthServer` on port 8080 (the deployment con
 
 - `/healthz`: 200 while the process can answer at all (the liveness probe);
 - `/readyz`: 200 only if every registered readiness check passes, else 503 with the names
-  of the failing checks, e.g. "broker connected", "keys loaded", "model verified"; a check
+  of the failing checks, e.g. `{"ready": false, "failing": ["broker", "keys"]}` (each daemon
+  names its checks in `READINESS_CHECKS`; the README's table describes them); a check
   that can say why it fails returns the sentence instead of False, and it is served under
   `reasons` ("disk full: ..."). Values a service reports beside readiness (the node's
   measured clock offset) are served under `info`, and `"warnings"` (sentences naming the
@@ -12,7 +13,9 @@ Node and aggregator both run one `HealthServer` on port 8080 (the deployment con
 - `/metrics`: Prometheus exposition of the service's own `CollectorRegistry` (never the
   process-global default, so two services in one test process do not share counters).
 
-A service mounts extra routes (the node's inference endpoint) as `(method, path) -> Handler`.
+A service may mount extra routes as `(method, path) -> Handler` (none carries patient data:
+inference has its own listener, `node.inference.http`). At most `max_workers` connections
+are served at once (`tessera.observability.http_server.BoundedHTTPServer`).
 
 Nothing here may carry PHI: a failing readiness check or route handler is logged by name and
 exception type only, and access lines go to DEBUG without the query string. The metric
@@ -26,15 +29,16 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from tessera.limits import MAX_HTTP_BODY_BYTES
+from tessera.limits import HTTP_MAX_WORKERS, MAX_HTTP_BODY_BYTES
 from tessera.observability.events import Event
+from tessera.observability.http_server import BoundedHTTPServer
 
 __all__ = [
     "Handler",
@@ -114,7 +118,8 @@ class HealthServer:
     `port=0` binds a free port (see `.port`). `host` defaults to all interfaces because the
     kubelet's probes and Prometheus reach the pod from outside its network namespace; a
     service that should stay local passes "127.0.0.1". Request bodies above `max_body_bytes`
-    are refused with 413 before they are read.
+    are refused with 413 before they are read. At most `max_workers` connections are served
+    at once; more are closed on arrival (`tessera.observability.http_server`).
     """
 
     def __init__(
@@ -129,6 +134,7 @@ class HealthServer:
         host: str = "0.0.0.0",  # noqa: S104 - probes come from outside the pod; see docstring
         max_body_bytes: int = MAX_HTTP_BODY_BYTES,
         request_timeout_s: float = 30.0,
+        max_workers: int = HTTP_MAX_WORKERS,
     ) -> None:
         routes = dict(routes or {})
         for method, path in routes:
@@ -150,9 +156,13 @@ class HealthServer:
             (_RequestHandler,),
             {"server_state": self, "timeout": request_timeout_s},
         )
-        self._httpd = ThreadingHTTPServer((host, port), handler_class)
-        self._httpd.daemon_threads = True
+        self._httpd = BoundedHTTPServer((host, port), handler_class, max_workers=max_workers)
         self._thread: threading.Thread | None = None
+
+    @property
+    def check_names(self) -> tuple[str, ...]:
+        """The readiness checks' names, in the order /readyz reports them."""
+        return tuple(self._readiness)
 
     @property
     def port(self) -> int:

@@ -44,6 +44,14 @@ def test_node_configurations_load(path: Path) -> None:
     if "k8s" in path.parts:  # something must listen on the port the base exposes
         assert config.receiver.enabled and config.receiver.port == 11112
         assert config.receiver.host == "0.0.0.0"
+    # Inference leaves the container only over TLS and with a token, from the site's secret.
+    inference = config.inference
+    assert inference.enabled and inference.host == "0.0.0.0" and inference.port == 8443
+    secrets = Path("/etc/tessera/inference") if "k8s" in path.parts else Path("/run/secrets")
+    assert inference.tls_cert is not None and inference.tls_cert.parent == secrets
+    assert inference.tls_key is not None and inference.tls_key.parent == secrets
+    assert inference.token_sha256_file is not None
+    assert inference.token_sha256_file.parent == secrets
 
 
 @pytest.mark.parametrize("path", AGGREGATOR_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -66,6 +74,6 @@ def test_aggregator_configurations_load_with_their_bundle(path: Path, tmp_path: 
 
 def test_a_misspelt_key_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "node.toml"
-    bad.write_text(NODE_CONFIGS[0].read_text() + 'sutdy = "x"\n')
+    bad.write_text('sutdy = "x"\n' + NODE_CONFIGS[0].read_text())  # top level, before any table
     with pytest.raises(ValueError, match="unknown key sutdy"):
         load_node_config(bad, env={})

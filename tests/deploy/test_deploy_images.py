@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from tests.support.deploy import DOCKER, DOCKERFILES, REPO, run
 
 PYTHON_IMAGES = ["node.Dockerfile", "node-gpu.Dockerfile", "aggregator.Dockerfile"]
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 
 def instructions(name: str) -> list[tuple[str, str]]:
@@ -71,6 +73,44 @@ def test_image_rules(name: str) -> None:
     for key in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels
     assert (DOCKER / f"{name}.dockerignore").is_file(), "a per-Dockerfile ignore file"
+
+
+def base_image_args(name: str) -> dict[str, str]:
+    """{ARG: default ("" when none)} for the ARGs the Dockerfile's FROM lines name."""
+    steps = instructions(name)
+    first_from = next(i for i, (kind, _) in enumerate(steps) if kind == "FROM")
+    declared = dict(
+        args.partition("=")[::2] for kind, args in steps[:first_from] if kind == "ARG"
+    )
+    bases = {args.split()[0][2:-1] for kind, args in steps if kind == "FROM"}
+    return {arg: declared[arg] for arg in bases}
+
+
+def digest_guard(name: str, arg: str) -> str:
+    """The RUN that refuses a base image given without a digest (for an ARG with no default)."""
+    guards = [a for kind, a in instructions(name) if kind == "RUN" and f'"${{{arg}}}"' in a]
+    assert guards, f"{name}: {arg} has no default and no RUN that checks it for a digest"
+    return guards[0]
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_base_images_are_pinned_by_digest(name: str) -> None:
+    """A default base image carries its digest; one without a default must be passed, and a
+    RUN in the build refuses it without a digest (the README gives the command that prints
+    one: docker buildx imagetools inspect <image:tag>)."""
+    for arg, default in base_image_args(name).items():
+        if default:
+            assert DIGEST.search(default), f"{name}: {arg}={default} is not pinned by digest"
+            continue
+        guard = digest_guard(name, arg)
+        for value, refused in (("nvidia/cuda:12.8.1-base-ubuntu24.04", True),
+                               (f"nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:{'ab' * 32}", False),
+                               ("", True)):  # fmt: skip
+            ran = subprocess.run(["sh", "-c", guard], env={arg: value}, capture_output=True,
+                                 text=True, timeout=60)  # fmt: skip
+            assert (ran.returncode != 0) == refused, (value, ran.stderr)
+            if refused:
+                assert "imagetools inspect" in ran.stderr
 
 
 @pytest.mark.parametrize("name", PYTHON_IMAGES)
@@ -148,6 +188,11 @@ def test_compose_federation_is_hardened(compose_binary: str) -> None:
         assert mounts["/data/dicom"]["read_only"] is True
         # The hospital's HTTP endpoints are published on loopback only.
         assert all(p["host_ip"] == "127.0.0.1" for p in services[site]["ports"])
+        assert {p["target"] for p in services[site]["ports"]} == {8080, 8443}
+        # Inference's TLS certificate, key and token hash are the site's own secrets.
+        secrets = {s["target"]: s["source"] for s in services[site]["secrets"]}
+        assert set(secrets) == {"inference-tls.crt", "inference-tls.key", "inference-token.sha256"}
+        assert all(source.startswith(f"{site}-") for source in secrets.values())
 
 
 def test_compose_images_match_the_dockerfiles() -> None:

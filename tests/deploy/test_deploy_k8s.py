@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,21 @@ def test_http_probes_use_the_service_endpoints(manifests: Manifests) -> None:
             assert ports["http"] == 8080
 
 
+IMAGE_BY_DIGEST = re.compile(r"^[a-z0-9][a-z0-9./_-]*@sha256:[0-9a-f]{64}$")
+# What the repository ships until a release fills in its images' digests (README, "Release").
+UNRELEASED = "sha256:" + "0" * 64
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rendered_image_is_referenced_by_digest(manifests: Manifests, overlay: str) -> None:
+    for name, pod in pod_specs(manifests[overlay]):
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            image = container["image"]
+            assert IMAGE_BY_DIGEST.match(image), f"{overlay}/{name}: {image} is not by digest"
+            if not image.startswith("tessera/"):  # only our own images wait for a release
+                assert not image.endswith(UNRELEASED), image
+
+
 def namespaces(docs: list[dict[str, Any]]) -> set[str]:
     """Every namespace a document of the overlay lives in or defines."""
     return {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"} | {
@@ -203,7 +219,24 @@ def test_only_the_sites_own_inference_clients_reach_its_node(
     (peer,) = ingress[0]["from"]
     assert peer["namespaceSelector"]["matchLabels"] == {"tessera.io/inference-client-of": site}
     assert peer["podSelector"]["matchLabels"] == {"tessera.io/inference-client": "true"}
-    assert sorted(p["port"] for p in ingress[0]["ports"]) == [8080, 11112]
+    # Inference (HTTPS) and C-STORE; the health port serves the probes, which need no rule.
+    assert sorted(p["port"] for p in ingress[0]["ports"]) == [8443, 11112]
+
+
+@pytest.mark.parametrize("overlay", SITES)
+def test_inference_serves_tls_from_the_sites_own_secret(manifests: Manifests, overlay: str) -> None:
+    docs = manifests[overlay]
+    ((_, pod),) = pod_specs(docs)
+    container = pod["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["inference"] == 8443
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = mounts["/etc/tessera/inference"]
+    assert mount["readOnly"] is True
+    assert volumes[mount["name"]]["secret"]["secretName"] == "tessera-inference"
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["inference"] == 8443
+    assert "Secret" not in {d["kind"] for d in docs}, "the site creates tessera-inference"
 
 
 def test_aggregators_each_have_their_own_namespace(manifests: Manifests) -> None:
@@ -240,10 +273,10 @@ def test_gpu_variant_requests_a_gpu_on_gpu_nodes(manifests: Manifests) -> None:
         if overlay.endswith("-gpu"):
             assert gpu == 1
             assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-            assert container["image"].startswith("tessera/node-gpu:")
+            assert container["image"].startswith("tessera/node-gpu@sha256:")
         else:
             assert gpu is None and "nodeSelector" not in pod
-            assert container["image"].startswith("tessera/node:")
+            assert container["image"].startswith("tessera/node@sha256:")
 
 
 def test_broker_has_service_configmap_secret_and_disruption_budget(manifests: Manifests) -> None:

@@ -75,6 +75,7 @@ def test_a_damaged_newest_model_falls_back_and_is_fetched_again(tmp_path: Path) 
         live.start(SITE)
         started = live.wait_for(SITE, Event.NODE_STARTED, run=1, timeout=120)  # old: traceback
         port = int(started["http_port"])
+        inference = int(started["inference_port"])  # its own listener (loopback here)
         damaged = live.wait_for(SITE, Event.MODEL_DAMAGED, run=1, timeout=30, version=2)
         assert "re-fetch" in damaged["reason"]
         assert live.find(SITE, Event.MODEL_SWAPPED, run=1)[0]["version"] == 1
@@ -84,7 +85,7 @@ def test_a_damaged_newest_model_falls_back_and_is_fetched_again(tmp_path: Path) 
         assert status == 200 and ready["ready"] is True, body
         assert any("version 2" in warning for warning in ready["warnings"]), body
         dicom = next((live.root / "synth" / "site-00" / "dicom").rglob("*.dcm")).read_bytes()
-        status, body = _request(port, "/v1/infer", dicom)
+        status, body = _request(inference, "/v1/infer", dicom)
         assert status == 200 and json.loads(body)["model_version"] == "1", body
 
         # 3. One aggregator comes back and answers the waiting request.
@@ -92,7 +93,7 @@ def test_a_damaged_newest_model_falls_back_and_is_fetched_again(tmp_path: Path) 
         live.wait_for(FOLLOWER, Event.RELEASE_RESENT, run=1, timeout=120, node=SITE, version=2)
         live.wait_for(SITE, Event.MODEL_REPAIRED, run=1, timeout=60, version=2)
         live.wait_for(SITE, Event.MODEL_SWAPPED, run=1, timeout=30, version=2)
-        status, body = _request(port, "/v1/infer", dicom)
+        status, body = _request(inference, "/v1/infer", dicom)
         assert status == 200 and json.loads(body)["model_version"] == "2", body
         status, body = _request(port, "/readyz")
         ready = json.loads(body)

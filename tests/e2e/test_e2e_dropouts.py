@@ -232,7 +232,9 @@ def _check_endpoints(live: LiveFederation, member: str, *, node: bool) -> None:
     names = {row["accession_number"] for row in csv.DictReader((synth / "labels.csv").open())}
     assert not any(name in text for name in names)  # no patient data in the metrics
     dicom = next((synth / "dicom").rglob("*.dcm"))
-    status, body = _get(port, "/v1/infer", dicom.read_bytes())
+    inference = int(started["inference_port"])  # its own listener, loopback by default
+    assert _get(port, "/v1/infer", dicom.read_bytes())[0] == 404  # not on the health port
+    status, body = _get(inference, "/v1/infer", dicom.read_bytes())
     result = json.loads(body)
     assert status == 200 and result["model_version"] == "1", result
     assert result["label"] in ("absent", "present")

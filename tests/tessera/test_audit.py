@@ -175,14 +175,21 @@ def test_the_writer_refuses_a_broken_chain(tmp_path: Path) -> None:
     assert path.read_bytes() == before  # evidence left untouched
 
 
-def test_anchor_file_tracks_the_latest_entry(tmp_path: Path) -> None:
-    path, anchor_path = tmp_path / "audit.jsonl", tmp_path / "anchor"
-    with AuditLog.open(path, anchor_path=anchor_path) as log:
-        log.append("round-opened", {"round": 1})
+def test_anchor_file_is_an_append_only_trail_outside_the_logs_folder(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    path, anchor_path = tmp_path / "state" / "audit.jsonl", tmp_path / "anchors"
+    with pytest.raises(ValueError, match="beside the audit log"):
+        AuditLog.open(path, anchor_path=tmp_path / "state" / "anchors")
+    sent: list[Anchor] = []
+    with AuditLog.open(path, anchor_path=anchor_path, on_anchor=sent.append) as log:
+        first = log.append("round-opened", {"round": 1})
         second = log.append("round-joined", {"round": 1})
-    anchor = Anchor.from_text(anchor_path.read_text())
-    assert anchor == Anchor(2, second.hash)
-    assert verify(path, anchor).entries == 2
+    trail = [Anchor.from_text(line) for line in anchor_path.read_text().splitlines()]
+    assert trail == sent == [Anchor(1, first.hash), Anchor(2, second.hash)]
+    assert verify(path, trail[-1]).entries == 2
+    with AuditLog.open(path, anchor_path=anchor_path) as log:  # reopened: earlier lines kept
+        log.append("round-opened", {"round": 2})
+    assert anchor_path.read_text().splitlines()[:2] == [a.to_text() for a in trail]
     with pytest.raises(ValueError, match="SEQ:HASH"):
         Anchor.from_text("2:nothex")
 
