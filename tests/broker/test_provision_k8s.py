@@ -107,6 +107,16 @@ def mounted_secrets(docs: list[dict[str, Any]]) -> dict[tuple[str, str], set[str
     return found
 
 
+# The one Secret a site mounts that provisioning does not write: the inference listener's TLS
+# certificate (from the hospital's own PKI, for its own clients) and its token's hash.
+SITE_OWN_SECRET = "tessera-inference"
+
+
+def test_the_site_owned_secret_is_the_one_the_readme_tells_a_site_to_create() -> None:
+    readme = (K8S.parent / "README.md").read_text()
+    assert f"create secret generic {SITE_OWN_SECRET}" in readme
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_secret_an_overlay_mounts_is_written(out: Path, overlay: str) -> None:
     kubectl = tool(shutil.which("kubectl"), "install kubectl >= 1.27 (kustomize v5) on PATH")
@@ -119,6 +129,8 @@ def test_every_secret_an_overlay_mounts_is_written(out: Path, overlay: str) -> N
         doc = secret(path)
         written[doc["metadata"]["namespace"], doc["metadata"]["name"]] = set(doc["data"])
     for (namespace, name), keys in wanted.items():
+        if name == SITE_OWN_SECRET:
+            continue  # the hospital's own inference TLS and token: the README's step, not ours
         assert (namespace, name) in written, f"{overlay} mounts {namespace}/{name}; not written"
         assert keys <= written[namespace, name]
 
@@ -140,7 +152,10 @@ def test_a_secret_file_is_a_kustomize_resource_beside_the_overlay(
     assert [(s["metadata"]["namespace"], s["metadata"]["name"]) for s in secrets] == [
         ("tessera-site-a", "tessera-bundle")
     ]
-    assert mounted_secrets(docs) == {("tessera-site-a", "tessera-bundle"): set()}
+    assert mounted_secrets(docs) == {
+        ("tessera-site-a", "tessera-bundle"): set(),
+        ("tessera-site-a", SITE_OWN_SECRET): set(),
+    }
     # Private keys travel only in the Secret, never in a ConfigMap.
     key = secrets[0]["data"]["client.key"]
     assert all(key not in str(d) for d in docs if d["kind"] == "ConfigMap")
