@@ -37,6 +37,10 @@ class Event(enum.StrEnum):
     # --- a service's MQTT link (broker.service_link) ----------------------------------------
     INSECURE_BROKER = "insecure-broker"  # connecting to the plaintext development broker
     RETAIN_SKIPPED = "retain-skipped"  # a "retained" payload too large for one frame
+    CHUNK_REJECTED = "chunk-rejected"  # a chunk frame refused (malformed, over a quota)
+    TRANSFER_EXPIRED = "transfer-expired"  # a partly received payload idle too long, dropped
+    TRANSFER_EVICTED = "transfer-evicted"  # a partly received payload displaced by a quota
+    LOG_SUPPRESSED = "log-suppressed"  # how many repeats of one sender's event were not logged
 
     # --- the node daemon (node.daemon) ------------------------------------------------------
     NODE_STARTED = "node-started"
@@ -59,6 +63,8 @@ class Event(enum.StrEnum):
     RELEASE_INSTALLED = "release-installed"
     MODEL_UNUSABLE = "model-unusable"  # the store's current model did not load: kept the old
     MODEL_SWAPPED = "model-swapped"  # inference now serves another version
+    SHARE_CONFIRMED = "share-confirmed"  # an aggregator's receipts hold this node's share
+    SHARE_NOT_RECEIVED = "share-not-received"  # an aggregator closed a round without it
 
     # --- the node's intake and DICOM receiver (node.intake) ---------------------------------
     INTAKE_START = "intake.start"
@@ -84,6 +90,7 @@ class Event(enum.StrEnum):
     ROUND_RECOVERED = "round-recovered"  # a round a crash left in flight, aborted at start
     ROUND_OPENED = "round-opened"  # the leader opened a round
     ROUND_NOT_OPENED = "round-not-opened"  # the leader would not open a round (says why)
+    INTAKE_THROTTLED = "intake-throttled"  # a member's messages over its budget, dropped
 
     # --- the aggregator's round protocol (aggregator.service) -------------------------------
     SHARE_DUPLICATE = "share-duplicate"  # a node's second share for the round, ignored
@@ -104,10 +111,14 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.HTTP_REQUEST: ("method", "path"),
     Event.INSECURE_BROKER: (),
     Event.RETAIN_SKIPPED: ("bytes",),
+    Event.CHUNK_REJECTED: ("sender", "topic", "reason"),
+    Event.TRANSFER_EXPIRED: ("sender", "topic", "received", "count", "total_size"),
+    Event.TRANSFER_EVICTED: ("sender", "topic", "received", "count", "total_size"),
+    Event.LOG_SUPPRESSED: ("suppressed_event", "sender", "suppressed", "interval_s"),
     Event.NODE_STARTED: ("site", "study", "model_version", "http_port"),
     Event.NODE_STOPPED: (),
     Event.EPSILON_RECONCILED: ("study",),
-    Event.MESSAGE_REJECTED: ("kind", "error", "reason", "round"),
+    Event.MESSAGE_REJECTED: ("kind", "error", "reason", "round", "sender"),
     Event.ROUND_ABORT_RECEIVED: ("round", "reason"),
     Event.ROUND_DROPPED: ("round",),
     Event.ROUND_REFUSED: ("round", "reason", "detail"),
@@ -132,6 +143,8 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.RELEASE_INSTALLED: ("version", "round", "serving"),
     Event.MODEL_UNUSABLE: ("version", "reason"),
     Event.MODEL_SWAPPED: ("version", "pinned"),
+    Event.SHARE_CONFIRMED: ("round", "aggregator"),
+    Event.SHARE_NOT_RECEIVED: ("round", "aggregator", "held"),
     Event.INTAKE_START: ("scan", "digest", "stale_temp"),
     Event.INTAKE_DONE: ("scan", "summary"),
     Event.INTAKE_QUARANTINE: ("file", "reason", "detail"),
@@ -151,6 +164,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.ROUND_RECOVERED: ("study", "round"),
     Event.ROUND_OPENED: ("round", "algorithm", "expected"),
     Event.ROUND_NOT_OPENED: ("reason",),
+    Event.INTAKE_THROTTLED: ("sender", "dropped", "interval_s"),
     Event.SHARE_DUPLICATE: ("round",),
     Event.CANDIDATE_BUILT: ("round", "version"),
     Event.AUDIT_REPORT: ("round", "site"),
