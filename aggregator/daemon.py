@@ -42,16 +42,28 @@ from aggregator.service import AggregatorService, Outgoing, ServiceKeys
 from aggregator.setup import StudySetup, load_study_setup
 from aggregator.store import RESTART_REASON, Store
 from broker import topics
-from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
+from broker.chunking import DEFAULT_TRANSFER_TIMEOUT_S
+from broker.service_link import (
+    Endpoint,
+    ServiceLink,
+    endpoint_config,
+    member_intake,
+    run_until_signalled,
+)
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key
 from tessera.governance.audit import AuditLog
+from tessera.limits import MAX_TRANSFER_BYTES
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer
+from tessera.observability.logs import RepeatLimiter
 from tessera.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("tessera.aggregator.daemon")
 TICK_S = 0.5
+# How often refusals of a member's messages are reported: one line and one audit entry per
+# member per interval, however many messages it sent (issue 19, point 8).
+INTAKE_REPORT_S = 10.0
 
 
 class AggregatorDaemon:
@@ -100,13 +112,24 @@ class AggregatorDaemon:
         latest = self.service.registry.latest(config.study_id)
         if latest is not None:
             self.metrics.set_model(latest.record.version, latest.record.model_hash)
+        self.intake_dropped = Counter(
+            "tessera_aggregator_intake_dropped",
+            "Messages from members over their intake budget, acknowledged and dropped.",
+            registry=self.metrics_registry,
+        )
+        session = endpoint_config(
+            setup.bundle, Endpoint(config.broker.host, config.broker.port, config.broker.tls)
+        )
         self.link = ServiceLink(
-            endpoint_config(
-                setup.bundle, Endpoint(config.broker.host, config.broker.port, config.broker.tls)
-            ),
+            session,
             spool_dir=config.layout.spool,
             on_wire=self._count_wire,
+            intake=member_intake(session, MAX_TRANSFER_BYTES),
+            # A stalled transfer is dropped well before the round it belongs to closes.
+            transfer_timeout_s=min(DEFAULT_TRANSFER_TIMEOUT_S, config.round.collect_timeout_s / 2),
         )
+        self.repeats = RepeatLimiter(INTAKE_REPORT_S)
+        self._intake_reported = time.monotonic()
         self.health = HealthServer(
             config.http_port,
             self.metrics_registry,
@@ -136,6 +159,7 @@ class AggregatorDaemon:
 
     def start(self) -> AggregatorDaemon:
         """Serve HTTP, subscribe, connect (in the background)."""
+        self.repeats.install()
         self.health.start()
         fed, study, me = self.config.federation_id, self.config.study_id, self.config.aggregator_id
         for topic_filter in (
@@ -169,6 +193,7 @@ class AggregatorDaemon:
         self.health.close()
         self.store.close()
         self.audit.close()
+        self.repeats.uninstall()
 
     def _publish(self, outgoing: Iterable[Outgoing]) -> None:
         for out in outgoing:
@@ -198,6 +223,7 @@ class AggregatorDaemon:
         """Tick and (leader) open rounds until `stop` is set."""
         while not stop.wait(TICK_S):
             self.metrics.set_broker_connected(self.link.connected)
+            self._report_intake()
             with self._lock:
                 self._publish(self.service.tick())
                 self._note_round_end()
@@ -229,6 +255,21 @@ class AggregatorDaemon:
                             }
                         },
                     )
+
+    def _report_intake(self) -> None:
+        """Once per INTAKE_REPORT_S: one line, one audit entry and the counter for each
+        member whose messages the intake gate dropped, and the repeats the log left out."""
+        self.repeats.flush()
+        now = time.monotonic()
+        if self.link.intake is None or now - self._intake_reported < INTAKE_REPORT_S:
+            return
+        interval, self._intake_reported = now - self._intake_reported, now
+        for sender, dropped in sorted(self.link.intake.drain().items()):
+            self.intake_dropped.inc(dropped)
+            fields = {"sender": sender, "dropped": dropped, "interval_s": round(interval, 1)}
+            with self._lock:
+                self.audit.append("intake-throttled", fields)
+            log.warning(Event.INTAKE_THROTTLED, extra={"fields": fields})
 
     def _audit_progress(self) -> None:
         """Append the audit entries for what the round did since the last call: opened,

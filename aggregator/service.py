@@ -128,6 +128,9 @@ class AggregatorService:
             held = None if self.current is None else self.current.state.round
             name = None if kind is None else kind.name
             fields = {"kind": name, "error": type(exc).__name__, "reason": str(exc), "round": held}
+            sender = topics.member_writer(topic)
+            if sender is not None:  # a member's: its repeats are logged in aggregate
+                fields["sender"] = sender
             log.warning(Event.MESSAGE_REJECTED, extra={"fields": fields})
             return []
 

@@ -198,6 +198,40 @@ def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
     raise TopicError(f"unknown topic kind {'/'.join(rest)!r}")
 
 
+def member_writer(topic: str) -> str | None:
+    """The one member whose messages `topic` carries, where members write it: a site's
+    shares and audit reports, a client's presence (the ACL lets no one else write there);
+    None for a topic of the schema that only aggregators write, and the topic itself for
+    one outside the schema."""
+    try:
+        parsed = parse(topic)
+    except TopicError:
+        return topic
+    if parsed.kind in (Kind.SHARE, Kind.AUDIT):
+        return parsed.node
+    if parsed.kind is Kind.PRESENCE:
+        return parsed.client
+    return None
+
+
+def writer_key(topic: str) -> str:
+    """Whom a message on `topic` is charged to: the one writer the topic names (node,
+    client, aggregator, sending aggregator), else the topic itself (round and release,
+    which every aggregator may write; participants and candidates, the leader's)."""
+    try:
+        parsed = parse(topic)
+    except TopicError:
+        return topic
+    named = {
+        Kind.SHARE: parsed.node,
+        Kind.AUDIT: parsed.node,
+        Kind.PRESENCE: parsed.client,
+        Kind.RECEIVED: parsed.aggregator,
+        Kind.PARTIAL: parsed.from_aggregator,
+    }.get(parsed.kind)
+    return topic if named is None else named
+
+
 def validate_publish_topic(topic: str) -> str:
     """A topic one may publish to: non-empty UTF-8, no wildcards, no NUL, at most 65535 bytes."""
     if not isinstance(topic, str) or not topic:

@@ -24,7 +24,9 @@ from broker.chunking import (
     encode_frames,
 )
 from broker.errors import BrokerError, ChunkError, PayloadTooLargeError
+from broker.quotas import Origin
 from broker.session import PublishHandle, Session
+from tessera.observability.events import Event
 
 PayloadHandler = Callable[[str, bytes], None]
 log = logging.getLogger(__name__)
@@ -79,9 +81,13 @@ def send_payload(
 class PayloadReceiver:
     """Subscribes to chunked payloads and delivers each verified payload once.
 
-    ``rejected`` counts frames refused (malformed, conflicting, over a limit); expired
-    transfers are in ``reassembler.expired``. A background thread expires stalled transfers
-    every ``timeout_s / 4`` even when no frame arrives.
+    ``rejected`` counts frames refused (malformed, conflicting, over a limit): each is
+    logged as `chunk-rejected` naming the sender (``origin_of``) so that a flood of them is
+    logged in aggregate (`tessera.observability.logs.RepeatLimiter`); expired and evicted
+    transfers are in ``reassembler.expired`` and ``reassembler.evicted``. A background
+    thread expires stalled transfers every ``timeout_s / 4`` even when no frame arrives,
+    and restarts their idle clocks after the session reconnects: time spent disconnected
+    is not idleness.
     """
 
     def __init__(
@@ -89,10 +95,13 @@ class PayloadReceiver:
         session: Session,
         limits: ReassemblyLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        origin_of: Callable[[str], Origin] = Origin,
     ) -> None:
         self.session = session
-        self.reassembler = Reassembler(limits or ReassemblyLimits(), clock)
+        self.reassembler = Reassembler(limits or ReassemblyLimits(), clock, origin_of)
+        self._origin_of = origin_of
         self.rejected = 0
+        self._connections = session.connections
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="transfer-expiry", daemon=True)
@@ -107,10 +116,14 @@ class PayloadReceiver:
             try:
                 frame = ChunkFrame.from_bytes(raw)
                 with self._lock:
+                    self._resume_after_reconnect()
                     payload = self.reassembler.accept(topic, frame)
             except (ChunkError, PayloadTooLargeError) as error:
                 self.rejected += 1
-                log.warning("rejected chunk on %s: %s", topic, error)
+                fields = {
+                    "sender": self._origin_of(topic).sender, "topic": topic, "reason": str(error)
+                }  # fmt: skip
+                log.warning(Event.CHUNK_REJECTED, extra={"fields": fields})
                 return
             if payload is not None:
                 on_payload(topic, payload)
@@ -124,8 +137,20 @@ class PayloadReceiver:
         with self._lock:
             self.reassembler.close()
 
+    def _resume_after_reconnect(self) -> None:
+        """Restart the idle clocks once per reconnection, before any frame of the new
+        connection is taken (call under the lock)."""
+        connections = self.session.connections
+        if connections > self._connections > 0:
+            self.reassembler.resume()
+        self._connections = connections
+
     def _sweep(self) -> None:
-        interval = max(0.05, self.reassembler.limits.timeout_s / 4)
+        interval = min(1.0, max(0.05, self.reassembler.limits.timeout_s / 4))
         while not self._stop.wait(interval):
+            # In this order: a session counts a connection before it reports connected.
+            connected = self.session.connected
             with self._lock:
-                self.reassembler.expire()
+                self._resume_after_reconnect()
+                if connected:
+                    self.reassembler.expire()

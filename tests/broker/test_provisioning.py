@@ -173,6 +173,7 @@ def test_mosquitto_conf_has_the_security_settings(provisioned: Path) -> None:
         "per_listener_settings true",
         "persistence true",
         "max_packet_size 2162688",
+        "max_queued_messages 100000",
         "protocol websockets",
         "listener 443 ",
         "listener 8883 ",

@@ -108,3 +108,24 @@ def test_invalid_filters(bad: str) -> None:
 def test_publish_topics_have_no_wildcards(bad: str) -> None:
     with pytest.raises(TopicError):
         topics.validate_publish_topic(bad)
+
+
+@pytest.mark.parametrize(
+    ("topic", "member", "charged_to"),
+    [
+        (topics.share_topic("f", "s", "agg-1", "site-a"), "site-a", "site-a"),
+        (topics.audit_topic("f", "s", "site-b"), "site-b", "site-b"),
+        (topics.presence_topic("f", "site-c"), "site-c", "site-c"),
+        (topics.received_topic("f", "s", "agg-2"), None, "agg-2"),
+        (topics.partial_topic("f", "s", "agg-1", "agg-2"), None, "agg-2"),
+        (topics.round_topic("f", "s"), None, "tessera/f/s/round"),
+        (topics.release_topic("f", "s"), None, "tessera/f/s/release"),
+        (topics.candidate_topic("f", "s", "site-a"), None, "tessera/f/s/candidate/site-a"),
+        ("tessera/f/s/unknown", "tessera/f/s/unknown", "tessera/f/s/unknown"),
+    ],
+)
+def test_the_writer_a_topic_names(topic: str, member: str | None, charged_to: str) -> None:
+    # The ACL lets only that member write a share, audit or presence topic: the topic is
+    # proof of the sender, so the intake gate and the transfer quotas key on it.
+    assert topics.member_writer(topic) == member
+    assert topics.writer_key(topic) == charged_to
