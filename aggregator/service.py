@@ -61,6 +61,7 @@ from tessera.wire.messages import (
     ModelRelease,
     PartialSum,
     ParticipantSet,
+    ReceiptSet,
     ReceivedSet,
     RoundAbort,
     RoundOpen,
@@ -243,20 +244,24 @@ class AggregatorService:
     # --- 5. agree ----------------------------------------------------------------------------
 
     def _maybe_close(self, now_ms: int | None) -> list[Outgoing]:
-        """Close collection once the deadline passed or all nodes reported; send the
-        ReceivedSet (the leader keeps its own)."""
+        """Close collection once the deadline passed or all nodes reported; tell the sites
+        which statements it holds (ReceiptSet: commitments only) and send the ReceivedSet
+        (the leader keeps its own)."""
         current = self.current
         held = None if current is None else current.close_collection(now_ms)
         if current is None or held is None:
             return []
         commitments = current.commitments(held)
+        a = current.announcement
+        receipts = ReceiptSet(a.federation_id, a.study_id, a.round, self.me, commitments)
+        told = self.publisher.send(topics.receipts_topic(a.federation_id, a.study_id, self.me),
+                                   receipts)  # fmt: skip
         if self.config.is_leader:
             current.received[self.me] = dict(zip(held, commitments, strict=True))
-            return self._maybe_agree()
-        a = current.announcement
+            return [told, *self._maybe_agree()]
         received = ReceivedSet(a.federation_id, a.study_id, a.round, self.me, held, commitments)
         topic = topics.received_topic(a.federation_id, a.study_id, self.me)
-        return [self.publisher.send(topic, received)]
+        return [told, self.publisher.send(topic, received)]
 
     def _on_received(self, message: Message, signer: str) -> list[Outgoing]:
         if not isinstance(message, ReceivedSet) or not self.config.is_leader:

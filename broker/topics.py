@@ -9,6 +9,8 @@ codec's id rule too), so that it can never be an MQTT wildcard, a level separato
     tessera/<fed>/<study>/round                      RoundOpen, RoundAbort  aggregators -> all
     tessera/<fed>/<study>/share/<aggregator>/<node>  ShareEnvelope          node -> aggregator
     tessera/<fed>/<study>/received/<aggregator>      ReceivedSet            aggregator -> aggs
+    tessera/<fed>/<study>/receipts/<aggregator>      ReceiptSet             aggregator -> sites
+                                                     (statement commitments, no node ids)
     tessera/<fed>/<study>/participants               ParticipantSet         leader -> aggs
     tessera/<fed>/<study>/partial/<to>/<from>        PartialSum             aggregator -> agg
     tessera/<fed>/<study>/release                    ModelRelease           aggregators -> all
@@ -40,6 +42,7 @@ class Kind(Enum):
     ROUND = "tessera/{federation}/{study}/round"
     SHARE = "tessera/{federation}/{study}/share/{aggregator}/{node}"
     RECEIVED = "tessera/{federation}/{study}/received/{aggregator}"
+    RECEIPTS = "tessera/{federation}/{study}/receipts/{aggregator}"
     PARTICIPANTS = "tessera/{federation}/{study}/participants"
     PARTIAL = "tessera/{federation}/{study}/partial/{to_aggregator}/{from_aggregator}"
     RELEASE = "tessera/{federation}/{study}/release"
@@ -99,6 +102,18 @@ def received_topic(federation: str, study: str, aggregator: str) -> str:
     """An aggregator's signed set of nodes whose shares it holds."""
     validate_id(aggregator, "aggregator id")
     return f"{_base(federation, study)}/received/{aggregator}"
+
+
+def receipts_topic(federation: str, study: str, aggregator: str) -> str:
+    """An aggregator's signed receipts: the statement commitments of the shares it holds,
+    which each site checks for its own (no node ids, so no site learns who else sent)."""
+    validate_id(aggregator, "aggregator id")
+    return f"{_base(federation, study)}/receipts/{aggregator}"
+
+
+def all_receipts(federation: str, study: str) -> str:
+    """Filter for every aggregator's receipts (what a node subscribes to)."""
+    return f"{_base(federation, study)}/receipts/+"
 
 
 def participants_topic(federation: str, study: str) -> str:
@@ -174,8 +189,9 @@ def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
     }
     if len(rest) == 1 and rest[0] in simple:
         return Topic(simple[rest[0]], federation, study)
-    if len(rest) == 2 and rest[0] == "received":
-        return Topic(Kind.RECEIVED, federation, study, aggregator=validate_id(rest[1]))
+    if len(rest) == 2 and rest[0] in ("received", "receipts"):
+        kind = Kind.RECEIVED if rest[0] == "received" else Kind.RECEIPTS
+        return Topic(kind, federation, study, aggregator=validate_id(rest[1]))
     if len(rest) == 2 and rest[0] in ("audit", "candidate"):
         kind = Kind.AUDIT if rest[0] == "audit" else Kind.CANDIDATE
         return Topic(kind, federation, study, node=validate_id(rest[1]))

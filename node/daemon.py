@@ -32,6 +32,13 @@ headline figures. A candidate is never installed or served. An audit that fails 
 held-out images, or an empirical bound above the accountant's epsilon) sends nothing, so
 the aggregators hold the release for the missing report.
 
+Receipts: when an aggregator closes collection it publishes the commitments of the
+statements it holds (`ReceiptSet`). For a round this node joined, each aggregator's receipts
+either list the commitment of the statement it sent (`share-confirmed`) or not: that
+aggregator closed the round without this node's share, which the round then leaves out
+although its epsilon was charged (`share-not-received`, a warning, the counter
+`tessera_node_shares_not_received`, and an audit entry; `node.round.receipts`).
+
 Releases: a release is installed only through `node.round.releases.accept_release` (every
 aggregator's signature, every hash, the ONNX naming these weights); a refused one is
 audited and changes nothing. After an install the training base moves to the newest
@@ -47,6 +54,7 @@ import queue
 import threading
 import time
 
+from prometheus_client import Counter
 from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
@@ -64,14 +72,15 @@ from node.round.candidate import (
     audit_candidate,
 )
 from node.round.participation import Joined, participate, reconcile_epsilon_audit
+from node.round.receipts import ReceiptBook, ShareReceipt
 from node.round.releases import ReleaseRefused, accept_release, parse_release
 from node.setup import NodeSetup, load_node_setup
-from tessera.errors import AuthenticationError, TesseraError
-from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
+from tessera.errors import AuthenticationError, CodecError, TesseraError
+from tessera.limits import MAX_RECEIPT_SET_BYTES, MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer, Request, Response
 from tessera.wire.envelopes import open_envelope
-from tessera.wire.messages import RoundAbort, RoundOpen
+from tessera.wire.messages import ReceiptSet, RoundAbort, RoundOpen
 from tessera.wire.release import is_signature_note
 
 log = logging.getLogger("tessera.node.daemon")
@@ -110,6 +119,18 @@ class NodeDaemon:
         # ("candidate", candidate bytes); None stops it.
         self._rounds: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=8)
         self._joined = JoinedRounds()  # the last rounds joined, by number; worker thread only
+        fed = self.manifest.federation_id
+        self.receipts = ReceiptBook(self.audit.path, fed, self.study.id)
+        self.shares_not_received = Counter(
+            "tessera_node_shares_not_received",
+            "Shares this node sent that an aggregator's receipts did not list (left out).",
+            registry=setup.metrics_registry,
+        )
+        self.shares_confirmed = Counter(
+            "tessera_node_shares_confirmed",
+            "Shares this node sent that an aggregator's receipts listed.",
+            registry=setup.metrics_registry,
+        )
         self._lock = threading.Lock()  # the training base and the store, between threads
         self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
         self.receiver: ThreadedAssociationServer | None = None
@@ -127,6 +148,7 @@ class NodeDaemon:
         fed, study = self.manifest.federation_id, self.study.id
         self.link.subscribe(topics.round_topic(fed, study), self._on_round)
         self.link.subscribe(topics.release_topic(fed, study), self._on_release)
+        self.link.subscribe(topics.all_receipts(fed, study), self._on_receipts)
         if self.study.privacy_audit is not None:
             topic = topics.candidate_topic(fed, study, self.config.site_id)
             self.link.subscribe(topic, self._on_candidate)
@@ -234,6 +256,37 @@ class NodeDaemon:
             "bytes_sent": sum(len(m.payload) for m in outcome.messages),
             "plaintext_bytes": 4 * outcome.round_open.vector_length,
         }})  # fmt: skip
+        self._record_receipts(self.receipts.on_joined(round_number))
+
+    def _on_receipts(self, topic: str, payload: bytes) -> None:
+        """An aggregator's receipts: judged against this node's share (`node.round.receipts`)."""
+        try:
+            signed = open_envelope(payload, self.aggregator_signing, MAX_RECEIPT_SET_BYTES)
+            receipts = signed.message
+            if not isinstance(receipts, ReceiptSet) or topics.parse(topic).aggregator != (
+                receipts.aggregator_id
+            ):
+                raise CodecError("not an aggregator's own ReceiptSet on its receipts topic")
+        except (TesseraError, ValueError) as error:
+            fields = {"kind": "RECEIPTS", "error": type(error).__name__}
+            log.warning(Event.MESSAGE_REJECTED, extra={"fields": fields})
+            return
+        self._record_receipts(self.receipts.on_receipt(receipts))
+
+    def _record_receipts(self, verdicts: list[ShareReceipt]) -> None:
+        for verdict in verdicts:
+            fields = {"round": verdict.round, "aggregator": verdict.aggregator}
+            entry = {"study_id": self.study.id, **fields, "held": verdict.held}
+            if verdict.received:
+                self.shares_confirmed.inc()
+                self.audit.append("share-received", entry)
+                log.info(Event.SHARE_CONFIRMED, extra={"fields": fields})
+            else:
+                self.shares_not_received.inc()
+                self.audit.append("share-not-received", entry)
+                log.warning(
+                    Event.SHARE_NOT_RECEIVED, extra={"fields": {**fields, "held": verdict.held}}
+                )
 
     def _ingest(self) -> None:
         try:

@@ -2,12 +2,13 @@
 
 The ACL is deny-by-default (Mosquitto refuses anything not granted) and grants:
 - a site: write its own shares (to each aggregator), its own privacy-audit reports and its
-  own presence; read round control, releases and its own copy of a candidate. Nothing else,
-  so no site can read a share, another site's candidate or audit report, or impersonate
-  another.
+  own presence; read round control, releases, every aggregator's receipts (commitments
+  only, no node ids) and its own copy of a candidate. Nothing else, so no site can read a
+  share, a received set, another site's candidate or audit report, or impersonate another.
 - an aggregator: read shares addressed to it, partial sums addressed to it, every
   received set, participant set, round, release, audit report and presence; write round
-  control, releases, its own received set, its own partial sums and its own presence.
+  control, releases, its own received set and receipts, its own partial sums and its own
+  presence.
 - only the leader aggregator writes the participant set and the candidate.
 """
 
@@ -70,7 +71,7 @@ def render_acl(federation: Federation) -> str:
     for site in federation.sites:
         lines += [f"# site: {site.name}", f"user {site.id}"]
         lines += [f"topic read {root}/+/{kind}" for kind in ("round", "release")]
-        lines += [f"topic read {root}/+/candidate/{site.id}"]
+        lines += [f"topic read {root}/+/candidate/{site.id}", f"topic read {root}/+/receipts/+"]
         lines += [f"topic write {root}/+/share/{a.id}/{site.id}" for a in federation.aggregators]
         lines += [f"topic write {root}/+/audit/{site.id}"]
         lines += [f"topic write {root}/presence/{site.id}", ""]
@@ -82,6 +83,7 @@ def render_acl(federation: Federation) -> str:
             f"topic read {root}/+/share/{agg.id}/+",
             f"topic read {root}/+/received/+",
             f"topic write {root}/+/received/{agg.id}",
+            f"topic write {root}/+/receipts/{agg.id}",
             f"topic read {root}/+/participants",
             f"topic read {root}/+/partial/{agg.id}/+",
             f"topic read {root}/+/audit/+",

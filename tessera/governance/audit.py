@@ -76,7 +76,7 @@ KINDS = frozenset(
     {"round-opened", "round-joined", "round-refused", "round-aborted", "participant-set"}
     | {"release", "strategy-switch", "epsilon-spent", "key-change", "manifest-change"}
     | {"approval-change", "policy-change", "quarantine", "privacy-audit", "recovery"}
-    | {"intake-throttled"}
+    | {"share-received", "share-not-received", "intake-throttled"}
 )
 # On a node these kinds may carry counts and scalars only, never a list of who or what.
 COUNT_ONLY_KINDS = frozenset({"participant-set", "quarantine"})

@@ -34,6 +34,7 @@ from tessera.wire.messages import (
     ModelRelease,
     PartialSum,
     ParticipantSet,
+    ReceiptSet,
     ReceivedSet,
     RoundAbort,
     RoundOpen,
@@ -46,6 +47,7 @@ Message = (
     RoundOpen
     | ShareEnvelope
     | ReceivedSet
+    | ReceiptSet
     | ParticipantSet
     | PartialSum
     | ModelRelease
@@ -82,6 +84,8 @@ def decode_message(data: Bytes, max_payload: int) -> Message:
         return ModelRelease.from_bytes(data, max_payload)
     if message_type == MessageType.ROUND_ABORT:
         return RoundAbort.from_bytes(data)
+    if message_type == MessageType.RECEIPT_SET:
+        return ReceiptSet.from_bytes(data)
     raise CodecError(f"message type {message_type} is unknown to wire version {VERSION}")
 
 

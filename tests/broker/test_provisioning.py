@@ -151,6 +151,7 @@ def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
             "topic read tessera/fed-test/+/round",
             "topic read tessera/fed-test/+/release",
             "topic read tessera/fed-test/+/candidate/site-a",
+            "topic read tessera/fed-test/+/receipts/+",
             "topic write tessera/fed-test/+/share/agg-1/site-a",
             "topic write tessera/fed-test/+/share/agg-2/site-a",
             "topic write tessera/fed-test/+/audit/site-a",
@@ -165,6 +166,8 @@ def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
     assert "topic write tessera/fed-test/+/candidate/+" in leader
     assert "candidate" not in other  # aggregators compute their own candidate
     assert "topic read tessera/fed-test/+/audit/+" in other
+    assert "topic write tessera/fed-test/+/receipts/agg-2" in other
+    assert "receipts/agg-1" not in other and "read tessera/fed-test/+/receipts" not in other
 
 
 def test_mosquitto_conf_has_the_security_settings(provisioned: Path) -> None:

@@ -19,6 +19,10 @@ from broker.topics import Kind, Topic
             topics.received_topic("f", "s", "agg-1"),
             Topic(Kind.RECEIVED, "f", "s", aggregator="agg-1"),
         ),
+        (
+            topics.receipts_topic("f", "s", "agg-1"),
+            Topic(Kind.RECEIPTS, "f", "s", aggregator="agg-1"),
+        ),
         (topics.participants_topic("f", "s"), Topic(Kind.PARTICIPANTS, "f", "s")),
         (
             topics.partial_topic("f", "s", "agg-2", "agg-1"),
@@ -121,6 +125,7 @@ def test_publish_topics_have_no_wildcards(bad: str) -> None:
         (topics.round_topic("f", "s"), None, "tessera/f/s/round"),
         (topics.release_topic("f", "s"), None, "tessera/f/s/release"),
         (topics.candidate_topic("f", "s", "site-a"), None, "tessera/f/s/candidate/site-a"),
+        (topics.receipts_topic("f", "s", "agg-1"), None, "tessera/f/s/receipts/agg-1"),
         ("tessera/f/s/unknown", "tessera/f/s/unknown", "tessera/f/s/unknown"),
     ],
 )

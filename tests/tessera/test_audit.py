@@ -49,6 +49,8 @@ SAMPLE_FIELDS = {
     "policy-change": {"paused": True},
     "quarantine": {"count": 2, "reason": "unsupported-transfer-syntax"},
     "privacy-audit": {"study_id": "chest-xray", "round": 3, "version": 3, "auc": 0.52},
+    "share-received": {"study_id": "chest-xray", "round": 3, "aggregator": "agg-1", "held": 4},
+    "share-not-received": {"study_id": "chest-xray", "round": 3, "aggregator": "agg-2", "held": 3},
     "intake-throttled": {"sender": "site-c", "dropped": 41_000, "interval_s": 10.0},
 }
 TICK = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
