@@ -21,6 +21,12 @@ event at a time. The leader also opens rounds: once every expected node is onlin
 audit, every release waits for the participating sites' signed audit reports and the gate
 (`aggregator.privacy_gate`); a hold goes into `state/audit.log` and aborts the round.
 SIGTERM or SIGINT stops it cleanly; SIGKILL is what `store.recover()` is for.
+
+A member can write only its own topics but as fast as it likes (issue 19, point 8): the
+session drops a member's messages beyond its budget as they are read (`broker.intake`),
+its transfers are held within per-member quotas (`broker.quotas`), and every 10 s the
+daemon logs, audits and counts what it dropped, one line per member, while repeats of a
+member's refused messages are logged once per interval (`RepeatLimiter`).
 """
 
 from __future__ import annotations
