@@ -282,6 +282,15 @@ def test_large_transfers_spool_to_disk_not_memory(tmp_path) -> None:  # type: ig
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_missing_spool_folder_is_created_private(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spool = tmp_path / "state" / "spool"  # as a fresh state folder has it: absent
+    payload = os.urandom(30_000)
+    frames = list(split_payload(payload, 10_000))
+    assembler, _ = reassembler(spool_threshold=20_000, spool_dir=spool)
+    assert [assembler.accept("t", f) for f in frames][-1] == payload
+    assert spool.is_dir() and spool.stat().st_mode & 0o777 == 0o700
+
+
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="max_transfers"):
         ReassemblyLimits(max_transfers=0)
