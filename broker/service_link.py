@@ -25,18 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from broker.chunking import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_TRANSFER_TIMEOUT_S,
-    HEADER_SIZE,
-    ReassemblyLimits,
-)
+from broker.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_TRANSFER_TIMEOUT_S, ReassemblyLimits
 from broker.intake import IntakeBudget, IntakeGate
 from broker.provisioning.bundle import Bundle
 from broker.quotas import Origin
 from broker.session import Session, SessionConfig
 from broker.topics import member_writer, presence_topic, writer_key
-from broker.transfer import PayloadReceiver, max_chunk_size, send_payload
+from broker.transfer import PayloadReceiver, chunk_room, max_chunk_size, send_payload
 from tessera.limits import MAX_TRANSFER_BYTES, MQTT_PACKET_OVERHEAD_BYTES
 from tessera.observability.events import Event
 
@@ -86,7 +81,7 @@ def transfer_origin(topic: str) -> Origin:
 def member_intake(config: SessionConfig, max_payload_bytes: int) -> IntakeGate:
     """The intake gate of a service that members write to (an aggregator): each member's
     messages within `IntakeBudget.for_payloads`, counted from the session's chunk size."""
-    chunk = min(DEFAULT_CHUNK_SIZE, config.max_packet_bytes - HEADER_SIZE - 256 - 64)
+    chunk = min(DEFAULT_CHUNK_SIZE, chunk_room(config.max_packet_bytes))
     budget = IntakeBudget.for_payloads(max_payload_bytes, chunk)
     return IntakeGate(budget, member_writer, time.monotonic)
 

@@ -34,7 +34,12 @@ log = logging.getLogger(__name__)
 
 def max_chunk_size(session: Session, topic_room: int = 256) -> int:
     """The largest chunk that fits the session's packet limit with header and topic."""
-    return session.config.max_packet_bytes - HEADER_SIZE - topic_room - 64
+    return chunk_room(session.config.max_packet_bytes, topic_room)
+
+
+def chunk_room(max_packet_bytes: int, topic_room: int = 256) -> int:
+    """The largest chunk a packet of `max_packet_bytes` holds with header and topic."""
+    return max_packet_bytes - HEADER_SIZE - topic_room - 64
 
 
 def send_payload(
@@ -85,9 +90,10 @@ class PayloadReceiver:
     logged as `chunk-rejected` naming the sender (``origin_of``) so that a flood of them is
     logged in aggregate (`tessera.observability.logs.RepeatLimiter`); expired and evicted
     transfers are in ``reassembler.expired`` and ``reassembler.evicted``. A background
-    thread expires stalled transfers every ``timeout_s / 4`` even when no frame arrives,
-    and restarts their idle clocks after the session reconnects: time spent disconnected
-    is not idleness.
+    thread expires stalled transfers (at least every second) even when no frame arrives,
+    never while disconnected, and the idle clocks restart once the session reconnects,
+    before any frame of the new connection is taken: time spent disconnected is not
+    idleness.
     """
 
     def __init__(
