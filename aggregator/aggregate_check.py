@@ -19,6 +19,12 @@ damage (the released mean delta S / W has norm <= clip, its loss and dispersion 
 figures n honest nodes could give) and makes it visible; it cannot say which node did it
 (proving each node's bound on its own share is a later issue).
 
+One more refusal is about precision, not honesty: S all zeros while Q is not means the
+nodes' updates rounded away (a weight cap far above the sites' sizes, too few fraction bits:
+issue 19, point 9) or, honestly but improbably, cancelled exactly; either way the mean of
+nothing is no model (its dispersion is infinite, which no card records), and the reason
+names the fix for the first.
+
 Tolerance (fixed-point rounding, derived from the ring's scale and n)
 ---------------------------------------------------------------------
 Each node's coordinate is encoded as round(x * 2**f), within 2**-(f+1) of x; ring sums add
@@ -149,6 +155,16 @@ def check_aggregate(decoded: np.ndarray, n: int, terms: AggregateTerms) -> None:
             sq_norm,
             f"the weighted squared norm is {sq_norm:.6g}, outside [0, {sq_limit:.6g}] "
             f"(clip^2 * sum of weights)",
+        )
+    if largest == 0.0 and sq_norm > 0.0:  # else the dispersion is infinite: no card
+        raise AggregateRefused(
+            "precision",
+            sq_norm,
+            f"the weighted delta is zero in every coordinate at {terms.frac_bits} fraction "
+            f"bits while the weighted squared norm is {sq_norm:.6g}: the updates rounded away "
+            "below the ring's resolution (or cancelled exactly), so there is no model to "
+            f"release; lower round.weight_cap ({terms.weight_cap}) towards the sites' "
+            "training-set sizes, or raise round.frac_bits",
         )
     # Cauchy-Schwarz: ||sum w d||^2 <= (sum w)(sum w |d|^2), each side at its honest extreme.
     floor = max(0.0, norm * down - norm_tol) ** 2 / w_high

@@ -66,7 +66,7 @@ def catch_up(
     card = card_from_bytes(verify_release(release, keys).card)
     switches = card["strategy"]["switches"]
     following = switches[-1]["to"] if switches else card["strategy"]["algorithm"]
-    state = latest_server_state(store, config.study_id)
+    state = latest_server_state(registry, config.study_id)
     registry.register(release, keys, server_state=state, next_algorithm=following)
     log.warning(
         Event.RELEASE_CAUGHT_UP,

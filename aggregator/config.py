@@ -52,9 +52,16 @@ class BrokerSettings:
     cert_file: Path | None = None
     key_file: Path | None = None
     tls: bool = True
+    # A publish the broker has not acknowledged after this long is logged as stalled; it
+    # stays queued and is sent once the broker is back (broker.outbox).
+    publish_timeout_s: float = 300.0
+    reconnect_max_s: float = 30.0  # the longest wait between two reconnection attempts
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "broker.port", self.port, "use a TCP port, 1-65535")
+        for name in ("publish_timeout_s", "reconnect_max_s"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 1, f"broker.{name}", value, "use 1 s or more")
         if self.tls:
             for name in ("ca_file", "cert_file", "key_file"):
                 _check(

@@ -55,9 +55,10 @@ class PartialSumRejected(AggregatorError):
 
 class AggregateRefused(AggregatorError):
     """The decoded aggregate is not a sum that honest nodes under the round's terms can give
-    (aggregator.aggregate_check): the round must abort with `reason` and release nothing.
-    `part` names the part of the update vector (weight, delta, loss, squared-norm, range,
-    layout), `figure` its offending value."""
+    (aggregator.aggregate_check), or one whose updates rounded away (precision): the round
+    must abort with `reason` and release nothing. `part` names the part of the update vector
+    (weight, delta, loss, squared-norm, range, layout, precision), `figure` its offending
+    value."""
 
     def __init__(self, part: str, figure: float, detail: str):
         self.part = part

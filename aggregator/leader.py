@@ -22,7 +22,7 @@ from aggregator.errors import AggregatorConfigError, BaseModelSpent, MessageReje
 from aggregator.records import RoundRecord
 from aggregator.rounds import RoundState
 from tessera.crypto.encoding import RingParams, derive_ring_params
-from tessera.crypto.update_layout import required_bound
+from tessera.crypto.update_layout import check_representable, required_bound
 from tessera.wire.envelopes import require_fields
 from tessera.wire.messages import ALGORITHMS, RoundOpen
 from tessera.wire.round_terms import RoundTermsRefused, check_expected_set, check_round_encoding
@@ -63,6 +63,24 @@ def ring_for(settings: RoundSettings, n_nodes: int) -> RingParams:
         raise AggregatorConfigError(
             f"[round] clip_norm, loss_cap and frac_bits do not fit a 64-bit ring "
             f"for {n_nodes} nodes ({exc})"
+        ) from None
+
+
+def check_round_settings(settings: RoundSettings, n_params: int) -> None:
+    """The leader's check at start-up that its [round] caps can represent an update of the
+    study's `n_params` parameters (`tessera.crypto.update_layout.check_representable`, for a
+    node at the cap): every other party would refuse its rounds. AggregatorConfigError
+    naming the fix otherwise."""
+    try:
+        check_representable(
+            weight_cap=settings.weight_cap,
+            frac_bits=settings.frac_bits,
+            clip_norm=settings.clip_norm,
+            n_params=n_params,
+        )
+    except ValueError as exc:
+        raise AggregatorConfigError(
+            f"[round] cannot represent an update of this study's model: {exc}"
         ) from None
 
 
@@ -118,6 +136,7 @@ def plan_round(
         leader_id=config.leader_id,
         weight_cap=settings.weight_cap,
         loss_cap=settings.loss_cap,
+        opened_ms=now_ms,
     )
 
 

@@ -10,8 +10,10 @@ itself.
 Registry: a fully signed release is verified (`verify_release`, every aggregator's key from
 the manifest) and written to `<root>/<study>/<version>/` (weights, ONNX, card, the signed
 release message, the server optimiser state), each file atomically; then one store
-transaction registers the version together with the optimiser state. Versions are never
-replaced. A crash before that transaction leaves an unregistered folder, which the next
+transaction registers the version together with the optimiser state. The store names each
+folder and file relative to the registry's root (`relative_folder`), so a state folder
+copied or restored elsewhere reads its own files. Versions are never replaced. A crash
+before that transaction leaves an unregistered folder, which the next
 registration of that version overwrites file by file.
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,11 @@ from tessera.wire.release import (
 
 SERVER_STATE_FILE = "server_state.safetensors"
 GENESIS_PARENT = bytes(32)
+
+
+def relative_folder(study_id: str, version: int) -> str:
+    """A version's folder as the store names it: relative to the registry's root."""
+    return f"{study_id.encode('utf-8').hex()}/{version:010d}"
 
 
 def weights_bytes(params: Mapping[str, np.ndarray]) -> bytes:
@@ -118,7 +124,11 @@ class Registry:
         make_private_dir(self.root)
 
     def _folder(self, study_id: str, version: int) -> Path:
-        return self.root / study_id.encode("utf-8").hex() / f"{version:010d}"
+        return self.root / relative_folder(study_id, version)
+
+    def resolve(self, stored: str) -> Path:
+        """A folder or file the store names (relative to this registry's root) on disk."""
+        return self.root / stored
 
     def register(
         self,
@@ -164,7 +174,7 @@ class Registry:
             atomic_write(
                 folder / SERVER_STATE_FILE, server_state_to_bytes(server_state), mode=PRIVATE_MODE
             )
-            path = os.fspath(folder / SERVER_STATE_FILE)
+            path = f"{relative_folder(release.study_id, release.version)}/{SERVER_STATE_FILE}"
             state_record = ServerStateRecord(release.round, next_algorithm, path)
         record = ModelRecord(
             study_id=release.study_id,
@@ -174,7 +184,7 @@ class Registry:
             model_hash=release.model_hash,
             onnx_hash=release.onnx_hash,
             card_hash=release.card_hash,
-            folder=os.fspath(folder),
+            folder=relative_folder(release.study_id, release.version),
             card_json=bundle.card.decode("ascii"),
             signatures=release.signatures,
         )
@@ -195,7 +205,7 @@ class Registry:
         for record in self.list(study_id):
             if record.version == version:
                 return ModelVersion(
-                    record, card_from_bytes(record.card_json.encode()), Path(record.folder)
+                    record, card_from_bytes(record.card_json.encode()), self.resolve(record.folder)
                 )
         raise RegistryError(
             f"study {study_id} has no model version {version}; Registry.list shows the "

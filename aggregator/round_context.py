@@ -20,7 +20,6 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -96,12 +95,12 @@ def base_model(registry: Registry, study_id: str, genesis: Mapping[str, np.ndarr
     return BaseModel(weights, record.version, record.model_hash)
 
 
-def latest_server_state(store: Store, study_id: str) -> ServerState:
+def latest_server_state(registry: Registry, study_id: str) -> ServerState:
     """The server optimiser's state after the newest release (empty before the first)."""
-    stored = store.server_state(study_id)
+    stored = registry.store.server_state(study_id)
     if stored is None or stored.path is None:
         return ServerState()
-    return server_state_from_bytes(Path(stored.path).read_bytes())
+    return server_state_from_bytes(registry.resolve(stored.path).read_bytes())
 
 
 @dataclass(eq=False)
@@ -296,7 +295,7 @@ class RoundContext:
             decoded=decoded,
             participants=len(participants),
             base_params=self.base_params,
-            server_state=latest_server_state(self.store, config.study_id),
+            server_state=latest_server_state(registry, config.study_id),
             version=self.version,
             parent_hash=self.parent_hash,
             onnx=export_onnx,

@@ -21,7 +21,8 @@ helpers:
 7. combine: with the S-1 others, a signed release (aggregator.release_build); where the
    study requires it, a candidate that the privacy audit gates (aggregator.audit_phase);
 8. sign and release: signature notes, then the leader's fully signed release, retained
-   (aggregator.signature_exchange). What survives a restart: aggregator.catch_up.
+   (aggregator.signature_exchange). What survives a restart: aggregator.catch_up. A node
+   that holds a release damaged asks for it again: aggregator.release_copies.
 
 Order does not matter within a round: what arrives early is kept (first copy wins) and used
 when this aggregator is ready. A round past collecting aborts at the agreement timeout (from
@@ -46,6 +47,7 @@ from aggregator.leader import StudyTerms, check_base_reopenable, check_round_ope
 from aggregator.partials import combine_round, open_partial_sums
 from aggregator.privacy_gate import AuditSetup
 from aggregator.registry import Registry
+from aggregator.release_copies import ReleaseCopies
 from aggregator.round_context import BaseModel, RoundContext, base_model
 from aggregator.rounds import Abort, CollectionClosed, PartialSumPublished, Stage, StartCollecting
 from aggregator.signature_exchange import SignatureExchange
@@ -54,7 +56,7 @@ from aggregator.store import Store
 from broker import topics
 from tessera.crypto.flatten import flatten
 from tessera.crypto.update_layout import vector_length
-from tessera.errors import TesseraError
+from tessera.errors import DiskFull, TesseraError
 from tessera.observability.events import Event
 from tessera.wire.envelopes import Message
 from tessera.wire.messages import (
@@ -63,6 +65,7 @@ from tessera.wire.messages import (
     ParticipantSet,
     ReceiptSet,
     ReceivedSet,
+    ReleaseRequest,
     RoundAbort,
     RoundOpen,
     ShareEnvelope,
@@ -100,6 +103,7 @@ class AggregatorService:
         self.publisher = Publisher(config.aggregator_id, keys.signing)
         self.current: RoundContext | None = None
         self.signing = SignatureExchange(config, roster, registry, self.publisher)
+        self.copies = ReleaseCopies(config, roster, registry, clock)
         # Set only when the study requires a privacy audit before every release.
         self.audit = audit if audit is not None and audit.required(config.study_id) else None
         self.auditing = (
@@ -110,7 +114,8 @@ class AggregatorService:
 
     def on_message(self, topic: str, payload: bytes) -> list[Outgoing]:
         """Handle one message; a rejected one is logged and answers []. Never raises for
-        bad input (a bug in this code still raises)."""
+        bad input (a bug in this code still raises, and so does DiskFull: the daemon waits
+        for space, then starts over as after a restart)."""
         kind: topics.Kind | None = None
         try:
             kind = topics.parse(topic).kind
@@ -123,6 +128,8 @@ class AggregatorService:
             if signed is None:
                 return []  # our own publication, echoed by the broker
             return step(signed.message, signed.signer_id)
+        except DiskFull:
+            raise
         except (TesseraError, ValueError) as exc:
             # ValueError covers CodecError and the admission errors; no share content or
             # site data is in these messages, and AuthenticationError stays vague.
@@ -144,6 +151,7 @@ class AggregatorService:
             topics.Kind.PARTICIPANTS: self._on_participants,
             topics.Kind.PARTIAL: self._on_partial,
             topics.Kind.RELEASE: self._on_release,
+            topics.Kind.FETCH: self._on_fetch,
         }.get(kind)
 
     def tick(self, now: float | None = None) -> list[Outgoing]:
@@ -347,9 +355,15 @@ class AggregatorService:
             decoded = combine_round(vectors, a, len(participants))  # checked before any use
         except (PartialSumRejected, AggregateRefused) as exc:
             return self._abort(str(exc))
-        built = current.build_release(
-            decoded, self.registry, self.config, self.export_onnx, self.keys.signing
-        )
+        try:
+            built = current.build_release(
+                decoded, self.registry, self.config, self.export_onnx, self.keys.signing
+            )
+        except (TesseraError, ValueError) as exc:
+            # The partial sums are all in and will not change: nothing can come of waiting
+            # for the agreement timeout (issue 19, point 9: a card refused an infinite
+            # dispersion, and the round sat for minutes). Abort now, with the reason.
+            return self._abort(f"release not built: {exc}")
         if self.auditing is None:
             current.built = built
             return self.signing.begin(current)
@@ -386,6 +400,12 @@ class AggregatorService:
             catch_up(message, self.config, self.roster, self.registry, self.store)
             return []
         return self.signing.on_release(self._round_of(message), message, signer)
+
+    def _on_fetch(self, message: Message, signer: str) -> list[Outgoing]:
+        """A node asks again for a release it holds damaged (aggregator.release_copies)."""
+        if not isinstance(message, ReleaseRequest):
+            raise MessageRejected(f"a {type(message).__name__} on a release request topic")
+        return self.copies.answer(message, signer)
 
     # --- a round that ends without a model ---------------------------------------------------
 

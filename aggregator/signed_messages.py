@@ -14,7 +14,7 @@ from aggregator.errors import AggregatorConfigError, MessageRejected
 from broker import topics
 from tessera.limits import MAX_AGGREGATOR_MESSAGE_BYTES
 from tessera.wire.envelopes import Message, Signed, open_envelope, seal_envelope
-from tessera.wire.messages import PartialSum, ReceivedSet, ShareEnvelope
+from tessera.wire.messages import PartialSum, ReceivedSet, ReleaseRequest, ShareEnvelope
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ def check_topic(topic: topics.Topic, message: Message) -> None:
         routed = (topic.aggregator, topic.from_aggregator) == pair
     elif isinstance(message, ReceivedSet):
         routed = topic.aggregator == message.aggregator_id
+    elif isinstance(message, ReleaseRequest):
+        routed = topic.kind is topics.Kind.FETCH and topic.node == message.node_id
     else:
         routed = True
     if not routed or topic.study != message.study_id or topic.federation != message.federation_id:

@@ -48,11 +48,13 @@ from aggregator.records import (
     safe_folder_name,
 )
 from aggregator.rounds import RoundState, Stage
-from aggregator.store_schema import open_database
+from aggregator.store_schema import disk_errors, open_database
+from tessera.errors import DiskFull
 from tessera.files import make_private_dir
 from tessera.observability.events import Event
 
 RESTART_REASON = "aggregator restarted"
+DISK_FULL_REASON = "aggregator stopped while its disk was full"
 log = logging.getLogger("tessera.aggregator.store")
 _ORDER = {stage: rank for rank, stage in enumerate(Stage)}  # the happy path, in order
 
@@ -85,17 +87,20 @@ class Store:
 
     @contextmanager
     def _transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        """One transaction, all or nothing; DiskFull when the disk is full (rolled back)."""
+        with self._lock, disk_errors(self.path):
             if not durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    # A COMMIT that found the disk full may have rolled back already.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
                     raise
-                self._db.execute("COMMIT")
             finally:
                 if not durable:
                     self._db.execute("PRAGMA synchronous=FULL")
@@ -254,7 +259,7 @@ class Store:
         """Copy every WAL frame into the database and truncate the WAL. If another
         connection's reader is still open, this is logged and the next purge (or close)
         tries again: failing here would stop a finished round from being published."""
-        with self._lock:
+        with self._lock, disk_errors(self.path):
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             log.warning(
@@ -315,26 +320,31 @@ class Store:
     def insert_model(self, record: ModelRecord, server_state: ServerStateRecord | None) -> None:
         """Register a model version (files already written) and, atomically with it, the
         optimiser state that produced it. StoreError if the version exists."""
-        signatures = json.dumps([[who, sig.hex()] for who, sig in record.signatures])
         try:
             with self._transaction() as db:
-                db.execute(
-                    "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (record.study_id, record.version, record.round, record.parent_hash,
-                     record.model_hash, record.onnx_hash, record.card_hash, record.folder,
-                     record.card_json, signatures, self._now()),
-                )  # fmt: skip
-                if server_state is not None:
-                    db.execute(
-                        "INSERT OR REPLACE INTO server_state VALUES (?,?,?,?,?)",
-                        (record.study_id, server_state.round, server_state.algorithm,
-                         server_state.path, self._now()),
-                    )  # fmt: skip
+                self._insert_model(db, record, server_state)
         except sqlite3.IntegrityError:
             raise StoreError(
                 f"study {record.study_id} already has model version {record.version}; "
                 "versions are never replaced, register the next one"
             ) from None
+
+    def _insert_model(
+        self, db: sqlite3.Connection, record: ModelRecord, server_state: ServerStateRecord | None
+    ) -> None:
+        signatures = json.dumps([[who, sig.hex()] for who, sig in record.signatures])
+        db.execute(
+            "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (record.study_id, record.version, record.round, record.parent_hash,
+             record.model_hash, record.onnx_hash, record.card_hash, record.folder,
+             record.card_json, signatures, self._now()),
+        )  # fmt: skip
+        if server_state is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO server_state VALUES (?,?,?,?,?)",
+                (record.study_id, server_state.round, server_state.algorithm,
+                 server_state.path, self._now()),
+            )  # fmt: skip
 
     def list_models(self, study_id: str) -> list[ModelRecord]:
         """Every registered version of the study, oldest first."""
@@ -364,31 +374,88 @@ class Store:
 
     # --- restart --------------------------------------------------------------------------
 
-    def recover(self) -> list[tuple[str, int]]:
-        """After a restart: abort every round in flight (reason RESTART_REASON) and return
-        the (study, round) pairs aborted. Call once at startup, before any round runs.
+    def recover(self, reason: str = RESTART_REASON) -> list[tuple[str, int]]:
+        """After a restart: abort every round in flight (with `reason`) and return the
+        (study, round) pairs aborted. Call at startup (and after a full disk, which the
+        daemon treats as a restart), before any round runs.
 
         No round is in flight afterwards, so every share (rows with their seeds, files, and
         temporary files a kill left behind) is deleted: nothing secret outlives its round.
+        With nothing in flight, no share and an empty WAL, it writes nothing at all, so an
+        idle aggregator starts on a full disk (issue 19); DiskFull when it must write and
+        cannot.
         """
-        with self._transaction() as db:
-            rows = db.execute(
+        with self._lock, disk_errors(self.path):
+            in_flight = self._db.execute(
                 "SELECT study_id, round FROM rounds WHERE stage NOT IN (?, ?) ORDER BY round",
                 (Stage.RELEASED.value, Stage.ABORTED.value),
             ).fetchall()
-            db.execute(
-                "UPDATE rounds SET stage=?, abort_reason=?, updated_ms=? WHERE stage NOT IN (?,?)",
-                (Stage.ABORTED.value, RESTART_REASON, self._now(), Stage.RELEASED.value,
-                 Stage.ABORTED.value),
-            )  # fmt: skip
-            db.execute("DELETE FROM shares")
-        self._truncate_wal()
-        for child in self.shares_dir.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-        return [(study, int(number)) for study, number in rows]
+            held = self._db.execute("SELECT EXISTS (SELECT 1 FROM shares)").fetchone()[0]
+        wal = Path(f"{self.path}-wal")
+        leftovers = any(self.shares_dir.iterdir())
+        if in_flight or held:
+            with self._transaction() as db:
+                db.execute(
+                    "UPDATE rounds SET stage=?, abort_reason=?, updated_ms=? "
+                    "WHERE stage NOT IN (?,?)",
+                    (Stage.ABORTED.value, reason, self._now(), Stage.RELEASED.value,
+                     Stage.ABORTED.value),
+                )  # fmt: skip
+                db.execute("DELETE FROM shares")
+        if in_flight or held:
+            self._truncate_wal()
+        elif wal.exists() and wal.stat().st_size:
+            # A purge killed before its truncation may have left seeds in the WAL; fold it
+            # back now if the disk allows, else at the next purge (as for a busy reader).
+            try:
+                self._truncate_wal()
+            except DiskFull as full:
+                fields = {"reason": f"{full}; retried at the next purge"}
+                log.warning(Event.WAL_TRUNCATE_INCOMPLETE, extra={"fields": fields})
+        if leftovers:
+            for child in self.shares_dir.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        return [(study, int(number)) for study, number in in_flight]
+
+    def restore(
+        self,
+        rounds: list[RoundRecord],
+        sums: list[tuple[str, int, bytes, tuple[str, ...]]],
+        models: list[tuple[ModelRecord, ServerStateRecord | None]],
+    ) -> None:
+        """Fill an empty store, in one transaction, with what `tessera aggregator
+        rebuild-state` recovered (aggregator.rebuild): finished rounds, the partial-sum facts
+        (study, round, set hash, sorted set; each on its round's base model) and the
+        registry's versions with their optimiser state, oldest first. StoreError, and nothing
+        written, if the store holds anything."""
+        with self._transaction() as db:
+            held = [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]  # noqa: S608
+                    for t in ("rounds", "partial_sums", "models")]  # fmt: skip
+            if any(held):
+                raise StoreError(
+                    f"state store {self.path} is not empty ({held[0]} rounds, {held[2]} model "
+                    "versions); a rebuild only fills a lost or empty store: move it aside first"
+                )
+            for record in rounds:
+                s, study = record.state, record.study_id
+                db.execute(
+                    "INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (study, s.round, s.stage.value, record.base_model_hash, record.ring_params,
+                     record.vector_length, record.deadline_ms, record.algorithm, s.received,
+                     s.close_reason, ids_json(s.participants), s.model_version, s.abort_reason,
+                     self._now(), self._now()),
+                )  # fmt: skip
+            for study, number, set_hash, members in sums:
+                db.execute(
+                    "INSERT INTO partial_sums SELECT study_id, round, ?, ?, base_model_hash, ? "
+                    "FROM rounds WHERE study_id = ? AND round = ?",
+                    (set_hash, self._now(), ids_json(members), study, number),
+                )  # fmt: skip
+            for model, server_state in models:
+                self._insert_model(db, model, server_state)
 
     def integrity_check(self) -> None:
         """Raise StoreError unless SQLite's own integrity check passes."""

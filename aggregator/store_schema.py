@@ -13,12 +13,14 @@ other version is refused, never guessed at.
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePath
 
 from aggregator.errors import StoreError
-from tessera.files import make_private_file
+from tessera.files import disk_full_error, make_private_file
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,12 +56,14 @@ def open_database(path: Path) -> sqlite3.Connection:
     """Open or create the store at `path` (mode 0600): WAL, synchronous=FULL, secure
     delete, the schema, its version.
 
-    StoreError, naming the fix, when SQLite cannot open it or it has another schema version.
+    StoreError, naming the fix, when SQLite cannot open it or it has another schema version;
+    DiskFull (tessera.errors) when the file system is full, which is not damage.
     """
     # Private from the first byte: SQLite gives the -wal and -shm files the database's mode.
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         if name == path or name.exists():
             make_private_file(name)
+    db: sqlite3.Connection | None = None
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         # Deleted rows (a purged round's seeds) are overwritten with zeros, not left in free
@@ -71,11 +75,32 @@ def open_database(path: Path) -> sqlite3.Connection:
         db.executescript(SCHEMA)
         _check_schema_version(db, path)
     except sqlite3.DatabaseError as exc:
+        if db is not None:
+            db.close()  # a daemon waiting for space opens it again, later
+        full = disk_full_error(exc, path)
+        if full is not None:
+            raise full from None
         raise StoreError(
-            f"state store {path} cannot be opened ({exc}); restore it from a backup "
-            "or move it aside to start empty (the model registry folder stays intact)"
+            f"state store {path} cannot be opened ({exc}); restore it from a backup, or "
+            "move it aside (keep it) and run `tessera aggregator rebuild-state --config "
+            "<this aggregator's config>`, which rebuilds it from the signed releases in "
+            "models/ and the audit log. Never start on an empty store: the federation would "
+            "restart from the genesis model and stall"
         ) from None
     return db
+
+
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """Raise DiskFull (naming `path`) for an SQLite error that a full disk caused; any other
+    error passes unchanged (`tessera.files.disk_full_error` decides)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        full = disk_full_error(exc, path)
+        if full is None:
+            raise
+        raise full from None
 
 
 # Schema 1 or 2 -> 3: every partial-sum fact is kept, with the round's base model and its
@@ -100,19 +125,43 @@ COMMIT;
 """
 
 
+def _relative(path: str, parts: int) -> str:
+    """An absolute registry path of schema 3 as schema 4 stores it: its last `parts` parts."""
+    return "/".join(PurePath(path).parts[-parts:]) if PurePath(path).is_absolute() else path
+
+
+def _migrate_to_4(db: sqlite3.Connection) -> None:
+    """Schema 3 -> 4 in one transaction: registry paths relative to the registry's root."""
+    db.execute("BEGIN IMMEDIATE")
+    rows = db.execute("SELECT study_id, version, folder FROM models").fetchall()
+    for study, version, folder in rows:
+        db.execute("UPDATE models SET folder = ? WHERE study_id = ? AND version = ?",
+                   (_relative(folder, 2), study, version))  # fmt: skip
+    for study, state_path in db.execute("SELECT study_id, path FROM server_state").fetchall():
+        if state_path is not None:
+            db.execute("UPDATE server_state SET path = ? WHERE study_id = ?",
+                       (_relative(state_path, 3), study))  # fmt: skip
+    db.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
+    db.execute("COMMIT")
+
+
 def _check_schema_version(db: sqlite3.Connection, path: Path) -> None:
     row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-    if row is not None and int(row[0]) in (1, 2):
-        try:
+    try:
+        if row is not None and int(row[0]) in (1, 2):
             db.executescript(_MIGRATE_TO_3)
-        except sqlite3.DatabaseError as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise StoreError(
-                f"state store {path} has schema {row[0]} and could not be migrated to schema "
-                f"{SCHEMA_VERSION} ({exc}); restore it from a backup or move it aside"
-            ) from None
-        row = ("3",)
+            row = ("3",)
+        if row is not None and int(row[0]) == 3:
+            _migrate_to_4(db)
+            row = ("4",)
+    except sqlite3.DatabaseError as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise StoreError(
+            f"state store {path} has schema {row[0] if row else '?'} and could not be "
+            f"migrated to schema {SCHEMA_VERSION} ({exc}); restore it from a backup, or move "
+            "it aside and run `tessera aggregator rebuild-state`"
+        ) from None
     if row is None:  # a new store (the index needs schema 3's partial_sums, so it is here)
         db.execute("CREATE INDEX partial_sums_base ON partial_sums (study_id, base_model_hash)")
         db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))

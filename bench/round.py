@@ -265,6 +265,7 @@ class RoundBench:
     def __init__(self, root: Path, work: list[NodeWork], round_open: RoundOpen) -> None:
         from support.mosquitto import MosquittoProcess
 
+        from broker.chunking import prepare_spool_dir
         from broker.provisioning.bundle import load_bundle
         from broker.provisioning.federation import parse_federation
         from broker.provisioning.provision import provision
@@ -273,7 +274,7 @@ class RoundBench:
         self.root, self.work, self.round_open = root, work, round_open
         self.nodes = [w.node for w in work]
         federation = parse_federation({
-            "federation": {"id": FED, "leader": LEADER},
+            "federation": {"id": FED, "leader": LEADER, "studies": [STUDY]},
             "broker": {"max_packet_bytes": 2 << 20},
             "sites": [{"id": n, "name": f"Hospital {n}"} for n in self.nodes],
             "aggregators": [{"id": a, "name": a} for a in AGGREGATORS],
@@ -293,7 +294,7 @@ class RoundBench:
             config = load_bundle(provisioned / "bundles" / member).session_config(
                 self.broker.host, port=self.broker.mqtt_port
             )
-            link = ServiceLink(config, spool_dir=root / "spool" / member)
+            link = ServiceLink(config, spool_dir=prepare_spool_dir(root / "spool" / member))
             if member in AGGREGATORS:
                 link.subscribe(
                     topics.shares_for_aggregator(FED, STUDY, member), self._route(member, False)

@@ -41,9 +41,12 @@ from broker.session_config import tls_context
 from broker.transfer import PayloadReceiver, send_payload
 
 FEDERATION = {
-    "federation": {"id": "bench", "leader": "agg-1"},
+    "federation": {"id": "bench", "leader": "agg-1", "studies": ["study", "raw"]},
     "broker": {"max_packet_bytes": 64 << 20},
-    "sites": [{"id": "site-a", "name": "Bench Hospital"}],
+    # The raw paho pair (site-b, agg-2) and the wrapper pair (site-a, agg-1) are different
+    # members: the broker makes a certificate's name the client id, so one member's two
+    # connections would disconnect each other.
+    "sites": [{"id": "site-a", "name": "Bench Hospital"}, {"id": "site-b", "name": "Raw"}],
     "aggregators": [{"id": "agg-1", "name": "One"}, {"id": "agg-2", "name": "Two"}],
 }
 TOPIC = topics.release_topic("bench", "study")
@@ -96,12 +99,12 @@ def main() -> None:
         with MosquittoProcess(parse_federation(FEDERATION), out, Path(tmp) / "broker") as broker:
             bundles = out / "bundles"
             raw_topic = topics.release_topic("bench", "raw")
-            # Raw paho: aggregator publishes, site subscribes (own client ids, own topic).
+            # Raw paho: aggregator publishes, site subscribes (own members, own topic).
             raw_arrivals = Arrivals()
-            raw_sub = raw_client(bundles / "site-a", "site-a-raw", broker)
+            raw_sub = raw_client(bundles / "site-b", "site-b", broker)
             raw_sub.on_message = lambda _c, _u, m: raw_arrivals.add(len(m.payload))
             raw_sub.subscribe(raw_topic, qos=1)
-            raw_pub = raw_client(bundles / "agg-1", "agg-1-raw", broker)
+            raw_pub = raw_client(bundles / "agg-2", "agg-2", broker)
 
             # The wrapper: same roles, chunked and verified.
             site = Session(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from broker.errors import NotAuthorizedError, PublishError
+from broker.errors import NotAuthorizedError, PublishError, PublishTimeoutError
 
 NOT_AUTHORIZED = 135  # MQTT v5 reason code "Not authorized" (0x87), on PUBACK and SUBACK
 
@@ -22,10 +22,15 @@ class PublishHandle:
         self._reason = reason
         self._done.set()
 
+    def answered(self, timeout: float) -> bool:
+        """Whether the broker answered within `timeout` s (`wait` says whether it accepted)."""
+        return self._done.wait(timeout)
+
     def wait(self, timeout: float) -> None:
-        """Block until PUBACK; raise NotAuthorizedError (135), PublishError or on timeout."""
+        """Block until PUBACK; raise NotAuthorizedError (135), PublishError, or
+        PublishTimeoutError on timeout (the publish stays queued in the session)."""
         if not self._done.wait(timeout):
-            raise PublishError(
+            raise PublishTimeoutError(
                 f"no PUBACK for {self.topic} within {timeout} s; the session keeps retrying "
                 "(it is queued), wait longer or check the broker"
             )

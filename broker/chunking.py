@@ -22,10 +22,18 @@ topic names, and its pool) and keeps, per pool, at most ``max_transfers`` open t
 ``sender_bytes``; `broker.quotas.make_room` says which open transfers a new one displaces
 (the sender's own stalest first) or refuses it. So one member's stalled or oversized
 transfers never block another member's, nor the aggregators' own messages (issue 20, point
-5). A transfer larger than ``spool_threshold`` is spooled to a temporary file instead of
-memory. A repeated identical chunk is ignored (QoS 1 may deliver twice); a chunk that
-conflicts with one already held is rejected; a transfer with no progress for ``timeout_s``
-is dropped and recorded in ``expired``.
+5). A transfer larger than ``spool_threshold`` is spooled to an anonymous temporary file in
+``spool_dir`` instead of memory. A repeated identical chunk is ignored (QoS 1 may deliver
+twice); a chunk that conflicts with one already held is rejected; a transfer with no
+progress for ``timeout_s`` is dropped and recorded in ``expired``.
+
+Spooling fails loudly and loses nothing. A spool folder that is missing or not writable is
+refused when the Reassembler is made (`check_spool_dir`; services make theirs with
+`prepare_spool_dir`). A chunk that cannot be spooled later (the folder vanished, the disk
+is full) raises SpoolError, a DeliveryDeferred: the chunk is not counted as received, the
+transfer keeps what it holds and does not expire while its chunks are being retried, and
+the session leaves the chunk unacknowledged and offers it again (`broker.session`), so the
+broker, which acknowledged it to the sender, still holds it.
 """
 
 from __future__ import annotations
@@ -41,10 +49,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from broker.errors import ChunkError, PayloadTooLargeError
+from broker.errors import ChunkError, PayloadTooLargeError, SpoolError
 from broker.quotas import Holding, Origin, QuotaLimits, make_room
+from tessera.errors import ConfigError
 from tessera.files import make_private_dir
-from tessera.limits import MAX_TRANSFER_BYTES, MAX_TRANSFERS_IN_FLIGHT_BYTES
+from tessera.limits import MAX_TRANSFER_BYTES, MAX_TRANSFERS_IN_FLIGHT_BYTES, SPOOL_THRESHOLD_BYTES
 from tessera.observability.events import Event
 
 MAGIC = b"TSCK"
@@ -175,7 +184,7 @@ class ReassemblyLimits:
     max_total_bytes: int = MAX_TRANSFERS_IN_FLIGHT_BYTES
     sender_transfers: int = 4
     sender_bytes: int | None = None
-    spool_threshold: int = 64 << 20
+    spool_threshold: int = SPOOL_THRESHOLD_BYTES
     timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S
     spool_dir: Path | None = None
     remember_completed: int = 4096
@@ -199,6 +208,33 @@ class ReassemblyLimits:
         return QuotaLimits(
             self.max_transfers, self.max_total_bytes, self.sender_transfers, sender_bytes
         )
+
+
+def check_spool_dir(folder: Path) -> None:
+    """Return only if a spool file can be created in `folder`; ConfigError naming the fix."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"spool folder {folder} is not usable ({error.strerror or error}): transfers "
+            f"above {SPOOL_THRESHOLD_BYTES >> 20} MiB (a large model's release) are "
+            "reassembled there; create it (mode 0700, the daemons make <state>/spool at start) "
+            "on a volume with room, or fix its owner and permissions"
+        ) from None
+
+
+def prepare_spool_dir(folder: Path) -> Path:
+    """Create `folder` private (0700) if it is missing and check it (`check_spool_dir`)."""
+    try:
+        make_private_dir(folder)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create the spool folder {folder} ({error.strerror or error}); the state "
+            "volume must be mounted read-write"
+        ) from None
+    check_spool_dir(folder)
+    return folder
 
 
 @dataclass(frozen=True)
@@ -226,17 +262,27 @@ class _Transfer:
         offset = frame.index * frame.chunk_size
         if self.buffer is not None:
             self.buffer[offset : offset + len(frame.data)] = frame.data
-        else:
-            assert self.spool is not None
-            self.spool.seek(offset)
-            self.spool.write(frame.data)
+            return
+        assert self.spool is not None
+        # Positional and unbuffered: a write that fails (disk full) leaves nothing pending
+        # that could land later, and the same chunk written again goes to the same place.
+        view = memoryview(frame.data).cast("B")
+        while view:
+            written = os.pwrite(self.spool.fileno(), view, offset)
+            view, offset = view[written:], offset + written
 
     def read_all(self) -> bytes:
         if self.buffer is not None:
             return bytes(self.buffer)
         assert self.spool is not None
-        self.spool.seek(0)
-        return self.spool.read()
+        total, done, parts = self.first.total_size, 0, []
+        while done < total:
+            part = os.pread(self.spool.fileno(), total - done, done)
+            if not part:
+                raise OSError(f"the spool file ended after {done} of {total} bytes")
+            parts.append(part)
+            done += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
         if self.spool is not None:
@@ -258,6 +304,8 @@ class Reassembler:
         clock: Callable[[], float],
         origin_of: Callable[[str], Origin] = Origin,
     ) -> None:
+        if limits.spool_dir is not None:
+            check_spool_dir(limits.spool_dir)
         self.limits = limits
         self._clock = clock
         self._origin_of = origin_of
@@ -281,6 +329,8 @@ class Reassembler:
 
         Raises ChunkError for a conflicting chunk or a payload whose hash fails, and
         PayloadTooLargeError when a limit would be broken. Identical repeats return None.
+        Raises SpoolError when the chunk cannot be spooled or the payload read back: the
+        chunk then counts as not received, so the same frame offered again is taken.
         """
         self.expire()
         ident = (key, frame.payload_id)
@@ -314,12 +364,22 @@ class Reassembler:
                 "ignoring repeated chunk %d of payload %s", frame.index, frame.payload_id.hex()
             )
             return None
-        transfer.write(frame)
-        transfer.hashes[frame.index] = frame.chunk_sha256
+        # A failed write still counts as activity: the chunk is being retried, and expiring
+        # the transfer would throw away chunks that were already acknowledged.
         transfer.last_progress = self._clock()
+        try:
+            transfer.write(frame)
+        except OSError as error:
+            raise self._spool_error(ident, f"write chunk {frame.index} of", error) from error
+        transfer.hashes[frame.index] = frame.chunk_sha256
         if len(transfer.hashes) < first.count:
             return None
-        return self._finish(ident, transfer)
+        try:
+            payload = transfer.read_all()
+        except OSError as error:
+            del transfer.hashes[frame.index]  # so that this frame, offered again, completes it
+            raise self._spool_error(ident, "read back", error) from error
+        return self._finish(ident, transfer, payload)
 
     def expire(self) -> list[ExpiredTransfer]:
         """Drop transfers idle longer than the timeout; record and return them."""
@@ -379,20 +439,26 @@ class Reassembler:
         if frame.total_size > limits.spool_threshold:
             # Large payloads go to an anonymous temporary file, so memory stays bounded by
             # max_transfers * spool_threshold whatever senders declare.
-            if limits.spool_dir is not None:
-                make_private_dir(limits.spool_dir)
-            transfer.spool = tempfile.TemporaryFile(dir=limits.spool_dir)
+            try:
+                transfer.spool = tempfile.TemporaryFile(dir=limits.spool_dir, buffering=0)
+            except OSError as error:
+                raise self._spool_error(ident, "create a spool file for", error) from error
         else:
             transfer.buffer = bytearray(frame.total_size)
         self._open[ident] = transfer
         return transfer
 
-    def _finish(self, ident: tuple[str, bytes], transfer: _Transfer) -> bytes:
+    def _spool_error(self, ident: tuple[str, bytes], action: str, error: OSError) -> SpoolError:
+        where = self.limits.spool_dir or Path(tempfile.gettempdir())
+        return SpoolError(
+            f"cannot {action} payload {ident[1].hex()} on {ident[0]} in the spool folder "
+            f"{where} ({error.strerror or error}); the chunk stays unacknowledged and is "
+            "offered again: free space there, or recreate the folder (mode 0700)"
+        )
+
+    def _finish(self, ident: tuple[str, bytes], transfer: _Transfer, payload: bytes) -> bytes:
         del self._open[ident]
-        try:
-            payload = transfer.read_all()
-        finally:
-            transfer.close()
+        transfer.close()
         self._done[ident] = None
         while len(self._done) > self.limits.remember_completed:
             self._done.popitem(last=False)

@@ -27,8 +27,22 @@ class PublishError(BrokerError):
     """The broker did not accept a publish, or it could not be queued."""
 
 
+class PublishTimeoutError(PublishError):
+    """No acknowledgement within the time waited; the publish stays queued in the session."""
+
+
 class PayloadTooLargeError(BrokerError, ValueError):
     """A payload or a frame is over a configured size limit."""
+
+
+class DeliveryDeferred(BrokerError):
+    """A handler cannot take a message now for a reason of its own host, not of the message
+    (its spool folder is missing, the disk is full). The session leaves the message
+    unacknowledged, so the broker keeps it, and offers it to the handler again."""
+
+
+class SpoolError(DeliveryDeferred):
+    """A large transfer's spool file could not be created, written or read back."""
 
 
 class ChunkError(BrokerError, ValueError):

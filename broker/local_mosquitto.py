@@ -6,9 +6,10 @@ mosquitto`, and the integration tests' real broker.
         bundle.session_config("127.0.0.1", port=broker.mqtt_port)
 
 The configuration and ACL are rendered from the federation (mutual TLS with the provisioned
-certificates, the per-member ACL) with paths inside ``workdir`` and free loopback ports
-chosen at construction; persistence lives in ``workdir`` too, so a restart
-(``broker.restart()``) keeps sessions and queued messages, as in production.
+certificates and revocation list, the per-member ACL) with paths inside ``workdir`` and free
+loopback ports chosen at construction (a WebSockets listener only if the federation has
+one); persistence lives in ``workdir`` too, so a restart (``broker.restart()``) keeps
+sessions and queued messages, as in production, and re-reads the revocation list.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ class MosquittoProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "data").mkdir(exist_ok=True)
         self.mqtt_port = free_port()
-        self.websockets_port = free_port()
+        self.websockets_port = free_port() if federation.broker.websockets_port else None
         self.host = "127.0.0.1"
         broker_dir = Path(provisioned) / "broker"
         files = BrokerFiles(
             ca_file=broker_dir / "ca.pem",
             cert_file=broker_dir / "server.pem",
             key_file=broker_dir / "server.key",
+            crl_file=broker_dir / "crl.pem",
             acl_file=self.workdir / "acl",
             persistence_dir=self.workdir / "data",
         )
@@ -77,7 +79,8 @@ class MosquittoProcess:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited at start:\n{self.log()}")
-            if all(_accepts(self.host, p) for p in (self.mqtt_port, self.websockets_port)):
+            ports = (self.mqtt_port, self.websockets_port)
+            if all(_accepts(self.host, p) for p in ports if p is not None):
                 self.starts += 1
                 return self
             time.sleep(0.05)

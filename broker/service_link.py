@@ -1,13 +1,22 @@
 """What a long-running service (node or aggregator daemon) needs from MQTT, in one object.
 
-`ServiceLink` owns one `Session` and one `PayloadReceiver`: every message in and out is a
-chunked payload (`broker.transfer`), so a 40 MB partial sum and a 300-byte RoundOpen take
-the same path. Handlers run on the session's dispatch thread, one at a time, and a message
-is acknowledged only after its handler returns: a crash mid-handler means redelivery.
+`ServiceLink` owns one `Session`, one `PayloadReceiver` and one `Outbox`: every message in
+and out is a chunked payload (`broker.transfer`), so a 40 MB partial sum and a 300-byte
+RoundOpen take the same path. Handlers run on the session's dispatch thread, one at a time,
+and a message is acknowledged only after its handler returns: a crash mid-handler means
+redelivery.
 
-`publish(topic, payload, retain)` retains only what fits one frame (MQTT retains one
-message per topic); a larger "retained" payload is sent unretained with a warning, and
-reaches members that were away through their persistent sessions instead.
+`publish(topic, payload, retain)` queues the payload in the outbox and returns at once; the
+outbox sends payloads in the order posted, and a payload the broker cannot take now (it is
+away) waits, however long the outage, and goes out when the session reconnects
+(`broker.outbox`). `flush` waits until everything posted is acknowledged. It retains only
+what fits one frame (MQTT retains one message per topic); a larger "retained" payload is
+sent unretained with a warning, and reaches members that were away through their persistent
+sessions instead.
+
+The link logs the broker's going away once per outage (`broker-disconnected`) and its
+return once (`broker-connected`, with how long it was away and how much was waiting), not a
+line per message; `connected` is what `/readyz` reports.
 
 `endpoint_config` turns a startup bundle plus the service's broker settings into the
 SessionConfig: mutual TLS from the bundle by default, or, only where the settings say
@@ -27,11 +36,12 @@ from typing import Protocol
 
 from broker.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_TRANSFER_TIMEOUT_S, ReassemblyLimits
 from broker.intake import IntakeBudget, IntakeGate
+from broker.outbox import Outbox
 from broker.provisioning.bundle import Bundle
 from broker.quotas import Origin
-from broker.session import Session, SessionConfig
+from broker.session import ConnectionChange, Session, SessionConfig
 from broker.topics import member_writer, presence_topic, writer_key
-from broker.transfer import PayloadReceiver, chunk_room, max_chunk_size, send_payload
+from broker.transfer import PayloadReceiver, chunk_room, max_chunk_size
 from tessera.limits import MAX_TRANSFER_BYTES, MQTT_PACKET_OVERHEAD_BYTES
 from tessera.observability.events import Event
 
@@ -39,6 +49,7 @@ log = logging.getLogger(__name__)
 
 PayloadHandler = Callable[[str, bytes], None]
 WireCounter = Callable[[str, int], None]
+CLOSE_DRAIN_S = 10.0  # how long `close` lets queued payloads go out while connected
 
 
 @dataclass(frozen=True)
@@ -48,12 +59,19 @@ class Endpoint:
     host: str | None = None
     port: int | None = None
     tls: bool = True
+    publish_timeout_s: float = 300.0  # a publish unacknowledged this long is reported stalled
+    reconnect_max_s: float = 30.0  # the longest wait between two reconnection attempts
 
 
 def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
     """The session for `bundle`'s member: TLS from the bundle, or the development broker."""
     if endpoint.tls:
-        return bundle.session_config(endpoint.host, port=endpoint.port)
+        return bundle.session_config(
+            endpoint.host,
+            port=endpoint.port,
+            publish_timeout_s=endpoint.publish_timeout_s,
+            reconnect_max_s=endpoint.reconnect_max_s,
+        )
     log.warning(
         Event.INSECURE_BROKER,
         extra={"fields": {}},
@@ -67,13 +85,15 @@ def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
         protocol="mqttv311",
         presence_topic=presence_topic(bundle.federation_id, bundle.member_id),
         max_packet_bytes=bundle.max_packet_bytes + MQTT_PACKET_OVERHEAD_BYTES,
+        publish_timeout_s=endpoint.publish_timeout_s,
+        reconnect_max_s=endpoint.reconnect_max_s,
     )
 
 
 def transfer_origin(topic: str) -> Origin:
-    """Whom a transfer on `topic` is charged to: members' topics (shares, audit reports)
-    draw from the "members" pool, everything the aggregators write from "aggregators", so
-    no member can crowd out the leader's or the aggregators' messages."""
+    """Whom a transfer on `topic` is charged to: members' topics (shares, audit reports,
+    release requests) draw from the "members" pool, everything the aggregators write from
+    "aggregators", so no member can crowd out the leader's or the aggregators' messages."""
     pool = "members" if member_writer(topic) is not None else "aggregators"
     return Origin(writer_key(topic), pool)
 
@@ -109,7 +129,9 @@ class ServiceLink:
         )
         self.receiver = PayloadReceiver(self.session, limits, origin_of=transfer_origin)
         self._on_wire = on_wire or (lambda _direction, _count: None)
-        self._filters: list[tuple[str, PayloadHandler]] = []
+        self.outbox = Outbox(self.session, on_sent=lambda count: self._on_wire("sent", count))
+        self.session.on_connection = self._on_connection
+        self._down_since: float | None = None  # paho's thread only
 
     def subscribe(self, topic_filter: str, handler: PayloadHandler) -> None:
         """Route each verified payload on `topic_filter` to `handler(topic, payload)`.
@@ -125,6 +147,7 @@ class ServiceLink:
 
     def start(self, connect_timeout_s: float | None = None) -> ServiceLink:
         """Start the session; with a timeout, wait for the first connection (or raise)."""
+        self.outbox.start()
         self.session.start()
         if connect_timeout_s is not None:
             self.session.wait_connected(connect_timeout_s)
@@ -135,21 +158,57 @@ class ServiceLink:
         """Whether the MQTT session is connected now."""
         return self.session.connected
 
+    @property
+    def pending(self) -> int:
+        """Payloads published and not yet acknowledged by the broker."""
+        return self.outbox.pending
+
+    @property
+    def delivering_retained(self) -> bool:
+        """Inside a handler: whether its message is a retained replay (`Session`)."""
+        return self.session.delivering_retained
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Send `payload` (chunked), waiting for every PUBACK; see the module docstring."""
+        """Queue `payload` (chunked) for the broker and return; see the module docstring."""
         if retain and len(payload) > max_chunk_size(self.session):
             log.warning(
                 Event.RETAIN_SKIPPED,
                 extra={"fields": {"bytes": len(payload)}},
             )
             retain = False
-        send_payload(self.session, topic, payload, retain=retain)
-        self._on_wire("sent", len(payload))
+        self.outbox.post(topic, payload, retain)
+
+    def flush(self, timeout: float) -> None:
+        """Wait until the broker acknowledged everything published so far (PublishTimeoutError
+        after `timeout` s; it stays queued)."""
+        self.outbox.flush(timeout)
 
     def close(self) -> None:
-        """Stop receiving, publish offline presence, disconnect."""
+        """Let queued payloads go out (while connected, up to CLOSE_DRAIN_S), stop receiving,
+        publish offline presence, disconnect."""
+        left = self.outbox.close(CLOSE_DRAIN_S if self.connected else 0.0)
+        if left:
+            log.error(Event.OUTBOX_ABANDONED, extra={"fields": {"queued": left}})
         self.receiver.close()
         self.session.close()
+
+    def _on_connection(self, change: ConnectionChange) -> None:
+        """Log the broker's going away once and its return once (paho's thread)."""
+        now = time.monotonic()
+        if not change.connected:
+            if self._down_since is None:
+                self._down_since = now
+                fields = {"reason": change.reason, "queued": self.outbox.pending}
+                log.warning(Event.BROKER_DISCONNECTED, extra={"fields": fields})
+            return
+        down = None if self._down_since is None else round(now - self._down_since, 1)
+        self._down_since = None
+        fields = {
+            "session_present": change.session_present,
+            "down_s": down,
+            "queued": self.outbox.pending,
+        }
+        log.info(Event.BROKER_CONNECTED, extra={"fields": fields})
 
 
 class Service(Protocol):

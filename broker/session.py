@@ -14,6 +14,11 @@ What it guarantees:
   crash before handling means redelivery, not loss.
 - Size limits before any work: the broker is told our Maximum Packet Size and drops larger
   messages; anything larger that still arrives is dropped before a handler sees it.
+- A message its handler cannot take *now* (DeliveryDeferred: a full disk, a missing spool
+  folder) is not acknowledged: the broker keeps it (it has already acknowledged it to the
+  sender, which will not send it again), the session offers it to the handler again every
+  ``deferred_retry_s``, and after a reconnect the broker redelivers it. Other messages keep
+  flowing while fewer than the broker's in-flight window are held back.
 - An optional intake gate (`broker.intake.IntakeGate`), asked on the network thread: a
   message from a sender over its budget is acknowledged and dropped there, so a flooding
   member is read off the socket at full speed instead of backing up the broker's queue.
@@ -26,7 +31,9 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -40,6 +47,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from broker.acks import NOT_AUTHORIZED, PublishHandle
 from broker.errors import (
     BrokerError,
+    DeliveryDeferred,
     NotAuthorizedError,
     NotConnectedError,
     PayloadTooLargeError,
@@ -48,8 +56,10 @@ from broker.errors import (
 from broker.intake import IntakeGate
 from broker.session_config import HttpProxy, SessionConfig, TlsFiles, tls_context
 from broker.topics import validate_filter, validate_publish_topic
+from tessera.observability.events import Event
 
 __all__ = [
+    "ConnectionChange",
     "HttpProxy",
     "PublishHandle",
     "Session",
@@ -59,6 +69,27 @@ __all__ = [
 
 Handler = Callable[[str, bytes], None]
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnectionChange:
+    """The session connected (`session_present`: the broker kept our session) or lost the
+    broker (`reason`)."""
+
+    connected: bool
+    session_present: bool = False
+    reason: str = ""
+
+
+@dataclass
+class _Deferred:
+    """A delivered message some handlers deferred: unacknowledged, offered again at `due`."""
+
+    generation: int
+    message: mqtt.MQTTMessage
+    handlers: list[Handler]
+    due: float
+    tries: int
 
 
 class Session:
@@ -86,8 +117,14 @@ class Session:
         self._last_error = "not attempted yet"
         self._rng = random.Random()  # jitter only; nothing secret comes from it
         self._threads: list[threading.Thread] = []
+        self._deferred: list[_Deferred] = []  # touched by the dispatch thread only
+        self._retained = False  # the message whose handlers run now was a retained replay
         self.dropped_oversized = 0
         self.handler_failures = 0
+        # Called on paho's network thread at each connect and each loss of the connection
+        # (not for every failed reconnection attempt); without one, the session logs them.
+        self.on_connection: Callable[[ConnectionChange], None] | None = None
+        self.deliveries_deferred = 0
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -134,6 +171,13 @@ class Session:
     def connections(self) -> int:
         """How many times the session has connected (0 before the first)."""
         return self._generation
+
+    @property
+    def delivering_retained(self) -> bool:
+        """Inside a handler (on the dispatch thread): whether the message it handles is a
+        retained one the broker replayed because the subscription is new. Such a message
+        may be old: its age, not the sender's clock, is what a timestamp in it shows."""
+        return self._retained
 
     def close(self, timeout: float = 5.0) -> None:
         """Publish "offline" presence, disconnect cleanly (no last will), stop the threads."""
@@ -326,14 +370,30 @@ class Session:
             # Its PUBACK arrives later on this same thread, so registering now is race-free.
             self._internal_mids.add(info.mid)
         self._connected.set()
-        log.info("%s connected (session present: %s)", self.config.client_id, flags.session_present)
+        if not self._tell(ConnectionChange(True, session_present=flags.session_present)):
+            log.info(
+                "%s connected (session present: %s)", self.config.client_id, flags.session_present
+            )
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._connected.clear()
         if not self._stop.is_set():
             self._last_error = f"disconnected: {reason}"
-            log.warning("%s %s", self.config.client_id, self._last_error)
+            if not self._tell(ConnectionChange(False, reason=str(reason))):
+                log.warning("%s %s", self.config.client_id, self._last_error)
             self._jitter()
+
+    def _tell(self, change: ConnectionChange) -> bool:
+        """Pass `change` to the listener; False when there is none. A listener that raises
+        is logged: an exception must not reach paho's network thread."""
+        listener = self.on_connection
+        if listener is None:
+            return False
+        try:
+            listener(change)
+        except Exception:  # see the docstring
+            log.exception("%s: connection listener raised", self.config.client_id)
+        return True
 
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         value = int(reason.value) if hasattr(reason, "value") else int(reason)
@@ -376,7 +436,14 @@ class Session:
 
     def _dispatch_loop(self) -> None:
         while True:
-            item = self._inbox.get()
+            wait = None
+            if self._deferred:
+                wait = max(0.0, min(d.due for d in self._deferred) - time.monotonic())
+            try:
+                item = self._inbox.get(timeout=wait)
+            except queue.Empty:
+                self._retry_deferred()
+                continue
             if item is None:
                 return
             generation, message = item
@@ -388,15 +455,57 @@ class Session:
                 log.warning(
                     "no handler for a message on %s; acknowledged and dropped", message.topic
                 )
-            payload = message.payload
-            payload = payload if isinstance(payload, bytes) else bytes(payload)
-            for handler in handlers:
-                try:
-                    handler(message.topic, payload)
-                except Exception:  # a handler bug must not kill delivery to others
-                    self.handler_failures += 1
-                    log.exception("handler for %s raised", message.topic)
-            # After a reconnect the broker redelivers unacknowledged messages under new
-            # packet ids, so an acknowledgement for the old connection is skipped.
-            if generation == self._generation and not self._stop.is_set():
-                self._client.ack(message.mid, message.qos)
+            self._deliver(_Deferred(generation, message, handlers, 0.0, 0))
+            self._retry_deferred()
+
+    def _deliver(self, delivery: _Deferred) -> None:
+        """Run the delivery's handlers; acknowledge, or keep it for another try."""
+        message = delivery.message
+        payload = message.payload
+        payload = payload if isinstance(payload, bytes) else bytes(payload)
+        deferred: list[Handler] = []
+        reason = ""
+        self._retained = bool(message.retain)
+        for handler in delivery.handlers:
+            try:
+                handler(message.topic, payload)
+            except DeliveryDeferred as exc:
+                deferred.append(handler)
+                reason = str(exc)
+            except Exception:  # a handler bug must not kill delivery to others
+                self.handler_failures += 1
+                log.exception("handler for %s raised", message.topic)
+        self._retained = False
+        if deferred:
+            if delivery.tries == 0:
+                self.deliveries_deferred += 1
+                log.error(
+                    Event.DELIVERY_DEFERRED,
+                    extra={"fields": {"topic": message.topic, "reason": reason}},
+                )
+            due = time.monotonic() + self.config.deferred_retry_s
+            self._deferred.append(
+                _Deferred(delivery.generation, message, deferred, due, delivery.tries + 1)
+            )
+            return  # not acknowledged: the broker keeps it
+        if delivery.tries:
+            log.warning(
+                Event.DELIVERY_RESUMED,
+                extra={"fields": {"topic": message.topic, "tries": delivery.tries + 1}},
+            )
+        # After a reconnect the broker redelivers unacknowledged messages under new
+        # packet ids, so an acknowledgement for the old connection is skipped.
+        if delivery.generation == self._generation and not self._stop.is_set():
+            self._client.ack(message.mid, message.qos)
+
+    def _retry_deferred(self) -> None:
+        """Offer every due deferred message again; forget those of an older connection,
+        which the broker redelivers (unacknowledged) on reconnect."""
+        now = time.monotonic()
+        due = [d for d in self._deferred if d.due <= now or d.generation != self._generation]
+        if not due:
+            return
+        self._deferred = [d for d in self._deferred if d not in due]
+        for delivery in due:
+            if delivery.generation == self._generation and not self._stop.is_set():
+                self._deliver(delivery)

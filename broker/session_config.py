@@ -49,6 +49,11 @@ class SessionConfig:
     reconnect_min_s: float = 0.25
     reconnect_max_s: float = 30.0
     connect_timeout_s: float = 10.0
+    # How long a publish waits for the broker's PUBACK before it is reported stalled.
+    publish_timeout_s: float = 300.0
+    # How often a message whose handler deferred it (broker.errors.DeliveryDeferred) is
+    # offered to the handler again while it stays unacknowledged.
+    deferred_retry_s: float = 5.0
     insecure_plaintext: bool = False
     protocol: Literal["mqttv5", "mqttv311"] = "mqttv5"
 
@@ -81,6 +86,14 @@ class SessionConfig:
             value = getattr(self, name)
             if not low <= value <= high:
                 raise ConfigError(f"SessionConfig.{name} = {value} must be in [{low}, {high}]")
+        if not 0 < self.publish_timeout_s < float("inf"):
+            raise ConfigError(
+                f"SessionConfig.publish_timeout_s = {self.publish_timeout_s} must be a number > 0"
+            )
+        if not 0 < self.deferred_retry_s <= 3600:
+            raise ConfigError(
+                f"SessionConfig.deferred_retry_s = {self.deferred_retry_s} must be in (0, 3600]"
+            )
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ConfigError("reconnect_min_s must be positive and at most reconnect_max_s")
 

@@ -14,6 +14,10 @@ codec's id rule too), so that it can never be an MQTT wildcard, a level separato
     tessera/<fed>/<study>/participants               ParticipantSet         leader -> aggs
     tessera/<fed>/<study>/partial/<to>/<from>        PartialSum             aggregator -> agg
     tessera/<fed>/<study>/release                    ModelRelease           aggregators -> all
+    tessera/<fed>/<study>/fetch/<node>               ReleaseRequest         node -> aggregators
+                                                     (a release held damaged, asked again)
+    tessera/<fed>/<study>/release/<node>             ModelRelease           aggregator -> node
+                                                     (that release, to that node alone)
     tessera/<fed>/<study>/candidate/<node>           ModelRelease (leader's  leader -> node
                                                      signature only): the model to audit,
                                                      one copy per participant
@@ -46,6 +50,8 @@ class Kind(Enum):
     PARTICIPANTS = "tessera/{federation}/{study}/participants"
     PARTIAL = "tessera/{federation}/{study}/partial/{to_aggregator}/{from_aggregator}"
     RELEASE = "tessera/{federation}/{study}/release"
+    FETCH = "tessera/{federation}/{study}/fetch/{node}"
+    RELEASE_COPY = "tessera/{federation}/{study}/release/{node}"
     CANDIDATE = "tessera/{federation}/{study}/candidate/{node}"
     AUDIT = "tessera/{federation}/{study}/audit/{node}"
     PRESENCE = "tessera/{federation}/presence/{client}"
@@ -139,6 +145,24 @@ def release_topic(federation: str, study: str) -> str:
     return f"{_base(federation, study)}/release"
 
 
+def fetch_topic(federation: str, study: str, node: str) -> str:
+    """A node's request for a release it holds damaged (that site writes)."""
+    validate_id(node, "node id")
+    return f"{_base(federation, study)}/fetch/{node}"
+
+
+def fetch_requests(federation: str, study: str) -> str:
+    """Filter for every node's release requests (what an aggregator subscribes to)."""
+    return f"{_base(federation, study)}/fetch/+"
+
+
+def release_copy_topic(federation: str, study: str, node: str) -> str:
+    """A release sent again to the one node that asked for it: aggregators write, the ACL
+    lets only that site read."""
+    validate_id(node, "node id")
+    return f"{_base(federation, study)}/release/{node}"
+
+
 def candidate_topic(federation: str, study: str, node: str) -> str:
     """The candidate model `node` audits before a release: the leader writes one copy per
     participant, and the ACL lets each site read only its own, so a held model never
@@ -192,9 +216,10 @@ def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
     if len(rest) == 2 and rest[0] in ("received", "receipts"):
         kind = Kind.RECEIVED if rest[0] == "received" else Kind.RECEIPTS
         return Topic(kind, federation, study, aggregator=validate_id(rest[1]))
-    if len(rest) == 2 and rest[0] in ("audit", "candidate"):
-        kind = Kind.AUDIT if rest[0] == "audit" else Kind.CANDIDATE
-        return Topic(kind, federation, study, node=validate_id(rest[1]))
+    per_node = {"audit": Kind.AUDIT, "candidate": Kind.CANDIDATE, "fetch": Kind.FETCH,
+                "release": Kind.RELEASE_COPY}  # fmt: skip
+    if len(rest) == 2 and rest[0] in per_node:
+        return Topic(per_node[rest[0]], federation, study, node=validate_id(rest[1]))
     if len(rest) == 3 and rest[0] == "share":
         return Topic(
             Kind.SHARE,
@@ -216,14 +241,14 @@ def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
 
 def member_writer(topic: str) -> str | None:
     """The one member whose messages `topic` carries, where members write it: a site's
-    shares and audit reports, a client's presence (the ACL lets no one else write there);
-    None for a topic of the schema that only aggregators write, and the topic itself for
-    one outside the schema."""
+    shares, audit reports and release requests, a client's presence (the ACL lets no one
+    else write there); None for a topic of the schema that only aggregators write, and the
+    topic itself for one outside the schema."""
     try:
         parsed = parse(topic)
     except TopicError:
         return topic
-    if parsed.kind in (Kind.SHARE, Kind.AUDIT):
+    if parsed.kind in (Kind.SHARE, Kind.AUDIT, Kind.FETCH):
         return parsed.node
     if parsed.kind is Kind.PRESENCE:
         return parsed.client
@@ -233,7 +258,8 @@ def member_writer(topic: str) -> str | None:
 def writer_key(topic: str) -> str:
     """Whom a message on `topic` is charged to: the one writer the topic names (node,
     client, aggregator, sending aggregator), else the topic itself (round and release,
-    which every aggregator may write; participants and candidates, the leader's)."""
+    which every aggregator may write; participants and candidates, the leader's; release
+    copies, which any aggregator may send)."""
     try:
         parsed = parse(topic)
     except TopicError:
@@ -241,6 +267,7 @@ def writer_key(topic: str) -> str:
     named = {
         Kind.SHARE: parsed.node,
         Kind.AUDIT: parsed.node,
+        Kind.FETCH: parsed.node,
         Kind.PRESENCE: parsed.client,
         Kind.RECEIVED: parsed.aggregator,
         Kind.PARTIAL: parsed.from_aggregator,

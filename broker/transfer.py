@@ -23,7 +23,7 @@ from broker.chunking import (
     ReassemblyLimits,
     encode_frames,
 )
-from broker.errors import BrokerError, ChunkError, PayloadTooLargeError
+from broker.errors import BrokerError, ChunkError, DeliveryDeferred, PayloadTooLargeError
 from broker.quotas import Origin
 from broker.session import PublishHandle, Session
 from tessera.observability.events import Event
@@ -49,15 +49,17 @@ def send_payload(
     chunk_size: int | None = None,
     timeout_s: float = 300.0,
     retain: bool = False,
+    wait: Callable[[PublishHandle], None] | None = None,
 ) -> bytes:
     """Publish ``payload`` on ``topic`` as chunk frames; return its payload id once all are acked.
 
     ``chunk_size`` defaults to 1 MiB, or less where the session's packet limit needs it.
 
-    Raises NotAuthorizedError if the broker refuses, PublishError if acknowledgements stop
-    for ``timeout_s`` (each frame stays queued in the session and is resent on reconnect).
-    ``retain`` is allowed only for a payload that fits one frame, since MQTT retains one
-    message per topic.
+    Raises NotAuthorizedError if the broker refuses, PublishTimeoutError if acknowledgements
+    stop for ``timeout_s`` (each frame stays queued in the session and is resent on
+    reconnect). ``wait``, where given, replaces that wait for each frame's acknowledgement
+    (broker.outbox waits as long as the broker is away). ``retain`` is allowed only for a
+    payload that fits one frame, since MQTT retains one message per topic.
     """
     if chunk_size is None:
         chunk_size = min(DEFAULT_CHUNK_SIZE, max_chunk_size(session))
@@ -71,15 +73,16 @@ def send_payload(
             f"cannot retain a {len(payload)}-byte payload: it needs several chunks and MQTT "
             "retains one message per topic; publish it unretained (persistent sessions queue it)"
         )
+    acknowledged = wait or (lambda handle: handle.wait(timeout_s))
     window: deque[PublishHandle] = deque()
     payload_id = b""
     for raw in encode_frames(payload, chunk_size):
         payload_id = payload_id or raw[5 : 5 + PAYLOAD_ID_SIZE]
         window.append(session.publish(topic, raw, retain=retain))
         while len(window) >= session.config.max_inflight:
-            window.popleft().wait(timeout_s)
+            acknowledged(window.popleft())
     while window:
-        window.popleft().wait(timeout_s)
+        acknowledged(window.popleft())
     return payload_id
 
 
@@ -94,6 +97,11 @@ class PayloadReceiver:
     never while disconnected, and the idle clocks restart once the session reconnects,
     before any frame of the new connection is taken: time spent disconnected is not
     idleness.
+
+    A frame that cannot be spooled raises SpoolError, and a payload whose handler raises
+    DeliveryDeferred is kept; either way the frame's handler raises DeliveryDeferred, so the
+    session leaves that frame unacknowledged and offers it again (`broker.session`), and the
+    kept payload is handed over again then.
     """
 
     def __init__(
@@ -108,6 +116,8 @@ class PayloadReceiver:
         self._origin_of = origin_of
         self.rejected = 0
         self._connections = session.connections
+        # Complete payloads whose handler deferred them, by (topic, payload id).
+        self._deferred: dict[tuple[str, bytes], bytes] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="transfer-expiry", daemon=True)
@@ -123,7 +133,10 @@ class PayloadReceiver:
                 frame = ChunkFrame.from_bytes(raw)
                 with self._lock:
                     self._resume_after_reconnect()
-                    payload = self.reassembler.accept(topic, frame)
+                    ident = (topic, frame.payload_id)
+                    payload = self._deferred.pop(ident, None)
+                    if payload is None:
+                        payload = self.reassembler.accept(topic, frame)
             except (ChunkError, PayloadTooLargeError) as error:
                 self.rejected += 1
                 fields = {
@@ -131,8 +144,14 @@ class PayloadReceiver:
                 }  # fmt: skip
                 log.warning(Event.CHUNK_REJECTED, extra={"fields": fields})
                 return
-            if payload is not None:
+            if payload is None:
+                return
+            try:
                 on_payload(topic, payload)
+            except DeliveryDeferred:
+                with self._lock:
+                    self._deferred[ident] = payload  # handed over again with this frame
+                raise
 
         self.session.subscribe(topic_filter, on_frame, timeout)
 
@@ -142,6 +161,7 @@ class PayloadReceiver:
         self._sweeper.join(5)
         with self._lock:
             self.reassembler.close()
+            self._deferred.clear()
 
     def _resume_after_reconnect(self) -> None:
         """Restart the idle clocks once per reconnection, before any frame of the new

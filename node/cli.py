@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from node import daemon_cli
 from node.inference import cli as inference_cli
 from node.intake import cli as intake_cli
+from node.privacy import ledger_cli
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -22,6 +23,7 @@ NODE_COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     intake_cli.register,
     inference_cli.register,
     daemon_cli.register,
+    ledger_cli.register,
 )
 
 

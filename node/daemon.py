@@ -7,21 +7,32 @@ Start-up (`node.setup`), each step failing with a message that names the fix:
    coordinator key and checked to name the same members and keys as the roster
    (`broker.provisioning.member`);
 2. the study and the model it trains (`tessera.models.study`); the audit log (counts only),
-   the privacy ledger, the model store; the newest accepted release becomes the training
-   base (the study's genesis model before the first), and the store's current version
-   (pinned, else newest) is loaded for inference;
+   the privacy ledger, held against the audit log both ways (`node.privacy.reconcile`: a
+   ledger missing or behind makes the node unready and refuse every round until it is
+   restored or rebuilt, re-checked whenever its file changes), the model store; the newest
+   intact accepted release becomes the training base (the study's genesis model before the
+   first), and the newest intact version up to the store's current one (pinned, else
+   newest) is loaded for inference; a damaged version is repaired or fetched again
+   (`node.model_keeper`);
 3. with `[receiver] enabled`, the DICOM C-STORE receiver, which writes what a PACS pushes
    to `<state_dir>/received`; with `dicom_dir` or the receiver, one intake pass (quarantine,
    cache) over the DICOM folder and the received folder before connecting, repeated every
    `intake_interval_s`; training reads the cache, never the DICOM folders;
 4. the HTTP endpoints (`/healthz`; `/readyz`: broker connected, keys loaded, a verified
-   model serving; `/metrics`; `POST /v1/infer`), then the MQTT session.
+   model serving, the privacy ledger not behind, the disk not full, the clock within
+   `max_clock_skew_s` of the leader's, with the measured offset under `info` and warnings
+   naming what needs the operator; `/metrics`; `POST /v1/infer`), then the MQTT session.
 
 Rounds: each RoundOpen (a chunked payload on the study's round topic) is queued for one
 worker thread, which answers it with `node.round.participation.participate`: every term is
 checked before the cache is read, a refusal is audited and sends nothing, a joined round
-publishes one sealed share per aggregator. The site policy file is re-read for every round,
-so setting `paused = true` in it takes effect at the next RoundOpen.
+publishes one sealed share per aggregator. Publishing only posts to the link's outbox: the
+worker never waits for the broker, and what it posted during a broker outage goes out once
+the session is back (`broker.outbox`). Each live RoundOpen from the leader is also a
+sample of this node's clock against the leader's (`node.round.clock`): the round's deadline
+is judged on the leader's clock as measured, and a clock further off than the node
+tolerates refuses the round with "clock-skew" and the fix. The site policy file is re-read
+for every round, so setting `paused = true` in it takes effect at the next RoundOpen.
 
 Privacy audits (studies that require one): the leader publishes each round's candidate
 model, signed by itself alone. The same worker thread answers it with
@@ -41,29 +52,39 @@ although its epsilon was charged (`share-not-received`, a warning, the counter
 
 Releases: a release is installed only through `node.round.releases.accept_release` (every
 aggregator's signature, every hash, the ONNX naming these weights); a refused one is
-audited and changes nothing. After an install the training base moves to the newest
-version and inference swaps to the store's current version without a restart. The store is
-re-read every few seconds, so `tessera node models pin|unpin|rollback` on the same state
-folder changes the served model of a running node.
+audited and changes nothing. A release that does not fit on the disk is neither refused nor
+lost: the node says "disk full" (log, `/readyz`, `tessera_disk_full`), leaves the message
+unacknowledged so the broker keeps it (`broker.errors.DeliveryDeferred`), and installs it
+when it is offered again after the space is back. After an install the training base moves
+to the newest version and inference swaps to the store's current version without a restart.
+The store is re-read every few seconds, so `tessera node models pin|unpin|rollback` on the
+same state folder changes the served model of a running node.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 import queue
+import sqlite3
 import threading
 import time
+from pathlib import Path
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
+from broker.errors import DeliveryDeferred
 from broker.service_link import run_until_signalled
 from node.config import NodeConfig
-from node.errors import NodeError
 from node.inference.http import infer_request
-from node.inference.runtime import ModelSlot, load_model
+from node.inference.runtime import ModelSlot
 from node.intake.screen import IntakeLimits
+from node.model_keeper import ModelKeeper
+from node.privacy.ledger import PrivacyLedger
+from node.privacy.reconcile import LedgerGap, ledger_gap, reconcile_epsilon_audit
 from node.round.candidate import (
     AuditFailed,
     CandidateIgnored,
@@ -71,16 +92,18 @@ from node.round.candidate import (
     JoinedRounds,
     audit_candidate,
 )
-from node.round.participation import Joined, participate, reconcile_epsilon_audit
+from node.round.clock import ClockReading, LeaderClock
+from node.round.participation import Joined, participate
 from node.round.receipts import ReceiptBook, ShareReceipt
 from node.round.releases import ReleaseRefused, accept_release, parse_release
 from node.setup import NodeSetup, load_node_setup
-from tessera.errors import AuthenticationError, CodecError, TesseraError
+from tessera.errors import AuthenticationError, CodecError, DiskFull, TesseraError
+from tessera.files import DiskWatch, disk_full_error
 from tessera.limits import MAX_RECEIPT_SET_BYTES, MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer, Request, Response
-from tessera.wire.envelopes import open_envelope
-from tessera.wire.messages import ReceiptSet, RoundAbort, RoundOpen
+from tessera.wire.envelopes import open_envelope, seal_envelope
+from tessera.wire.messages import ReceiptSet, ReleaseRequest, RoundAbort, RoundOpen
 from tessera.wire.release import is_signature_note
 
 log = logging.getLogger("tessera.node.daemon")
@@ -98,21 +121,46 @@ class NodeDaemon:
         self.aggregator_signing = setup.member.aggregator_signing
         if reconcile_epsilon_audit(self.ledger, self.audit):
             log.warning(Event.EPSILON_RECONCILED, extra={"fields": {"study": self.study.id}})
-        self.base = setup.newest_model()
+        # A second view of the same file for the main thread's checks: the round worker
+        # charges through `self.ledger`, and neither may swap the other's contents.
+        self._ledger_view = PrivacyLedger(self.ledger.path, self.ledger.study_id,
+                                          self.ledger.budget, self.ledger.delta,
+                                          self.ledger.accountant)  # fmt: skip
+        self.ledger_gap: LedgerGap | None = None
+        self.ledger_problem: str | None = None  # why the node may not train, with the fix
+        self._ledger_stamp: tuple[int, ...] | None = None
+        self._check_ledger()
         self.slot = ModelSlot()
-        self.serving: int | None = None
-        self.metrics.set_epsilon_spent(self.study.id, self.ledger.state().epsilon_spent)
-        self._refresh_inference()
+        self.models = ModelKeeper(setup, self.slot)
+        self.base = self.models.training_base()
+        self.models.refresh()
+        # A write that found no space (a release, a round, intake): not ready until the
+        # space it needed is back; the release itself is delivered again (DeliveryDeferred).
+        self.disk = DiskWatch(reserve=0)
+        self.clock = LeaderClock(self.config.state_dir, self.config.max_clock_skew_s)
+        self.clock_offset = Gauge(
+            "tessera_clock_offset_seconds",
+            "How far this node's clock is ahead of the leader's (negative: behind), estimated "
+            "one-way from the leader's signed RoundOpen (skew plus transit); NaN until measured.",
+            registry=setup.metrics_registry,
+        )
+        self._clock_beyond = False
+        self._show_clock(self.clock.reading())
         self.health = HealthServer(
             self.config.http_port,
             setup.metrics_registry,
             readiness={
                 "broker": lambda: self.link.connected,
                 "keys": lambda: True,
-                "model": lambda: self.serving is not None,
+                "model": lambda: self.models.serving is not None,
+                "privacy ledger": lambda: self.ledger_problem is None,
+                "disk": self.disk.readiness,
+                "clock": self._clock_ready,
             },
             routes={("POST", "/v1/infer"): self._infer},
+            info={"clock": lambda: self.clock.reading().as_info()},
             host=self.config.http_host,
+            warnings=self._warnings,
         )
         self.link = setup.link(self._count_wire)
         # Work for the one worker thread, in arrival order: ("round", RoundOpen bytes) or
@@ -135,6 +183,11 @@ class NodeDaemon:
         self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
         self.receiver: ThreadedAssociationServer | None = None
 
+    @property
+    def serving(self) -> int | None:
+        """The version inference serves (None before the first intact one)."""
+        return self.models.serving
+
     # --- start and stop --------------------------------------------------------------------
 
     def start(self) -> NodeDaemon:
@@ -149,6 +202,8 @@ class NodeDaemon:
         self.link.subscribe(topics.round_topic(fed, study), self._on_round)
         self.link.subscribe(topics.release_topic(fed, study), self._on_release)
         self.link.subscribe(topics.all_receipts(fed, study), self._on_receipts)
+        site = self.config.site_id  # a release sent again to this node alone
+        self.link.subscribe(topics.release_copy_topic(fed, study, site), self._on_release)
         if self.study.privacy_audit is not None:
             topic = topics.candidate_topic(fed, study, self.config.site_id)
             self.link.subscribe(topic, self._on_candidate)
@@ -167,9 +222,15 @@ class NodeDaemon:
                 self._ingest()
                 next_intake = time.monotonic() + self.config.intake_interval_s
             self.metrics.set_broker_connected(self.link.connected)
+            self._check_ledger()
+            if self.disk.full and self.disk.poll():
+                self.metrics.set_disk_full(False)
             with self._lock:
                 if self.store.reload():
-                    self._refresh_inference()
+                    self.models.refresh()
+                due = self.models.due_requests(time.monotonic()) if self.link.connected else []
+            for request in due:
+                self._request_release(request)
             if stop.wait(STORE_POLL_S):
                 return
 
@@ -198,6 +259,12 @@ class NodeDaemon:
             return
         if not isinstance(message, RoundOpen):
             return
+        if (
+            signed.signer_id == self.setup.member.leader
+            and message.opened_ms
+            and not self.link.delivering_retained  # a replay is as old as its round
+        ):
+            self._show_clock(self.clock.observe(message.opened_ms))
         try:
             self._rounds.put_nowait(("round", payload))
         except queue.Full:
@@ -221,16 +288,21 @@ class NodeDaemon:
                 else:
                     self._audit_candidate(payload)
             except Exception as error:  # noqa: BLE001 - one failed round must not stop the node
+                full = self._disk_full(error)
                 log.error(
                     Event.ROUND_FAILED,
-                    extra={"fields": {"error": type(error).__name__, "reason": str(error)}},
+                    extra={"fields": {"error": type(error).__name__, "reason": str(full or error)}},
                 )
 
     def _answer_round(self, payload: bytes) -> None:
         with self._lock:
             ctx = self.setup.participation_context(self.base)
+        # Deadlines are the leader's: judge them on its clock, as far as it was measured.
+        reading = self.clock.reading()
+        ctx = dataclasses.replace(ctx, clock=reading)
+        now = dt.datetime.fromtimestamp(self.clock.now() - reading.correction_s, dt.UTC)
         try:
-            outcome = participate(payload, ctx)
+            outcome = participate(payload, ctx, now)
         except AuthenticationError:
             log.warning(Event.MESSAGE_REJECTED, extra={"fields": {"kind": "ROUND"}})
             return
@@ -246,7 +318,7 @@ class NodeDaemon:
         result = outcome.update.result
         self.metrics.round_joined()
         self.metrics.add_samples(result.train_samples)
-        self.metrics.set_epsilon_spent(self.study.id, self.ledger.state().epsilon_spent)
+        self._set_epsilon_metric(self.ledger.state().epsilon_spent)
         log.info(Event.ROUND_JOINED, extra={"fields": {
             "round": round_number, "samples": result.train_samples,
             "epsilon_round": outcome.epsilon_spent,
@@ -291,10 +363,13 @@ class NodeDaemon:
     def _ingest(self) -> None:
         try:
             summary = self.setup.ingest()
-        except (TesseraError, OSError, ValueError) as error:
+        except (TesseraError, OSError, ValueError, sqlite3.Error) as error:
+            full = self._disk_full(error)
+            if full is None and isinstance(error, sqlite3.Error):
+                raise
             log.error(
                 Event.INTAKE_FAILED,
-                extra={"fields": {"error": type(error).__name__, "reason": str(error)}},
+                extra={"fields": {"error": type(error).__name__, "reason": str(full or error)}},
             )
             return
         for reason, count in summary.reasons.items():
@@ -344,39 +419,124 @@ class NodeDaemon:
                 fields = {"version": release.version, "reason": reason}
                 log.warning(Event.RELEASE_REFUSED, extra={"fields": fields})
                 return
-            self.base = self.setup.newest_model()
-            self._refresh_inference()
+            except OSError as error:
+                full = self._disk_full(error)
+                if full is None:
+                    raise
+                # Not acknowledged: the broker keeps the release and the session offers it
+                # again until it fits (broker.session); nothing is lost, nothing refused.
+                raise DeliveryDeferred(str(full)) from None
+            if self.disk.full and self.disk.poll():  # it fitted: ready again, not in 2 s
+                self.metrics.set_disk_full(False)
+            self.models.accepted(record.version)
+            self.base = self.models.training_base()
+            self.models.refresh()
         fields = {"version": record.version, "round": record.round, "serving": self.serving}
         log.info(Event.RELEASE_INSTALLED, extra={"fields": fields})
 
-    def _refresh_inference(self) -> None:
-        version = self.store.current()
-        if version is None or version == self.serving:
-            return
+    # --- a full disk, the clock ----------------------------------------------------------------
+
+    def _disk_full(self, error: BaseException) -> DiskFull | None:
+        """The DiskFull that `error` means (noted: not ready until the space is back), or
+        None when it is not about space."""
+        full = disk_full_error(error, self.config.state_dir)
+        if full is not None:
+            self.disk.note(full)
+            self.metrics.set_disk_full(True)
+        return full
+
+    def _show_clock(self, reading: ClockReading) -> None:
+        """Publish the clock's reading as a metric; log when it crosses the tolerance."""
+        self.clock_offset.set(float("nan") if reading.offset_s is None else reading.offset_s)
+        if reading.beyond != self._clock_beyond:
+            self._clock_beyond = reading.beyond
+            if reading.beyond:
+                fields = {"offset_s": reading.offset_s, "tolerated_s": reading.tolerated_s,
+                          "reason": reading.refusal()}  # fmt: skip
+                log.error(Event.CLOCK_SKEW, extra={"fields": fields})
+
+    def _clock_ready(self) -> bool | str:
+        reading = self.clock.reading()
+        return reading.refusal() if reading.beyond else True
+
+    def _request_release(self, request: ReleaseRequest) -> None:
+        """Ask the aggregators again for a release held damaged (`node.model_keeper`)."""
+        topic = topics.fetch_topic(request.federation_id, request.study_id, request.node_id)
         try:
-            self.slot.swap(load_model(self.store.onnx_bytes(version)))
-        except NodeError as error:  # a damaged or incompatible file: keep serving the old one
-            log.error(
-                Event.MODEL_UNUSABLE, extra={"fields": {"version": version, "reason": str(error)}}
-            )
+            self.link.publish(topic, seal_envelope(request, request.node_id,
+                                                   self.setup.signing_key))  # fmt: skip
+        except (TesseraError, OSError) as error:  # not connected after all: the next interval
+            fields = {"version": request.version, "error": type(error).__name__}
+            log.warning(Event.RELEASE_REFETCH_FAILED, extra={"fields": fields})
             return
-        self.serving = version
-        record = self.store.get(version)
-        assert record is not None
-        self.metrics.set_model(version, bytes.fromhex(record.model_hash))
-        log.info(
-            Event.MODEL_SWAPPED,
-            extra={"fields": {"version": version, "pinned": self.store.pinned is not None}},
-        )
+        log.warning(Event.RELEASE_REFETCH_REQUESTED, extra={"fields": {"version": request.version}})
+
+    # --- the privacy ledger against the audit log -------------------------------------------
+
+    def _check_ledger(self) -> None:
+        """Hold the ledger against the audit log (`node.privacy.reconcile.ledger_gap`)
+        whenever its file changed: a ledger missing or behind makes the node unready and
+        refuse rounds until it is restored or rebuilt (the round worker checks again)."""
+        stamp = _file_stamp(self.ledger.path)
+        if stamp == self._ledger_stamp:
+            return
+        self._ledger_stamp = stamp
+        was = self.ledger_problem
+        try:
+            gap = ledger_gap(self._ledger_view, self.audit.path)
+        except TesseraError as error:  # e.g. a ledger being copied back: unready until whole
+            self.ledger_problem = str(error)
+            if was != self.ledger_problem:
+                fields = {"study": self.study.id, "reason": str(error)}
+                log.error(Event.LEDGER_BEHIND, extra={"fields": fields})
+            return
+        self.ledger_gap = gap
+        self.ledger_problem = None if gap is None else gap.reason
+        if gap is not None and was != gap.reason:
+            log.error(Event.LEDGER_BEHIND, extra={"fields": {
+                "study": self.study.id, "ledger_epsilon": gap.ledger_epsilon,
+                "audit_epsilon": gap.audit_epsilon, "rounds": list(gap.missing_rounds),
+                "reason": gap.reason,
+            }})  # fmt: skip
+        elif gap is None and was is not None:
+            restored = {"study": self.study.id, "epsilon": self._ledger_view.spent}
+            log.info(Event.LEDGER_RESTORED, extra={"fields": restored})
+        self._set_epsilon_metric(self._ledger_view.spent)
+
+    def _set_epsilon_metric(self, ledger_epsilon: float) -> None:
+        """Never below what the audit log records, whatever the ledger says."""
+        gap = self.ledger_gap
+        spent = max(ledger_epsilon, gap.audit_epsilon if gap is not None else 0.0)
+        self.metrics.set_epsilon_spent(self.study.id, spent)
+
+    def _warnings(self) -> list[str]:
+        problem = self.ledger_problem
+        return ([problem] if problem is not None else []) + self.models.warnings()
 
     def _infer(self, request: Request) -> Response:
         with self.metrics.time_inference() as timer:
             status, body = infer_request(self.slot, self.setup.secret, IntakeLimits(), request.body)
             timer.outcome = "ok" if status == 200 else "rejected" if status == 400 else "error"
+        fields = {
+            "method": "POST",
+            "path": "/v1/infer",
+            "status": int(status),
+            "model_version": body.get("model_version"),
+        }  # which model answered, when
+        log.info(Event.INFERENCE_REQUEST, extra={"fields": fields})
         return Response.json(status, body)
 
     def _count_wire(self, direction: str, count: int) -> None:
         self.metrics.add_wire_bytes("sent" if direction == "sent" else "received", count)
+
+
+def _file_stamp(path: Path) -> tuple[int, ...]:
+    """What changes when a file is written, replaced or deleted."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return ()
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
 def run(config: NodeConfig) -> int:

@@ -3,10 +3,11 @@
 `load_node_setup(config)` runs steps 1 and 2 of the daemon's start-up, each failing with a
 message that names the fix: the member's bundle, verified manifest, study and model
 (`broker.provisioning.member.load_member`), this site's signing key, then under `state_dir`
-the audit log (counts only), the model store, the privacy ledger and the site secret, and
-the metrics. `NodeSetup` then builds what each round, audit and intake pass needs from
-them: the site policy (re-read every time), the training settings and data, the round and
-candidate contexts, the MQTT link, the C-STORE receiver and one intake pass.
+the spool folder (0700) for large transfers, the audit log (counts only), the model store,
+the privacy ledger and the site secret, and the metrics. `NodeSetup` then builds what each
+round, audit and intake pass needs from them: the site policy (re-read every time), the
+training settings and data, the round and candidate contexts, the MQTT link, the C-STORE
+receiver and one intake pass.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 from pynetdicom.transport import ThreadedAssociationServer
 
+from broker.chunking import prepare_spool_dir
 from broker.provisioning.member import MemberSetup, load_member
 from broker.service_link import Endpoint, ServiceLink, WireCounter, endpoint_config
 from node.config import NodeConfig
@@ -28,7 +30,8 @@ from node.inference.runtime import preprocess_from_metadata
 from node.intake.cache import CachedDataset
 from node.intake.phi import load_or_create_site_secret
 from node.intake.preprocess import PreprocessConfig
-from node.intake.receiver import ReceiverConfig, start_receiver
+from node.intake.receiver import start_receiver
+from node.intake.receiver_store import RECEIVED_DIR
 from node.intake.screen import REASONS as QUARANTINE_REASONS
 from node.intake.screen import IntakeLimits
 from node.intake.worker import TEMP_PREFIX
@@ -48,13 +51,12 @@ from tessera.models.nets import TesseraNet
 from tessera.models.study import StudyModel
 from tessera.models.weights import load_arrays, load_weights
 from tessera.observability.metrics import ServiceMetrics
-from tessera.wire.release import WEIGHTS_FILE
 
 if TYPE_CHECKING:
     from node.intake.ingest import IngestSummary
 
 AUDIT_FILE = "audit.log"
-RECEIVED_DIR = "received"  # under state_dir: where the C-STORE receiver writes
+SPOOL_DIR = "spool"  # under state_dir: where the MQTT link reassembles large transfers
 
 
 def study_preprocess(model: StudyModel) -> PreprocessConfig:
@@ -128,14 +130,13 @@ class NodeSetup:
             )
         return data.stack()
 
-    def newest_model(self) -> TesseraNet:
-        """The training base: the newest accepted release, else the study's genesis model."""
+    def model_at(self, version: int | None) -> TesseraNet:
+        """The model of an accepted `version` (weights re-checked against its hash:
+        `node.round.releases.ModelFileDamaged` if they are damaged), or the study's genesis
+        model for None."""
         model = self.model_def.build()
-        versions = self.store.versions()
-        if versions:
-            newest = versions[-1].version
-            arrays = load_weights((self.store.folder(newest) / WEIGHTS_FILE).read_bytes())
-            load_arrays(model, arrays)
+        if version is not None:
+            load_arrays(model, load_weights(self.store.weights_bytes(version)))
         return model
 
     def participation_context(self, base: TesseraNet) -> ParticipationContext:
@@ -180,11 +181,15 @@ class NodeSetup:
     # --- transport and intake --------------------------------------------------------------
 
     def link(self, on_wire: WireCounter) -> ServiceLink:
-        """The MQTT link (not started), spooling under `<state_dir>/spool`."""
+        """The MQTT link (not started), spooling under `<state_dir>/spool` (made private at
+        start-up by `load_node_setup`)."""
         broker = self.config.broker
+        endpoint = Endpoint(
+            broker.host, broker.port, broker.tls, broker.publish_timeout_s, broker.reconnect_max_s
+        )
         return ServiceLink(
-            endpoint_config(self.member.bundle, Endpoint(broker.host, broker.port, broker.tls)),
-            spool_dir=self.config.state_dir / "spool",
+            endpoint_config(self.member.bundle, endpoint),
+            spool_dir=self.config.state_dir / SPOOL_DIR,
             max_payload_bytes=MAX_RELEASE_PAYLOAD_BYTES,
             on_wire=on_wire,
         )
@@ -203,27 +208,21 @@ class NodeSetup:
                 f"[receiver] needs a writable {received} ({error.strerror}); the "
                 "state volume must be mounted read-write"
             ) from None
-        return start_receiver(
-            ReceiverConfig(
-                intake_dir=self.config.state_dir,  # objects land in <state>/received
-                state_dir=self.config.state_dir,
-                host=settings.host,
-                port=settings.port,
-                ae_title=settings.ae_title,
-                allowed_calling_aets=settings.calling_aets,
-            )
-        )
+        state = self.config.state_dir
+        return start_receiver(settings.receiver_config(state, audit_log=state / AUDIT_FILE))
 
     def ingest(self) -> IngestSummary:
         """One intake pass over the DICOM folder and the received folder (or the received
-        folder alone); raises what the intake raises (TesseraError, OSError, ValueError)."""
+        folder alone), deleting received originals once cached (`[receiver]
+        retention_hours`); raises what the intake raises (TesseraError, OSError, ValueError)."""
         from node.intake.ingest import IntakeConfig, run_ingest
 
-        config, dicom_dir = self.config, self.config.dicom_dir
+        config = self.config
         return run_ingest(
             IntakeConfig(
-                intake_dir=dicom_dir if dicom_dir is not None else self.received_dir,
-                received_dir=self.received_dir if dicom_dir is not None else None,
+                intake_dir=config.dicom_dir,
+                received_dir=self.received_dir,
+                received_retention_s=config.receiver.retention_hours * 3600,
                 state_dir=config.state_dir,
                 preprocess=self.preprocess,
                 limits=IntakeLimits(),
@@ -248,6 +247,7 @@ def load_node_setup(config: NodeConfig) -> NodeSetup:
     signing_key = member.bundle.signing_key()
     state, study = config.state_dir, member.study
     state.mkdir(parents=True, exist_ok=True)
+    prepare_spool_dir(state / SPOOL_DIR)  # a release above the spool threshold lands there
     audit = AuditLog.open(state / AUDIT_FILE, counts_only=True)
     store = ModelStore(state, member.manifest.federation_id, study.id, audit)
     ledger = PrivacyLedger(

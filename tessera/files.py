@@ -6,22 +6,34 @@ replace the target with one `os.replace`. The folder is fsynced too, so the rena
 survives a power cut. A private file (a key) is created with mode 0600 from its very first
 byte: `os.open` sets the mode at creation, so there is no window in which another user could
 open it.
+
+A full disk is recognised here, in one place (`disk_full_error`): ENOSPC and EDQUOT, and
+SQLite's SQLITE_FULL, or its "disk I/O error" while the file system has less free than the
+write needed, become one `DiskFull` naming the folder, the space needed and the space free.
+`atomic_write` raises it itself. `DiskWatch` is what a daemon keeps while its disk is full:
+its readiness says why, and it tells the daemon when enough space is back to resume.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import secrets
 import stat
+import threading
 from pathlib import Path
 from typing import TypeVar
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from tessera.errors import ConfigError
+from tessera.errors import ConfigError, DiskFull
+from tessera.limits import DISK_RESERVE_BYTES
+from tessera.observability.events import Event
 
 PRIVATE_MODE = 0o600
+log = logging.getLogger("tessera.files")
 
 Key = TypeVar("Key")
 
@@ -58,8 +70,11 @@ def atomic_write(
         finally:
             os.close(descriptor)
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        full = disk_full_error(error, folder, len(data))
+        if full is not None:
+            raise full from None
         raise
     if durable:
         _fsync_folder(folder)
@@ -169,3 +184,105 @@ def load_private_pem(
             "regenerate it with `tessera provision`"
         )
     return key
+
+
+# SQLite's primary result codes (the low byte of its extended codes).
+_SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 10, 13, 14
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes an unprivileged writer may still use on the file system that holds `path`
+    (or its nearest existing parent)."""
+    target = Path(path)
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    status = os.statvfs(target)
+    return status.f_bavail * status.f_frsize
+
+
+def disk_full_error(
+    error: BaseException, path: str | os.PathLike[str], needed: int = DISK_RESERVE_BYTES
+) -> DiskFull | None:
+    """The DiskFull that `error` means, for a write of about `needed` bytes under `path`;
+    None when `error` is not about space.
+
+    ENOSPC and EDQUOT always are; so is SQLite's SQLITE_FULL ("database or disk is full").
+    SQLite reports a file it could not grow or map (its -shm on a full disk) as a "disk I/O
+    error" (SQLITE_IOERR) or "unable to open database file" (SQLITE_CANTOPEN): those are
+    taken as a full disk only while less than `needed` is free, else they are left as they
+    are (a failing disk is another problem).
+    """
+    if isinstance(error, DiskFull):
+        return error
+    where = str(path)
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(where, needed, free_bytes(where))
+    code = getattr(error, "sqlite_errorcode", None)
+    if not isinstance(code, int):
+        return None
+    free = free_bytes(where)
+    if code & 0xFF == _SQLITE_FULL or (
+        code & 0xFF in (_SQLITE_IOERR, _SQLITE_CANTOPEN) and free < needed
+    ):
+        return DiskFull(where, needed, free)
+    return None
+
+
+class DiskWatch:
+    """What a service keeps while a write found its disk full, until the space is back.
+
+    `note` records the failure (logged once per episode, as `disk-full`); the service then
+    reports not ready (`readiness` gives the sentence) and stops starting new work; `poll`
+    says when at least `max(needed, reserve)` bytes are free again (logged as
+    `disk-space-returned`), and the service retries what failed. Thread-safe.
+    """
+
+    def __init__(self, reserve: int = DISK_RESERVE_BYTES) -> None:
+        self.reserve = reserve
+        self._lock = threading.Lock()
+        self._problem: DiskFull | None = None
+
+    @property
+    def full(self) -> bool:
+        """True from a noted failure until `poll` finds the space back."""
+        with self._lock:
+            return self._problem is not None
+
+    def note(self, full: DiskFull) -> None:
+        """Record a write that found no space (the largest need counts)."""
+        with self._lock:
+            previous = self._problem
+            needed = max(full.needed, self.reserve, previous.needed if previous else 0)
+            self._problem = DiskFull(full.path, needed, full.free)
+            first = previous is None
+        if first:
+            reason = str(DiskFull(full.path, needed, full.free))
+            fields = {"path": full.path, "needed_bytes": needed, "free_bytes": full.free,
+                      "reason": reason}  # fmt: skip
+            log.error(Event.DISK_FULL, extra={"fields": fields})
+
+    def poll(self) -> bool:
+        """True when a failure was noted and enough space is free again (the episode ends
+        here: the caller resumes); False otherwise."""
+        with self._lock:
+            problem = self._problem
+        if problem is None or free_bytes(problem.path) < problem.needed:
+            return False
+        self.clear()
+        return True
+
+    def clear(self) -> None:
+        """End the episode: the space is back, or the write that failed has now succeeded."""
+        with self._lock:
+            problem, self._problem = self._problem, None
+        if problem is not None:
+            fields = {"path": problem.path, "free_bytes": free_bytes(problem.path)}
+            log.warning(Event.DISK_SPACE_RETURNED, extra={"fields": fields})
+
+    def readiness(self) -> bool | str:
+        """True, or the sentence that says what is full (with the space free now)."""
+        with self._lock:
+            problem = self._problem
+        if problem is None:
+            return True
+        return str(DiskFull(problem.path, problem.needed, free_bytes(problem.path)))

@@ -17,7 +17,7 @@ _GIB = 1 << 30
 # --- Protocol messages (tessera.wire) ---------------------------------------------------------
 
 # A model release's weights, ONNX export and card together, wherever a release is parsed (node,
-# aggregator registry, `tessera models show`). A ResNet-18 release is about 45 MB.
+# aggregator registry, `tessera models show`). A ResNet-18 release is about 85 MiB.
 MAX_RELEASE_PAYLOAD_BYTES = 512 * _MIB
 # One partial sum parsed on its own (`PartialSum.from_bytes` default); inside an envelope the
 # envelope's own limit applies.
@@ -40,6 +40,9 @@ MAX_AUDIT_REPORT_BYTES = 64 * _KIB
 MAX_TRANSFER_BYTES = 256 * _MIB
 # All transfers one receiver is reassembling at once.
 MAX_TRANSFERS_IN_FLIGHT_BYTES = 512 * _MIB
+# A transfer larger than this is reassembled in a file in the service's spool folder
+# (`<state>/spool`), not in memory; a ResNet-18 release (about 85 MiB) is one.
+SPOOL_THRESHOLD_BYTES = 64 * _MIB
 # The largest MQTT payload the broker takes when FEDERATION.toml does not say; chunks fit in it.
 DEFAULT_MQTT_PACKET_BYTES = 2 * _MIB
 # The range FEDERATION.toml's [broker] max_packet_bytes may take.
@@ -61,3 +64,25 @@ MAX_INFERENCE_BODY_BYTES = 256 * _MIB
 MAX_DECODED_IMAGE_BYTES = 1 * _GIB
 # One DICOM file read by intake, or one object a PACS sends to the C-STORE receiver.
 MAX_DICOM_OBJECT_BYTES = 2 * _GIB
+# The C-STORE receiver's defaults (node.intake.receiver; a site changes them in [receiver]).
+# One object: a larger one is cut off mid-transfer, before it is on disk whole.
+RECEIVER_MAX_OBJECT_BYTES = 1 * _GIB
+# Received objects waiting for the intake: beyond it, C-STOREs are refused (out of resources).
+RECEIVER_QUOTA_BYTES = 4 * _GIB
+# Associations at once; each may hold one object in flight in the temp folder (TMPDIR), so
+# the disk a receiver can fill is the quota plus this times the object cap.
+RECEIVER_MAX_ASSOCIATIONS = 4
+
+# --- Releases asked for again (broker.topics FETCH and RELEASE_COPY) ---------------------------
+
+# A node holding a release damaged on disk asks the aggregators for it at most this often, and
+# an aggregator sends one node one version at most this often, so that a looping or hostile
+# node cannot make an aggregator push a 45 MB model over and over.
+RELEASE_REFETCH_INTERVAL_S = 60.0
+
+# --- State folders (tessera.files: DiskWatch) -------------------------------------------------
+
+# After a write found the disk full, a service resumes once this much is free, or what the
+# failed write needed if that is more; SQLite does not say what it needed, so this covers a
+# store's next transactions (its -wal and -shm files) with room to spare.
+DISK_RESERVE_BYTES = 4 * _MIB

@@ -43,7 +43,7 @@ class Bundle:
     federation_id: str
     hostnames: tuple[str, ...]
     mqtt_port: int
-    websockets_port: int
+    websockets_port: int | None  # None: the broker has no WebSockets listener
     max_packet_bytes: int
     coordinator_key: Ed25519PublicKey
     roster: Roster
@@ -77,11 +77,16 @@ class Bundle:
             if not self.hostnames:
                 raise ConfigError(f"bundle {self.path} names no broker host; pass host=")
             host = self.hostnames[0]
-        default_port = self.mqtt_port if transport == "tcp" else self.websockets_port
+        chosen = port or (self.mqtt_port if transport == "tcp" else self.websockets_port)
+        if chosen is None:
+            raise ConfigError(
+                f"the federation's broker has no WebSockets listener (bundle {self.path}); the "
+                "coordinator enables one with [broker] websockets_port in FEDERATION.toml"
+            )
         return SessionConfig(
             client_id=self.member_id,
             host=host,
-            port=port or default_port,
+            port=chosen,
             tls=self.tls_files,
             transport=transport,
             proxy=proxy,
@@ -125,7 +130,7 @@ def load_bundle(path: Path) -> Bundle:
             member["federation"],
             tuple(broker["hostnames"]),
             int(broker["mqtt_port"]),
-            int(broker["websockets_port"]),
+            int(broker["websockets_port"]) if "websockets_port" in broker else None,
             int(broker["max_packet_bytes"]),
             coordinator,
             roster,

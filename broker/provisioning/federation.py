@@ -3,11 +3,13 @@
     [federation]
     id = "eu-chest-xray"            # opaque id, used in topics
     leader = "agg-uni"              # the aggregator that opens rounds and agrees the set
+    studies = ["chest-xray"]        # the study ids the broker carries: its ACL names each
 
     [broker]
     hostnames = ["broker.example.org"]   # certificate names besides localhost / 127.0.0.1
     mqtt_port = 8883                     # MQTT over TLS
-    websockets_port = 443                # MQTT over secure WebSockets
+    # websockets_port = 443              # MQTT over secure WebSockets: off unless set, since
+    #                                    # Mosquitto 2.0 checks no CRL there (see below)
     max_packet_bytes = 2097152           # largest MQTT packet the broker accepts
 
     [[sites]]
@@ -18,7 +20,15 @@
     id = "agg-uni"
     name = "University Research Computing"
 
-Ids are 1-64 of [A-Za-z0-9_-]; every id is unique across sites and aggregators.
+Ids are 1-64 of [A-Za-z0-9_-]; every id is unique across sites and aggregators. A study
+id is listed before the manifest that defines the study is signed: the ACL grants study
+topics for the listed ids only, so a member cannot store messages under a made-up study.
+Adding a study is an edit here and a `tessera provision --reuse-ca` (then reload the broker).
+
+The WebSockets listener is opt-in: Mosquitto 2.0 serves it through libwebsockets, which
+does not apply the listener's `crlfile` (eclipse/mosquitto#3042), so a revoked certificate
+still connects there until it expires. Enable it only where a hospital can reach the broker
+no other way.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from broker.errors import TopicError
-from broker.topics import validate_id
+from broker.topics import validate_id, validate_study
 from tessera.errors import ConfigError
 from tessera.limits import (
     DEFAULT_MQTT_PACKET_BYTES,
@@ -56,7 +66,7 @@ class BrokerSettings:
 
     hostnames: tuple[str, ...] = ()
     mqtt_port: int = 8883
-    websockets_port: int = 443
+    websockets_port: int | None = None  # no WebSockets listener unless FEDERATION.toml sets one
     max_packet_bytes: int = DEFAULT_MQTT_PACKET_BYTES
 
 
@@ -69,6 +79,7 @@ class Federation:
     broker: BrokerSettings
     sites: tuple[Member, ...]
     aggregators: tuple[Member, ...]
+    studies: tuple[str, ...] = ()  # the study ids the broker's ACL grants topics for
 
     @property
     def members(self) -> tuple[Member, ...]:
@@ -121,9 +132,28 @@ def parse_federation(data: dict[str, Any], source: str = "FEDERATION.toml") -> F
     leader = _id(head.get("leader"), f"{source}: [federation] leader")
     if leader not in {a.id for a in aggregators}:
         raise ConfigError(f"{source}: leader {leader!r} is not one of the [[aggregators]] ids")
+    studies = _studies(head.get("studies"), source)
     return Federation(
-        federation_id, leader, _broker(data.get("broker", {}), source), sites, aggregators
+        federation_id, leader, _broker(data.get("broker", {}), source), sites, aggregators, studies
     )
+
+
+def _studies(value: Any, source: str) -> tuple[str, ...]:
+    where = f"{source}: [federation] studies"
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            f"{where} must list the study ids the broker carries, e.g. studies = "
+            '["chest-xray"]: its ACL grants study topics for these ids only'
+        )
+    studies = []
+    for study in value:
+        try:
+            studies.append(validate_study(study))
+        except TopicError as error:
+            raise ConfigError(f"{where}: {error}") from None
+    if len(set(studies)) != len(studies):
+        raise ConfigError(f"{where} lists a study id twice: {studies}")
+    return tuple(studies)
 
 
 def _broker(table: Any, source: str) -> BrokerSettings:
@@ -135,12 +165,14 @@ def _broker(table: Any, source: str) -> BrokerSettings:
     settings = BrokerSettings(
         tuple(hostnames),
         table.get("mqtt_port", 8883),
-        table.get("websockets_port", 443),
+        table.get("websockets_port"),
         table.get("max_packet_bytes", DEFAULT_MQTT_PACKET_BYTES),
     )
     for name in ("mqtt_port", "websockets_port"):
         value = getattr(settings, name)
-        if not isinstance(value, int) or not 0 < value < 65536:
+        if name == "websockets_port" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
             raise ConfigError(f"{source}: [broker] {name} = {value!r} must be 1-65535")
     if not isinstance(settings.max_packet_bytes, int) or not (
         MIN_MQTT_PACKET_BYTES <= settings.max_packet_bytes <= MAX_MQTT_PACKET_BYTES

@@ -5,7 +5,9 @@ Layout under ``OUT/k8s/`` (folder 0700, every file 0600: they hold private keys)
     <member-id>.yaml   Secret ``tessera-bundle`` in namespace ``tessera-<member-id>``: one
                        data key per file of ``bundles/<member-id>/``
     broker.yaml        Secret ``tessera-broker-tls`` in namespace ``tessera-broker``:
-                       ``ca.pem``, ``server.pem``, ``server.key``
+                       ``ca.pem``, ``server.pem``, ``server.key``, and ``crl.pem`` (the
+                       revocation list: not secret, but it changes with the CA's
+                       certificates; re-apply it and restart the broker after a revocation)
 
 One Secret per file, so each member applies only its own (``kubectl apply -f``) or lists it
 under ``resources:`` of its Kustomize overlay. The namespace rule is the one the overlays in
@@ -33,7 +35,7 @@ BROKER_NAMESPACE = "tessera-broker"
 # Object names the k8s/ bases mount, not secret values.
 BUNDLE_SECRET = "tessera-bundle"  # noqa: S105
 BROKER_TLS_SECRET = "tessera-broker-tls"  # noqa: S105
-BROKER_TLS_FILES = ("ca.pem", "server.pem", "server.key")
+BROKER_TLS_FILES = ("ca.pem", "server.pem", "server.key", "crl.pem")
 # Kubernetes refuses a Secret over 1 MiB (the API object, of which data is nearly all).
 MAX_SECRET_BYTES = 1 << 20
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")

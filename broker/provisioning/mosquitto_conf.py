@@ -1,15 +1,24 @@
 """Mosquitto 2 configuration and ACL, generated from the federation.
 
-The ACL is deny-by-default (Mosquitto refuses anything not granted) and grants:
-- a site: write its own shares (to each aggregator), its own privacy-audit reports and its
-  own presence; read round control, releases, every aggregator's receipts (commitments
-  only, no node ids) and its own copy of a candidate. Nothing else, so no site can read a
-  share, a received set, another site's candidate or audit report, or impersonate another.
+Every listener demands a client certificate from the federation CA, checks it against the
+CRL that provisioning writes (`broker.provisioning.revocation`), takes its common name (the
+member id) as both username and client id, so that no member can connect as another or take
+over another's session, and negotiates only AEAD cipher suites (TLS 1.2) or TLS 1.3.
+
+The ACL is deny-by-default (Mosquitto refuses anything not granted) and names the
+federation's study ids, never a wildcard at the study level. Every topic a member may write
+is concrete, so what a member can leave retained on the broker is bounded: one message of at
+most max_packet_size per topic it may write. It grants:
+- a site: write its own shares (to each aggregator), its own privacy-audit reports, its own
+  release requests and its own presence; read round control, releases, every aggregator's
+  receipts (commitments only, no node ids), and its own copy of a candidate and of a release
+  it asked for again. Nothing else, so no site can read a share, a received set, another
+  site's candidate or audit report, or impersonate another.
 - an aggregator: read shares addressed to it, partial sums addressed to it, every
-  received set, participant set, round, release, audit report and presence; write round
-  control, releases, its own received set and receipts, its own partial sums and its own
-  presence.
-- only the leader aggregator writes the participant set and the candidate.
+  received set, participant set, round, release, audit report, release request and
+  presence; write round control, releases (to all, or to one site that asked), its own
+  received set and receipts, its own partial sums and its own presence.
+- only the leader aggregator writes the participant set and the candidates (one per site).
 """
 
 from __future__ import annotations
@@ -21,7 +30,18 @@ from string import Template
 from broker.provisioning.federation import Federation
 from tessera.limits import MQTT_PACKET_OVERHEAD_BYTES
 
-_TEMPLATE = Path(__file__).parent / "templates" / "mosquitto.conf.tmpl"
+_TEMPLATES = Path(__file__).parent / "templates"
+_TEMPLATE = _TEMPLATES / "mosquitto.conf.tmpl"
+_WEBSOCKETS_TEMPLATE = _TEMPLATES / "mosquitto-websockets.conf.tmpl"
+
+# TLS 1.2 suites: ECDHE (forward secrecy) with an AEAD cipher only, no CBC, no SHA-1 MAC;
+# the RSA ones serve a broker certificate replaced by an RSA one. TLS 1.3 suites are all AEAD.
+TLS12_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+])  # fmt: skip
+TLS13_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,7 @@ class BrokerFiles:
     ca_file: Path = Path("/mosquitto/config/ca.pem")
     cert_file: Path = Path("/mosquitto/config/server.pem")
     key_file: Path = Path("/mosquitto/config/server.key")
+    crl_file: Path = Path("/mosquitto/config/crl.pem")
     acl_file: Path = Path("/mosquitto/config/acl")
     persistence_dir: Path = Path("/mosquitto/data")
 
@@ -44,20 +65,31 @@ def render_conf(
     bind_address: str = "",
     run_as_user: str = "mosquitto",
 ) -> str:
-    """mosquitto.conf text; ports default to the federation's, bind to all interfaces."""
-    template = _TEMPLATE.read_text(encoding="utf-8")
-    return Template(template).substitute(
-        persistence_dir=str(files.persistence_dir).rstrip("/"),
-        run_as_user=run_as_user,
-        max_packet_bytes=federation.broker.max_packet_bytes + MQTT_PACKET_OVERHEAD_BYTES,
-        mqtt_port=mqtt_port or federation.broker.mqtt_port,
-        websockets_port=websockets_port or federation.broker.websockets_port,
-        bind_address=bind_address,
-        ca_file=files.ca_file,
-        cert_file=files.cert_file,
-        key_file=files.key_file,
-        acl_file=files.acl_file,
-    )
+    """mosquitto.conf text; ports default to the federation's, bind to all interfaces.
+
+    The WebSockets listener is there only when the federation sets ``websockets_port`` (or
+    the caller passes one): Mosquitto 2.0 applies no CRL on it.
+    """
+    values = {
+        "persistence_dir": str(files.persistence_dir).rstrip("/"),
+        "run_as_user": run_as_user,
+        "max_packet_bytes": federation.broker.max_packet_bytes + MQTT_PACKET_OVERHEAD_BYTES,
+        "mqtt_port": mqtt_port or federation.broker.mqtt_port,
+        "websockets_port": websockets_port or federation.broker.websockets_port,
+        "bind_address": bind_address,
+        "ca_file": files.ca_file,
+        "cert_file": files.cert_file,
+        "key_file": files.key_file,
+        "crl_file": files.crl_file,
+        "acl_file": files.acl_file,
+        "tls12_ciphers": TLS12_CIPHERS,
+        "tls13_ciphers": TLS13_CIPHERS,
+    }
+    conf = Template(_TEMPLATE.read_text(encoding="utf-8")).substitute(values)
+    if values["websockets_port"]:
+        websockets = _WEBSOCKETS_TEMPLATE.read_text(encoding="utf-8")
+        conf += "\n" + Template(websockets).substitute(values)
+    return conf
 
 
 def render_acl(federation: Federation) -> str:
@@ -65,36 +97,48 @@ def render_acl(federation: Federation) -> str:
     root = f"tessera/{federation.id}"
     lines = [
         "# Tessera broker ACL, generated by `tessera provision` from the federation roster.",
-        "# Deny by default: a client may do only what its user block grants.",
+        "# Deny by default: a client may do only what its user block grants. Study topics",
+        f"# exist for the federation's studies only: {', '.join(federation.studies)}.",
         "",
     ]
     for site in federation.sites:
         lines += [f"# site: {site.name}", f"user {site.id}"]
-        lines += [f"topic read {root}/+/{kind}" for kind in ("round", "release")]
-        lines += [f"topic read {root}/+/candidate/{site.id}", f"topic read {root}/+/receipts/+"]
-        lines += [f"topic write {root}/+/share/{a.id}/{site.id}" for a in federation.aggregators]
-        lines += [f"topic write {root}/+/audit/{site.id}"]
+        for study in (f"{root}/{s}" for s in federation.studies):
+            lines += [f"topic read {study}/{kind}" for kind in ("round", "release")]
+            lines += [f"topic read {study}/{kind}/{site.id}" for kind in ("candidate", "release")]
+            lines += [f"topic read {study}/receipts/+"]
+            lines += [f"topic write {study}/share/{a.id}/{site.id}" for a in federation.aggregators]
+            lines += [f"topic write {study}/{kind}/{site.id}" for kind in ("audit", "fetch")]
         lines += [f"topic write {root}/presence/{site.id}", ""]
     for agg in federation.aggregators:
         lines += [f"# aggregator: {agg.name}", f"user {agg.id}"]
-        lines += [
-            f"topic readwrite {root}/+/round",
-            f"topic readwrite {root}/+/release",
-            f"topic read {root}/+/share/{agg.id}/+",
-            f"topic read {root}/+/received/+",
-            f"topic write {root}/+/received/{agg.id}",
-            f"topic write {root}/+/receipts/{agg.id}",
-            f"topic read {root}/+/participants",
-            f"topic read {root}/+/partial/{agg.id}/+",
-            f"topic read {root}/+/audit/+",
-        ]
-        lines += [
-            f"topic write {root}/+/partial/{o.id}/{agg.id}"
-            for o in federation.aggregators
-            if o.id != agg.id
-        ]
-        if agg.id == federation.leader:
-            lines.append(f"topic write {root}/+/participants")
-            lines.append(f"topic write {root}/+/candidate/+")
+        for study in (f"{root}/{s}" for s in federation.studies):
+            lines += _aggregator_study_rules(federation, agg.id, study)
         lines += [f"topic read {root}/presence/+", f"topic write {root}/presence/{agg.id}", ""]
     return "\n".join(lines)
+
+
+def _aggregator_study_rules(federation: Federation, agg: str, study: str) -> list[str]:
+    lines = [
+        f"topic readwrite {study}/round",
+        f"topic readwrite {study}/release",
+        f"topic read {study}/share/{agg}/+",
+        f"topic read {study}/received/+",
+        f"topic write {study}/received/{agg}",
+        f"topic write {study}/receipts/{agg}",
+        f"topic read {study}/participants",
+        f"topic read {study}/partial/{agg}/+",
+        f"topic read {study}/audit/+",
+        f"topic read {study}/fetch/+",
+    ]
+    # a release sent again to the one site that asked for it (node.model_keeper)
+    lines += [f"topic write {study}/release/{site.id}" for site in federation.sites]
+    lines += [
+        f"topic write {study}/partial/{other.id}/{agg}"
+        for other in federation.aggregators
+        if other.id != agg
+    ]
+    if agg == federation.leader:
+        lines.append(f"topic write {study}/participants")
+        lines += [f"topic write {study}/candidate/{site.id}" for site in federation.sites]
+    return lines

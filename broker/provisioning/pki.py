@@ -3,7 +3,16 @@
 TLS keys are ECDSA P-256 (what every Mosquitto/OpenSSL build and Python's ssl accept);
 the end-to-end signing keys are Ed25519 and live in tessera.crypto.signing. A client certificate's
 common name is the member id, which Mosquitto takes as the MQTT username
-(use_identity_as_username), so the ACL can name it.
+(use_identity_as_username) and client id (use_username_as_clientid), so the ACL can name it
+and no member can use another's session.
+
+Leaf certificates (members and broker) last LEAF_DAYS = 397 days: a yearly renewal with a
+month to spare, the longest lifetime public TLS certificates may have (CA/Browser Forum,
+398 days). Renewal is a manual step of the offline coordinator (`tessera provision
+--reissue MEMBER`; the broker's certificate renews itself on any run within
+RENEW_WITHIN_DAYS of its expiry), so a much shorter lifetime would mostly buy outages;
+compromise is handled by revocation (`broker.provisioning.revocation`), and the lifetime
+bounds only what revocation cannot reach.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from broker.errors import ProvisioningError
 from tessera.files import atomic_write, read_private_file, write_private_file
 
 CA_DAYS = 3650
-LEAF_DAYS = 825
+LEAF_DAYS = 397
+RENEW_WITHIN_DAYS = 30  # members are told, the broker renewed, this close to expiry
 MAX_NAME_LENGTH = 64
 
 
@@ -129,20 +139,27 @@ def server_names(cert_path: Path) -> set[str] | None:
     return set(dns) | {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
 
 
+def expires_within(certificate: x509.Certificate, days: int) -> bool:
+    """Whether `certificate` expires less than `days` days from now."""
+    remaining = certificate.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    return remaining < datetime.timedelta(days=days)
+
+
 def certificate_pem(certificate: x509.Certificate) -> bytes:
     """PEM bytes of a certificate."""
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
 def save(issued: Issued, cert_path: Path, key_path: Path) -> None:
-    """Write the certificate (0644) and its key (0600), each atomically."""
-    atomic_write(cert_path, certificate_pem(issued.certificate))
+    """Write the key (0600), then the certificate (0644), each atomically: a certificate on
+    disk marks a complete pair."""
     key_pem = issued.key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     write_private_file(key_path, key_pem)
+    atomic_write(cert_path, certificate_pem(issued.certificate))
 
 
 def load(cert_path: Path, key_path: Path) -> Issued:

@@ -143,7 +143,8 @@ def prepare_federation(
     """Provision, draft and sign the manifest, approve, write every configuration."""
     root = Path(root)
     federation = parse_federation({
-        "federation": {"id": spec.federation_id, "leader": spec.leader},
+        "federation": {"id": spec.federation_id, "leader": spec.leader,
+                       "studies": [spec.study_id]},
         "broker": {"hostnames": [broker_host], "mqtt_port": broker_port,
                    "max_packet_bytes": 2 << 20},
         "sites": [{"id": s, "name": f"Hospital {s}"} for s in spec.sites],

@@ -8,6 +8,8 @@ curves, exports the final model and runs point-of-care inference with it
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from node.config import TrainingSettings
@@ -56,42 +58,22 @@ def summarise_run(
     central, local = baselines(model_def, data, plan, work)
     final = curve[-1][1] if curve else {}
     show.say("")
-    show.say("Held-out accuracy / AUC per site")
-    show.say(
-        f"  {'site':8} {'test n':>6}  {'federated':>15}  {'centralised':>15}  {'local-only':>15}"
-    )
-    for d in data:
-        f = final.get(d.site)
-        fed = f"{f.accuracy:.3f} / {f.auc:.3f}" if f else "-"
-        c, loc = central[d.site], local[d.site]
-        show.say(
-            f"  {d.site:8} {len(d.test_y):>6}  {fed:>15}  "
-            f"{c.accuracy:.3f} / {c.auc:.3f}  {loc.accuracy:.3f} / {loc.auc:.3f}"
-        )
-    show.say(
-        f"  {'mean':8} {'':>6}  {mean(final, 'accuracy'):.3f} / {mean(final, 'auc'):.3f}  "
-        f"{mean(central, 'accuracy'):.3f} / {mean(central, 'auc'):.3f}  "
-        f"{mean(local, 'accuracy'):.3f} / {mean(local, 'auc'):.3f}"
-    )
-    ratio = record.bytes_sent / record.plaintext_bytes if record.plaintext_bytes else float("nan")
-    show.say(
-        f"Bytes on the wire (node uploads): {record.bytes_sent:,} sealed shares vs "
-        f"{record.plaintext_bytes:,} plaintext float32 = {ratio:.2f}x "
-        f"(one share per aggregator)"
-    )
+    for line in score_lines({d.site: len(d.test_y) for d in data}, final, central, local, record):
+        show.say(line)
     show.say(
         "Epsilon spent per site (DP-SGD, RDP accountant, delta "
         f"{study.dp.delta:g}): "
-        + ", ".join(f"{s} {e:.2f}" for s, e in sorted(record.epsilon.items()))
+        + (", ".join(f"{s} {e:.2f}" for s, e in sorted(record.epsilon.items())) or "none")
     )
     if record.switches:
         for switch in record.switches:
             show.say(f"Strategy switch: {switch}")
-    else:
+    elif record.rounds:
         show.say(
-            "Strategy switches: none (the adaptive policy kept "
-            f"{record.rounds[-1]['algorithm'] if record.rounds else '-'})"
+            f"Strategy switches: none (the adaptive policy kept {record.rounds[-1]['algorithm']})"
         )
+    else:
+        show.say("Strategy switches: none (no model was released)")
     files = {}
     if curve:
         plot_curves(out / "learning-curves.png", curve, central, local)
@@ -120,3 +102,55 @@ def summarise_run(
         "local_only": {s: vars(v) for s, v in local.items()},
         "files": files,
     }
+
+
+def _cell(score: Score | None) -> str:
+    """`accuracy / AUC`, with "-" for what was not measured (no release, one class only)."""
+    if score is None:
+        return "-"
+    return " / ".join("-" if math.isnan(v) else f"{v:.3f}" for v in (score.accuracy, score.auc))
+
+
+def _mean(scores: Mapping[str, Score]) -> Score | None:
+    return Score(mean(scores, "accuracy"), mean(scores, "auc")) if scores else None
+
+
+def score_lines(
+    test_sizes: Mapping[str, int],
+    final: Mapping[str, Score],
+    central: Mapping[str, Score],
+    local: Mapping[str, Score],
+    record: RunRecord,
+) -> list[str]:
+    """The per-site held-out table and the wire line. Where no model was released, or no
+    node sent a share, a sentence says so and why (never a NaN)."""
+    lines = [
+        "Held-out accuracy / AUC per site",
+        f"  {'site':8} {'test n':>6}  {'federated':>15}  {'centralised':>15}  {'local-only':>15}",
+    ]
+    for site, size in test_sizes.items():
+        cells = (_cell(final.get(site)), _cell(central.get(site)), _cell(local.get(site)))
+        lines.append(f"  {site:8} {size:>6}  " + "  ".join(f"{c:>15}" for c in cells))
+    cells = (_cell(_mean(final)), _cell(_mean(central)), _cell(_mean(local)))
+    lines.append(f"  {'mean':8} {'':>6}  " + "  ".join(f"{c:>15}" for c in cells))
+    if not final:
+        reasons = sorted({str(a.get("reason")) for a in record.aborts})
+        why = (
+            f"{len(record.aborts)} round(s) aborted ({'; '.join(reasons)})"
+            if record.aborts
+            else "no round ended in time"
+        )
+        lines.append(
+            f"No model was released: {why}. The federated column is empty; the logs of each "
+            "member say more."
+        )
+    if record.plaintext_bytes:
+        ratio = record.bytes_sent / record.plaintext_bytes
+        lines.append(
+            f"Bytes on the wire (node uploads): {record.bytes_sent:,} sealed shares vs "
+            f"{record.plaintext_bytes:,} plaintext float32 = {ratio:.2f}x "
+            "(one share per aggregator)"
+        )
+    else:
+        lines.append("Bytes on the wire (node uploads): none, no node sent a share")
+    return lines

@@ -5,7 +5,9 @@
   (safetensors), the ONNX export and prints a JSON summary.
 - `infer`: DICOM files or folders -> one JSON line per file on stdout (keyed instance hash,
   label, probabilities, model version; never a path or a patient identifier).
-- `serve`: the HTTP endpoint; with `--watch`, a changed model file is hot-swapped in.
+- `serve`: the HTTP endpoint; with `--watch`, a changed model file is hot-swapped in. It logs
+  JSON lines on stderr (`--log-level`): what it serves, each swap, and each request with the
+  model version that answered it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def register(node_commands: Subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--watch", type=float, default=5.0, help="seconds between model checks")
+    serve.add_argument("--log-level", default="INFO", help="JSON logs on stderr at this level")
     serve.set_defaults(handler=serve_command)
 
 
@@ -121,10 +124,16 @@ def infer_command(args: argparse.Namespace) -> int:
 
 def serve_command(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM, hot-swapping the model when its file changes."""
+    from node.errors import NodeError
     from node.inference.http import InferenceServer, ServeConfig
     from node.inference.runtime import ModelSlot, load_model
     from node.intake.phi import load_or_create_site_secret
+    from tessera.observability.logs import configure_logging
 
+    try:
+        configure_logging(args.log_level)
+    except ValueError as error:
+        raise NodeError(str(error)) from None
     data = args.model.read_bytes()
     slot = ModelSlot(load_model(data))
     seen = hashlib.sha256(data).digest()

@@ -7,8 +7,9 @@
   503 no model loaded yet.
 - `GET /v1/model`: the version, hash and labels being served.
 
-Nothing about a request is logged except method, path and status: no client-supplied
-header, no instance identifier.
+Each request is logged as one JSON line (`inference request`): method, path, status and,
+for an answered inference, the model version that answered it, so the log records which
+model answered when. Nothing else: no client-supplied header, no instance identifier.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
         timeout = 60  # seconds a slow or idle client may hold a handler thread
         server_version = "tessera-node"
         sys_version = ""
+        answered_by: str | None = None
 
         def do_POST(self) -> None:
             if self.path != "/v1/infer":
@@ -117,6 +119,7 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(length)
             status, payload = server.handle_infer(body)
+            self.answered_by = payload.get("model_version")  # None unless a model answered
             self._reply(status, payload)
 
         def do_GET(self) -> None:
@@ -152,7 +155,9 @@ def _make_handler(server: InferenceServer) -> type[BaseHTTPRequestHandler]:
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             del size
-            fields = {"method": self.command, "path": self.path.split("?")[0], "status": int(code)}
+            fields = {"method": self.command, "path": self.path.split("?")[0], "status": int(code),
+                      "model_version": self.answered_by}  # fmt: skip
+            self.answered_by = None  # a kept-alive connection's next request starts afresh
             log.info(Event.INFERENCE_REQUEST, extra={"fields": fields})
 
     return Handler

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tessera.errors import ConfigError
-from tessera.limits import MAX_DECODED_IMAGE_BYTES
+from tessera.limits import MAX_DECODED_IMAGE_BYTES, RECEIVER_MAX_OBJECT_BYTES, RECEIVER_QUOTA_BYTES
 
 if TYPE_CHECKING:
     from node.intake.ingest import IntakeConfig
@@ -71,19 +71,41 @@ def register(node_commands: Subparsers) -> None:
         action="store_true",
         help="list quarantined files by path (terminal only; never logged)",
     )
+    ingest.add_argument(
+        "--keep-received-hours",
+        type=float,
+        default=0.0,
+        help="delete each object in <state>/received this long after it is cached (default 0)",
+    )
+    ingest.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     ingest.set_defaults(handler=ingest_command)  # fmt: skip
 
-    receive = node_commands.add_parser("receive", help="run the DICOM C-STORE receiver")
-    _common(receive)
-    receive.add_argument("--host", default="0.0.0.0")  # noqa: S104
+    receive = node_commands.add_parser(
+        "receive", help="run the DICOM C-STORE receiver (objects go to <state>/received)"
+    )
+    receive.add_argument("--state", type=Path, default=Path("/var/lib/tessera"))
+    receive.add_argument("--host", default="127.0.0.1", help="listen address (default loopback)")
     receive.add_argument("--port", type=int, default=11112)
     receive.add_argument("--ae-title", default="TESSERA")
     receive.add_argument(
         "--allow-aet",
         action="append",
         default=[],
-        help="accept only these calling AE titles (repeatable)",
+        required=True,
+        help="accept this calling AE title (repeatable; at least one)",
     )
+    receive.add_argument(
+        "--allow-address",
+        action="append",
+        default=[],
+        help="accept only from this address or CIDR block (repeatable; default any)",
+    )
+    receive.add_argument("--tls-cert", type=Path, help="DICOM TLS: the receiver's certificate")
+    receive.add_argument("--tls-key", type=Path, help="DICOM TLS: its private key")
+    receive.add_argument("--tls-client-ca", type=Path, help="require client certificates")
+    receive.add_argument("--max-object-mib", type=int, default=RECEIVER_MAX_OBJECT_BYTES >> 20)
+    receive.add_argument("--quota-mib", type=int, default=RECEIVER_QUOTA_BYTES >> 20)
+    receive.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     receive.set_defaults(handler=receive_command)  # fmt: skip
 
 
@@ -121,6 +143,8 @@ def intake_config(args: argparse.Namespace) -> IntakeConfig:
     return IntakeConfig(
         intake_dir=args.intake,
         state_dir=args.state,
+        received_dir=args.state / "received",
+        received_retention_s=args.keep_received_hours * 3600,
         preprocess=PreprocessConfig(size=args.size, channels=args.channels, window=args.window,
                                     frame=args.frame),
         limits=IntakeLimits(max_decoded_bytes=args.max_decoded_bytes),
@@ -137,8 +161,8 @@ def ingest_command(args: argparse.Namespace) -> int:
     from node.intake.report import build_report, format_report, quarantined_paths
     from tessera.observability.logs import configure_logging
 
-    configure_logging()
     with _config_errors():
+        configure_logging(args.log_level)
         cfg = intake_config(args)
     if not args.report_only:
         stop = _stop_event()
@@ -157,13 +181,28 @@ def ingest_command(args: argparse.Namespace) -> int:
 
 def receive_command(args: argparse.Namespace) -> int:
     """Serve C-STORE until SIGINT or SIGTERM."""
-    from node.intake.receiver import ReceiverConfig, start_receiver
+    from node.intake.receiver import ReceiverConfig, ReceiverTLS, start_receiver
     from tessera.observability.logs import configure_logging
 
-    configure_logging()
     with _config_errors():
-        cfg = ReceiverConfig(args.intake, args.state, args.host, args.port, args.ae_title,
-                             tuple(args.allow_aet))  # fmt: skip
+        configure_logging(args.log_level)
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("DICOM TLS needs both --tls-cert and --tls-key")
+        tls = None
+        if args.tls_cert is not None:
+            tls = ReceiverTLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+        cfg = ReceiverConfig(
+            state_dir=args.state,
+            allowed_calling_aets=tuple(args.allow_aet),
+            host=args.host,
+            port=args.port,
+            ae_title=args.ae_title,
+            allowed_networks=tuple(args.allow_address),
+            tls=tls,
+            max_object_bytes=args.max_object_mib << 20,
+            quota_bytes=args.quota_mib << 20,
+            audit_log=args.state / "audit.log",  # the node's (node.setup.AUDIT_FILE)
+        )
     server = start_receiver(cfg)
     try:
         _stop_event().wait()

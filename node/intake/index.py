@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS manifest (
     PRIMARY KEY (kind, key)
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS consumed (path_key TEXT PRIMARY KEY);
 """
 
 
@@ -115,12 +116,27 @@ def store(conn: sqlite3.Connection, records: Iterable[FileRecord], scan: int) ->
                 for r in records
             ],
         )  # fmt: skip
+        # A path that is back (re-sent, restored) is a file again until it is consumed again.
+        back = [(r.path_key,) for r in records]
+        conn.executemany("DELETE FROM consumed WHERE path_key = ?", back)
 
 
 def drop_unseen(conn: sqlite3.Connection, scan: int) -> int:
-    """Delete rows of files not seen in `scan` (deleted from the intake); return how many."""
+    """Delete rows of files not seen in `scan` (deleted from the intake); return how many.
+
+    Rows of consumed files stay: the node deleted those itself, once they were cached.
+    """
     with conn:
-        return conn.execute("DELETE FROM files WHERE scan != ?", (scan,)).rowcount
+        return conn.execute(
+            "DELETE FROM files WHERE scan != ? AND path_key NOT IN (SELECT path_key FROM consumed)",
+            (scan,),
+        ).rowcount
+
+
+def mark_consumed(conn: sqlite3.Connection, path_key: str) -> None:
+    """Record that the node is deleting a cached original: its row stays in the dataset."""
+    with conn:
+        conn.execute("INSERT OR IGNORE INTO consumed VALUES (?)", (path_key,))
 
 
 def live_shards(conn: sqlite3.Connection, digest: str) -> set[str]:

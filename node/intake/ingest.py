@@ -6,6 +6,11 @@ current preprocessing digest; when only the stat changed, a keyed content hash d
 that disappeared drop out of the dataset, and their cached arrays are removed. Everything
 else is decoded in a process pool (2 workers by default: one per core), in small batches,
 with a bounded number in flight so memory stays flat however large the folder.
+
+The C-STORE receiver's folder (`received_dir`) is consumed, not mirrored: with
+`received_retention_s` set, each original there is deleted once it is cached or
+quarantined and that old, and its row stays (`index.mark_consumed`), so the object stays in
+the dataset. The hospital's own folder is never written to.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -44,7 +50,7 @@ RECEIVED = PurePosixPath("received")  # where received objects are named, in any
 class IntakeConfig:
     """The intake's configuration: where DICOM arrives, where state lives, what to produce."""
 
-    intake_dir: Path
+    intake_dir: Path | None  # None: only the receiver's folder
     state_dir: Path
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     limits: IntakeLimits = field(default_factory=IntakeLimits)
@@ -55,9 +61,11 @@ class IntakeConfig:
     batch_size: int = 16
     # The C-STORE receiver's folder when it is not inside intake_dir (a read-only mount):
     # scanned in the same pass, its files named `received/<file>` as if they lay in
-    # intake_dir/received, where `tessera node receive` puts them. Absent until the first
-    # object arrives, which is not an error.
+    # intake_dir/received. Absent until the first object arrives, which is not an error.
     received_dir: Path | None = None
+    # Delete each received original once cached or quarantined and at least this old
+    # (seconds); None keeps them.
+    received_retention_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 64:
@@ -71,6 +79,10 @@ class IntakeConfig:
             )
         if self.label_set is not None and len(set(self.label_set)) != len(self.label_set):
             raise ValueError(f"label set has duplicates: {self.label_set}")
+        if self.intake_dir is None and self.received_dir is None:
+            raise ValueError("nothing to ingest: give an intake folder or a received folder")
+        if self.received_retention_s is not None and self.received_retention_s < 0:
+            raise ValueError(f"received_retention_s must be >= 0, got {self.received_retention_s}")
 
     @property
     def cache_dir(self) -> Path:
@@ -120,6 +132,7 @@ class IngestSummary:
     ingested: int = 0
     quarantined: int = 0
     dropped: int = 0
+    originals_deleted: int = 0  # received originals deleted once cached or quarantined
     reasons: Counter[str] = field(default_factory=Counter)
     labels_out_of_set: dict[str, int] = field(default_factory=dict)
 
@@ -131,6 +144,7 @@ class IngestSummary:
             "ingested": self.ingested,
             "quarantined": self.quarantined,
             "dropped": self.dropped,
+            "originals_deleted": self.originals_deleted,
             "reasons": dict(sorted(self.reasons.items())),
             "labels_out_of_set": dict(sorted(self.labels_out_of_set.items())),
         }
@@ -187,7 +201,7 @@ def remove_stale_temp_files(cache_dir: Path) -> int:
 
 def run_ingest(cfg: IntakeConfig) -> IngestSummary:
     """Bring the index and cache up to date with the intake folder; return the counts."""
-    if not cfg.intake_dir.is_dir():
+    if cfg.intake_dir is not None and not cfg.intake_dir.is_dir():
         # Refuse rather than treat a missing mount as "every file deleted".
         raise NodeError(
             f"intake folder {cfg.intake_dir} does not exist or is not a directory; "
@@ -228,6 +242,7 @@ def _run_locked(cfg: IntakeConfig, ctx: WorkerContext) -> IngestSummary:
         log_event(LOGGER, Event.INTAKE_START, scan=scan, digest=ctx.digest[:16], stale_temp=stale)
         shards = _shards_on_disk(cfg, ctx)
         _process(cfg, ctx, conn, scan, summary, shards)
+        summary.originals_deleted = _delete_consumed(cfg, ctx, conn)
         summary.dropped = index.drop_unseen(conn, scan)
         # Shards no row points at: left by a killed pass, or emptied by deletions/changes.
         for name in _shards_on_disk(cfg, ctx) - index.live_shards(conn, ctx.digest):
@@ -293,7 +308,7 @@ def _process(
         pending.add(pool.submit(ingest_batch, tasks, ctx))
 
     try:
-        for path, relative, stat in _scan_roots(cfg):
+        for path, relative, stat in scan_roots(cfg):
             task = _plan(cfg, ctx, conn, path, relative, stat, scan, summary, shards)
             if task is not None:
                 batch.append(task)
@@ -313,15 +328,48 @@ def _process(
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _scan_roots(cfg: IntakeConfig) -> Iterator[tuple[Path, PurePosixPath, os.stat_result]]:
+def scan_roots(cfg: IntakeConfig) -> Iterator[tuple[Path, PurePosixPath, os.stat_result]]:
     """(path, name relative to the intake root, stat) of every file of one pass: the intake
     folder's, then the receiver folder's (see `IntakeConfig.received_dir`)."""
-    for path, stat in scan_intake(cfg.intake_dir):
-        yield path, PurePosixPath(path.relative_to(cfg.intake_dir).as_posix()), stat
+    if cfg.intake_dir is not None:
+        for path, stat in scan_intake(cfg.intake_dir):
+            yield path, PurePosixPath(path.relative_to(cfg.intake_dir).as_posix()), stat
+    yield from _scan_received(cfg)
+
+
+def _scan_received(cfg: IntakeConfig) -> Iterator[tuple[Path, PurePosixPath, os.stat_result]]:
     if cfg.received_dir is not None and cfg.received_dir.is_dir():
         for path, stat in scan_intake(cfg.received_dir):
             relative = PurePosixPath(path.relative_to(cfg.received_dir).as_posix())
             yield path, RECEIVED / relative, stat
+
+
+def _delete_consumed(cfg: IntakeConfig, ctx: WorkerContext, conn: sqlite3.Connection) -> int:
+    """Delete the received originals that this pass left cached or quarantined under the
+    current preprocessing and that are older than the retention period; return how many.
+
+    Each is marked consumed (committed) before its unlink: a kill in between leaves a file
+    the next pass finds unchanged and deletes then.
+    """
+    if cfg.received_retention_s is None:
+        return 0
+    cutoff_ns = time.time_ns() - int(cfg.received_retention_s * 1e9)
+    live = index.live_shards(conn, ctx.digest)
+    deleted = 0
+    for path, relative, stat in _scan_received(cfg):
+        if stat.st_mtime_ns > cutoff_ns:
+            continue
+        path_key = keyed_hash("path", relative.as_posix(), ctx.secret)
+        stored = index.lookup(conn, path_key)
+        if stored is None:
+            continue
+        size, mtime_ns, _, status, digest, shard = stored
+        current = digest == ctx.digest and (status == "quarantined" or shard in live)
+        if current and (size, mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+            index.mark_consumed(conn, path_key)
+            path.unlink(missing_ok=True)
+            deleted += 1
+    return deleted
 
 
 def _plan(

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from node.intake import index
-from node.intake.ingest import IntakeConfig, walk_intake
+from node.intake.ingest import IntakeConfig, scan_roots
 from node.intake.phi import keyed_hash, load_or_create_site_secret
 from node.intake.screen import REASONS
 
@@ -84,8 +84,8 @@ def quarantined_paths(cfg: IntakeConfig) -> list[tuple[str, str, str]]:
     finally:
         conn.close()
     found = []
-    for path in walk_intake(cfg.intake_dir):
-        relative = path.relative_to(cfg.intake_dir).as_posix()
+    for _, name, _ in scan_roots(cfg):
+        relative = name.as_posix()
         hit = rows.get(keyed_hash("path", relative, secret))
         if hit:
             found.append((relative, hit[0], hit[1]))

@@ -190,7 +190,9 @@ def quiet_pydicom() -> Iterator[_ParserSignals]:
     signals = _ParserSignals()
     logger.handlers[:] = [signals]
     logger.propagate, logger.disabled = False, False
-    logger.setLevel(logging.DEBUG if logger.level == logging.NOTSET else logger.level)
+    # Every record reaches the signals handler, whatever level the node's logging set on
+    # pydicom to keep it silent (tessera.observability.logs.silence_dicom_libraries).
+    logger.setLevel(logging.DEBUG)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

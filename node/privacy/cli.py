@@ -9,6 +9,12 @@ which should be the site's own training settings.
 Nothing per-patient is printed or written: the report and the summary hold aggregate figures.
 Exit status: 0 with a report; 2 (with the reason) on an error, including the consistency
 check (`PrivacyAccountingError`), in which case no report is written.
+
+The audit trains shadow models on the site's patient data, so every run that reaches the
+data appends a `privacy-audit` entry to the node's audit log (`<state>/audit.log`, counts
+only), as an audit of a round's candidate does: the version, the outcome (`reported`, or
+`failed` / `accounting-error` with the reason) and the headline figures, with
+`command = "tessera audit privacy"`.
 """
 
 from __future__ import annotations
@@ -19,25 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from node.errors import NodeError
-from node.inference.runtime import preprocess_from_metadata
-from node.privacy.attacks import AuditConfig
-from node.privacy.site_audit import AuditTarget, SiteData, audit_at_site
-from node.round.releases import ModelStore, open_model_store
-from node.training.trainer import DPSettings, TrainConfig
 from tessera.cli import subcommands
-from tessera.crypto.signing import load_private_key
-from tessera.files import atomic_write
-from tessera.governance.privacy_report import PrivacyAuditReport, sign_report
-from tessera.models import ModelSpec, build_model
-from tessera.models.onnx_export import ExportMetadata, read_metadata
-from tessera.models.weights import load_arrays, load_weights, model_hash
-from tessera.wire.release import WEIGHTS_FILE
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, opacus and onnxruntime load in the handler: `tessera` stays fast
+    import torch
+
+    from node.privacy.attacks import AuditConfig
+    from node.round.releases import ModelStore
+    from node.training.trainer import TrainConfig
     from tessera.cli import Subparsers
+    from tessera.governance.audit import AuditLog
+    from tessera.governance.privacy_report import PrivacyAuditReport
+    from tessera.models import ModelSpec
+    from tessera.models.onnx_export import ExportMetadata
 
 
 def register(commands: Subparsers) -> None:
@@ -80,6 +81,14 @@ class SiteAudit:
 
 def audit_privacy_command(args: argparse.Namespace) -> int:
     """Run the audit, sign the report with the node key, write it, print the figures."""
+    from node.privacy.attacks import AuditConfig
+    from node.setup import AUDIT_FILE
+    from node.training.trainer import DPSettings, TrainConfig
+    from tessera.crypto.signing import load_private_key
+    from tessera.files import atomic_write
+    from tessera.governance.audit import AuditLog
+    from tessera.governance.privacy_report import sign_report
+
     dp = None
     if args.dp_noise is not None:
         dp = DPSettings(args.dp_noise, args.dp_clip)
@@ -92,7 +101,9 @@ def audit_privacy_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise NodeError(f"audit settings: {error}") from None
     key = load_private_key(args.key)
-    report = run_site_audit(SiteAudit(args.state, args.site, recipe, budget, args.version))
+    with AuditLog.open(args.state / AUDIT_FILE, counts_only=True) as audit:
+        job = SiteAudit(args.state, args.site, recipe, budget, args.version)
+        report = run_site_audit(job, audit)
     signed = sign_report(report, key)
     atomic_write(args.out, signed.to_json())
     print(json.dumps(summary(signed), indent=1, sort_keys=True))
@@ -100,8 +111,15 @@ def audit_privacy_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_site_audit(job: SiteAudit) -> PrivacyAuditReport:
-    """Audit the stored model version (default: current); returns the unsigned report."""
+def run_site_audit(job: SiteAudit, audit: AuditLog | None = None) -> PrivacyAuditReport:
+    """Audit the stored model version (default: current); returns the unsigned report.
+    With `audit`, the run is recorded there once it reaches the site's data (the module
+    docstring), whatever its outcome."""
+    from node.inference.runtime import preprocess_from_metadata
+    from node.privacy.attacks import PrivacyAccountingError
+    from node.privacy.site_audit import AuditTarget, SiteData, audit_at_site
+    from node.round.releases import open_model_store
+
     store = open_model_store(job.state_dir)
     version = job.version if job.version is not None else store.current()
     if version is None:
@@ -115,12 +133,28 @@ def run_site_audit(job: SiteAudit) -> PrivacyAuditReport:
                          bytes.fromhex(record.model_hash))  # fmt: skip
     site = SiteData(job.site_id, store.federation_id, store.study_id, job.state_dir,
                     preprocess_from_metadata(dict(metadata.preprocess)))  # fmt: skip
-    return audit_at_site(target, site, job.recipe, job.audit)
+    facts = {"study_id": store.study_id, "round": record.round, "version": version,
+             "model_hash": record.model_hash, "command": "tessera audit privacy"}  # fmt: skip
+    try:
+        report = audit_at_site(target, site, job.recipe, job.audit)
+    except NodeError as error:
+        if audit is not None:
+            outcome = "accounting-error" if isinstance(error, PrivacyAccountingError) else "failed"
+            audit.append("privacy-audit", {**facts, "outcome": outcome, "detail": str(error)})
+        raise
+    if audit is not None:
+        audit.append("privacy-audit", {**facts, "outcome": "reported", **report.headline()})
+    return report
 
 
 def _load_model(
     store: ModelStore, version: int, expected_hash: str
 ) -> tuple[torch.nn.Module, ModelSpec, ExportMetadata]:
+    from tessera.models import ModelSpec, build_model
+    from tessera.models.onnx_export import read_metadata
+    from tessera.models.weights import load_arrays, load_weights, model_hash
+    from tessera.wire.release import WEIGHTS_FILE
+
     metadata = read_metadata(store.onnx_bytes(version))
     arrays = load_weights((store.folder(version) / WEIGHTS_FILE).read_bytes())
     if model_hash(arrays).hex() != expected_hash:

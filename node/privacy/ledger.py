@@ -18,14 +18,18 @@ Rules a reviewer can check:
 - A round number is charged at most once; a replayed RoundOpen cannot spend twice, nor
   reset the total.
 - The ledger holds numbers only: no patient data, no paths.
+- The audit log records every charge with its terms (`epsilon-spent`), so a lost ledger can
+  be rebuilt from it (`node.privacy.reconcile`), and a ledger behind the log is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +58,44 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise NodeError(
             f"privacy ledger {path} is unreadable ({type(error).__name__}); restore it "
-            "from backup: without it this site cannot prove what it has spent"
+            "from backup, or move it aside and rebuild it from the audit log with `tessera "
+            "node rebuild-ledger --config <node.toml>`: without it this site cannot prove "
+            "what it has spent"
         ) from None
     if not isinstance(data, dict) or data.get("version") != _VERSION:
         raise NodeError(f"privacy ledger {path} has an unknown format")
     return data
+
+
+def read_ledger(path: Path) -> dict[str, Any]:
+    """A ledger file's contents as stored (version, study_id, accountant, delta, rounds,
+    refusals); NodeError when it is unreadable or of another format."""
+    return _read(path)
+
+
+def new_ledger(study_id: str, accountant: str, delta: float) -> dict[str, Any]:
+    """The contents of a ledger that has charged nothing."""
+    return {"version": _VERSION, "study_id": study_id, "accountant": accountant,
+            "delta": delta, "rounds": [], "refusals": []}  # fmt: skip
+
+
+@contextlib.contextmanager
+def ledger_lock(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock on `<ledger>.lock`: every writer of the ledger takes it and
+    re-reads the file inside it, so no two spend (or rebuild) against a stale copy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def write_ledger(path: Path, data: dict[str, Any]) -> None:
+    """Write a ledger atomically, owner-only (hold `ledger_lock`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=0o600)
 
 
 def recorded_epsilon(
@@ -152,8 +189,7 @@ class PrivacyLedger:
 
     def _load(self) -> dict[str, Any]:
         if not self.path.exists():
-            return {"version": _VERSION, "study_id": self.study_id, "accountant": self.accountant,
-                    "delta": self.delta, "rounds": [], "refusals": []}  # fmt: skip
+            return new_ledger(self.study_id, self.accountant, self.delta)
         data = _read(self.path)
         for key, want in (("study_id", self.study_id), ("accountant", self.accountant),
                           ("delta", self.delta)):  # fmt: skip
@@ -163,6 +199,11 @@ class PrivacyLedger:
                     f"configuration says {want!r}; a study's accounting cannot change midway"
                 )
         return data
+
+    def reload(self) -> None:
+        """Re-read the file, which another process (a charge, a rebuild, a restore from
+        backup) may have replaced."""
+        self._data = self._load()
 
     def _history(self) -> list[tuple[float, float, int]]:
         return [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in self._data["rounds"]]
@@ -209,15 +250,9 @@ class PrivacyLedger:
         processes (the daemon and a manual `tessera node train`) can never both spend
         against the same stale total.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                self._data = self._load()
-                return self._charge_locked(round_number, noise_multiplier, sample_rate, steps)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with ledger_lock(self.path):
+            self._data = self._load()
+            return self._charge_locked(round_number, noise_multiplier, sample_rate, steps)
 
     def _charge_locked(
         self, round_number: int, noise_multiplier: float, sample_rate: float, steps: int
@@ -252,6 +287,4 @@ class PrivacyLedger:
         return charge
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        blob = json.dumps(self._data, indent=1, sort_keys=True).encode()
-        atomic_write(self.path, blob, mode=0o600)
+        write_ledger(self.path, self._data)

@@ -15,14 +15,21 @@ Order, and what each step guarantees:
    k, clip norm, rounds, epsilon), then by the protocol checks here: the round names exactly
    the roster's aggregators, lists this site, expects at least max(study k, round k) sites
    of the manifest and no one else, fits the study's caps with exactly the ring they require
-   (`tessera.wire.round_terms`: a round that can never release must not cost epsilon), is
-   before its deadline, is the first RoundOpen this node answers for its round number (a
-   leader that signs two cannot have a node refuse one and join the other), and starts from
-   the model this node holds. All of this runs before one image is touched. A refusal
+   (`tessera.wire.round_terms`: a round that can never release must not cost epsilon), can
+   represent this node's own update (its weight, from its training-set size, times the clip
+   norm above the fixed point's rounding: `tessera.crypto.update_layout.check_representable`;
+   else the update could round to all zeros and the round fail after the epsilon is spent), is
+   before its deadline on the leader's clock (this node's own, corrected by the offset it
+   measured; a node whose clock is off by more than it tolerates refuses with "clock-skew"
+   and the fix: `node.round.clock`), is the first RoundOpen this node answers for its round
+   number (a leader that signs two cannot have a node refuse one and join the other), and
+   starts from the model this node holds. All of this runs before one image is touched. A refusal
    appends a `round-refused` entry and returns `Refused`, which carries no outgoing message
    at all. Every answer's audit entry names the RoundOpen's hash (`round_open`), and the
    audit log is what the node reads back to know which rounds it answered, so a restart
-   does not forget.
+   does not forget. First of all, the privacy ledger is re-read and held against the audit
+   log (`node.privacy.reconcile.ledger_gap`): a ledger missing or behind refuses the round
+   (`ledger-behind`), since its budget would restart from a lower figure.
 3. Only then is a copy of the model trained (`ctx.train`, default `train_for_round`; the
    node's own model stays the base model, so an aborted round leaves it untouched).
 4. The encoded vector is split into one share per aggregator (`tessera.crypto.sharing.split`),
@@ -41,7 +48,7 @@ import datetime as dt
 import hmac
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -51,11 +58,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from broker.topics import share_topic
 from node.errors import NodeError
 from node.privacy.ledger import BudgetExceeded, PrivacyLedger
+from node.privacy.reconcile import charge_fields, ledger_gap
+from node.round.clock import ClockReading
 from node.round.policy import LedgerState, RoundAnnouncement, RoundRefused, SitePolicy, check_round
 from node.training.federated import RoundUpdate, SiteTraining, round_train_config, train_for_round
 from node.training.trainer import planned_steps, split_validation
 from tessera.crypto.sealing import seal
 from tessera.crypto.sharing import ShareContext, split
+from tessera.crypto.update_layout import STATS_LENGTH, check_representable
 from tessera.errors import AuthenticationError
 from tessera.governance.approvals import Approval
 from tessera.governance.audit import AuditLog, read_entries
@@ -77,12 +87,15 @@ PROTOCOL_REASONS = (
     "expected-not-in-manifest",
     "expected-below-k",
     "ring-outside-caps",
+    "update-unrepresentable",
     "deadline-passed",
+    "clock-skew",
     "already-joined",
     "already-answered",
     "base-model-mismatch",
     "not-enough-data",
     "budget-exhausted",
+    "ledger-behind",
 )
 
 Trainer = Callable[
@@ -98,7 +111,9 @@ class ParticipationContext:
     `aggregator_signing_keys` and `aggregator_hpke_keys` come from the verified roster (all
     aggregators, never only those a RoundOpen names); `leader_id` is the roster's leader.
     `architecture` is the model's architecture id as the study's allowlist spells it.
-    `ledger` is the study's privacy ledger, required when `site.dp` is set.
+    `ledger` is the study's privacy ledger, required when `site.dp` is set. `clock` is what
+    the node measured of its clock against the leader's (`node.round.clock`); None: not
+    known, as for a node that never compared them.
     """
 
     site_id: str
@@ -118,6 +133,7 @@ class ParticipationContext:
     audit: AuditLog
     train: Trainer = field(default=train_for_round)
     max_round_open_bytes: int = MAX_ROUND_OPEN_BYTES
+    clock: ClockReading | None = None
 
 
 class Outgoing(NamedTuple):
@@ -166,6 +182,8 @@ def participate(
 ) -> Participation:
     """Answer one signed RoundOpen: `Joined` with the share envelopes to publish, or
     `Refused` (audited, no messages). See the module docstring for the order of checks.
+    `now` is the leader's time as this node reads it (its own clock corrected by
+    `ctx.clock`, which the daemon measured); default: this machine's clock.
 
     Raises AuthenticationError for an envelope not signed by the roster's leader, CodecError
     for malformed bytes; errors while training (other than the budget) propagate.
@@ -203,37 +221,9 @@ def participate(
         "statement": statement.commitment().hex(),
     })  # fmt: skip
     if charge is not None:
-        ctx.audit.append("epsilon-spent", {"study_id": round_open.study_id,
-                                           "round": round_open.round, "epsilon": spent,
-                                           "total": charge.epsilon_total})  # fmt: skip
+        assert ctx.ledger is not None  # train_for_round charges only a ledger it was given
+        ctx.audit.append("epsilon-spent", charge_fields(ctx.ledger, asdict(charge), spent))
     return Joined(round_open, messages, spent, update)
-
-
-def reconcile_epsilon_audit(ledger: PrivacyLedger, audit: AuditLog) -> int:
-    """Append an `epsilon-spent` entry for every round the ledger charged but the audit log
-    does not record; return how many. Call at start-up.
-
-    The ledger is charged before training and the audit entry is written after it, so a node
-    killed while training leaves a charge the log does not show. The charge stands (the
-    noise was drawn, or may have been): the entry says so, and the two agree again.
-    """
-    logged = {
-        int(entry.fields["round"])
-        for entry in read_entries(audit.path)
-        if entry.kind == "epsilon-spent" and entry.fields.get("study_id") == ledger.study_id
-    }
-    added, before = 0, 0.0
-    for charge in ledger.rounds:
-        total = float(charge["epsilon_total"])
-        if int(charge["round"]) not in logged:
-            audit.append("epsilon-spent", {
-                "study_id": ledger.study_id, "round": int(charge["round"]),
-                "epsilon": max(0.0, total - before), "total": total,
-                "note": "charged before training; the node stopped before the round finished",
-            })  # fmt: skip
-            added += 1
-        before = total
-    return added
 
 
 def seal_shares(
@@ -309,8 +299,13 @@ def _joined_rounds(round_open: RoundOpen, ctx: ParticipationContext) -> set[int]
 
 
 def _ledger_state(round_open: RoundOpen, ctx: ParticipationContext) -> LedgerState:
-    # With DP the ledger is the authority; without it, the audit log counts joined rounds.
+    # With DP the ledger is the authority, once it holds every charge the audit log records
+    # (re-read here: it may have been deleted, restored or rebuilt since the last round);
+    # without DP, the audit log counts joined rounds.
     if ctx.ledger is not None:
+        gap = ledger_gap(ctx.ledger, ctx.audit.path)
+        if gap is not None:
+            raise RoundRefused("ledger-behind", gap.reason)
         return ctx.ledger.state()
     return LedgerState(epsilon_spent=0.0, rounds_joined=len(_joined_rounds(round_open, ctx)))
 
@@ -366,9 +361,16 @@ def _check_protocol(round_open: RoundOpen, ctx: ParticipationContext, now: dt.da
             "not-expected", f"site {ctx.site_id!r} is not among the round's expected nodes"
         )
     _check_round_terms(round_open, ctx)
-    if now.timestamp() * 1000 >= round_open.deadline_ms:
+    _check_own_update(round_open, ctx)
+    if ctx.clock is not None and ctx.clock.beyond:
+        raise RoundRefused("clock-skew", ctx.clock.refusal())
+    late_s = now.timestamp() - round_open.deadline_ms / 1000
+    if late_s >= 0:
+        clock = ctx.clock.describe() if ctx.clock is not None else "clock not compared"
         raise RoundRefused(
-            "deadline-passed", f"the round's deadline (Unix ms {round_open.deadline_ms}) passed"
+            "deadline-passed",
+            f"the round's deadline (Unix ms {round_open.deadline_ms}) passed {late_s:.0f} s "
+            f"ago on the leader's clock as this node reads it ({clock})",
         )
     answered = _answered_rounds(round_open, ctx).get(round_open.round)
     if answered == "round-joined":
@@ -402,3 +404,24 @@ def _check_round_terms(round_open: RoundOpen, ctx: ParticipationContext) -> None
         check_round_encoding(round_open, max_clip_norm=study.clip_norm)
     except RoundTermsRefused as refused:
         raise RoundRefused(refused.reason, refused.detail) from None
+
+
+def _check_own_update(round_open: RoundOpen, ctx: ParticipationContext) -> None:
+    """This node's update, weighted by its own training-set size, must survive the round's
+    fixed point (issue 19, point 9: a ResNet-18 update of 15-sample sites at weight_cap
+    10,000 rounded to all zeros, and the round failed after every site spent its epsilon)."""
+    cfg = round_train_config(round_open, ctx.site)
+    try:
+        train_idx, _ = split_validation(len(ctx.images), cfg.validation_fraction, cfg.seed)
+    except NodeError as error:
+        raise RoundRefused("not-enough-data", str(error)) from None
+    try:
+        check_representable(
+            weight_cap=round_open.weight_cap,
+            frac_bits=round_open.ring.frac_bits,
+            clip_norm=round_open.clip_norm,
+            n_params=max(1, round_open.vector_length - STATS_LENGTH),
+            samples=len(train_idx),
+        )
+    except ValueError as error:
+        raise RoundRefused("update-unrepresentable", str(error)) from None

@@ -6,15 +6,20 @@ hashes (`tessera.wire.release.verify_release`), the release is for the store's f
 study, and the ONNX export names these very weights in its metadata. Only then are the
 weights, the ONNX file, the model card and the signed release written, each atomically, to
 `<state>/models/<version>/`, and the version recorded. Every refusal raises and is audited
-(kind `release`, outcome `refused`); nothing of a refused release reaches the disk.
+(kind `release`, outcome `refused`); nothing of a refused release reaches the disk. A release
+that does not fit raises DiskFull (naming the models folder and what the release needs) and
+leaves nothing of itself behind: it is not refused, only not yet installed.
 
 Which model inference uses: `current()` is the pinned version if one is pinned, else the
 newest. `rollback()` pins the version before the current one; `pin(v)` and `unpin()` are the
 operator's. The store's state (`models/state.json`) is JSON written atomically (temp file,
 fsync, os.replace), after the version's files, so a killed process leaves either the old
 state or the new one with all files in place; a folder without a record is overwritten by
-the next acceptance of that version. Readers re-check a stored file's hash (`onnx_bytes`)
-so a damaged disk copy is never served.
+the next acceptance of that version. Readers re-check a stored file's hash (`onnx_bytes`,
+`weights_bytes`) so a damaged disk copy is never served or trained from: they raise
+ModelFileDamaged. A damaged version is repaired, never replaced: accepting its release
+again (its own `release.bin` when that still verifies, `repair_from_disk`; or a copy the
+aggregators send, `node.daemon`) rewrites exactly the files whose hashes differ.
 
 The wire form is the bare `ModelRelease` (its authority is the joint signatures), or the same
 release inside a signed envelope from any aggregator.
@@ -27,6 +32,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +41,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from node.errors import NodeError
-from tessera.errors import AuthenticationError, CodecError
-from tessera.files import atomic_write
+from tessera.errors import AuthenticationError, CodecError, DiskFull
+from tessera.files import atomic_write, free_bytes
 from tessera.governance.audit import AuditLog
 from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES
 from tessera.models.onnx_export import read_metadata
@@ -48,11 +54,24 @@ from tessera.wire.release import (
     RELEASE_FILE,
     WEIGHTS_FILE,
     ModelRelease,
+    ReleaseBundle,
     verify_release,
 )
 
 STATE_FILE = "state.json"
 _FORMAT = 1
+
+
+class ModelFileDamaged(NodeError):
+    """A stored file of an accepted version is missing or fails its release hash."""
+
+    def __init__(self, version: int, path: Path, problem: str) -> None:
+        super().__init__(
+            f"model version {version}: {path} {problem}; the disk copy is damaged: the node "
+            "serves and trains from the newest intact version and re-fetches this one from "
+            f"the aggregators (or restore {path.parent} from backup)"
+        )
+        self.version = version
 
 
 class ReleaseRefused(NodeError):
@@ -174,15 +193,71 @@ class ModelStore:
         return self.root / str(version)
 
     def onnx_bytes(self, version: int) -> bytes:
-        """The stored ONNX export of `version`, re-checked against its accepted hash."""
+        """The stored ONNX export of `version`, re-checked against its accepted hash;
+        ModelFileDamaged if it is missing or differs."""
+        return self._checked(version, ONNX_FILE, self._require(version).onnx_hash)
+
+    def weights_bytes(self, version: int) -> bytes:
+        """The stored weights (safetensors) of `version`, re-checked against the release's
+        model hash; ModelFileDamaged if they are missing or differ."""
+        return self._checked(version, WEIGHTS_FILE, self._require(version).model_hash)
+
+    def damaged(self, version: int) -> ModelFileDamaged | None:
+        """The first of `version`'s weights, ONNX and card that is damaged, else None."""
         record = self._require(version)
-        data = (self.folder(version) / ONNX_FILE).read_bytes()
-        if hashlib.sha256(data).hexdigest() != record.onnx_hash:
-            raise NodeError(
-                f"stored ONNX of version {version} does not match its release hash; the disk "
-                "copy is damaged: accept the release again (it is retained on the broker)"
-            )
+        files = ((WEIGHTS_FILE, record.model_hash), (ONNX_FILE, record.onnx_hash),
+                 (CARD_FILE, record.card_hash))  # fmt: skip
+        for name, expected in files:
+            try:
+                self._checked(version, name, expected)
+            except ModelFileDamaged as error:
+                return error
+        return None
+
+    def _checked(self, version: int, name: str, expected: str) -> bytes:
+        path = self.folder(version) / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelFileDamaged(version, path, "is missing") from None
+        if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), expected):
+            raise ModelFileDamaged(version, path, "does not match its release hash")
         return data
+
+    def repair_from_disk(
+        self, version: int, aggregator_keys: Mapping[str, Ed25519PublicKey]
+    ) -> bool:
+        """Rewrite `version`'s damaged files from its own stored `release.bin`, if that still
+        verifies (every aggregator's signature, every hash); False when it does not."""
+        try:
+            data = (self.folder(version) / RELEASE_FILE).read_bytes()
+            record = _accept(data, aggregator_keys, self, MAX_RELEASE_PAYLOAD_BYTES)
+        except (OSError, AuthenticationError, ReleaseRefused, CodecError):
+            return False
+        return record.version == version and self.damaged(version) is None
+
+    def _restore(self, release: ModelRelease, bundle: ReleaseBundle) -> list[str]:
+        """Rewrite the files of an accepted version that no longer match; their names."""
+        folder = self.folder(release.version)
+        folder.mkdir(parents=True, exist_ok=True)
+        rewritten = []
+        files = ((WEIGHTS_FILE, bundle.weights), (ONNX_FILE, bundle.onnx),
+                 (CARD_FILE, bundle.card), (RELEASE_FILE, release.to_bytes()))  # fmt: skip
+        for name, data in files:
+            path = folder / name
+            try:
+                intact = hmac.compare_digest(
+                    hashlib.sha256(path.read_bytes()).digest(), hashlib.sha256(data).digest()
+                )
+            except FileNotFoundError:
+                intact = False
+            if not intact:
+                atomic_write(path, data)
+                rewritten.append(name)
+        if rewritten:
+            self._audit({"outcome": "repaired", "version": release.version,
+                         "files": len(rewritten)})  # fmt: skip
+        return rewritten
 
     def pin(self, version: int) -> None:
         """Serve `version` until unpinned, whatever newer releases arrive."""
@@ -226,14 +301,23 @@ class ModelStore:
         self, release: ModelRelease, weights: bytes, onnx: bytes, card: bytes
     ) -> StoredModel:
         folder = self.folder(release.version)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, data in ((WEIGHTS_FILE, weights), (ONNX_FILE, onnx), (CARD_FILE, card),
-                           (RELEASE_FILE, release.to_bytes())):  # fmt: skip
-            atomic_write(folder / name, data)
+        files = ((WEIGHTS_FILE, weights), (ONNX_FILE, onnx), (CARD_FILE, card),
+                 (RELEASE_FILE, release.to_bytes()))  # fmt: skip
         record = _record(release)
-        with self._locked():
-            self._models[release.version] = record
-            self._save()  # last: the record exists only once every file is in place
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in files:
+                atomic_write(folder / name, data)
+            with self._locked():
+                self._models[release.version] = record
+                self._save()  # last: the record exists only once every file is in place
+        except DiskFull:
+            # Give back what the version took, and say what all of it needs: the release
+            # is taken again once the space is back (node.daemon defers its delivery).
+            if release.version not in self._models:
+                shutil.rmtree(folder, ignore_errors=True)
+            needed = sum(len(data) for _, data in files)
+            raise DiskFull(str(self.root), needed, free_bytes(self.root)) from None
         return record
 
 
@@ -282,7 +366,8 @@ def accept_release(
     AuthenticationError (vague) unless all of them, and no one else, signed and the payload
     matches the hashes; ReleaseRefused for a malformed release, another federation or study,
     an ONNX export that names other weights, or a version already accepted with other
-    contents. Each refusal is audited. Accepting the same release again is a no-op.
+    contents. Each refusal is audited. Accepting the same release again rewrites any of its
+    files that are damaged on disk (audited as `repaired`), and is otherwise a no-op.
     """
     try:
         return _accept(release_bytes, aggregator_keys, store, max_payload)
@@ -324,6 +409,7 @@ def _accept(
     existing = store.get(release.version)
     if existing is not None:
         if existing == _record(release):
+            store._restore(release, bundle)  # a damaged disk copy is rewritten, else a no-op
             return existing  # the retained release again, e.g. after a reconnect
         raise ReleaseRefused(
             "version-conflict",

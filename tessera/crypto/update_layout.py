@@ -18,6 +18,18 @@ Hence every coordinate lies in [-B, B] with B = `required_bound(clip_norm, loss_
 and `tessera.crypto.encoding.encode` refuses a vector outside it. Summed over nodes, the last three
 coordinates give sum w, sum w*loss and sum w*|d|^2, which is exactly what
 `aggregator.strategies.Aggregate` expects (weighted mean loss and dispersion).
+
+What the fixed point can represent (`check_representable`): the ring keeps 2**-frac_bits;
+rounding moves each coordinate of one node's vector by at most half of that, so its weighted
+delta by at most sqrt(n) * 2**-(frac_bits+1) in norm. A delta of the clip norm weighted by w
+has norm w * clip_norm; below that rounding it can come out as all zeros (an evenly spread
+delta does; the aggregators then see the squared norm but no delta, and refuse the round),
+so every party refuses terms under which it could: the weight of the smallest node,
+1/weight_cap, must keep two bits (weight_cap <= 2**(frac_bits-2)), a node at the cap must
+pass, and each node checks its own weight, min(samples, weight_cap) / weight_cap, before it
+trains. A ResNet-18 (11.2M parameters) at the defaults (weight_cap 10,000, 16 bits) needs 255
+training samples per site; the fix is a weight_cap near the sites' sizes or more fraction
+bits.
 """
 
 from __future__ import annotations
@@ -45,6 +57,55 @@ def required_bound(clip_norm: float, loss_cap: float = DEFAULT_LOSS_CAP) -> floa
     if not (math.isfinite(loss_cap) and loss_cap > 0):
         raise ValueError(f"loss_cap must be finite and positive, got {loss_cap}")
     return max(clip_norm, clip_norm * clip_norm, loss_cap, 1.0)
+
+
+# The smallest weight, 1/weight_cap, keeps at least this many bits at the ring's scale.
+WEIGHT_PRECISION_BITS = 2
+
+
+def rounding_norm(n_params: int, frac_bits: int) -> float:
+    """sqrt(n_params) * 2**-(frac_bits+1): the most that fixed-point rounding can move one
+    node's weighted delta of `n_params` values, in L2 norm."""
+    return math.sqrt(n_params) * math.ldexp(1.0, -(frac_bits + 1))
+
+
+def check_representable(
+    *,
+    weight_cap: int,
+    frac_bits: int,
+    clip_norm: float,
+    n_params: int,
+    samples: int | None = None,
+) -> None:
+    """Return only if the ring's fixed point can represent the update of a node with
+    `samples` training samples (None: a node at the cap, weight 1), as the module docstring
+    says; ValueError naming the figures and the fix otherwise."""
+    most = 2 ** (frac_bits - WEIGHT_PRECISION_BITS) if frac_bits >= WEIGHT_PRECISION_BITS else 0
+    if weight_cap > most:
+        bits = math.ceil(math.log2(weight_cap)) + WEIGHT_PRECISION_BITS
+        raise ValueError(
+            f"weight_cap {weight_cap} is above 2^{frac_bits - WEIGHT_PRECISION_BITS} = {most}: "
+            f"the smallest weight a node can have, 1/{weight_cap}, keeps fewer than "
+            f"{WEIGHT_PRECISION_BITS} bits at {frac_bits} fraction bits; lower round.weight_cap "
+            f"to at most {most} or raise round.frac_bits to at least {bits}"
+        )
+    weight = 1.0 if samples is None else sample_weight(samples, weight_cap)
+    noise = rounding_norm(n_params, frac_bits)
+    if weight * clip_norm >= noise:
+        return
+    plural = "" if samples == 1 else "s"
+    who = f"a node with {samples} training sample{plural}" if samples else "a node at the cap"
+    bits = math.ceil(math.log2(math.sqrt(n_params) / (weight * clip_norm))) - 1
+    fixes = [f"raise round.frac_bits to at least {bits}"]
+    if samples is not None and clip_norm >= noise:  # a smaller cap weighs this node more
+        cap = math.floor(samples * clip_norm / noise)
+        fixes.insert(0, f"lower round.weight_cap to at most {cap} (near the sites' sizes)")
+    raise ValueError(
+        f"{who} weighs {weight:.3g} (weight_cap {weight_cap}), so its update of clip norm "
+        f"{clip_norm:g} has norm {weight * clip_norm:.3g}, below {noise:.3g}, the most that "
+        f"rounding {n_params} parameters to {frac_bits} fraction bits changes it by: it could "
+        f"round to all zeros; {' or '.join(fixes)}"
+    )
 
 
 def sample_weight(samples: int, weight_cap: int) -> float:

@@ -11,11 +11,15 @@ last one, or a line edited by hand, is detected, and the error names the first l
 not consistent with the lines before it (`AuditVerificationError.line`). An entry rewritten
 together with its own hash shows up at the next line, whose `prev_hash` no longer matches.
 
+An entry found at another line than its seq (two entries swapped, one moved) is named as a
+reorder, not as a deletion.
+
 Limitation: a chain only proves what it contains. Whoever can write the file can delete the
-last entries, or rewrite a whole suffix consistently, and no check of the file alone can
-notice. An **anchor** (the latest `seq:hash`, kept somewhere that attacker cannot write: a
-second volume, the aggregators, a printout) closes that gap: `verify(path, anchor)` fails if
-the anchored entry is missing or different. `AuditLog(anchor_path=...)` keeps one up to date.
+last entries, or rewrite a whole suffix consistently (every hash recomputed), and no check
+of the file alone can notice: `tessera audit verify` says so whenever no anchor is given. An
+**anchor** (the latest `seq:hash`, kept somewhere that attacker cannot write: a second
+volume, the aggregators, a printout) closes that gap: `verify(path, anchor)` fails if the
+anchored entry is missing or different. `AuditLog(anchor_path=...)` keeps one up to date.
 
 Durability: each entry is one `write` of one complete line, then fsync, under an exclusive
 `flock`, so concurrent writers (processes or objects) never interleave and a reader holding
@@ -76,6 +80,9 @@ KINDS = frozenset(
     {"round-opened", "round-joined", "round-refused", "round-aborted", "participant-set"}
     | {"release", "strategy-switch", "epsilon-spent", "key-change", "manifest-change"}
     | {"approval-change", "policy-change", "quarantine", "privacy-audit", "recovery"}
+    | {"dicom-refused"}  # a C-STORE that would have replaced a received object: tampering
+    | {"ledger-rebuilt"}
+    | {"state-rebuilt"}
     | {"share-received", "share-not-received", "intake-throttled"}
 )
 # On a node these kinds may carry counts and scalars only, never a list of who or what.

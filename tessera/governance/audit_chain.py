@@ -94,8 +94,9 @@ def scan(path: Path, data: bytes) -> tuple[list[AuditEntry], int]:
     end = data.rfind(b"\n") + 1
     entries: list[AuditEntry] = []
     previous = GENESIS
-    for number, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
-        obj = _check_line(path, number, line, previous)
+    lines = data[:end].split(b"\n")[:-1]
+    for number, line in enumerate(lines, start=1):
+        obj = _check_line(path, number, line, previous, lines)
         entries.append(
             AuditEntry(number, obj["time"], obj["kind"], obj["fields"], previous, obj["hash"])
         )
@@ -103,7 +104,21 @@ def scan(path: Path, data: bytes) -> tuple[list[AuditEntry], int]:
     return entries, len(data) - end
 
 
-def _check_line(path: Path, number: int, line: bytes, previous: str) -> dict[str, Any]:
+def _line_holding(lines: list[bytes], seq: int) -> int | None:
+    """The 1-based line whose entry claims `seq`, if any (only asked once a check failed)."""
+    for number, line in enumerate(lines, start=1):
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(obj, dict) and obj.get("seq") == seq:
+            return number
+    return None
+
+
+def _check_line(
+    path: Path, number: int, line: bytes, previous: str, lines: list[bytes]
+) -> dict[str, Any]:
     """One line's checks, in the order that names the most likely tampering."""
 
     def bad(problem: str) -> AuditVerificationError:
@@ -130,9 +145,15 @@ def _check_line(path: Path, number: int, line: bytes, previous: str) -> dict[str
         raise bad("holds a value JSON cannot represent canonically") from None
     if canonical != line:
         raise bad("is not in canonical form: the line was edited")
-    if seq > number:
-        raise bad(f"has seq {seq} where {number} was expected: entries before it were deleted")
-    if seq < number:
+    if seq != number:
+        elsewhere = _line_holding(lines[number:], number)
+        if elsewhere is not None:
+            raise bad(
+                f"has seq {seq} where {number} was expected, and entry {number} is at line "
+                f"{number + elsewhere}: the entries were reordered (moved or swapped)"
+            )
+        if seq > number:
+            raise bad(f"has seq {seq} where {number} was expected: entries before it were deleted")
         raise bad(f"has seq {seq} where {number} was expected: it was inserted or moved")
     if prev != previous:
         raise bad(

@@ -221,14 +221,30 @@ def _anchor(text: str | None) -> Anchor | None:
         raise ConfigError(str(error)) from None
 
 
+# What a chain checked without an anchor cannot show (tessera.governance.audit).
+UNANCHORED = (
+    "not shown without --anchor: whether the log was rewritten from some entry on with "
+    "every hash recomputed, or its last entries were cut off; either leaves an unbroken "
+    "chain. Only an anchor kept apart from the log (the SEQ:HASH printed below, by an "
+    "earlier verify, or by the writer's anchor file) shows them"
+)
+
+
 def audit_verify_command(args: argparse.Namespace) -> int:
-    """Verify the chain; print the count and the anchor to keep elsewhere."""
-    result = verify(args.log, _anchor(args.anchor))
+    """Verify the chain; print the count, what was and was not shown, and the anchor to
+    keep elsewhere."""
+    anchor = _anchor(args.anchor)
+    result = verify(args.log, anchor)
     last = result.last.to_text() if result.last else "(empty)"
-    print(f"ok: {args.log}: {result.entries} entries, chain intact")
+    if anchor is None:
+        print(f"{args.log}: {result.entries} entries, each linked to the one before")
+        print(UNANCHORED)
+    else:
+        print(
+            f"ok: {args.log}: {result.entries} entries, chain intact through the anchored "
+            f"entry {anchor.seq} ({result.entries - anchor.seq} after it)"
+        )
     print(f"anchor (store it apart from the log): {last}")
-    if args.anchor is None:
-        print("note: without --anchor, deleting the last entries cannot be detected")
     return 0
 
 

@@ -4,7 +4,11 @@ Node and aggregator both run one `HealthServer` on port 8080 (the deployment con
 
 - `/healthz`: 200 while the process can answer at all (the liveness probe);
 - `/readyz`: 200 only if every registered readiness check passes, else 503 with the names
-  of the failing checks, e.g. "broker connected", "keys loaded", "model verified";
+  of the failing checks, e.g. "broker connected", "keys loaded", "model verified"; a check
+  that can say why it fails returns the sentence instead of False, and it is served under
+  `reasons` ("disk full: ..."). Values a service reports beside readiness (the node's
+  measured clock offset) are served under `info`, and `"warnings"` (sentences naming the
+  fix) when the service's `warnings` callable has any, ready or not;
 - `/metrics`: Prometheus exposition of the service's own `CollectorRegistry` (never the
   process-global default, so two services in one test process do not share counters).
 
@@ -35,10 +39,13 @@ from tessera.observability.events import Event
 __all__ = [
     "Handler",
     "HealthServer",
+    "InfoSource",
     "ReadinessCheck",
     "Request",
     "Response",
+    "Warnings",
     "failing_checks",
+    "readiness_report",
 ]
 
 _log = logging.getLogger("tessera.observability.http")
@@ -71,13 +78,22 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
-ReadinessCheck = Callable[[], bool]
+# True: ready; False, or a sentence saying why (no PHI): not ready.
+ReadinessCheck = Callable[[], bool | str]
+# A value served under /readyz's `info` (JSON: numbers, strings, None, lists, tables).
+InfoSource = Callable[[], object]
+Warnings = Callable[[], list[str]]
 _BUILTIN_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 def failing_checks(readiness: Mapping[str, ReadinessCheck]) -> list[str]:
     """Names of the checks that do not return True (one that raises is not ready either)."""
-    failing = []
+    return list(readiness_report(readiness))
+
+
+def readiness_report(readiness: Mapping[str, ReadinessCheck]) -> dict[str, str | None]:
+    """Each failing check's name and the sentence it gave (None where it gave none)."""
+    failing: dict[str, str | None] = {}
     for name, check in readiness.items():
         try:
             ok = check()
@@ -88,7 +104,7 @@ def failing_checks(readiness: Mapping[str, ReadinessCheck]) -> list[str]:
             )
             ok = False
         if ok is not True:
-            failing.append(name)
+            failing[name] = ok if isinstance(ok, str) else None
     return failing
 
 
@@ -108,6 +124,8 @@ class HealthServer:
         readiness: Mapping[str, ReadinessCheck] | None = None,
         routes: Mapping[tuple[str, str], Handler] | None = None,
         *,
+        info: Mapping[str, InfoSource] | None = None,
+        warnings: Warnings | None = None,
         host: str = "0.0.0.0",  # noqa: S104 - probes come from outside the pod; see docstring
         max_body_bytes: int = MAX_HTTP_BODY_BYTES,
         request_timeout_s: float = 30.0,
@@ -123,6 +141,8 @@ class HealthServer:
                 )
         self._registry = registry
         self._readiness = dict(readiness or {})
+        self._info = dict(info or {})
+        self._warnings = warnings
         self._routes = routes
         self._max_body = max_body_bytes
         handler_class = type(
@@ -175,9 +195,7 @@ class HealthServer:
             if request.path == "/healthz":
                 return Response.json(200, {"status": "alive"})
             if request.path == "/readyz":
-                failing = failing_checks(self._readiness)
-                status = 503 if failing else 200
-                return Response.json(status, {"ready": not failing, "failing": failing})
+                return self._readyz()
             encoder, content_type = choose_encoder(request.headers.get("accept", ""))
             return Response(200, encoder(self._registry), content_type)
         handler = self._routes.get((request.method, request.path))
@@ -198,6 +216,41 @@ class HealthServer:
                 },
             )
             return Response.json(500, {"error": "internal error"})
+
+    def _read_warnings(self) -> list[str]:
+        if self._warnings is None:
+            return []
+        try:
+            return list(self._warnings())
+        except Exception as error:  # noqa: BLE001 - a broken warning must not break /readyz
+            _log.warning(
+                Event.READINESS_CHECK_RAISED,
+                extra={"fields": {"check": "warnings", "error_type": type(error).__name__}},
+            )
+            return []
+
+    def _readyz(self) -> Response:
+        report = readiness_report(self._readiness)
+        body: dict[str, object] = {"ready": not report, "failing": list(report)}
+        reasons = {name: why for name, why in report.items() if why is not None}
+        if reasons:
+            body["reasons"] = reasons
+        if self._info:
+            info: dict[str, object] = {}
+            for name, source in self._info.items():
+                try:
+                    info[name] = source()
+                except Exception as error:  # noqa: BLE001 - a broken source reads as null
+                    _log.warning(
+                        Event.READINESS_CHECK_RAISED,
+                        extra={"fields": {"check": name, "error_type": type(error).__name__}},
+                    )
+                    info[name] = None
+            body["info"] = info
+        warnings = self._read_warnings()
+        if warnings:
+            body["warnings"] = warnings
+        return Response.json(503 if report else 200, body)
 
     @property
     def max_body_bytes(self) -> int:

@@ -22,7 +22,17 @@ from typing import IO, Any
 
 from tessera.observability.events import Event
 
-__all__ = ["JsonFormatter", "RepeatLimiter", "configure_logging", "log_event"]
+__all__ = [
+    "JsonFormatter",
+    "RepeatLimiter",
+    "configure_logging",
+    "log_event",
+    "silence_dicom_libraries",
+]
+
+# Libraries whose records quote DICOM values (pydicom element values; pynetdicom dumps every
+# DIMSE message at DEBUG, SOP Instance UIDs included). Nothing of theirs may reach an output.
+_DICOM_LIBRARIES = ("pydicom", "pynetdicom")
 
 # Keys the formatter owns; a record field with one of these names is renamed, not obeyed.
 _RESERVED = ("ts", "level", "logger", "event", "error")
@@ -72,11 +82,27 @@ def configure_logging(level: int | str = logging.INFO, stream: IO[str] | None = 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # pydicom quotes element values in its records; they must not reach a service's output.
-    logging.getLogger("pydicom").disabled = True
+    silence_dicom_libraries()
     # The ONNX exporter's optimiser narrates every pass at INFO; an operator needs none of it.
     for chatty in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def silence_dicom_libraries() -> None:
+    """Keep every record of pydicom and pynetdicom, their child loggers' included, from any
+    handler, whatever the root level; idempotent.
+
+    Disabling a logger silences only that logger: `pynetdicom.dimse` would still reach the
+    root handler. Here the parents stop propagation (a child's record goes no further than
+    its parent's handlers, which are none but a NullHandler) and their level is above
+    CRITICAL, which every child without a level of its own inherits.
+    """
+    for name in _DICOM_LIBRARIES:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.CRITICAL + 1)
+        logger.propagate = False
+        logger.handlers[:] = [logging.NullHandler()]
+        logger.disabled = True
 
 
 def log_event(

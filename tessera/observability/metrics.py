@@ -101,6 +101,11 @@ class ServiceMetrics:
         self.broker_connected = Gauge(
             "tessera_broker_connected", "1 while the MQTT session is connected.", registry=registry
         )
+        self.disk_full = Gauge(
+            "tessera_disk_full",
+            "1 while a write found the state folder's disk full (the service waits, not ready).",
+            registry=registry,
+        )
         for reason in self._refusal_reasons:
             self.rounds_refused.labels(reason=reason)
         for reason in self._quarantine_reasons:
@@ -159,3 +164,7 @@ class ServiceMetrics:
     def set_broker_connected(self, connected: bool) -> None:
         """Set the broker-connection gauge."""
         self.broker_connected.set(1 if connected else 0)
+
+    def set_disk_full(self, full: bool) -> None:
+        """Set the disk-full gauge."""
+        self.disk_full.set(1 if full else 0)

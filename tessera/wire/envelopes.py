@@ -36,6 +36,7 @@ from tessera.wire.messages import (
     ParticipantSet,
     ReceiptSet,
     ReceivedSet,
+    ReleaseRequest,
     RoundAbort,
     RoundOpen,
     ShareEnvelope,
@@ -52,6 +53,7 @@ Message = (
     | PartialSum
     | ModelRelease
     | RoundAbort
+    | ReleaseRequest
 )
 M = TypeVar("M", bound=Message)
 
@@ -84,6 +86,8 @@ def decode_message(data: Bytes, max_payload: int) -> Message:
         return ModelRelease.from_bytes(data, max_payload)
     if message_type == MessageType.ROUND_ABORT:
         return RoundAbort.from_bytes(data)
+    if message_type == MessageType.RELEASE_REQUEST:
+        return ReleaseRequest.from_bytes(data)
     if message_type == MessageType.RECEIPT_SET:
         return ReceiptSet.from_bytes(data)
     raise CodecError(f"message type {message_type} is unknown to wire version {VERSION}")

@@ -46,6 +46,7 @@ __all__ = [
     "ParticipantSet",
     "ReceiptSet",
     "ReceivedSet",
+    "ReleaseRequest",
     "RoundAbort",
     "RoundOpen",
     "ShareEnvelope",
@@ -90,6 +91,9 @@ class RoundOpen:
     # sized from clip_norm and loss_cap, so a node must use these, not its own.
     weight_cap: int = DEFAULT_WEIGHT_CAP
     loss_cap: float = DEFAULT_LOSS_CAP
+    # The leader's clock when it signed this (Unix ms): a node compares it with its own on
+    # receipt to estimate how far its clock is off (node.round.clock). 0: not stated.
+    opened_ms: int = 0
     TYPE: ClassVar[MessageType] = MessageType.ROUND_OPEN
 
     def __post_init__(self) -> None:
@@ -127,6 +131,11 @@ class RoundOpen:
             raise CodecError("weight_cap must be at least 1")
         if check_float("loss_cap", self.loss_cap) <= 0:
             raise CodecError("loss_cap must be above 0")
+        check_uint("opened_ms", self.opened_ms, 64)
+        if self.opened_ms > self.deadline_ms:
+            raise CodecError(
+                f"opened_ms {self.opened_ms} is after the deadline {self.deadline_ms}"
+            )
 
     @property
     def sender_id(self) -> str | None:
@@ -159,6 +168,7 @@ class RoundOpen:
         w.id(self.leader_id)
         w.u32(self.weight_cap)
         w.f64(self.loss_cap)
+        w.u64(self.opened_ms)
         return w.finish()
 
     @classmethod
@@ -172,6 +182,7 @@ class RoundOpen:
             r.f64("prox_mu"), r.f64("clip_norm"), read_ring(r), r.u32("min_participants"),
             r.u64("vector_length"), r.ids("aggregator_ids", MAX_AGGREGATORS),
             r.ids("expected_nodes"), r.id("leader_id"), r.u32("weight_cap"), r.f64("loss_cap"),
+            r.u64("opened_ms"),
         )  # fmt: skip
         r.done()
         return message
@@ -295,5 +306,45 @@ class RoundAbort:
         """Decode strictly; CodecError on anything malformed."""
         r = begin(data, cls.__name__, cls.TYPE)
         message = cls(*read_context(r), r.id("aggregator_id"), r.text("reason", MAX_REASON_LENGTH))
+        r.done()
+        return message
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """A node's request for a release it accepted before and holds damaged on disk: any
+    aggregator that registered `version` sends it again, to that node alone. The answer's
+    authority is the release's joint signatures, so the request needs none of its own
+    beyond the node's envelope, which the aggregators check against the roster."""
+
+    federation_id: str
+    study_id: str
+    round: int  # the round that released `version`
+    node_id: str
+    version: int
+    TYPE: ClassVar[MessageType] = MessageType.RELEASE_REQUEST
+
+    def __post_init__(self) -> None:
+        check_context(self.federation_id, self.study_id, self.round)
+        check_id("node_id", self.node_id)
+        check_uint("version", self.version, 64)
+
+    @property
+    def sender_id(self) -> str | None:
+        return self.node_id
+
+    def to_bytes(self) -> bytes:
+        """Encode for the wire."""
+        w = Writer(self.TYPE)
+        write_context(w, self.federation_id, self.study_id, self.round)
+        w.id(self.node_id)
+        w.u64(self.version)
+        return w.finish()
+
+    @classmethod
+    def from_bytes(cls, data: Bytes) -> ReleaseRequest:
+        """Decode strictly; CodecError on anything malformed."""
+        r = begin(data, cls.__name__, cls.TYPE)
+        message = cls(*read_context(r), r.id("node_id"), r.u64("version"))
         r.done()
         return message

@@ -13,7 +13,10 @@ sites from its own signed manifest or roster:
   ring is the one those caps require: its bound is exactly `required_bound(clip_norm,
   loss_cap)` (a smaller one cannot encode an honest update, so the node would spend epsilon
   for nothing; a larger one admits values beyond the caps), it holds a sum over every
-  expected node without wrapping, and it keeps at least MIN_FRAC_BITS of precision.
+  expected node without wrapping, and it keeps at least MIN_FRAC_BITS of precision; and
+  the weight cap and the ring's precision can represent an update: the smallest weight
+  keeps two bits and a node at the cap is not rounded away
+  (`tessera.crypto.update_layout.check_representable`; a node then checks its own weight).
 
 Pure: no clock, no disk. Each failure raises RoundTermsRefused(reason, detail); the detail
 names numbers, never a site.
@@ -23,7 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from tessera.crypto.update_layout import MAX_LOSS_CAP, required_bound
+from tessera.crypto.update_layout import (
+    MAX_LOSS_CAP,
+    STATS_LENGTH,
+    check_representable,
+    required_bound,
+)
 from tessera.wire.messages import RoundOpen
 
 MIN_FRAC_BITS = 8  # below this, an update's fixed-point rounding swamps a small delta
@@ -33,6 +41,7 @@ REASONS = (
     "expected-below-k",
     "clip-norm-above-study",
     "ring-outside-caps",
+    "update-unrepresentable",
 )
 
 
@@ -94,3 +103,12 @@ def check_round_encoding(round_open: RoundOpen, *, max_clip_norm: float) -> None
             "ring-outside-caps",
             f"the ring keeps {a.ring.frac_bits} fraction bits, fewer than {MIN_FRAC_BITS}",
         )
+    try:
+        check_representable(
+            weight_cap=a.weight_cap,
+            frac_bits=a.ring.frac_bits,
+            clip_norm=a.clip_norm,
+            n_params=max(1, a.vector_length - STATS_LENGTH),
+        )
+    except ValueError as exc:
+        raise RoundTermsRefused("update-unrepresentable", str(exc)) from None

@@ -69,6 +69,13 @@ def test_a_sum_of_weights_outside_n_over_cap_to_n_is_refused(weight: float, show
     assert "outside [0.0299771, 3.00002] (3 nodes, each weight in [1/100, 1])" in error.reason
 
 
+def test_a_delta_that_rounded_to_zero_while_its_squared_norm_did_not_is_refused() -> None:
+    # Issue 19, point 9: the card would refuse its infinite dispersion; say why instead.
+    error = refused(aggregate(np.zeros(P), 0.03, 0.0, 1e-3))
+    assert error.part == "precision" and "zero in every coordinate at 16 fraction" in error.reason
+    check_aggregate(aggregate(np.zeros(P), 0.03, 0.0, 0.0), N, TERMS)  # no update at all
+
+
 def test_one_coordinate_beyond_clip_times_the_weight_is_refused() -> None:
     delta = np.zeros(P)
     delta[5] = -1.5 - 10 * TOL  # weight 1.5, clip 1
@@ -187,7 +194,13 @@ def test_honest_aggregates_always_pass(
     total = np.zeros(vectors[0].size, dtype=ring.dtype)
     for vector in vectors:
         total += encode(vector, ring)  # ring addition: unsigned wraparound
-    check_aggregate(decode(total, ring, n), n, terms)
+    decoded = decode(total, ring, n)
+    if not np.any(decoded[:-3]) and decoded[-1] > 0:
+        # Deltas that cancel exactly, or round away: no model to release (issue 19, point 9).
+        with pytest.raises(AggregateRefused, match=r"\(precision\)"):
+            check_aggregate(decoded, n, terms)
+        return
+    check_aggregate(decoded, n, terms)
 
 
 @settings(max_examples=200, deadline=None)

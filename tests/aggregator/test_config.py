@@ -69,6 +69,13 @@ def test_environment_overrides_win(tmp_path: Path) -> None:
     assert config.strategy.adaptive is False
     assert config.broker.tls is False and config.broker.ca_file is None
     assert config.state_dir == tmp_path
+    assert config.broker.publish_timeout_s == 300.0  # the default
+
+
+def test_the_publish_timeout_and_reconnect_wait_are_settings(tmp_path: Path) -> None:
+    env = {"TESSERA_BROKER_PUBLISH_TIMEOUT_S": "5", "TESSERA_BROKER_RECONNECT_MAX_S": "2"}
+    config = load_config(write(tmp_path, MINIMAL), env=env)
+    assert (config.broker.publish_timeout_s, config.broker.reconnect_max_s) == (5.0, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -89,6 +96,8 @@ def test_environment_overrides_win(tmp_path: Path) -> None:
         (lambda t: t.replace('key_file = "/etc/tessera/bundle/agg-1.key"\n', ""), {}, "key_f"),
         (lambda t: t + "\n[round2]\n", {}, "round2"),
         (lambda t: t.replace('"agg-1"', '"agg 1"', 1), {}, "aggregator_id"),
+        (lambda t: t, {"TESSERA_BROKER_PUBLISH_TIMEOUT_S": "0"}, "broker.publish_timeout_s"),
+        (lambda t: t, {"TESSERA_BROKER_RECONNECT_MAX_S": "inf"}, "broker.reconnect_max_s"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(tmp_path: Path, edit, env, message: str) -> None:

@@ -80,6 +80,7 @@ def test_the_leaders_audit_log_names_the_node_it_left_out(tmp_path: Path) -> Non
     # the daemon's own audit step, over the leader's real service (no MQTT needed for it)
     daemon = object.__new__(AggregatorDaemon)
     daemon.service, daemon._audited = fed.services[LEADER], None
+    daemon.store = fed.services[LEADER].store
     daemon.audit = AuditLog.open(tmp_path / "leader-audit.log")
     daemon._audit_progress()
     (entry,) = [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +178,36 @@ def test_lineage_stops_at_a_parent_this_registry_lacks(tmp_path, capsys) -> None
     assert f"v5 (round 5) <- missing parent {orphan_parent.hex()[:12]}" in out
     _, out, _ = run(capsys, "models", "list", "--state", str(tmp_path))
     assert out.splitlines()[1].split()[2] == f"?{orphan_parent.hex()[:12]}"
+
+
+@pytest.mark.parametrize("stored", ["relative", "absolute (schema 3)"])
+def test_a_state_folder_copied_elsewhere_verifies_its_own_files(tmp_path, capsys, stored) -> None:
+    """Issue 19, point 10: a registry that named absolute folders made a copy of a state
+    folder read the original's files, so the copy said `verified: yes` although its own
+    weights had been altered. Stores of schema 3 (absolute paths) are migrated on open."""
+    original = tmp_path / "original"
+    build_state(original, versions=2)
+    if stored.startswith("absolute"):  # what schema 3 wrote: absolute paths, schema "3"
+        db = sqlite3.connect(original / "aggregator.sqlite3")
+        models = original / "models"
+        db.execute(
+            "UPDATE models SET folder = ? || '/' || lower(hex(study_id)) || '/' || "
+            "printf('%010d', version)",
+            (str(models),),
+        )
+        db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+        db.commit()
+        db.close()
+    copy = tmp_path / "restored-elsewhere"
+    shutil.copytree(original, copy)
+    weights = next((copy / "models").rglob("0000000002/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    code, out, _ = run(capsys, "models", "show", "2", "--state", str(copy))
+    assert code == 1, out
+    assert "verified:      NO:" in out and str(weights) in out
+    code, out, _ = run(capsys, "models", "show", "2", "--state", str(original))
+    assert code == 0 and "verified:      yes" in out  # the original is untouched
+    db = sqlite3.connect(copy / "aggregator.sqlite3")
+    folders = [row[0] for row in db.execute("SELECT folder FROM models")]
+    db.close()
+    assert folders and not any(Path(folder).is_absolute() for folder in folders)

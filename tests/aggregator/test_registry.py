@@ -123,7 +123,8 @@ def test_registry_keeps_lists_and_verifies_every_version(tmp_path: Path) -> None
     assert latest is not None and latest.record.version == 3
     state = store.server_state("study-1")
     assert state is not None and state.round == 3 and state.algorithm == "fedsgd"
-    assert server_state_from_bytes(Path(state.path).read_bytes()).step == 3  # type: ignore[arg-type]
+    assert state.path is not None and not Path(state.path).is_absolute()  # moves with the folder
+    assert server_state_from_bytes(registry.resolve(state.path).read_bytes()).step == 3
     with pytest.raises(RegistryError, match="no model version 9"):
         registry.show("study-1", 9)
 

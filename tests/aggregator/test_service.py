@@ -32,9 +32,17 @@ from tessera.crypto.sealing import generate_hpke_key
 from tessera.crypto.signing import generate_signing_key
 from tessera.crypto.update_layout import pack_update
 from tessera.governance.audit import AuditLog
+from tessera.limits import RELEASE_REFETCH_INTERVAL_S
 from tessera.observability.events import Event
 from tessera.wire.envelopes import open_envelope, seal_envelope
-from tessera.wire.messages import ModelRelease, ReceiptSet, RoundAbort, RoundOpen, ShareEnvelope
+from tessera.wire.messages import (
+    ModelRelease,
+    ReceiptSet,
+    ReleaseRequest,
+    RoundAbort,
+    RoundOpen,
+    ShareEnvelope,
+)
 from tessera.wire.release import verify_release
 from tests.support import governance
 from tests.support.shares import node_envelopes, node_update
@@ -448,3 +456,39 @@ def test_ids_shared_by_a_node_and_an_aggregator_are_refused(tmp_path: Path) -> N
             export_onnx=fake_onnx,
             terms=TERMS,
         )
+
+
+def test_a_node_asking_again_for_a_release_gets_it_alone_and_not_on_demand(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #19, point 6: a node holding a release damaged asks for it again; every
+    aggregator that registered it sends the signed release to that node's copy topic, at most
+    once a minute per node and version; a request in another site's name or for a version
+    never released is refused."""
+    fed = Federation(tmp_path)
+    run_round(fed, skip=set())
+    fed.past_deadline()
+    latest = fed.services[LEADER].registry.latest(STUDY)
+    assert latest is not None
+    release = latest.release_path.read_bytes()
+
+    def ask(node: str, version: int = 1, on: str = "site-a") -> list[Outgoing]:
+        request = ReleaseRequest(FED, STUDY, latest.record.round, node, version)
+        payload = seal_envelope(request, node, fed.node_keys[node])
+        topic = topics.fetch_topic(FED, STUDY, on)
+        return [out for s in fed.services.values() for out in s.on_message(topic, payload)]
+
+    caplog.set_level(logging.INFO)
+    answers = ask("site-a")
+    assert [(o.topic, o.payload, o.retain) for o in answers] == [
+        (topics.release_copy_topic(FED, STUDY, "site-a"), release, False)
+    ] * len(AGGREGATORS)
+    verify_release(ModelRelease.from_bytes(answers[0].payload), fed.agg_public)
+    assert ask("site-a") == []  # within the interval: nothing more
+    fed.clock.now += RELEASE_REFETCH_INTERVAL_S
+    assert len(ask("site-a")) == len(AGGREGATORS)
+    assert ask("site-b", on="site-a") == []  # site-b's request on site-a's topic: refused
+    assert ask("site-a", version=7) == []  # never released: refused
+    rejected = [r.fields["reason"] for r in events(caplog, Event.MESSAGE_REJECTED)]  # type: ignore[attr-defined]
+    assert len(rejected) == 2 * len(AGGREGATORS)
+    assert "another" in rejected[0] and "version 7" in rejected[-1]

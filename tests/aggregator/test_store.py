@@ -186,7 +186,8 @@ def test_a_schema_1_or_2_store_is_migrated_to_3_and_keeps_its_facts(
 ) -> None:
     old_store(tmp_path, version)
     with open_store(tmp_path) as store:
-        assert store._db.execute("SELECT value FROM meta").fetchone()[0] == "3"
+        # then on to schema 4 (registry paths relative to the registry: no models here)
+        assert store._db.execute("SELECT value FROM meta").fetchone()[0] == "4"
         on_m = store.published_on_base(STUDY, b"m" * 32)
         assert [(f.round, f.participants) for f in on_m] == [
             (1, ("a", "b", "c")),
@@ -202,7 +203,7 @@ def test_a_schema_1_or_2_store_is_migrated_to_3_and_keeps_its_facts(
         state = transition(state, ParticipantsAgreed(("a", "b", "d")))
         with pytest.raises(PartialSumRefused, match="at most one per round"):
             store.decide_partial_sum(STUDY, state, b"g" * 32)
-    with open_store(tmp_path) as store:  # reopened: schema 3 as is
+    with open_store(tmp_path) as store:  # reopened: schema 4 as is
         assert len(store.published_on_base(STUDY, b"n" * 32)) == 1
 
 

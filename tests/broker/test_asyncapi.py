@@ -25,7 +25,7 @@ from tessera.crypto.signing import generate_signing_key
 from tessera.wire.agreement import PartialSum, ParticipantSet, ReceiptSet, ReceivedSet
 from tessera.wire.codec import MessageType
 from tessera.wire.envelopes import seal_envelope
-from tessera.wire.messages import RoundAbort, RoundOpen, ShareEnvelope
+from tessera.wire.messages import ReleaseRequest, RoundAbort, RoundOpen, ShareEnvelope
 from tessera.wire.release import ReleaseBundle, build_release
 from tessera.wire.statement import NodeStatement
 
@@ -141,6 +141,7 @@ def example_messages() -> list[Any]:
             ("agg-1", "agg-2"),
             ("site-a", "site-b"),
             "agg-1",
+            opened_ms=1_699_999_940_000,
         ),
         ShareEnvelope(
             "fed-a",
@@ -160,6 +161,7 @@ def example_messages() -> list[Any]:
         PartialSum("fed-a", "study.1", 7, "agg-1", "agg-2", h2, os.urandom(100)),
         build_release("fed-a", "study.1", 7, 4, h1, bundle),
         RoundAbort("fed-a", "study.1", 7, "agg-1", "fewer than k participants"),
+        ReleaseRequest("fed-a", "study.1", 7, "site-a", 4),
     ]
 
 
@@ -268,6 +270,8 @@ def test_documented_addresses_build_and_parse_like_the_code(spec: dict[str, Any]
         "PARTICIPANTS": topics.participants_topic("fed-a", "study.1"),
         "PARTIAL": topics.partial_topic("fed-a", "study.1", "agg-2", "agg-1"),
         "RELEASE": topics.release_topic("fed-a", "study.1"),
+        "FETCH": topics.fetch_topic("fed-a", "study.1", "site-a"),
+        "RELEASE_COPY": topics.release_copy_topic("fed-a", "study.1", "site-a"),
         "CANDIDATE": topics.candidate_topic("fed-a", "study.1", "site-a"),
         "AUDIT": topics.audit_topic("fed-a", "study.1", "site-a"),
         "PRESENCE": topics.presence_topic("fed-a", "site-a"),

@@ -6,7 +6,9 @@ import hashlib
 import logging
 import os
 import random
+import stat
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,10 +19,12 @@ from broker.chunking import (
     ChunkFrame,
     Reassembler,
     ReassemblyLimits,
+    prepare_spool_dir,
     split_payload,
 )
 from broker.errors import ChunkError, PayloadTooLargeError
 from broker.quotas import Origin
+from tessera.errors import ConfigError
 
 
 class FakeClock:
@@ -282,13 +286,22 @@ def test_large_transfers_spool_to_disk_not_memory(tmp_path) -> None:  # type: ig
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_missing_spool_folder_is_created_private(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    spool = tmp_path / "state" / "spool"  # as a fresh state folder has it: absent
+def test_a_missing_spool_folder_is_refused_when_the_reassembler_is_made(tmp_path: Path) -> None:
+    # Issue 19, point 1: both daemons named <state>/spool and nothing made it, so every chunk
+    # of a large payload failed later, one by one, and was dropped.
+    with pytest.raises(ConfigError, match=r"spool folder .*/spool is not usable .*create it"):
+        reassembler(spool_dir=tmp_path / "spool")
+
+
+def test_prepare_spool_dir_makes_a_private_folder_that_spools(tmp_path: Path) -> None:
+    folder = prepare_spool_dir(tmp_path / "state" / "spool")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     payload = os.urandom(30_000)
-    frames = list(split_payload(payload, 10_000))
-    assembler, _ = reassembler(spool_threshold=20_000, spool_dir=spool)
-    assert [assembler.accept("t", f) for f in frames][-1] == payload
-    assert spool.is_dir() and spool.stat().st_mode & 0o777 == 0o700
+    assembler, _ = reassembler(spool_threshold=10_000, spool_dir=folder)
+    *head, last = split_payload(payload, 10_000)
+    for frame in head:
+        assert assembler.accept("t", frame) is None
+    assert assembler.accept("t", last) == payload
 
 
 def test_limits_are_validated() -> None:

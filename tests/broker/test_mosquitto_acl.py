@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import getpass
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from support.mosquitto import MosquittoProcess, SessionFactory
+from support.mosquitto import TEST_FEDERATION, Inbox, MosquittoProcess, SessionFactory
 
 from broker import topics
 from broker.errors import NotAuthorizedError, NotConnectedError
@@ -17,24 +16,6 @@ from broker.provisioning.provision import provision
 from broker.session import Session, SessionConfig, TlsFiles
 
 FED, STUDY = "fed-test", "study-1"
-
-
-class Inbox:
-    """Collects (topic, payload) from a handler and lets the test wait for a count."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, bytes]] = []
-        self._changed = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        with self._changed:
-            self.items.append((topic, payload))
-            self._changed.notify_all()
-
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
-        with self._changed:
-            self._changed.wait_for(lambda: len(self.items) >= count, timeout)
-        return list(self.items)
 
 
 def test_site_publishes_its_share_and_only_the_addressed_aggregator_reads_it(
@@ -117,6 +98,29 @@ def test_every_site_reads_each_aggregators_receipts_and_only_it_writes_them(
         assert inbox.wait_for(1) == [(own, b"receipts")]
 
 
+def test_a_release_sent_again_reaches_only_the_site_that_asked(
+    mosquitto: MosquittoProcess, connect: SessionFactory
+) -> None:
+    agg, asking, other = (connect(m, mosquitto) for m in ("agg-2", "site-a", "site-b"))
+    requests, copies, snooped = Inbox(), Inbox(), Inbox()
+    agg.subscribe(topics.fetch_requests(FED, STUDY), requests)
+    asking.subscribe(topics.release_copy_topic(FED, STUDY, "site-a"), copies)
+    try:  # Mosquitto may grant the SUBSCRIBE and then withhold every message
+        other.subscribe(topics.release_copy_topic(FED, STUDY, "site-a"), snooped)
+    except NotAuthorizedError:
+        pass
+    with pytest.raises(NotAuthorizedError):
+        other.publish(topics.fetch_topic(FED, STUDY, "site-a"), b"forged").wait(10)
+    asking.publish(topics.fetch_topic(FED, STUDY, "site-a"), b"request").wait(10)
+    assert requests.wait_for(1) == [(topics.fetch_topic(FED, STUDY, "site-a"), b"request")]
+    agg.publish(topics.release_copy_topic(FED, STUDY, "site-a"), b"release").wait(10)
+    assert copies.wait_for(1) == [(topics.release_copy_topic(FED, STUDY, "site-a"), b"release")]
+    with pytest.raises(NotAuthorizedError):
+        asking.publish(topics.release_copy_topic(FED, STUDY, "site-a"), b"self-made").wait(10)
+    time.sleep(0.3)
+    assert snooped.items == [] and len(copies.items) == 1
+
+
 def test_site_cannot_read_shares_addressed_to_an_aggregator(
     mosquitto: MosquittoProcess, connect: SessionFactory
 ) -> None:
@@ -138,6 +142,66 @@ def test_site_cannot_read_shares_addressed_to_an_aggregator(
     assert len(agg_inbox.wait_for(1)) == 1
     time.sleep(0.3)
     assert seen.items == []
+
+
+@pytest.mark.parametrize(
+    ("publisher", "made_up", "reader", "real"),
+    [
+        (
+            "site-a",
+            topics.share_topic(FED, "made-up-study", "agg-1", "site-a"),
+            "agg-1",
+            topics.share_topic(FED, STUDY, "agg-1", "site-a"),
+        ),
+        (
+            "site-a",
+            topics.audit_topic(FED, "made-up-study", "site-a"),
+            "agg-2",
+            topics.audit_topic(FED, STUDY, "site-a"),
+        ),
+        (
+            "agg-2",
+            topics.round_topic(FED, "made-up-study"),
+            "site-b",
+            topics.round_topic(FED, STUDY),
+        ),
+    ],
+    ids=["share", "audit", "round"],
+)
+def test_no_retained_message_is_stored_under_a_made_up_study(
+    mosquitto: MosquittoProcess,
+    connect: SessionFactory,
+    publisher: str,
+    made_up: str,
+    reader: str,
+    real: str,
+) -> None:
+    sender = connect(publisher, mosquitto)
+    with pytest.raises(NotAuthorizedError):
+        sender.publish(made_up, bytes(256 << 10), retain=True).wait(10)
+    seen = Inbox()
+    receiver = connect(reader, mosquitto)
+    try:  # Mosquitto may refuse the SUBSCRIBE, or grant it and deliver nothing
+        receiver.subscribe(made_up, seen)
+    except NotAuthorizedError:
+        pass
+    receiver.subscribe(real, seen)
+    # Delivered after any retained message of the earlier subscription would have been (as a
+    # set: the reader's persistent session may hold an overlapping subscription from an
+    # earlier test, and Mosquitto then delivers the message once per subscription).
+    sender.publish(real, b"real").wait(10)
+    assert set(seen.wait_for(1)) == {(real, b"real")}
+
+
+def test_the_leader_writes_candidates_only_for_the_federations_sites(
+    mosquitto: MosquittoProcess, connect: SessionFactory
+) -> None:
+    leader = connect("agg-1", mosquitto)
+    leader.publish(topics.candidate_topic(FED, STUDY, "site-a"), b"candidate").wait(10)
+    with pytest.raises(NotAuthorizedError):
+        leader.publish(
+            topics.candidate_topic(FED, STUDY, "not-a-site"), bytes(256 << 10), retain=True
+        ).wait(10)
 
 
 def test_client_without_a_certificate_is_refused(
@@ -169,7 +233,7 @@ def test_client_with_a_certificate_from_another_ca_is_refused(
 ) -> None:
     rogue = parse_federation(
         {
-            "federation": {"id": "fed-test", "leader": "agg-1"},
+            "federation": TEST_FEDERATION["federation"],
             "sites": [{"id": "site-a", "name": "Impostor"}],
             "aggregators": [{"id": "agg-1", "name": "x"}, {"id": "agg-2", "name": "y"}],
         }

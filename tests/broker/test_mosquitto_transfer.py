@@ -122,6 +122,32 @@ def test_node_offline_when_a_round_opens_receives_it_on_reconnect(
     assert announcements.wait_for(1, timeout=10) == [(round_topic, b"RoundOpen bytes")]
 
 
+def test_a_retained_replay_is_told_apart_from_a_live_message(
+    mosquitto: MosquittoProcess, connect: SessionFactory
+) -> None:
+    """A node estimates its clock from the leader's RoundOpen timestamps (issue 19): a
+    retained RoundOpen replayed on a new subscription may be old, so its handler must be
+    able to tell it from one that was just published."""
+    round_topic = topics.round_topic(FED, "study-retained")
+    leader = connect("agg-1", mosquitto)
+    leader.publish(round_topic, b"old RoundOpen", retain=True).wait(10)
+    node = connect("site-a", mosquitto, start=False)
+    flags: list[tuple[bytes, bool]] = []
+    got = Payloads()
+
+    def handler(topic: str, payload: bytes) -> None:
+        flags.append((payload, node.delivering_retained))
+        got(topic, payload)
+
+    node.subscribe(round_topic, handler)
+    node.start().wait_connected(10)
+    got.wait_for(1, timeout=10)
+    leader.publish(round_topic, b"new RoundOpen").wait(10)
+    got.wait_for(2, timeout=10)
+    assert flags == [(b"old RoundOpen", True), (b"new RoundOpen", False)]
+    assert not node.delivering_retained  # outside a handler
+
+
 def test_presence_is_online_then_offline(
     mosquitto: MosquittoProcess, connect: SessionFactory
 ) -> None:

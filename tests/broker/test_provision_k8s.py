@@ -69,7 +69,7 @@ def test_broker_tls_secret_holds_the_broker_files(out: Path) -> None:
     assert doc["metadata"] == {**doc["metadata"], "name": "tessera-broker-tls"}
     assert doc["metadata"]["namespace"] == "tessera-broker"
     decoded = {key: base64.b64decode(value, validate=True) for key, value in doc["data"].items()}
-    names = ("ca.pem", "server.pem", "server.key")
+    names = ("ca.pem", "server.pem", "server.key", "crl.pem")
     assert decoded == {name: (out / "broker" / name).read_bytes() for name in names}
 
 

@@ -113,7 +113,7 @@ def test_reuse_ca_without_a_ca_is_an_error(tmp_path: Path) -> None:
 
 
 def test_reuse_ca_refuses_another_federations_folder(provisioned: Path) -> None:
-    other = dict(FEDERATION, federation={"id": "other-fed", "leader": "agg-1"})
+    other = dict(FEDERATION, federation={**FEDERATION["federation"], "id": "other-fed"})
     with pytest.raises(ProvisioningError, match="belongs to federation 'fed-test'"):
         provision(parse_federation(other), provisioned, reuse_ca=True)
 
@@ -135,7 +135,13 @@ def test_hospital_name_too_long_for_a_certificate_says_so() -> None:
         ({"sites": [{"id": "agg-1", "name": "dup"}]}, "unique"),
         ({"sites": [{"id": "s", "name": "n", "mrn": "1"}]}, "exactly 'id' and 'name'"),
         ({"broker": {"mqtt_port": 0}}, "mqtt_port"),
+        ({"broker": {"websockets_port": True}}, "websockets_port"),
         ({"extra": {}}, "unknown table"),
+        ({"federation": {"id": "fed", "leader": "agg-1"}}, r"studies must list.*ACL"),
+        ({"federation": {"id": "fed", "leader": "agg-1", "studies": []}}, "studies must list"),
+        ({"federation": {"id": "fed", "leader": "agg-1", "studies": ["a/+"]}}, "not a valid"),
+        ({"federation": {"id": "f", "leader": "agg-1", "studies": ["presence"]}}, "reserved"),
+        ({"federation": {"id": "f", "leader": "agg-1", "studies": ["s", "s"]}}, "twice"),
     ],
 )
 def test_federation_file_errors_name_the_fix(change: dict[str, object], message: str) -> None:
@@ -146,28 +152,48 @@ def test_federation_file_errors_name_the_fix(change: dict[str, object], message:
 def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
     acl = (provisioned / "broker/acl").read_text()
     site_block = acl.split("user site-a\n")[1].split("\n\n")[0].splitlines()
-    assert sorted(site_block) == sorted(
-        [
-            "topic read tessera/fed-test/+/round",
-            "topic read tessera/fed-test/+/release",
-            "topic read tessera/fed-test/+/candidate/site-a",
-            "topic read tessera/fed-test/+/receipts/+",
-            "topic write tessera/fed-test/+/share/agg-1/site-a",
-            "topic write tessera/fed-test/+/share/agg-2/site-a",
-            "topic write tessera/fed-test/+/audit/site-a",
-            "topic write tessera/fed-test/presence/site-a",
+    expected = ["topic write tessera/fed-test/presence/site-a"]
+    for study in FEDERATION["federation"]["studies"]:
+        expected += [
+            f"topic read tessera/fed-test/{study}/round",
+            f"topic read tessera/fed-test/{study}/release",
+            f"topic read tessera/fed-test/{study}/candidate/site-a",
+            f"topic write tessera/fed-test/{study}/share/agg-1/site-a",
+            f"topic write tessera/fed-test/{study}/share/agg-2/site-a",
+            f"topic write tessera/fed-test/{study}/audit/site-a",
+            f"topic read tessera/fed-test/{study}/release/site-a",
+            f"topic read tessera/fed-test/{study}/receipts/+",
+            f"topic write tessera/fed-test/{study}/fetch/site-a",
         ]
-    )
+    assert sorted(site_block) == sorted(expected)
     leader = acl.split("user agg-1\n")[1].split("\n\n")[0]
     other = acl.split("user agg-2\n")[1].split("\n\n")[0]
-    assert "topic write tessera/fed-test/+/participants" in leader
-    assert "participants" in other and "write tessera/fed-test/+/participants" not in other
+    assert "topic write tessera/fed-test/study-1/participants" in leader
+    assert "participants" in other and "write tessera/fed-test/study-1/participants" not in other
     assert "share/agg-1/+" in leader and "share/agg-1" not in other
-    assert "topic write tessera/fed-test/+/candidate/+" in leader
+    assert "topic write tessera/fed-test/study-1/candidate/site-b" in leader
     assert "candidate" not in other  # aggregators compute their own candidate
-    assert "topic read tessera/fed-test/+/audit/+" in other
-    assert "topic write tessera/fed-test/+/receipts/agg-2" in other
-    assert "receipts/agg-1" not in other and "read tessera/fed-test/+/receipts" not in other
+    assert "topic read tessera/fed-test/study-1/audit/+" in other
+    for block in (leader, other):  # any aggregator answers a node's release request
+        assert "topic read tessera/fed-test/study-1/fetch/+" in block
+        assert "topic write tessera/fed-test/study-1/release/site-b" in block
+    assert "topic write tessera/fed-test/study-1/receipts/agg-2" in other
+    assert "receipts/agg-1" not in other and "read tessera/fed-test/study-1/receipts" not in other
+
+
+def test_every_topic_a_member_may_write_is_concrete(provisioned: Path) -> None:
+    """So a member can leave at most one retained message per topic it may write, and only
+    under the federation's own study ids."""
+    rules = [r.split() for r in (provisioned / "broker/acl").read_text().splitlines()]
+    written = [r[2] for r in rules if r[:2] in (["topic", "write"], ["topic", "readwrite"])]
+    assert written and all("+" not in t and "#" not in t for t in written)
+    studies = set(FEDERATION["federation"]["studies"]) | {"presence"}
+    assert {t.split("/")[2] for t in written} == studies
+    # A site's: one share per aggregator, one audit report and one release request per
+    # study, and its presence.
+    acl = (provisioned / "broker/acl").read_text()
+    site_a = acl.split("user site-a\n")[1].split("\n\n")[0].splitlines()
+    assert len([r for r in site_a if " write " in r]) == 4 * len(studies - {"presence"}) + 1
 
 
 def test_mosquitto_conf_has_the_security_settings(provisioned: Path) -> None:
@@ -177,15 +203,37 @@ def test_mosquitto_conf_has_the_security_settings(provisioned: Path) -> None:
         "persistence true",
         "max_packet_size 2162688",
         "max_queued_messages 100000",
+        "max_queued_bytes ",
         "protocol websockets",
         "listener 443 ",
         "listener 8883 ",
     ]:
         assert line in conf
-    for line in ["require_certificate true", "use_identity_as_username true"]:
-        assert conf.count(line) == 2
-    assert conf.count("allow_anonymous false") == 2
+    for line in [
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        "crlfile /mosquitto/config/crl.pem",
+        "tls_version tlsv1.2",
+        "allow_anonymous false",
+    ]:
+        assert conf.count(line) == 2, line
     assert "allow_anonymous true" not in conf
+    suites = [line.split()[1] for line in conf.splitlines() if line.startswith("ciphers")]
+    assert len(suites) == 4
+    for suite in ":".join(suites).split(":"):
+        assert "GCM" in suite or "CHACHA20-POLY1305" in suite or "CHACHA20_POLY1305" in suite
+
+
+def test_there_is_no_websockets_listener_unless_the_federation_asks(tmp_path: Path) -> None:
+    """Mosquitto 2.0 checks no CRL on its WebSockets listener, so it is opt-in."""
+    without = dict(FEDERATION, broker={"max_packet_bytes": 2 << 20})
+    provision(parse_federation(without), tmp_path)
+    conf = (tmp_path / "broker/mosquitto.conf").read_text()
+    assert "protocol websockets" not in conf and conf.count("listener ") == 1
+    bundle = load_bundle(tmp_path / "bundles/site-a")
+    with pytest.raises(ConfigError, match="no WebSockets listener"):
+        bundle.session_config("broker.example", transport="websockets")
 
 
 def test_cli_provisions_the_example_and_refuses_a_second_run(

@@ -29,6 +29,11 @@ from broker.topics import Kind, Topic
             Topic(Kind.PARTIAL, "f", "s", aggregator="agg-2", from_aggregator="agg-1"),
         ),
         (topics.release_topic("f", "s"), Topic(Kind.RELEASE, "f", "s")),
+        (topics.fetch_topic("f", "s", "site-a"), Topic(Kind.FETCH, "f", "s", node="site-a")),
+        (
+            topics.release_copy_topic("f", "s", "site-a"),
+            Topic(Kind.RELEASE_COPY, "f", "s", node="site-a"),
+        ),
         (topics.presence_topic("f", "site-a"), Topic(Kind.PRESENCE, "f", client="site-a")),
     ],
 )
@@ -126,11 +131,13 @@ def test_publish_topics_have_no_wildcards(bad: str) -> None:
         (topics.release_topic("f", "s"), None, "tessera/f/s/release"),
         (topics.candidate_topic("f", "s", "site-a"), None, "tessera/f/s/candidate/site-a"),
         (topics.receipts_topic("f", "s", "agg-1"), None, "tessera/f/s/receipts/agg-1"),
+        (topics.fetch_topic("f", "s", "site-a"), "site-a", "site-a"),
+        (topics.release_copy_topic("f", "s", "site-a"), None, "tessera/f/s/release/site-a"),
         ("tessera/f/s/unknown", "tessera/f/s/unknown", "tessera/f/s/unknown"),
     ],
 )
 def test_the_writer_a_topic_names(topic: str, member: str | None, charged_to: str) -> None:
-    # The ACL lets only that member write a share, audit or presence topic: the topic is
+    # The ACL lets only that member write a share, audit, fetch or presence topic: the topic is
     # proof of the sender, so the intake gate and the transfer quotas key on it.
     assert topics.member_writer(topic) == member
     assert topics.writer_key(topic) == charged_to

@@ -12,6 +12,7 @@ from aggregator.config import config_from_mapping
 from broker.provisioning.federation import parse_federation
 from broker.provisioning.provision import provision
 from node.config import load_node_config
+from tessera.errors import ConfigError
 from tessera.settings import read_toml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,12 +30,20 @@ def test_every_shipped_configuration_is_found() -> None:
 
 @pytest.mark.parametrize("path", NODE_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_node_configurations_load(path: Path) -> None:
-    config = load_node_config(path, env={})
+    env = {}
+    if "k8s" in path.parts:
+        # The k8s base exposes C-STORE on 11112, so the receiver is on, and it ships with a
+        # placeholder allow-list that stops the node until the site names its PACS.
+        with pytest.raises(ConfigError, match=r"receiver\.allowed_calling_aets.*placeholder"):
+            load_node_config(path, env={})
+        env = {"TESSERA_RECEIVER_ALLOWED_CALLING_AETS": "PACS1"}
+    config = load_node_config(path, env=env)
     assert config.bundle_dir == Path("/etc/tessera/bundle")
     assert config.state_dir == Path("/var/lib/tessera") and config.http_port == 8080
     assert config.manifest_path == Path("/etc/tessera/bundle/manifest.toml")
-    if "k8s" in path.parts:  # the k8s base exposes C-STORE on 11112: something must listen
+    if "k8s" in path.parts:  # something must listen on the port the base exposes
         assert config.receiver.enabled and config.receiver.port == 11112
+        assert config.receiver.host == "0.0.0.0"
 
 
 @pytest.mark.parametrize("path", AGGREGATOR_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -43,7 +52,7 @@ def test_aggregator_configurations_load_with_their_bundle(path: Path, tmp_path: 
     member = document["aggregator_id"]
     federation = parse_federation(
         {
-            "federation": {"id": "demo-fed", "leader": "agg-uni"},
+            "federation": {"id": "demo-fed", "leader": "agg-uni", "studies": ["chest-xray"]},
             "sites": [{"id": "site-a", "name": "A"}],
             "aggregators": [{"id": "agg-uni", "name": "U"}, {"id": "agg-ngo", "name": "N"}],
         }

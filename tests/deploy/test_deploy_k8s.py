@@ -272,6 +272,25 @@ def test_broker_overlay_config_is_what_provisioning_generates() -> None:
     assert (overlay / "mosquitto.conf").read_text() == render_conf(federation, BrokerFiles())
 
 
+def test_broker_mounts_every_file_its_configuration_names(manifests: Manifests) -> None:
+    (configmap,) = [d for d in manifests["broker"] if d["kind"] == "ConfigMap"]
+    (deployment,) = [d for d in manifests["broker"] if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    mounted = set()
+    for volume in pod["volumes"]:
+        for source in volume.get("projected", {}).get("sources", []):
+            ref = source.get("configMap") or source.get("secret") or {}
+            mounted |= {f"{mounts[volume['name']]}/{i['path']}" for i in ref.get("items", [])}
+    conf = configmap["data"]["mosquitto.conf"].splitlines()
+    named = {line.split()[1] for line in conf if line.split()[:1] in (
+        ["cafile"], ["certfile"], ["keyfile"], ["crlfile"], ["acl_file"],
+    )}  # fmt: skip
+    assert "/mosquitto/config/crl.pem" in named
+    assert named <= mounted
+
+
 def secret_leaks(docs: list[dict[str, Any]], secret_values: list[str]) -> list[str]:
     """ConfigMap entries that contain a Secret's value or any PEM key or certificate."""
     leaks = []

@@ -3,12 +3,12 @@
 `tessera node run` with `[receiver] enabled` listens for C-STORE beside its (read-only)
 DICOM folder; what a PACS pushes lands in `<state>/received`, owner-only and named by the
 keyed instance hash, and the next intake pass adds it to the preprocessed cache that rounds
-train on. A calling AE title outside the allowed list is refused.
+train on, then deletes the original. A calling AE title outside the allowed list is
+refused. The node runs at log level DEBUG, and its log names no UID of the pushed object.
 """
 
 from __future__ import annotations
 
-import stat
 from pathlib import Path
 
 import pydicom
@@ -20,7 +20,7 @@ from node.intake.cache import CachedDataset
 from node.intake.phi import instance_key, load_or_create_site_secret
 from node.setup import study_preprocess
 from tessera.observability.events import Event
-from tests.node.test_receiver import storescu
+from tests.support.dicom_net import storescu
 
 SITE = "site-a"
 SPEC = FederationSpec(sites=("site-a", "site-b"), federation_id="receiver-fed")
@@ -37,6 +37,7 @@ def test_a_running_node_ingests_what_a_pacs_pushes(tmp_path: Path) -> None:
             TESSERA_RECEIVER_PORT="0",
             TESSERA_RECEIVER_ALLOWED_CALLING_AETS="PACS1",
             TESSERA_INTAKE_INTERVAL_S="1",
+            TESSERA_LOG_LEVEL="DEBUG",
         )
         listening = live.wait_for(SITE, Event.RECEIVER_LISTENING, timeout=60)
         first = live.wait_for(SITE, Event.INTAKE, timeout=60)
@@ -47,10 +48,9 @@ def test_a_running_node_ingests_what_a_pacs_pushes(tmp_path: Path) -> None:
 
         state = live.state(SITE)
         secret = load_or_create_site_secret(state)
-        uid = str(pydicom.dcmread(pushed, stop_before_pixels=True).SOPInstanceUID)
-        key = instance_key(uid, secret)
-        received = state / "received" / f"{key}.dcm"
-        assert received.exists() and stat.S_IMODE(received.stat().st_mode) == 0o600
+        pushed_ds = pydicom.dcmread(pushed, stop_before_pixels=True)
+        key = instance_key(str(pushed_ds.SOPInstanceUID), secret)
+        live.wait_for(SITE, Event.RECEIVER_STORED, instance=key, timeout=30)
         live.wait_until(
             lambda: any(e["ingested"] == 1 for e in live.find(SITE, Event.INTAKE)),
             "the pushed object ingested",
@@ -59,6 +59,15 @@ def test_a_running_node_ingests_what_a_pacs_pushes(tmp_path: Path) -> None:
         )
         dataset = CachedDataset(state, study_preprocess(live.prepared.study_model()))
         assert key in dataset.keys and len(dataset.keys) == 21
+        live.wait_until(
+            lambda: not (state / "received" / f"{key}.dcm").exists(),
+            "the cached original deleted",
+            timeout=60,
+            watch=[SITE],
+        )
 
         refused = storescu(int(listening["port"]), pushed, calling="OTHER")
-        assert refused.returncode != 0
+        assert "Association Rejected" in refused.stderr, refused.stderr
+    log = "\n".join(p.read_text() for p in live.runs[SITE])
+    uids = (pushed_ds.SOPInstanceUID, pushed_ds.StudyInstanceUID, pushed_ds.SeriesInstanceUID)
+    assert not any(str(uid) in log for uid in uids)

@@ -21,6 +21,7 @@ from node.inference.runtime import LoadedModel, ModelSlot, infer_dicom_bytes, lo
 from node.intake.phi import instance_key
 from node.intake.preprocess import decode_dicom_bytes
 from node.synth.sites import SynthConfig, generate
+from tessera.observability.events import Event
 from tests.support.models import LABELS, PREPROCESS, export_model, pydicom_file, small_model
 
 SECRET = b"k" * 32
@@ -224,9 +225,11 @@ def _wait_for_version(port: int, version: str, timeout: float = 60.0) -> bool:
     return False
 
 
-def test_serve_command_swaps_a_replaced_model_file(
-    onnx_files: dict[str, bytes], tmp_path: Path
+def test_serve_command_swaps_a_replaced_model_file_and_logs_which_version_answered(
+    onnx_files: dict[str, bytes], inputs: dict[str, bytes], tmp_path: Path
 ) -> None:
+    """Also issue 19, point 10: `tessera node serve` writes JSON logs on stderr, and each
+    request's line names the model version that answered it (and nothing of the patient)."""
     import os
     import signal
     import socket
@@ -242,10 +245,13 @@ def test_serve_command_swaps_a_replaced_model_file(
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert _wait_for_version(port, "1")
+        assert _post(port, inputs["CT_small.dcm"])[1]["model_version"] == "1"
         staging = tmp_path / "model.onnx.new"
         staging.write_bytes(onnx_files["2"])
         os.replace(staging, model_path)  # how a release is installed: atomically
         assert _wait_for_version(port, "2")
+        assert _post(port, inputs["CT_small.dcm"])[1]["model_version"] == "2"
+        assert _post(port, b"not DICOM")[0] == 400
         model_path.write_bytes(b"a damaged download")
         time.sleep(1.0)  # several polls: the bad file is rejected, version 2 keeps serving
         assert _served_version(port) == "2"
@@ -254,4 +260,15 @@ def test_serve_command_swaps_a_replaced_model_file(
     finally:
         if child.poll() is None:
             child.kill()
-        child.communicate()
+        _, err = child.communicate()
+    lines = [json.loads(line) for line in err.decode().splitlines()]  # JSON, every line
+    events = [line["event"] for line in lines]
+    assert Event.SERVING in events and Event.SERVE_MODEL_SWAPPED in events
+    assert Event.MODEL_UPDATE_REJECTED in events
+    requests = [line for line in lines if line["event"] == Event.INFERENCE_REQUEST]
+    answered = [(line["status"], line["model_version"]) for line in requests
+                if line["method"] == "POST"]  # fmt: skip
+    assert answered == [(200, "1"), (200, "2"), (400, None)]
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    for phi in (str(ds.SOPInstanceUID), str(ds.PatientName), str(ds.PatientID)):
+        assert phi not in err.decode()

@@ -13,6 +13,7 @@ import pytest
 
 from broker.topics import share_topic
 from node.privacy.ledger import PrivacyLedger
+from node.round.clock import ClockReading
 from node.round.participation import (
     PROTOCOL_REASONS,
     Joined,
@@ -186,6 +187,8 @@ REFUSALS: list[tuple[str, Change]] = [
     ("aggregators-not-in-roster", extra_roster_aggregator),
     ("not-expected", round_change(expected_nodes=("site-2",))),
     ("deadline-passed", round_change(deadline_ms=int(NOW.timestamp() * 1000) - 1)),
+    # Issue 19: a clock measured further from the leader's than the node tolerates.
+    ("clock-skew", ctx_change(clock=ClockReading(offset_s=600.4, tolerated_s=120.0))),
     ("base-model-mismatch", round_change(base_model_hash=bytes(32))),
     ("not-enough-data", lambda ctx: (dataclasses.replace(ctx, images=ctx.images[:1],
                                                          labels=ctx.labels[:1]), {})),
@@ -195,6 +198,9 @@ REFUSALS: list[tuple[str, Change]] = [
     ("ring-outside-caps", round_change(ring=derive_ring_params(0.5, 16))),  # cannot encode
     ("ring-outside-caps", round_change(ring=derive_ring_params(1e6, 16, 8), loss_cap=1e6)),
     ("ring-outside-caps", round_change(ring=derive_ring_params(required_bound(1.0), 1))),
+    # Issue 19, point 9: terms under which an update can round to all zeros cost no epsilon.
+    ("update-unrepresentable", round_change(weight_cap=2**15)),  # 1/cap below 2 bits at 16
+    ("update-unrepresentable", round_change(weight_cap=16_000, clip_norm=0.1)),  # too small
 ]  # fmt: skip
 
 
@@ -211,12 +217,32 @@ def test_every_refusal_sends_nothing_trains_nothing_and_is_audited(
     (entry,) = read_entries(ctx.audit.path)
     assert entry.kind == "round-refused" and entry.fields["reason"] == reason
     assert entry.fields["study_id"] == STUDY_ID and entry.fields["round"] >= 1
+    if reason == "clock-skew":
+        assert result.detail.startswith("your clock is 600 s ahead of the leader's (")
+        assert "NTP" in result.detail
 
 
 def test_every_protocol_reason_has_a_refusal_test() -> None:
-    assert set(PROTOCOL_REASONS) - {"already-joined", "already-answered"} <= {
-        r for r, _ in REFUSALS
-    }
+    tested_apart = {"already-joined", "already-answered", "ledger-behind"}
+    assert set(PROTOCOL_REASONS) - tested_apart <= {r for r, _ in REFUSALS}
+
+
+def test_a_ledger_behind_its_audit_log_refuses_before_anything_else(
+    fed: Federation, data: IngestedSite, tmp_path: Path
+) -> None:
+    """Issue #19, point 4: the audit log records a charge the ledger does not hold (deleted,
+    or restored from an older backup): the round is refused, untrained, even one that would
+    also fail every other check, and the ledger stays as it is."""
+    ctx = make_ctx(fed, data, tmp_path)
+    assert ctx.ledger is not None
+    ctx.audit.append("epsilon-spent", {"study_id": STUDY_ID, "round": 1, "epsilon": 0.7,
+                                       "total": 0.7})  # fmt: skip
+    result = participate(signed(fed, round_open(ctx, round=2, clip_norm=0.0)), ctx, NOW)
+    assert isinstance(result, Refused) and result.reason == "ledger-behind"
+    assert "tessera node rebuild-ledger" in result.detail and result.messages == ()
+    assert ctx.train.calls == 0  # type: ignore[attr-defined]
+    assert ctx.ledger.rounds == [] and not ctx.ledger.path.exists()
+    assert kinds(ctx) == ["epsilon-spent", "round-refused"]
 
 
 def test_a_node_answers_one_round_open_per_round_number_even_after_a_restart(

@@ -18,6 +18,7 @@ from node.synth.sites import SynthConfig, generate
 from node.training.trainer import TrainConfig, run_local_round
 from tessera.cli import main
 from tessera.crypto.signing import generate_signing_key, public_key_bytes, save_private_key
+from tessera.governance.audit import read_entries
 from tessera.governance.privacy_report import report_from_json
 from tessera.models.weights import model_hash, state_arrays, weights_bytes
 from tessera.wire.release import ReleaseBundle, build_release, sign_release
@@ -86,6 +87,12 @@ def test_audit_writes_a_signed_aggregate_report(
     assert set(printed) == {"model_version", "members", "non_members", "attacks",
                             "accountant_epsilon"}  # fmt: skip
     assert public_key_bytes(key) not in out.read_bytes()
+    # Issue 19, point 10: the run trained shadow models on patient data: it is on record.
+    (entry,) = [e for e in read_entries(state / "audit.log") if e.kind == "privacy-audit"
+                and e.fields["outcome"] == "reported"]  # fmt: skip
+    assert entry.fields["command"] == "tessera audit privacy"
+    assert (entry.fields["version"], entry.fields["model_hash"]) == (1, digest)
+    assert entry.fields["auc"] == max(a["auc"] for a in printed["attacks"].values())
 
 
 def test_dp_ledger_above_the_evidence_fails_the_consistency_check(
@@ -110,5 +117,9 @@ def test_dp_ledger_above_the_evidence_fails_the_consistency_check(
         error = capsys.readouterr().err
         assert "above the accountant's" in error and "accounting" in error
         assert not out.exists()  # no report leaves the site
+        # Both runs read the site's images: each is on record with its outcome.
+        outcomes = [e.fields["outcome"] for e in read_entries(state / "audit.log")
+                    if e.kind == "privacy-audit"]  # fmt: skip
+        assert outcomes[-2:] == ["failed", "accounting-error"]
     finally:
         ledger_path.unlink()

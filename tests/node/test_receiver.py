@@ -1,39 +1,28 @@
-"""C-STORE from dcmtk's real `storescu` into the node's receiver, then into the dataset."""
+"""C-STORE from dcmtk's real `storescu` into the node's receiver, then into the dataset; and
+what the intake does with received originals once they are cached."""
 
 from __future__ import annotations
 
+import os
 import stat
-import subprocess
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import UID
 
 from node.intake.cache import CachedDataset
 from node.intake.ingest import IntakeConfig, run_ingest
 from node.intake.phi import instance_key, load_or_create_site_secret
 from node.intake.preprocess import PreprocessConfig
 from node.intake.receiver import ReceiverConfig, start_receiver
-from node.synth.writer import SYNTAXES
-
-# storescu's option to propose each of the generator's transfer syntaxes as stored
-PROPOSE = {"explicit": "-xe", "rle": "-xr", "j2k": "-xv", "jpeg": "-xy", "jpegls": "-xt"}
-
-
-def storescu(
-    port: int, path: Path, called: str = "TESSERA", calling: str = "PACS1"
-) -> subprocess.CompletedProcess[str]:
-    syntax = UID(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    option = PROPOSE[next(k for k, v in SYNTAXES.items() if v == syntax)]
-    command = ["storescu", option, "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
-    return subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=60)
+from tests.support.dicom_net import CALLING, storescu
 
 
 def test_storescu_objects_land_in_the_dataset(synth_root: Path, tmp_path: Path) -> None:
     # one file from each site: every transfer syntax the generator writes
     files = [sorted((synth_root / f"site-{s:02d}" / "dicom").rglob("*.dcm"))[0] for s in range(5)]
-    intake, state = tmp_path / "intake", tmp_path / "state"
-    server = start_receiver(ReceiverConfig(intake, state, host="127.0.0.1", port=0))
+    state = tmp_path / "state"
+    cfg = ReceiverConfig(state, allowed_calling_aets=(CALLING,), host="127.0.0.1", port=0)
+    server = start_receiver(cfg)
     try:
         port = server.server_address[1]
         for path in files:
@@ -46,17 +35,19 @@ def test_storescu_objects_land_in_the_dataset(synth_root: Path, tmp_path: Path) 
 
     secret = load_or_create_site_secret(state)
     uids = [str(pydicom.dcmread(f).SOPInstanceUID) for f in files]
-    names = sorted(p.name for p in (intake / "received").iterdir())
-    modes = {stat.S_IMODE(p.stat().st_mode) for p in (intake / "received").iterdir()}
+    names = sorted(p.name for p in (state / "received").iterdir())
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in (state / "received").iterdir()}
     assert modes == {0o600}  # a received object carries PHI in full: owner-only
     assert names == sorted(f"{instance_key(u, secret)}.dcm" for u in uids)
     for uid, original in zip(uids, files, strict=True):
         sent = pydicom.dcmread(original)
-        got = pydicom.dcmread(intake / "received" / f"{instance_key(uid, secret)}.dcm")
+        got = pydicom.dcmread(state / "received" / f"{instance_key(uid, secret)}.dcm")
         assert got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
         assert (got.pixel_array == sent.pixel_array).all()
 
-    summary = run_ingest(IntakeConfig(intake, state, preprocess=PreprocessConfig(size=32)))
+    received = state / "received"
+    cfg_in = IntakeConfig(None, state, preprocess=PreprocessConfig(size=32), received_dir=received)
+    summary = run_ingest(cfg_in)
     assert (summary.ingested, summary.quarantined) == (5, 0)
     dataset = CachedDataset(state, PreprocessConfig(size=32))
     assert sorted(dataset.keys) == sorted(instance_key(u, secret) for u in uids)
@@ -78,7 +69,7 @@ def test_a_separate_received_folder_is_ingested_with_the_intake_folder(
     (received / files[2].name).unlink()
     summary = run_ingest(cfg)
     assert (summary.unchanged, summary.dropped) == (2, 1)
-    # Named as if it lay in intake/received: the layout `tessera node receive` writes.
+    # The same name as if it lay in intake/received: one path key for both layouts.
     (intake / "received").mkdir()
     (intake / "received" / files[2].name).write_bytes(files[2].read_bytes())
     no_separate = IntakeConfig(intake, state, preprocess=PreprocessConfig(size=32))
@@ -87,3 +78,31 @@ def test_a_separate_received_folder_is_ingested_with_the_intake_folder(
     (received / files[2].name).write_bytes(files[2].read_bytes())
     moved = run_ingest(cfg)
     assert (moved.ingested, moved.unchanged) == (0, 3)  # same name, same key: not re-ingested
+
+
+def test_received_originals_are_deleted_once_cached_or_quarantined(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    files = sorted((synth_root / "site-01" / "dicom").rglob("*.dcm"))[:3]
+    intake, state = tmp_path / "intake", tmp_path / "state"
+    received = state / "received"
+    intake.mkdir()
+    received.mkdir(parents=True)
+    (intake / "own.dcm").write_bytes(files[0].read_bytes())
+    for path in files[1:]:
+        (received / path.name).write_bytes(path.read_bytes())
+    (received / "broken.dcm").write_bytes(files[1].read_bytes()[:900])
+    pre = PreprocessConfig(size=32)
+    cfg = IntakeConfig(intake, state, pre, received_dir=received, received_retention_s=3600)
+
+    first = run_ingest(cfg)  # cached and quarantined, but younger than the retention period
+    assert (first.ingested, first.quarantined, first.originals_deleted) == (2 + 1, 1, 0)
+    assert len(list(received.iterdir())) == 3
+    for path in received.iterdir():
+        os.utime(path, (path.stat().st_atime - 7200, path.stat().st_mtime - 7200))
+    second = run_ingest(cfg)
+    assert second.originals_deleted == 3 and list(received.iterdir()) == []
+    third = run_ingest(cfg)  # deleted because consumed, not withdrawn: still in the dataset
+    assert (third.dropped, third.unchanged) == (0, 1)
+    assert len(CachedDataset(state, pre).keys) == 3
+    assert (intake / "own.dcm").exists()  # the hospital's own folder is never touched

@@ -14,7 +14,9 @@ from node.errors import NodeError
 from node.round.releases import (
     CARD_FILE,
     ONNX_FILE,
+    RELEASE_FILE,
     WEIGHTS_FILE,
+    ModelFileDamaged,
     ModelStore,
     ReleaseRefused,
     accept_release,
@@ -206,3 +208,34 @@ def test_a_damaged_disk_copy_or_state_is_never_served(
     store.state_path.write_text(json.dumps(other))
     with pytest.raises(NodeError, match="its own state folder"):
         ModelStore(store.root.parent, FED, STUDY)
+
+
+def test_damaged_files_are_named_and_rewritten_from_a_verified_copy_only(
+    models: Models, keys: dict[str, Ed25519PrivateKey], store: ModelStore
+) -> None:
+    """Issue #19, point 6: a truncated safetensors is a clear error naming the fix, not a
+    parser traceback; the version's own release.bin repairs it while that verifies; once it
+    does not, a copy of the release (what an aggregator sends again) repairs it."""
+    release = signed_by(unsigned(models, 1), keys)
+    accept_release(release, public(keys), store)
+    folder = store.folder(1)
+    (folder / WEIGHTS_FILE).write_bytes(models.weights[0][:100])
+    with pytest.raises(ModelFileDamaged, match=r"model.safetensors does not match.*re-fetch"):
+        store.weights_bytes(1)
+    assert isinstance(store.damaged(1), ModelFileDamaged)
+    assert store.repair_from_disk(1, public(keys))  # from its own release.bin
+    assert store.weights_bytes(1) == models.weights[0] and store.damaged(1) is None
+
+    (folder / ONNX_FILE).unlink()
+    (folder / RELEASE_FILE).write_bytes(release[: len(release) // 2])
+    with pytest.raises(ModelFileDamaged, match=r"model\.onnx is missing"):
+        store.onnx_bytes(1)
+    assert not store.repair_from_disk(1, public(keys))  # release.bin no longer verifies
+    forged = {"agg-1": keys["agg-1"], "agg-2": generate_signing_key()}
+    with pytest.raises(AuthenticationError):  # a copy not signed by every aggregator
+        accept_release(signed_by(unsigned(models, 1), forged), public(keys), store)
+    assert not (folder / ONNX_FILE).exists()
+    assert accept_release(release, public(keys), store).version == 1  # the copy arrives
+    assert store.onnx_bytes(1) == models.onnx[0] and store.damaged(1) is None
+    assert (folder / RELEASE_FILE).read_bytes() == release
+    assert [o for o, _ in outcomes(store)] == ["accepted", "repaired", "refused", "repaired"]

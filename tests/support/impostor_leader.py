@@ -90,6 +90,7 @@ class ImpostorLeader:
     def publish(self, topic: str, message: Message, retain: bool = False) -> None:
         """`message` signed with the leader's key, on `topic` (waits for the broker's ack)."""
         self.link.publish(topic, seal_envelope(message, self.me, self.key), retain=retain)
+        self.link.flush(CONNECT_TIMEOUT_S)
 
     def announce(self, announcement: RoundOpen) -> None:
         """Publish `announcement` on the study's round topic, retained, as the daemon does."""

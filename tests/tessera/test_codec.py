@@ -33,11 +33,11 @@ from tessera.errors import CodecError
 from tessera.wire.agreement import PartialSum, ParticipantSet, ReceiptSet, ReceivedSet
 from tessera.wire.codec import MAGIC, VERSION, MessageType
 from tessera.wire.envelopes import Message, decode_message
-from tessera.wire.messages import RoundAbort, RoundOpen, ShareEnvelope
+from tessera.wire.messages import ReleaseRequest, RoundAbort, RoundOpen, ShareEnvelope
 from tessera.wire.release import ModelRelease
 
 CLASSES = [RoundOpen, ShareEnvelope, ReceivedSet, ParticipantSet, PartialSum, ModelRelease]
-CLASSES += [RoundAbort, ReceiptSet]
+CLASSES.extend((RoundAbort, ReleaseRequest, ReceiptSet))
 LIMIT = 1 << 20
 
 
@@ -98,6 +98,12 @@ def test_model_release_round_trips(message: ModelRelease) -> None:
 @given(round_aborts)
 def test_round_abort_round_trips(message: RoundAbort) -> None:
     _round_trip(message)
+
+
+def test_release_request_round_trips() -> None:
+    _round_trip(ReleaseRequest("fed-1", "study-1", 3, "site-a", 2))
+    with pytest.raises(CodecError):
+        ReleaseRequest("fed-1", "study-1", 3, "site/a", 2)  # not an id: never a topic level
 
 
 def test_messages_start_with_magic_version_and_their_type() -> None:
@@ -219,6 +225,7 @@ def test_huge_declared_lengths_fail_fast() -> None:
         ("federation_id", "fed/1"),
         ("study_id", ""),
         ("expected_nodes", ["node-a"]),
+        ("opened_ms", 1_800_000_000_001),  # after its own deadline
     ],
 )
 def test_invalid_round_open_fields_are_refused(field: str, value: object) -> None:
@@ -297,6 +304,7 @@ def test_every_truncation_of_every_example_is_refused() -> None:
         ReceivedSet("fed-1", "study-1", 1, "agg-1", ("node-a", "node-b"), (b"a" * 32, b"b" * 32))
     )
     examples.append(RoundAbort("fed-1", "study-1", 1, "agg-1", "only 1 of 2 participants"))
+    examples.append(ReleaseRequest("fed-1", "study-1", 1, "site-a", 1))
     for message in examples:
         data = message.to_bytes()
         for cut in range(len(data)):

@@ -11,7 +11,8 @@ import tomli_w
 
 from tessera.cli import main
 from tessera.governance.approvals import load_approval, verify_approval
-from tessera.governance.audit import AuditLog
+from tessera.governance.audit import AuditLog, entry_hash
+from tessera.governance.canonical import canonical_json
 from tessera.governance.manifest import load_manifest, verify_manifest
 from tests.support.governance import STUDY_ID, build_federation, manifest_document
 
@@ -146,3 +147,40 @@ def test_audit_verify_and_export(tmp_path: Path, capsys) -> None:
     assert code == 2 and "line 1:" in err and "modified" in err
     code, _, err = run(capsys, "audit", "verify", log_path, "--anchor", "x")
     assert code == 2 and "SEQ:HASH" in err
+
+
+def test_audit_verify_says_what_a_chain_without_an_anchor_cannot_show(
+    tmp_path: Path, capsys
+) -> None:
+    """Issue 19, point 10: a log rewritten with recomputed hashes printed "chain intact"
+    when no anchor was given, and a swap of two entries was called a deletion."""
+    log_path = tmp_path / "audit.jsonl"
+    with AuditLog.open(log_path) as log:
+        for number in range(1, 5):
+            log.append("round-opened", {"study_id": "s", "round": number})
+        anchor = log.anchor().to_text()
+    lines = log_path.read_bytes().splitlines(keepends=True)
+
+    # Rewritten from entry 2 on, every hash recomputed: an unbroken chain of other content.
+    forged, previous = [lines[0]], json.loads(lines[0])["hash"]
+    for line in lines[1:]:
+        obj = json.loads(line)
+        obj["fields"]["round"] += 100
+        obj["prev_hash"] = previous
+        del obj["hash"]
+        obj["hash"] = previous = entry_hash(**obj)
+        forged.append(canonical_json(obj) + b"\n")
+    rewritten = tmp_path / "rewritten.jsonl"
+    rewritten.write_bytes(b"".join(forged))
+    code, out, _ = run(capsys, "audit", "verify", rewritten)
+    assert code == 0 and "chain intact" not in out
+    assert "not shown without --anchor" in out and "rewritten" in out and "cut off" in out
+    code, _, err = run(capsys, "audit", "verify", rewritten, "--anchor", anchor)
+    assert code == 2 and "rewritten" in err
+
+    # Two entries swapped: a reorder, not a deletion.
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_bytes(b"".join([lines[0], lines[2], lines[1], lines[3]]))
+    code, _, err = run(capsys, "audit", "verify", swapped)
+    assert code == 2 and "line 2:" in err and "entry 2 is at line 3" in err
+    assert "reordered" in err and "deleted" not in err

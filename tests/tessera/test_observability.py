@@ -94,6 +94,24 @@ def test_a_raising_readiness_check_is_not_ready() -> None:
     assert (status, json.loads(body)["failing"]) == (503, ["model verified"])
 
 
+def test_readyz_carries_warnings_ready_or_not_and_survives_a_broken_one() -> None:
+    notes: list[str] = []
+    checks = {"model verified": Flag(True)}
+    with HealthServer(0, CollectorRegistry(), checks, host="127.0.0.1",
+                      warnings=lambda: list(notes)) as s:  # fmt: skip
+        url = f"http://127.0.0.1:{s.port}/readyz"
+        assert json.loads(fetch(url)[1]) == {"ready": True, "failing": []}
+        notes.append("model version 2 is damaged; serving version 1")
+        status, body = fetch(url)
+        assert (status, json.loads(body)["warnings"]) == (200, notes)
+        checks["model verified"].value = False
+        assert json.loads(fetch(url)[1])["warnings"] == notes
+    with HealthServer(0, CollectorRegistry(), {}, host="127.0.0.1",
+                      warnings=lambda: [][0]) as s:  # fmt: skip
+        status, body = fetch(f"http://127.0.0.1:{s.port}/readyz")
+    assert (status, json.loads(body)) == (200, {"ready": True, "failing": []})
+
+
 def test_metrics_exposes_the_service_registry_only(
     served: tuple[str, dict[str, Flag], ServiceMetrics],
 ) -> None:

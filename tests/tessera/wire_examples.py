@@ -34,13 +34,14 @@ unique_ids = st.lists(ids, unique=True, max_size=8).map(tuple)
 @st.composite
 def round_opens(draw: st.DrawFn) -> RoundOpen:
     aggregators = tuple(draw(st.lists(ids, min_size=2, max_size=5, unique=True)))
+    deadline_ms = draw(u64)
     return RoundOpen(
         federation_id=draw(ids),
         study_id=draw(ids),
         round=draw(rounds),
         base_model_hash=draw(hashes),
         model_version=draw(u64),
-        deadline_ms=draw(u64),
+        deadline_ms=deadline_ms,
         algorithm=draw(st.sampled_from(["fedavg", "fedsgd"])),
         local_epochs=draw(u32),
         local_steps=draw(u32),
@@ -55,6 +56,7 @@ def round_opens(draw: st.DrawFn) -> RoundOpen:
         leader_id=draw(st.sampled_from(aggregators)),
         weight_cap=draw(st.integers(1, 2**32 - 1)),
         loss_cap=draw(st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False)),
+        opened_ms=draw(st.integers(0, deadline_ms)),
     )
 
 
