@@ -252,9 +252,10 @@ class AggregatorService:
     # --- 5. agree ----------------------------------------------------------------------------
 
     def _maybe_close(self, now_ms: int | None) -> list[Outgoing]:
-        """Close collection once the deadline passed or all nodes reported; tell the sites
-        which statements it holds (ReceiptSet: commitments only) and send the ReceivedSet
-        (the leader keeps its own)."""
+        """Close collection once the deadline passed or all nodes reported; send the
+        ReceivedSet (the leader keeps its own) and then tell the sites which statements it
+        holds (ReceiptSet: commitments only). In that order: the outbox sends in order, and
+        the round waits on the ReceivedSet, not on the receipts."""
         current = self.current
         held = None if current is None else current.close_collection(now_ms)
         if current is None or held is None:
@@ -266,10 +267,10 @@ class AggregatorService:
                                    receipts)  # fmt: skip
         if self.config.is_leader:
             current.received[self.me] = dict(zip(held, commitments, strict=True))
-            return [told, *self._maybe_agree()]
+            return [*self._maybe_agree(), told]
         received = ReceivedSet(a.federation_id, a.study_id, a.round, self.me, held, commitments)
         topic = topics.received_topic(a.federation_id, a.study_id, self.me)
-        return [told, self.publisher.send(topic, received)]
+        return [self.publisher.send(topic, received), told]
 
     def _on_received(self, message: Message, signer: str) -> list[Outgoing]:
         if not isinstance(message, ReceivedSet) or not self.config.is_leader:
