@@ -8,9 +8,10 @@ a round closes only at its deadline. Timeline:
    (gracefully: it keeps its persistence, as a broker restarted for maintenance does);
 2. during the outage round 1's deadline passes, and the follower's tick publishes its
    ReceivedSet (and each aggregator its receipts) into the outage, where it waits longer
-   than the publish timeout (2 s here, 300 s by default). The old code raised out of the follower's main loop, which held the
-   service lock, and the daemon exited (rc 2). Every daemon must stay up, say in `/readyz`
-   that the broker is down, and log the outage once, not once per message;
+   than the publish timeout (2 s here, 300 s by default). The old code raised out of the
+   follower's main loop, which held the service lock, and the daemon exited (rc 2). Every
+   daemon must stay up, say in `/readyz` that the broker is down, and log the outage once,
+   not once per message;
 3. Mosquitto starts again on the same port, at least three publish timeouts after it
    stopped. The ReceivedSet goes out, so round 1 goes on where it was: the leader publishes
    the participant set and its partial sum, both aggregators sign, and round 1 is released.
