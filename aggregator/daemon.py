@@ -40,6 +40,12 @@ answers `/readyz` with 503 and that sentence, and drops what arrives. Once enoug
 free again it starts over as after a restart (step 3: the round in flight is aborted) and
 the leader opens the next round. The leader also opens no round while less than about one
 round's files is free, so that no node spends epsilon on a round it could not finish.
+
+A member can write only its own topics but as fast as it likes (issue 19, point 8): the
+session drops a member's messages beyond its budget as they are read (`broker.intake`),
+its transfers are held within per-member quotas (`broker.quotas`), and every 10 s the
+daemon logs, audits and counts what it dropped, one line per member, while repeats of a
+member's refused messages are logged once per interval (`RepeatLimiter`).
 """
 
 from __future__ import annotations
@@ -63,22 +69,32 @@ from aggregator.setup import StudySetup, load_study_setup
 from aggregator.state_history import open_checked_store
 from aggregator.store import DISK_FULL_REASON, RESTART_REASON, Store
 from broker import topics
-from broker.chunking import prepare_spool_dir
+from broker.chunking import DEFAULT_TRANSFER_TIMEOUT_S, prepare_spool_dir
 from broker.provisioning.key_check import check_member_keys
-from broker.service_link import Endpoint, ServiceLink, endpoint_config, run_until_signalled
+from broker.service_link import (
+    Endpoint,
+    ServiceLink,
+    endpoint_config,
+    member_intake,
+    run_until_signalled,
+)
 from broker.session_config import TlsFiles
 from tessera.crypto.sealing import load_hpke_key
 from tessera.crypto.signing import load_private_key
 from tessera.errors import DiskFull
 from tessera.files import DiskWatch, disk_full_error, free_bytes
 from tessera.governance.audit import AuditLog, open_service_audit
-from tessera.limits import DISK_RESERVE_BYTES
+from tessera.limits import DISK_RESERVE_BYTES, MAX_TRANSFER_BYTES
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer
+from tessera.observability.logs import RepeatLimiter
 from tessera.observability.metrics import ServiceMetrics
 
 log = logging.getLogger("tessera.aggregator.daemon")
 TICK_S = 0.5
+# How often refusals of a member's messages are reported: one line and one audit entry per
+# member per interval, however many messages it sent (issue 19, point 8).
+INTAKE_REPORT_S = 10.0
 
 
 # The /readyz checks, in the order it names failing ones (the README's table lists them).
@@ -114,15 +130,26 @@ class AggregatorDaemon:
             ["outcome"],
             registry=self.metrics_registry,
         )
+        self.intake_dropped = Counter(
+            "tessera_aggregator_intake_dropped",
+            "Messages from members over their intake budget, acknowledged and dropped.",
+            registry=self.metrics_registry,
+        )
         broker = config.broker
         endpoint = Endpoint(
             broker.host, broker.port, broker.tls, broker.publish_timeout_s, broker.reconnect_max_s
         )
+        session = endpoint_config(setup.bundle, endpoint)
         self.link = ServiceLink(
-            endpoint_config(setup.bundle, endpoint),
+            session,
             spool_dir=spool,
             on_wire=self._count_wire,
+            intake=member_intake(session, MAX_TRANSFER_BYTES),
+            # A stalled transfer is dropped well before the round it belongs to closes.
+            transfer_timeout_s=min(DEFAULT_TRANSFER_TIMEOUT_S, config.round.collect_timeout_s / 2),
         )
+        self.repeats = RepeatLimiter(INTAKE_REPORT_S)
+        self._intake_reported = time.monotonic()
         self.health = HealthServer(
             config.http_port,
             self.metrics_registry,
@@ -224,6 +251,7 @@ class AggregatorDaemon:
 
     def start(self) -> AggregatorDaemon:
         """Serve HTTP, subscribe, connect (in the background)."""
+        self.repeats.install()
         self.health.start()
         fed, study, me = self.config.federation_id, self.config.study_id, self.config.aggregator_id
         for topic_filter in (
@@ -260,6 +288,7 @@ class AggregatorDaemon:
             self.store.close()
         if self.audit is not None:
             self.audit.close()
+        self.repeats.uninstall()
 
     def _publish(self, outgoing: Iterable[Outgoing]) -> None:
         """Post to the outbox, in order; returns at once (the outbox waits for the broker)."""
@@ -300,6 +329,7 @@ class AggregatorDaemon:
         for the space, then start over as after a restart."""
         while not stop.wait(TICK_S):
             self.metrics.set_broker_connected(self.link.connected)
+            self._report_intake()
             with self._lock:
                 if self.service is None:
                     if self.disk.poll() and self._open_state(DISK_FULL_REASON):
@@ -345,6 +375,25 @@ class AggregatorDaemon:
                 }
             },
         )
+
+    def _report_intake(self) -> None:
+        """Once per INTAKE_REPORT_S: one line, one audit entry and the counter for each
+        member whose messages the intake gate dropped, and the repeats the log left out."""
+        self.repeats.flush()
+        now = time.monotonic()
+        if self.link.intake is None or now - self._intake_reported < INTAKE_REPORT_S:
+            return
+        interval, self._intake_reported = now - self._intake_reported, now
+        for sender, dropped in sorted(self.link.intake.drain().items()):
+            self.intake_dropped.inc(dropped)
+            fields = {"sender": sender, "dropped": dropped, "interval_s": round(interval, 1)}
+            with self._lock:
+                if self.audit is not None:  # None while the disk is full: logged only
+                    try:
+                        self.audit.append("intake-throttled", fields)
+                    except OSError as error:
+                        self._disk_full(error)
+            log.warning(Event.INTAKE_THROTTLED, extra={"fields": fields})
 
     def _audit_progress(self) -> None:
         """Append the audit entries for what the round did since the last call: opened,

@@ -63,6 +63,7 @@ from tessera.wire.messages import (
     ModelRelease,
     PartialSum,
     ParticipantSet,
+    ReceiptSet,
     ReceivedSet,
     ReleaseRequest,
     RoundAbort,
@@ -135,6 +136,9 @@ class AggregatorService:
             held = None if self.current is None else self.current.state.round
             name = None if kind is None else kind.name
             fields = {"kind": name, "error": type(exc).__name__, "reason": str(exc), "round": held}
+            sender = topics.member_writer(topic)
+            if sender is not None:  # a member's: its repeats are logged in aggregate
+                fields["sender"] = sender
             log.warning(Event.MESSAGE_REJECTED, extra={"fields": fields})
             return []
 
@@ -249,19 +253,24 @@ class AggregatorService:
 
     def _maybe_close(self, now_ms: int | None) -> list[Outgoing]:
         """Close collection once the deadline passed or all nodes reported; send the
-        ReceivedSet (the leader keeps its own)."""
+        ReceivedSet (the leader keeps its own) and then tell the sites which statements it
+        holds (ReceiptSet: commitments only). In that order: the outbox sends in order, and
+        the round waits on the ReceivedSet, not on the receipts."""
         current = self.current
         held = None if current is None else current.close_collection(now_ms)
         if current is None or held is None:
             return []
         commitments = current.commitments(held)
+        a = current.announcement
+        receipts = ReceiptSet(a.federation_id, a.study_id, a.round, self.me, commitments)
+        told = self.publisher.send(topics.receipts_topic(a.federation_id, a.study_id, self.me),
+                                   receipts)  # fmt: skip
         if self.config.is_leader:
             current.received[self.me] = dict(zip(held, commitments, strict=True))
-            return self._maybe_agree()
-        a = current.announcement
+            return [*self._maybe_agree(), told]
         received = ReceivedSet(a.federation_id, a.study_id, a.round, self.me, held, commitments)
         topic = topics.received_topic(a.federation_id, a.study_id, self.me)
-        return [self.publisher.send(topic, received)]
+        return [self.publisher.send(topic, received), told]
 
     def _on_received(self, message: Message, signer: str) -> list[Outgoing]:
         if not isinstance(message, ReceivedSet) or not self.config.is_leader:

@@ -16,11 +16,16 @@ Frame layout (big-endian, 109-byte header then the chunk bytes)::
     chunk_len  4   bytes that follow
     data       chunk_len
 
-Reassembly keeps at most ``max_transfers`` open transfers and ``max_total_bytes`` of
-declared payload across them, and spools a transfer larger than ``spool_threshold`` to an
-anonymous temporary file in ``spool_dir`` instead of memory. A repeated identical chunk is
-ignored (QoS 1 may deliver twice); a chunk that conflicts with one already held is rejected;
-a transfer with no progress for ``timeout_s`` is dropped and recorded in ``expired``.
+Reassembly charges each open transfer to its origin (`broker.quotas.Origin`: the sender the
+topic names, and its pool) and keeps, per pool, at most ``max_transfers`` open transfers and
+``max_total_bytes`` of declared payload, and per sender at most ``sender_transfers`` and
+``sender_bytes``; `broker.quotas.make_room` says which open transfers a new one displaces
+(the sender's own stalest first) or refuses it. So one member's stalled or oversized
+transfers never block another member's, nor the aggregators' own messages (issue 20, point
+5). A transfer larger than ``spool_threshold`` is spooled to an anonymous temporary file in
+``spool_dir`` instead of memory. A repeated identical chunk is ignored (QoS 1 may deliver
+twice); a chunk that conflicts with one already held is rejected; a transfer with no
+progress for ``timeout_s`` is dropped and recorded in ``expired``.
 
 Spooling fails loudly and loses nothing. A spool folder that is missing or not writable is
 refused when the Reassembler is made (`check_spool_dir`; services make theirs with
@@ -45,9 +50,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from broker.errors import ChunkError, PayloadTooLargeError, SpoolError
+from broker.quotas import Holding, Origin, QuotaLimits, make_room
 from tessera.errors import ConfigError
 from tessera.files import make_private_dir
 from tessera.limits import MAX_TRANSFER_BYTES, MAX_TRANSFERS_IN_FLIGHT_BYTES, SPOOL_THRESHOLD_BYTES
+from tessera.observability.events import Event
 
 MAGIC = b"TSCK"
 VERSION = 1
@@ -55,6 +62,9 @@ _HEADER = struct.Struct(">4sB16sIIIQ32s32sI")
 HEADER_SIZE = _HEADER.size
 PAYLOAD_ID_SIZE = 16
 DEFAULT_CHUNK_SIZE = 1 << 20
+# A transfer idle this long (while connected) is dropped: well inside a round's collection
+# window, so a stalled transfer cannot hold its place for a whole round.
+DEFAULT_TRANSFER_TIMEOUT_S = 120.0
 
 log = logging.getLogger(__name__)
 
@@ -166,22 +176,38 @@ def encode_frames(payload: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Itera
 
 @dataclass(frozen=True)
 class ReassemblyLimits:
-    """Bounds on what a Reassembler will hold."""
+    """Bounds on what a Reassembler will hold: `max_transfers` and `max_total_bytes` per
+    pool, `sender_transfers` and `sender_bytes` (default: `max_payload_bytes`) per sender."""
 
     max_payload_bytes: int = MAX_TRANSFER_BYTES
     max_transfers: int = 16
     max_total_bytes: int = MAX_TRANSFERS_IN_FLIGHT_BYTES
+    sender_transfers: int = 4
+    sender_bytes: int | None = None
     spool_threshold: int = SPOOL_THRESHOLD_BYTES
-    timeout_s: float = 600.0
+    timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S
     spool_dir: Path | None = None
     remember_completed: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("max_payload_bytes", "max_transfers", "max_total_bytes", "remember_completed"):
+        for name in (
+            "max_payload_bytes", "max_transfers", "max_total_bytes", "sender_transfers",
+            "remember_completed",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"ReassemblyLimits.{name} must be at least 1")
+        if self.sender_bytes is not None and self.sender_bytes < 1:
+            raise ValueError("ReassemblyLimits.sender_bytes must be at least 1")
         if self.timeout_s <= 0:
             raise ValueError(f"ReassemblyLimits.timeout_s {self.timeout_s} must be positive")
+
+    @property
+    def quotas(self) -> QuotaLimits:
+        """The per-pool and per-sender ceilings, as `broker.quotas.make_room` takes them."""
+        sender_bytes = self.max_payload_bytes if self.sender_bytes is None else self.sender_bytes
+        return QuotaLimits(
+            self.max_transfers, self.max_total_bytes, self.sender_transfers, sender_bytes
+        )
 
 
 def check_spool_dir(folder: Path) -> None:
@@ -225,6 +251,7 @@ class ExpiredTransfer:
 @dataclass
 class _Transfer:
     first: ChunkFrame
+    origin: Origin
     started: float
     last_progress: float
     hashes: dict[int, bytes] = field(default_factory=dict)
@@ -267,17 +294,25 @@ class Reassembler:
     """Collects chunk frames per (key, payload id) and returns each payload once, verified.
 
     ``key`` is where the frames came from (the topic), so one sender cannot complete or
-    disturb a transfer on another topic. Not thread-safe: call from one thread.
+    disturb a transfer on another topic; ``origin_of(key)`` says whom a transfer on it is
+    charged to (default: the key itself, in one pool). Not thread-safe: call from one thread.
     """
 
-    def __init__(self, limits: ReassemblyLimits, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        limits: ReassemblyLimits,
+        clock: Callable[[], float],
+        origin_of: Callable[[str], Origin] = Origin,
+    ) -> None:
         if limits.spool_dir is not None:
             check_spool_dir(limits.spool_dir)
         self.limits = limits
         self._clock = clock
+        self._origin_of = origin_of
         self._open: dict[tuple[str, bytes], _Transfer] = {}
         self._done: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self.expired: deque[ExpiredTransfer] = deque(maxlen=1024)
+        self.evicted: deque[ExpiredTransfer] = deque(maxlen=1024)
 
     @property
     def open_transfers(self) -> int:
@@ -286,7 +321,7 @@ class Reassembler:
 
     @property
     def held_bytes(self) -> int:
-        """Declared bytes of every open transfer (the budget ``max_total_bytes`` bounds)."""
+        """Declared bytes of every open transfer, in every pool."""
         return sum(t.first.total_size for t in self._open.values())
 
     def accept(self, key: str, frame: ChunkFrame) -> bytes | None:
@@ -300,7 +335,7 @@ class Reassembler:
         self.expire()
         ident = (key, frame.payload_id)
         if ident in self._done:
-            log.info(
+            log.debug(  # QoS 1 redelivers: routine, and a member could repeat one at will
                 "ignoring repeated chunk %d of completed payload %s",
                 frame.index,
                 frame.payload_id.hex(),
@@ -325,7 +360,7 @@ class Reassembler:
                     f"chunk {frame.index} of payload {frame.payload_id.hex()} differs from the "
                     "copy already received; rejected"
                 )
-            log.info(
+            log.debug(
                 "ignoring repeated chunk %d of payload %s", frame.index, frame.payload_id.hex()
             )
             return None
@@ -349,35 +384,41 @@ class Reassembler:
     def expire(self) -> list[ExpiredTransfer]:
         """Drop transfers idle longer than the timeout; record and return them."""
         now = self._clock()
-        dropped = []
-        for ident, transfer in list(self._open.items()):
-            if now - transfer.last_progress >= self.limits.timeout_s:
-                del self._open[ident]
-                transfer.close()
-                record = ExpiredTransfer(
-                    ident[0],
-                    ident[1].hex(),
-                    len(transfer.hashes),
-                    transfer.first.count,
-                    transfer.first.total_size,
-                )
-                self.expired.append(record)
-                dropped.append(record)
-                log.warning(
-                    "dropped incomplete transfer %s on %s: %d of %d chunks after %.0f s idle",
-                    record.payload_id,
-                    record.key,
-                    record.received,
-                    record.count,
-                    self.limits.timeout_s,
-                )
-        return dropped
+        idle = [
+            ident
+            for ident, transfer in self._open.items()
+            if now - transfer.last_progress >= self.limits.timeout_s
+        ]
+        return [self._drop(ident, Event.TRANSFER_EXPIRED) for ident in idle]
+
+    def resume(self) -> None:
+        """Restart every open transfer's idle clock: call on reconnecting, so that time
+        spent disconnected (when no frame can arrive) does not count as idle."""
+        now = self._clock()
+        for transfer in self._open.values():
+            transfer.last_progress = max(transfer.last_progress, now)
 
     def close(self) -> None:
         """Drop every open transfer and release its memory or spool file."""
         for transfer in self._open.values():
             transfer.close()
         self._open.clear()
+
+    def _drop(self, ident: tuple[str, bytes], why: Event) -> ExpiredTransfer:
+        transfer = self._open.pop(ident)
+        transfer.close()
+        first = transfer.first
+        record = ExpiredTransfer(
+            ident[0], ident[1].hex(), len(transfer.hashes), first.count, first.total_size
+        )
+        (self.expired if why is Event.TRANSFER_EXPIRED else self.evicted).append(record)
+        fields = {
+            "sender": transfer.origin.sender, "topic": record.key, "received": record.received,
+            "count": record.count, "total_size": record.total_size,
+        }  # fmt: skip
+        level = logging.WARNING if why is Event.TRANSFER_EXPIRED else logging.INFO
+        log.log(level, why, extra={"fields": fields})
+        return record
 
     def _start(self, ident: tuple[str, bytes], frame: ChunkFrame) -> _Transfer:
         limits = self.limits
@@ -386,18 +427,15 @@ class Reassembler:
                 f"payload {frame.payload_id.hex()} declares {frame.total_size} bytes, over the "
                 f"limit of {limits.max_payload_bytes}; raise max_payload_bytes if this is expected"
             )
-        if len(self._open) >= limits.max_transfers:
-            raise PayloadTooLargeError(
-                f"{len(self._open)} transfers already open (limit {limits.max_transfers}); "
-                f"payload {frame.payload_id.hex()} refused"
-            )
-        if self.held_bytes + frame.total_size > limits.max_total_bytes:
-            raise PayloadTooLargeError(
-                f"payload {frame.payload_id.hex()} of {frame.total_size} bytes would exceed the "
-                f"{limits.max_total_bytes} bytes held across open transfers; refused"
-            )
+        origin = self._origin_of(ident[0])
+        holdings = [
+            Holding(i, t.origin, t.first.total_size, t.last_progress) for i, t in self._open.items()
+        ]
+        for holding in make_room(holdings, origin, frame.total_size, limits.quotas):
+            assert isinstance(holding.ident, tuple)
+            self._drop(holding.ident, Event.TRANSFER_EVICTED)
         now = self._clock()
-        transfer = _Transfer(first=frame, started=now, last_progress=now)
+        transfer = _Transfer(first=frame, origin=origin, started=now, last_progress=now)
         if frame.total_size > limits.spool_threshold:
             # Large payloads go to an anonymous temporary file, so memory stays bounded by
             # max_transfers * spool_threshold whatever senders declare.

@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from broker.chunking import ReassemblyLimits
+from broker.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_TRANSFER_TIMEOUT_S, ReassemblyLimits
+from broker.intake import IntakeBudget, IntakeGate
 from broker.outbox import Outbox
 from broker.provisioning.bundle import Bundle
+from broker.quotas import Origin
 from broker.session import ConnectionChange, Session, SessionConfig
-from broker.topics import presence_topic
-from broker.transfer import PayloadReceiver, max_chunk_size
+from broker.topics import member_writer, presence_topic, writer_key
+from broker.transfer import PayloadReceiver, chunk_room, max_chunk_size
 from tessera.limits import MAX_TRANSFER_BYTES, MQTT_PACKET_OVERHEAD_BYTES
 from tessera.observability.events import Event
 
@@ -88,6 +90,22 @@ def endpoint_config(bundle: Bundle, endpoint: Endpoint) -> SessionConfig:
     )
 
 
+def transfer_origin(topic: str) -> Origin:
+    """Whom a transfer on `topic` is charged to: members' topics (shares, audit reports,
+    release requests) draw from the "members" pool, everything the aggregators write from
+    "aggregators", so no member can crowd out the leader's or the aggregators' messages."""
+    pool = "members" if member_writer(topic) is not None else "aggregators"
+    return Origin(writer_key(topic), pool)
+
+
+def member_intake(config: SessionConfig, max_payload_bytes: int) -> IntakeGate:
+    """The intake gate of a service that members write to (an aggregator): each member's
+    messages within `IntakeBudget.for_payloads`, counted from the session's chunk size."""
+    chunk = min(DEFAULT_CHUNK_SIZE, chunk_room(config.max_packet_bytes))
+    budget = IntakeBudget.for_payloads(max_payload_bytes, chunk)
+    return IntakeGate(budget, member_writer, time.monotonic)
+
+
 class ServiceLink:
     """One service's MQTT session: chunked payloads in and out, wire bytes counted."""
 
@@ -98,14 +116,18 @@ class ServiceLink:
         spool_dir: Path | None = None,
         max_payload_bytes: int = MAX_TRANSFER_BYTES,
         on_wire: WireCounter | None = None,
+        intake: IntakeGate | None = None,
+        transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
     ) -> None:
-        self.session = Session(config)
+        self.session = Session(config, intake)
+        self.intake = intake
         limits = ReassemblyLimits(
             max_payload_bytes=max_payload_bytes,
             max_total_bytes=2 * max_payload_bytes,
+            timeout_s=transfer_timeout_s,
             spool_dir=spool_dir,
         )
-        self.receiver = PayloadReceiver(self.session, limits)
+        self.receiver = PayloadReceiver(self.session, limits, origin_of=transfer_origin)
         self._on_wire = on_wire or (lambda _direction, _count: None)
         self.outbox = Outbox(self.session, on_sent=lambda count: self._on_wire("sent", count))
         self.session.on_connection = self._on_connection

@@ -19,6 +19,9 @@ What it guarantees:
   sender, which will not send it again), the session offers it to the handler again every
   ``deferred_retry_s``, and after a reconnect the broker redelivers it. Other messages keep
   flowing while fewer than the broker's in-flight window are held back.
+- An optional intake gate (`broker.intake.IntakeGate`), asked on the network thread: a
+  message from a sender over its budget is acknowledged and dropped there, so a flooding
+  member is read off the socket at full speed instead of backing up the broker's queue.
 - Errors are exceptions (BrokerError subclasses), never return codes.
 """
 
@@ -50,6 +53,7 @@ from broker.errors import (
     PayloadTooLargeError,
     PublishError,
 )
+from broker.intake import IntakeGate
 from broker.session_config import HttpProxy, SessionConfig, TlsFiles, tls_context
 from broker.topics import validate_filter, validate_publish_topic
 from tessera.observability.events import Event
@@ -91,8 +95,9 @@ class _Deferred:
 class Session:
     """One client connection. Use as a context manager, or ``start()`` and ``close()``."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, intake: IntakeGate | None = None) -> None:
         self.config = config
+        self._intake = intake
         self._v5 = config.protocol == "mqttv5"
         self._client = self._build_client(config)
         self._lock = threading.Lock()
@@ -161,6 +166,11 @@ class Session:
     def connected(self) -> bool:
         """Whether the session is connected right now."""
         return self._connected.is_set()
+
+    @property
+    def connections(self) -> int:
+        """How many times the session has connected (0 before the first)."""
+        return self._generation
 
     @property
     def delivering_retained(self) -> bool:
@@ -418,6 +428,9 @@ class Session:
             self.dropped_oversized += 1
             log.warning("dropped oversized message (%d bytes)", len(message.payload))
             client.ack(message.mid, message.qos)
+            return
+        if self._intake is not None and not self._intake.admit(message.topic):
+            client.ack(message.mid, message.qos)  # counted by the gate, logged in aggregate
             return
         self._inbox.put((self._generation, message))
 

@@ -9,6 +9,8 @@ codec's id rule too), so that it can never be an MQTT wildcard, a level separato
     tessera/<fed>/<study>/round                      RoundOpen, RoundAbort  aggregators -> all
     tessera/<fed>/<study>/share/<aggregator>/<node>  ShareEnvelope          node -> aggregator
     tessera/<fed>/<study>/received/<aggregator>      ReceivedSet            aggregator -> aggs
+    tessera/<fed>/<study>/receipts/<aggregator>      ReceiptSet             aggregator -> sites
+                                                     (statement commitments, no node ids)
     tessera/<fed>/<study>/participants               ParticipantSet         leader -> aggs
     tessera/<fed>/<study>/partial/<to>/<from>        PartialSum             aggregator -> agg
     tessera/<fed>/<study>/release                    ModelRelease           aggregators -> all
@@ -44,6 +46,7 @@ class Kind(Enum):
     ROUND = "tessera/{federation}/{study}/round"
     SHARE = "tessera/{federation}/{study}/share/{aggregator}/{node}"
     RECEIVED = "tessera/{federation}/{study}/received/{aggregator}"
+    RECEIPTS = "tessera/{federation}/{study}/receipts/{aggregator}"
     PARTICIPANTS = "tessera/{federation}/{study}/participants"
     PARTIAL = "tessera/{federation}/{study}/partial/{to_aggregator}/{from_aggregator}"
     RELEASE = "tessera/{federation}/{study}/release"
@@ -105,6 +108,18 @@ def received_topic(federation: str, study: str, aggregator: str) -> str:
     """An aggregator's signed set of nodes whose shares it holds."""
     validate_id(aggregator, "aggregator id")
     return f"{_base(federation, study)}/received/{aggregator}"
+
+
+def receipts_topic(federation: str, study: str, aggregator: str) -> str:
+    """An aggregator's signed receipts: the statement commitments of the shares it holds,
+    which each site checks for its own (no node ids, so no site learns who else sent)."""
+    validate_id(aggregator, "aggregator id")
+    return f"{_base(federation, study)}/receipts/{aggregator}"
+
+
+def all_receipts(federation: str, study: str) -> str:
+    """Filter for every aggregator's receipts (what a node subscribes to)."""
+    return f"{_base(federation, study)}/receipts/+"
 
 
 def participants_topic(federation: str, study: str) -> str:
@@ -198,8 +213,9 @@ def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
     }
     if len(rest) == 1 and rest[0] in simple:
         return Topic(simple[rest[0]], federation, study)
-    if len(rest) == 2 and rest[0] == "received":
-        return Topic(Kind.RECEIVED, federation, study, aggregator=validate_id(rest[1]))
+    if len(rest) == 2 and rest[0] in ("received", "receipts"):
+        kind = Kind.RECEIVED if rest[0] == "received" else Kind.RECEIPTS
+        return Topic(kind, federation, study, aggregator=validate_id(rest[1]))
     per_node = {"audit": Kind.AUDIT, "candidate": Kind.CANDIDATE, "fetch": Kind.FETCH,
                 "release": Kind.RELEASE_COPY}  # fmt: skip
     if len(rest) == 2 and rest[0] in per_node:
@@ -221,6 +237,42 @@ def _parse_study_topic(federation: str, study: str, rest: list[str]) -> Topic:
             from_aggregator=validate_id(rest[2]),
         )
     raise TopicError(f"unknown topic kind {'/'.join(rest)!r}")
+
+
+def member_writer(topic: str) -> str | None:
+    """The one member whose messages `topic` carries, where members write it: a site's
+    shares, audit reports and release requests, a client's presence (the ACL lets no one
+    else write there); None for a topic of the schema that only aggregators write, and the
+    topic itself for one outside the schema."""
+    try:
+        parsed = parse(topic)
+    except TopicError:
+        return topic
+    if parsed.kind in (Kind.SHARE, Kind.AUDIT, Kind.FETCH):
+        return parsed.node
+    if parsed.kind is Kind.PRESENCE:
+        return parsed.client
+    return None
+
+
+def writer_key(topic: str) -> str:
+    """Whom a message on `topic` is charged to: the one writer the topic names (node,
+    client, aggregator, sending aggregator), else the topic itself (round and release,
+    which every aggregator may write; participants and candidates, the leader's; release
+    copies, which any aggregator may send)."""
+    try:
+        parsed = parse(topic)
+    except TopicError:
+        return topic
+    named = {
+        Kind.SHARE: parsed.node,
+        Kind.AUDIT: parsed.node,
+        Kind.FETCH: parsed.node,
+        Kind.PRESENCE: parsed.client,
+        Kind.RECEIVED: parsed.aggregator,
+        Kind.PARTIAL: parsed.from_aggregator,
+    }.get(parsed.kind)
+    return topic if named is None else named
 
 
 def validate_publish_topic(topic: str) -> str:

@@ -24,7 +24,9 @@ from broker.chunking import (
     encode_frames,
 )
 from broker.errors import BrokerError, ChunkError, DeliveryDeferred, PayloadTooLargeError
+from broker.quotas import Origin
 from broker.session import PublishHandle, Session
+from tessera.observability.events import Event
 
 PayloadHandler = Callable[[str, bytes], None]
 log = logging.getLogger(__name__)
@@ -32,7 +34,12 @@ log = logging.getLogger(__name__)
 
 def max_chunk_size(session: Session, topic_room: int = 256) -> int:
     """The largest chunk that fits the session's packet limit with header and topic."""
-    return session.config.max_packet_bytes - HEADER_SIZE - topic_room - 64
+    return chunk_room(session.config.max_packet_bytes, topic_room)
+
+
+def chunk_room(max_packet_bytes: int, topic_room: int = 256) -> int:
+    """The largest chunk a packet of `max_packet_bytes` holds with header and topic."""
+    return max_packet_bytes - HEADER_SIZE - topic_room - 64
 
 
 def send_payload(
@@ -82,9 +89,14 @@ def send_payload(
 class PayloadReceiver:
     """Subscribes to chunked payloads and delivers each verified payload once.
 
-    ``rejected`` counts frames refused (malformed, conflicting, over a limit); expired
-    transfers are in ``reassembler.expired``. A background thread expires stalled transfers
-    every ``timeout_s / 4`` even when no frame arrives.
+    ``rejected`` counts frames refused (malformed, conflicting, over a limit): each is
+    logged as `chunk-rejected` naming the sender (``origin_of``) so that a flood of them is
+    logged in aggregate (`tessera.observability.logs.RepeatLimiter`); expired and evicted
+    transfers are in ``reassembler.expired`` and ``reassembler.evicted``. A background
+    thread expires stalled transfers (at least every second) even when no frame arrives,
+    never while disconnected, and the idle clocks restart once the session reconnects,
+    before any frame of the new connection is taken: time spent disconnected is not
+    idleness.
 
     A frame that cannot be spooled raises SpoolError, and a payload whose handler raises
     DeliveryDeferred is kept; either way the frame's handler raises DeliveryDeferred, so the
@@ -97,10 +109,13 @@ class PayloadReceiver:
         session: Session,
         limits: ReassemblyLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        origin_of: Callable[[str], Origin] = Origin,
     ) -> None:
         self.session = session
-        self.reassembler = Reassembler(limits or ReassemblyLimits(), clock)
+        self.reassembler = Reassembler(limits or ReassemblyLimits(), clock, origin_of)
+        self._origin_of = origin_of
         self.rejected = 0
+        self._connections = session.connections
         # Complete payloads whose handler deferred them, by (topic, payload id).
         self._deferred: dict[tuple[str, bytes], bytes] = {}
         self._lock = threading.Lock()
@@ -117,13 +132,17 @@ class PayloadReceiver:
             try:
                 frame = ChunkFrame.from_bytes(raw)
                 with self._lock:
+                    self._resume_after_reconnect()
                     ident = (topic, frame.payload_id)
                     payload = self._deferred.pop(ident, None)
                     if payload is None:
                         payload = self.reassembler.accept(topic, frame)
             except (ChunkError, PayloadTooLargeError) as error:
                 self.rejected += 1
-                log.warning("rejected chunk on %s: %s", topic, error)
+                fields = {
+                    "sender": self._origin_of(topic).sender, "topic": topic, "reason": str(error)
+                }  # fmt: skip
+                log.warning(Event.CHUNK_REJECTED, extra={"fields": fields})
                 return
             if payload is None:
                 return
@@ -144,8 +163,20 @@ class PayloadReceiver:
             self.reassembler.close()
             self._deferred.clear()
 
+    def _resume_after_reconnect(self) -> None:
+        """Restart the idle clocks once per reconnection, before any frame of the new
+        connection is taken (call under the lock)."""
+        connections = self.session.connections
+        if connections > self._connections > 0:
+            self.reassembler.resume()
+        self._connections = connections
+
     def _sweep(self) -> None:
-        interval = max(0.05, self.reassembler.limits.timeout_s / 4)
+        interval = min(1.0, max(0.05, self.reassembler.limits.timeout_s / 4))
         while not self._stop.wait(interval):
+            # In this order: a session counts a connection before it reports connected.
+            connected = self.session.connected
             with self._lock:
-                self.reassembler.expire()
+                self._resume_after_reconnect()
+                if connected:
+                    self.reassembler.expire()

@@ -46,6 +46,13 @@ headline figures. A candidate is never installed or served. An audit that fails 
 held-out images, or an empirical bound above the accountant's epsilon) sends nothing, so
 the aggregators hold the release for the missing report.
 
+Receipts: when an aggregator closes collection it publishes the commitments of the
+statements it holds (`ReceiptSet`). For a round this node joined, each aggregator's receipts
+either list the commitment of the statement it sent (`share-confirmed`) or not: that
+aggregator closed the round without this node's share, which the round then leaves out
+although its epsilon was charged (`share-not-received`, a warning, the counter
+`tessera_node_shares_not_received`, and an audit entry; `node.round.receipts`).
+
 Releases: a release is installed only through `node.round.releases.accept_release` (every
 aggregator's signature, every hash, the ONNX naming these weights); a refused one is
 audited and changes nothing. A release that does not fit on the disk is neither refused nor
@@ -69,7 +76,7 @@ import threading
 import time
 from pathlib import Path
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from pynetdicom.transport import ThreadedAssociationServer
 
 from broker import topics
@@ -92,15 +99,16 @@ from node.round.candidate import (
 )
 from node.round.clock import ClockReading, LeaderClock
 from node.round.participation import Joined, participate
+from node.round.receipts import ReceiptBook, ShareReceipt
 from node.round.releases import ReleaseRefused, accept_release, parse_release
 from node.setup import NodeSetup, load_node_setup
-from tessera.errors import AuthenticationError, DiskFull, TesseraError
+from tessera.errors import AuthenticationError, CodecError, DiskFull, TesseraError
 from tessera.files import DiskWatch, disk_full_error
-from tessera.limits import MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
+from tessera.limits import MAX_RECEIPT_SET_BYTES, MAX_RELEASE_PAYLOAD_BYTES, MAX_ROUND_OPEN_BYTES
 from tessera.observability.events import Event
 from tessera.observability.http import HealthServer
 from tessera.wire.envelopes import open_envelope, seal_envelope
-from tessera.wire.messages import ReleaseRequest, RoundAbort, RoundOpen
+from tessera.wire.messages import ReceiptSet, ReleaseRequest, RoundAbort, RoundOpen
 from tessera.wire.release import is_signature_note
 
 log = logging.getLogger("tessera.node.daemon")
@@ -171,6 +179,18 @@ class NodeDaemon:
         # ("candidate", candidate bytes); None stops it.
         self._rounds: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=8)
         self._joined = JoinedRounds()  # the last rounds joined, by number; worker thread only
+        fed = self.manifest.federation_id
+        self.receipts = ReceiptBook(self.audit.path, fed, self.study.id)
+        self.shares_not_received = Counter(
+            "tessera_node_shares_not_received",
+            "Shares this node sent that an aggregator's receipts did not list (left out).",
+            registry=setup.metrics_registry,
+        )
+        self.shares_confirmed = Counter(
+            "tessera_node_shares_confirmed",
+            "Shares this node sent that an aggregator's receipts listed.",
+            registry=setup.metrics_registry,
+        )
         self._lock = threading.Lock()  # the training base and the store, between threads
         self._worker = threading.Thread(target=self._round_worker, name="rounds", daemon=True)
         self.receiver: ThreadedAssociationServer | None = None
@@ -195,6 +215,7 @@ class NodeDaemon:
         fed, study = self.manifest.federation_id, self.study.id
         self.link.subscribe(topics.round_topic(fed, study), self._on_round)
         self.link.subscribe(topics.release_topic(fed, study), self._on_release)
+        self.link.subscribe(topics.all_receipts(fed, study), self._on_receipts)
         site = self.config.site_id  # a release sent again to this node alone
         self.link.subscribe(topics.release_copy_topic(fed, study, site), self._on_release)
         if self.study.privacy_audit is not None:
@@ -326,6 +347,37 @@ class NodeDaemon:
             "bytes_sent": sum(len(m.payload) for m in outcome.messages),
             "plaintext_bytes": 4 * outcome.round_open.vector_length,
         }})  # fmt: skip
+        self._record_receipts(self.receipts.on_joined(round_number))
+
+    def _on_receipts(self, topic: str, payload: bytes) -> None:
+        """An aggregator's receipts: judged against this node's share (`node.round.receipts`)."""
+        try:
+            signed = open_envelope(payload, self.aggregator_signing, MAX_RECEIPT_SET_BYTES)
+            receipts = signed.message
+            if not isinstance(receipts, ReceiptSet) or topics.parse(topic).aggregator != (
+                receipts.aggregator_id
+            ):
+                raise CodecError("not an aggregator's own ReceiptSet on its receipts topic")
+        except (TesseraError, ValueError) as error:
+            fields = {"kind": "RECEIPTS", "error": type(error).__name__}
+            log.warning(Event.MESSAGE_REJECTED, extra={"fields": fields})
+            return
+        self._record_receipts(self.receipts.on_receipt(receipts))
+
+    def _record_receipts(self, verdicts: list[ShareReceipt]) -> None:
+        for verdict in verdicts:
+            fields = {"round": verdict.round, "aggregator": verdict.aggregator}
+            entry = {"study_id": self.study.id, **fields, "held": verdict.held}
+            if verdict.received:
+                self.shares_confirmed.inc()
+                self.audit.append("share-received", entry)
+                log.info(Event.SHARE_CONFIRMED, extra={"fields": fields})
+            else:
+                self.shares_not_received.inc()
+                self.audit.append("share-not-received", entry)
+                log.warning(
+                    Event.SHARE_NOT_RECEIVED, extra={"fields": {**fields, "held": verdict.held}}
+                )
 
     def _ingest(self) -> None:
         try:

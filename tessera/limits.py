@@ -28,6 +28,8 @@ MAX_AGGREGATOR_MESSAGE_BYTES = 512 * _MIB
 # A round's control envelope at a node (RoundOpen, RoundAbort): a few hundred bytes plus two id
 # lists, so anything near this is not one.
 MAX_ROUND_OPEN_BYTES = 1 * _MIB
+# An aggregator's receipts at a node: 32 bytes per share it holds, at most 10,000 of them.
+MAX_RECEIPT_SET_BYTES = 1 * _MIB
 # A site's signed privacy-audit report at an aggregator: a few kilobytes of aggregate figures.
 MAX_AUDIT_REPORT_BYTES = 64 * _KIB
 

@@ -10,13 +10,14 @@ federation's study ids, never a wildcard at the study level. Every topic a membe
 is concrete, so what a member can leave retained on the broker is bounded: one message of at
 most max_packet_size per topic it may write. It grants:
 - a site: write its own shares (to each aggregator), its own privacy-audit reports, its own
-  release requests and its own presence; read round control, releases, and its own copy of
-  a candidate and of a release it asked for again. Nothing else, so no site can read a
-  share, another site's candidate or audit report, or impersonate another.
+  release requests and its own presence; read round control, releases, every aggregator's
+  receipts (commitments only, no node ids), and its own copy of a candidate and of a release
+  it asked for again. Nothing else, so no site can read a share, a received set, another
+  site's candidate or audit report, or impersonate another.
 - an aggregator: read shares addressed to it, partial sums addressed to it, every
   received set, participant set, round, release, audit report, release request and
   presence; write round control, releases (to all, or to one site that asked), its own
-  received set, its own partial sums and its own presence.
+  received set and receipts, its own partial sums and its own presence.
 - only the leader aggregator writes the participant set and the candidates (one per site).
 """
 
@@ -105,6 +106,7 @@ def render_acl(federation: Federation) -> str:
         for study in (f"{root}/{s}" for s in federation.studies):
             lines += [f"topic read {study}/{kind}" for kind in ("round", "release")]
             lines += [f"topic read {study}/{kind}/{site.id}" for kind in ("candidate", "release")]
+            lines += [f"topic read {study}/receipts/+"]
             lines += [f"topic write {study}/share/{a.id}/{site.id}" for a in federation.aggregators]
             lines += [f"topic write {study}/{kind}/{site.id}" for kind in ("audit", "fetch")]
         lines += [f"topic write {root}/presence/{site.id}", ""]
@@ -123,6 +125,7 @@ def _aggregator_study_rules(federation: Federation, agg: str, study: str) -> lis
         f"topic read {study}/share/{agg}/+",
         f"topic read {study}/received/+",
         f"topic write {study}/received/{agg}",
+        f"topic write {study}/receipts/{agg}",
         f"topic read {study}/participants",
         f"topic read {study}/partial/{agg}/+",
         f"topic read {study}/audit/+",

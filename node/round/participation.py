@@ -36,7 +36,9 @@ Order, and what each step guarantees:
    each sealed with HPKE to its aggregator under `share_binding`, with the node's statement
    (its composed epsilon, sealed the same way: `tessera.wire.statement`), wrapped in a ShareEnvelope
    signed with the node's key, and addressed to `broker.topics.share_topic`. A `round-joined`
-   entry (and, with DP, an `epsilon-spent` entry) is appended before returning.
+   entry (and, with DP, an `epsilon-spent` entry) is appended before returning; it names
+   the commitment of the statement, which each aggregator's receipts must list
+   (`node.round.receipts`).
 """
 
 from __future__ import annotations
@@ -208,12 +210,15 @@ def participate(
     charge = update.result.dp_charge
     spent = max(0.0, charge.epsilon_total - state.epsilon_spent) if charge else 0.0
     epsilon_total = charge.epsilon_total if charge else state.epsilon_spent
-    messages = tuple(seal_shares(round_open, update.encoded, ctx, epsilon_total))
+    statement = NodeStatement.fresh(epsilon_total)  # one per round, the same for every one
+    messages = tuple(seal_shares(round_open, update.encoded, ctx, epsilon_total, statement))
     ctx.audit.append("round-joined", {
         "federation_id": round_open.federation_id, "study_id": round_open.study_id,
         "round": round_open.round, "round_open": round_open.digest().hex(),
         "aggregators": len(messages),
         "samples": update.result.train_samples, "clipped": update.update.clipped,
+        # what each aggregator's receipts must list (node.round.receipts): a salted hash
+        "statement": statement.commitment().hex(),
     })  # fmt: skip
     if charge is not None:
         assert ctx.ledger is not None  # train_for_round charges only a ledger it was given
@@ -226,12 +231,14 @@ def seal_shares(
     encoded: np.ndarray,
     ctx: ParticipationContext,
     epsilon_total: float = 0.0,
+    statement: NodeStatement | None = None,
 ) -> list[Outgoing]:
     """Split `encoded` into one share per aggregator of the round, seal each to its
     aggregator, sign each envelope as this site, and address it; ordered by aggregator index.
     Every envelope carries the same statement (`epsilon_total`, the site's composed epsilon
     for the study, this round included, which the model card reports, and one fresh salt),
-    sealed to its aggregator like the share: the broker never reads the epsilon.
+    sealed to its aggregator like the share: the broker never reads the epsilon. `statement`
+    is that statement when the caller keeps its commitment (a fresh one otherwise).
 
     Guarantee: each aggregator can open only its own share and statement, only under the
     binding it builds from its own RoundOpen, and fewer than all shares reveal nothing of
@@ -241,7 +248,8 @@ def seal_shares(
         round_open.federation_id, round_open.study_id, round_open.round, ctx.site_id
     )
     shares = split(encoded, len(round_open.aggregator_ids), share_ctx, round_open.ring)
-    statement = NodeStatement.fresh(epsilon_total)  # one per round, the same for every one
+    if statement is None:  # one per round, the same for every aggregator
+        statement = NodeStatement.fresh(epsilon_total)
     out = []
     for share in shares:
         aggregator = round_open.aggregator_ids[share.aggregator_index]

@@ -89,6 +89,7 @@ KINDS = frozenset(
     | {"dicom-refused"}  # a C-STORE that would have replaced a received object: tampering
     | {"ledger-rebuilt"}
     | {"state-rebuilt"}
+    | {"share-received", "share-not-received", "intake-throttled"}
 )
 # On a node these kinds may carry counts and scalars only, never a list of who or what.
 COUNT_ONLY_KINDS = frozenset({"participant-set", "quarantine"})

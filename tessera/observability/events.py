@@ -43,6 +43,10 @@ class Event(enum.StrEnum):
     # --- a service's MQTT link (broker.service_link, broker.outbox) -------------------------
     INSECURE_BROKER = "insecure-broker"  # connecting to the plaintext development broker
     RETAIN_SKIPPED = "retain-skipped"  # a "retained" payload too large for one frame
+    CHUNK_REJECTED = "chunk-rejected"  # a chunk frame refused (malformed, over a quota)
+    TRANSFER_EXPIRED = "transfer-expired"  # a partly received payload idle too long, dropped
+    TRANSFER_EVICTED = "transfer-evicted"  # a partly received payload displaced by a quota
+    LOG_SUPPRESSED = "log-suppressed"  # how many repeats of one sender's event were not logged
     BROKER_CONNECTED = "broker-connected"  # (re)connected; down_s: how long it was away
     BROKER_DISCONNECTED = "broker-disconnected"  # lost the broker (once per outage)
     PUBLISH_STALLED = "publish-stalled"  # unacknowledged for publish_timeout_s; kept queued
@@ -85,6 +89,8 @@ class Event(enum.StrEnum):
     RELEASE_INSTALLED = "release-installed"
     MODEL_UNUSABLE = "model-unusable"  # the store's current model did not load: kept the old
     MODEL_SWAPPED = "model-swapped"  # inference now serves another version
+    SHARE_CONFIRMED = "share-confirmed"  # an aggregator's receipts hold this node's share
+    SHARE_NOT_RECEIVED = "share-not-received"  # an aggregator closed a round without it
     MODEL_DAMAGED = "model-damaged"  # a stored version's files fail their hashes
     MODEL_REPAIRED = "model-repaired"  # ...rewritten from a verified copy of its release
     RELEASE_REFETCH_REQUESTED = "release-refetch-requested"  # asked the aggregators again
@@ -117,6 +123,7 @@ class Event(enum.StrEnum):
     ROUND_RECOVERED = "round-recovered"  # a round a crash left in flight, aborted at start
     ROUND_OPENED = "round-opened"  # the leader opened a round
     ROUND_NOT_OPENED = "round-not-opened"  # the leader would not open a round (says why)
+    INTAKE_THROTTLED = "intake-throttled"  # a member's messages over its budget, dropped
 
     # --- the aggregator's round protocol (aggregator.service) -------------------------------
     SHARE_DUPLICATE = "share-duplicate"  # a node's second share for the round, ignored
@@ -142,6 +149,10 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.AUDIT_ANCHOR_NOT_WRITTEN: ("path", "error_type"),
     Event.INSECURE_BROKER: (),
     Event.RETAIN_SKIPPED: ("bytes",),
+    Event.CHUNK_REJECTED: ("sender", "topic", "reason"),
+    Event.TRANSFER_EXPIRED: ("sender", "topic", "received", "count", "total_size"),
+    Event.TRANSFER_EVICTED: ("sender", "topic", "received", "count", "total_size"),
+    Event.LOG_SUPPRESSED: ("suppressed_event", "sender", "suppressed", "interval_s"),
     Event.BROKER_CONNECTED: ("session_present", "down_s", "queued"),
     Event.BROKER_DISCONNECTED: ("reason", "queued"),
     Event.PUBLISH_STALLED: ("kind", "waited_s", "queued"),
@@ -158,7 +169,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.EPSILON_AUDIT_BEHIND: ("study", "rounds", "epsilon"),
     Event.LEDGER_BEHIND: ("study", "ledger_epsilon", "audit_epsilon", "rounds", "reason"),
     Event.LEDGER_RESTORED: ("study", "epsilon"),
-    Event.MESSAGE_REJECTED: ("kind", "error", "reason", "round"),
+    Event.MESSAGE_REJECTED: ("kind", "error", "reason", "round", "sender"),
     Event.ROUND_ABORT_RECEIVED: ("round", "reason"),
     Event.ROUND_DROPPED: ("round",),
     Event.ROUND_REFUSED: ("round", "reason", "detail"),
@@ -184,6 +195,8 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.RELEASE_INSTALLED: ("version", "round", "serving"),
     Event.MODEL_UNUSABLE: ("version", "reason"),
     Event.MODEL_SWAPPED: ("version", "pinned"),
+    Event.SHARE_CONFIRMED: ("round", "aggregator"),
+    Event.SHARE_NOT_RECEIVED: ("round", "aggregator", "held"),
     Event.MODEL_DAMAGED: ("version", "reason"),
     Event.MODEL_REPAIRED: ("version", "source"),
     Event.RELEASE_REFETCH_REQUESTED: ("version",),
@@ -210,6 +223,7 @@ EVENT_FIELDS: Mapping[Event, tuple[str, ...]] = MappingProxyType({
     Event.ROUND_RECOVERED: ("study", "round"),
     Event.ROUND_OPENED: ("round", "algorithm", "expected"),
     Event.ROUND_NOT_OPENED: ("reason",),
+    Event.INTAKE_THROTTLED: ("sender", "dropped", "interval_s"),
     Event.SHARE_DUPLICATE: ("round",),
     Event.CANDIDATE_BUILT: ("round", "version"),
     Event.AUDIT_REPORT: ("round", "site"),

@@ -15,13 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from tessera.observability.events import Event
 
-__all__ = ["JsonFormatter", "configure_logging", "log_event", "silence_dicom_libraries"]
+__all__ = [
+    "JsonFormatter",
+    "RepeatLimiter",
+    "configure_logging",
+    "log_event",
+    "silence_dicom_libraries",
+]
 
 # Libraries whose records quote DICOM values (pydicom element values; pynetdicom dumps every
 # DIMSE message at DEBUG, SOP Instance UIDs included). Nothing of theirs may reach an output.
@@ -103,3 +110,63 @@ def log_event(
 ) -> None:
     """Log `event` with structured `fields` (hashes, counts, codes only)."""
     logger.log(level, event, extra={"fields": fields})
+
+
+class RepeatLimiter(logging.Filter):
+    """Logs each (logger, event, sender) once per interval; counts the repeats and logs
+    them as one `log-suppressed` line per key at `flush()`.
+
+    Only records whose fields name a `sender` (a member whose messages caused them: a chunk
+    or message refused, a transfer displaced) are limited; every other record passes. So a
+    member that floods an aggregator costs it a few lines per interval, whatever the
+    flood's size, and one sender's repeats never hide another sender's first line.
+    Install it on the handlers (`install`), call `flush()` periodically; thread-safe.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._window_start = clock()
+        self._seen: dict[tuple[str, str, str], int] = {}  # key -> repeats not logged
+        self._logger = logging.getLogger("tessera.observability.logs")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for a repeat of a key already logged in this interval."""
+        fields = getattr(record, "fields", None)
+        sender = fields.get("sender") if isinstance(fields, Mapping) else None
+        if sender is None or record.msg == Event.LOG_SUPPRESSED:
+            return True
+        key = (record.name, str(record.msg), str(sender))
+        with self._lock:
+            if key not in self._seen:
+                self._seen[key] = 0
+                return True
+            self._seen[key] += 1
+            return False
+
+    def flush(self) -> None:
+        """Once the interval is over: one `log-suppressed` line per key that had repeats,
+        then a new interval."""
+        with self._lock:
+            if self._clock() - self._window_start < self.interval_s:
+                return
+            seen, self._seen = self._seen, {}
+            self._window_start = self._clock()
+        for (_name, event, sender), count in sorted(seen.items()):
+            if count:
+                fields = {"suppressed_event": event, "sender": sender, "suppressed": count,
+                          "interval_s": self.interval_s}  # fmt: skip
+                self._logger.warning(Event.LOG_SUPPRESSED, extra={"fields": fields})
+
+    def install(self) -> RepeatLimiter:
+        """Add this filter to every handler of the root logger; return it."""
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self)
+        return self
+
+    def uninstall(self) -> None:
+        """Remove this filter from the root logger's handlers."""
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self)

@@ -1,4 +1,5 @@
-"""Messages of the agreement and summing steps: ReceivedSet, ParticipantSet, PartialSum.
+"""Messages of the agreement and summing steps: ReceivedSet, ReceiptSet, ParticipantSet,
+PartialSum.
 
 Import them from `tessera.wire.messages`, which re-exports every message class. The conventions
 (validation on construction, CodecError for every fault) are those of `tessera.wire.messages`.
@@ -9,12 +10,14 @@ Node id sets are held sorted and unique, so that one set has exactly one encodin
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
 from tessera.errors import CodecError
 from tessera.limits import MAX_PARTIAL_SUM_BYTES
 from tessera.wire.codec import (
+    MAX_LIST_COUNT,
     Bytes,
     MessageType,
     Writer,
@@ -88,6 +91,67 @@ class ReceivedSet:
         hashes = tuple(r.hash("statement_hashes") for _ in nodes)
         r.done()
         return cls(*context, aggregator, nodes, hashes)
+
+
+@dataclass(frozen=True)
+class ReceiptSet:
+    """What one aggregator tells the sites when it closes collection: the commitments of
+    the statements it holds (`tessera.wire.statement.NodeStatement.commitment`), with no node
+    ids. A site that sent a share finds its own commitment here, or learns that this
+    aggregator closed the round without its share (issue 19, point 8); the commitments are
+    salted hashes, so a site learns only how many shares the aggregator holds, never whose.
+    Kept sorted and unique (a repeat is listed once): one set, one encoding."""
+
+    federation_id: str
+    study_id: str
+    round: int
+    aggregator_id: str
+    commitments: tuple[bytes, ...]
+    TYPE: ClassVar[MessageType] = MessageType.RECEIPT_SET
+
+    def __post_init__(self) -> None:
+        check_context(self.federation_id, self.study_id, self.round)
+        check_id("aggregator_id", self.aggregator_id)
+        held = tuple(self.commitments)
+        if len(held) > MAX_LIST_COUNT:
+            raise CodecError(f"commitments has {len(held)} entries, more than {MAX_LIST_COUNT}")
+        for digest in held:
+            check_hash("commitments", digest)
+        # Two members could state the same bytes (colluding, the salt copied): listed once.
+        object.__setattr__(self, "commitments", tuple(sorted(set(held))))
+
+    @property
+    def sender_id(self) -> str | None:
+        return self.aggregator_id
+
+    def holds(self, commitment: bytes) -> bool:
+        """Whether this aggregator holds the statement with `commitment` (and so its share)."""
+        return commitment in self.commitments
+
+    def to_bytes(self) -> bytes:
+        """Encode for the wire."""
+        w = Writer(self.TYPE)
+        write_context(w, self.federation_id, self.study_id, self.round)
+        w.id(self.aggregator_id)
+        w.u32(len(self.commitments))
+        for digest in self.commitments:
+            w.hash(digest)
+        return w.finish()
+
+    @classmethod
+    def from_bytes(cls, data: Bytes) -> ReceiptSet:
+        """Decode strictly; the commitments must arrive sorted and unique."""
+        r = begin(data, cls.__name__, cls.TYPE)
+        context = read_context(r)
+        aggregator = r.id("aggregator_id")
+        count = r.u32("count")
+        if count > MAX_LIST_COUNT:
+            raise CodecError(f"ReceiptSet: {count} commitments, more than {MAX_LIST_COUNT}")
+        held = tuple(r.hash("commitments") for _ in range(count))
+        r.done()
+        if any(a >= b for a, b in itertools.pairwise(held)):
+            raise CodecError("ReceiptSet: commitments must be strictly sorted on the wire")
+        return cls(*context, aggregator, held)
 
 
 @dataclass(frozen=True)

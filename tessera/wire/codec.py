@@ -58,6 +58,7 @@ class MessageType(IntEnum):
     MODEL_RELEASE = 6
     ROUND_ABORT = 7
     RELEASE_REQUEST = 8
+    RECEIPT_SET = 9
     RELEASE_HEADER = 0x46  # only ever signed, never sent alone
     RELEASE_BUNDLE = 0x47  # only inside a ModelRelease payload
     NODE_STATEMENT = 0x48  # only inside a sealed statement of a ShareEnvelope

@@ -34,6 +34,7 @@ from tessera.wire.messages import (
     ModelRelease,
     PartialSum,
     ParticipantSet,
+    ReceiptSet,
     ReceivedSet,
     ReleaseRequest,
     RoundAbort,
@@ -47,6 +48,7 @@ Message = (
     RoundOpen
     | ShareEnvelope
     | ReceivedSet
+    | ReceiptSet
     | ParticipantSet
     | PartialSum
     | ModelRelease
@@ -86,6 +88,8 @@ def decode_message(data: Bytes, max_payload: int) -> Message:
         return RoundAbort.from_bytes(data)
     if message_type == MessageType.RELEASE_REQUEST:
         return ReleaseRequest.from_bytes(data)
+    if message_type == MessageType.RECEIPT_SET:
+        return ReceiptSet.from_bytes(data)
     raise CodecError(f"message type {message_type} is unknown to wire version {VERSION}")
 
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 from tessera.crypto.encoding import RingParams
 from tessera.crypto.update_layout import DEFAULT_LOSS_CAP, DEFAULT_WEIGHT_CAP
 from tessera.errors import CodecError
-from tessera.wire.agreement import PartialSum, ParticipantSet, ReceivedSet
+from tessera.wire.agreement import PartialSum, ParticipantSet, ReceiptSet, ReceivedSet
 from tessera.wire.codec import (
     Bytes,
     MessageType,
@@ -44,6 +44,7 @@ __all__ = [
     "ModelRelease",
     "PartialSum",
     "ParticipantSet",
+    "ReceiptSet",
     "ReceivedSet",
     "ReleaseRequest",
     "RoundAbort",

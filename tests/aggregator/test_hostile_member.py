@@ -164,3 +164,26 @@ def test_a_repeated_identical_report_is_no_conflict(tmp_path: Path) -> None:
     assert all(fed.stage(a) is Stage.RELEASED for a in AGGREGATORS)
     cards = [fed.services[a].registry.latest(STUDY) for a in AGGREGATORS]
     assert cards[0] is not None and cards[1] is not None and cards[0].card == cards[1].card
+
+
+def test_each_aggregator_tells_the_sites_the_commitments_it_holds_and_no_more(
+    tmp_path: Path,
+) -> None:
+    # issue 19, point 8: site-d's share never reached agg-2 (the broker dropped it). Each
+    # aggregator's receipts list the commitments of the statements it holds, without node
+    # ids: site-d finds its own at agg-1 and not at agg-2.
+    fed = Federation(tmp_path)
+    run_round(fed, skip={("site-d", "agg-2")})
+    fed.past_deadline()
+    leader = fed.services[LEADER].current
+    assert leader is not None
+    held_by = {a: fed.published_to_sites(a) for a in AGGREGATORS}
+    site_d = leader.received[LEADER]["site-d"]
+    assert site_d in held_by["agg-1"].commitments
+    assert site_d not in held_by["agg-2"].commitments
+    (received,) = [m for _, m in fed.published(ReceivedSet, on=(topics.Kind.RECEIVED,))]
+    assert isinstance(received, ReceivedSet)
+    assert held_by["agg-2"].commitments == tuple(sorted(received.statement_hashes))
+    assert held_by["agg-1"].commitments == tuple(sorted(leader.received[LEADER].values()))
+    assert all(NODES[0].encode() not in out.payload for out in fed.wire
+               if topics.parse(out.topic).kind is topics.Kind.RECEIPTS)  # fmt: skip

@@ -115,8 +115,10 @@ def test_no_participant_set_partial_sum_request_or_release_breaks_k_or_gets_acce
     assert fed.services[FOLLOWER].store.held_nodes(announcement.study_id, 1) == SITES[:3]
 
     fed.clock.now = announcement.deadline_ms / 1000 + 1
-    received = follower.tick()  # agg-2 closes collection: its ReceivedSet, held back for now
-    assert [kind(o) for o in received] == [topics.Kind.RECEIVED]
+    # agg-2 closes collection: its ReceivedSet, held back, then its receipts for the sites
+    # (in that order: the outbox sends in order, and the round waits on the ReceivedSet)
+    received = follower.tick()
+    assert [kind(o) for o in received] == [topics.Kind.RECEIVED, topics.Kind.RECEIPTS]
 
     fed_id, study = announcement.federation_id, announcement.study_id
     by_a_node = ParticipantSet(fed_id, study, 1, "site-1", SITES[:3])

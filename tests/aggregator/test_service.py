@@ -37,6 +37,7 @@ from tessera.observability.events import Event
 from tessera.wire.envelopes import open_envelope, seal_envelope
 from tessera.wire.messages import (
     ModelRelease,
+    ReceiptSet,
     ReleaseRequest,
     RoundAbort,
     RoundOpen,
@@ -174,6 +175,16 @@ class Federation:
     def signed_share(self, envelope: ShareEnvelope, node: str) -> Outgoing:
         payload = seal_envelope(envelope, node, self.node_keys[node])
         return Outgoing(topics.share_topic(FED, STUDY, envelope.aggregator_id, node), payload)
+
+    def published_to_sites(self, agg: str) -> ReceiptSet:
+        """The one ReceiptSet `agg` published (its receipts for the sites)."""
+        (receipts,) = [
+            message
+            for out, message in self.published(ReceiptSet, on=(topics.Kind.RECEIPTS,))
+            if out.topic == topics.receipts_topic(FED, STUDY, agg)
+        ]
+        assert isinstance(receipts, ReceiptSet)
+        return receipts
 
     def held(self, agg: str) -> tuple[str, ...]:
         service = self.services[agg]

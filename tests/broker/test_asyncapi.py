@@ -22,7 +22,7 @@ from broker import topics
 from broker.chunking import split_payload
 from tessera.crypto.encoding import RingParams, derive_ring_params
 from tessera.crypto.signing import generate_signing_key
-from tessera.wire.agreement import PartialSum, ParticipantSet, ReceivedSet
+from tessera.wire.agreement import PartialSum, ParticipantSet, ReceiptSet, ReceivedSet
 from tessera.wire.codec import MessageType
 from tessera.wire.envelopes import seal_envelope
 from tessera.wire.messages import ReleaseRequest, RoundAbort, RoundOpen, ShareEnvelope
@@ -66,6 +66,8 @@ class LayoutReader:
         encoding = field["encoding"]
         if encoding == "hashes":  # one 32-byte hash per item of the field it names
             value = tuple(self.take(32) for _ in (before or {})[field["per"]])
+        elif encoding == "hashlist":
+            value = tuple(self.take(32) for _ in range(self.u(">I")))
         elif encoding in self.FIXED:
             fmt = self.FIXED[encoding]
             value = struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
@@ -154,6 +156,7 @@ def example_messages() -> list[Any]:
             os.urandom(94),
         ),
         ReceivedSet("fed-a", "study.1", 7, "agg-1", ("site-a", "site-b"), (h1, h2)),
+        ReceiptSet("fed-a", "study.1", 7, "agg-1", (h2, h1)),
         ParticipantSet("fed-a", "study.1", 7, "agg-1", ("site-a", "site-b")),
         PartialSum("fed-a", "study.1", 7, "agg-1", "agg-2", h2, os.urandom(100)),
         build_release("fed-a", "study.1", 7, 4, h1, bundle),
@@ -263,6 +266,7 @@ def test_documented_addresses_build_and_parse_like_the_code(spec: dict[str, Any]
         "ROUND": topics.round_topic("fed-a", "study.1"),
         "SHARE": topics.share_topic("fed-a", "study.1", "agg-2", "site-a"),
         "RECEIVED": topics.received_topic("fed-a", "study.1", "agg-2"),
+        "RECEIPTS": topics.receipts_topic("fed-a", "study.1", "agg-2"),
         "PARTICIPANTS": topics.participants_topic("fed-a", "study.1"),
         "PARTIAL": topics.partial_topic("fed-a", "study.1", "agg-2", "agg-1"),
         "RELEASE": topics.release_topic("fed-a", "study.1"),

@@ -23,6 +23,7 @@ from broker.chunking import (
     split_payload,
 )
 from broker.errors import ChunkError, PayloadTooLargeError
+from broker.quotas import Origin
 from tessera.errors import ConfigError
 
 
@@ -106,7 +107,7 @@ def test_identical_repeat_is_ignored_and_logged(caplog: pytest.LogCaptureFixture
     first, second, third = split_payload(payload, 100)
     assembler, _ = reassembler()
     assert assembler.accept("t", first) is None
-    with caplog.at_level(logging.INFO, logger="broker.chunking"):
+    with caplog.at_level(logging.DEBUG, logger="broker.chunking"):
         assert assembler.accept("t", first) is None
     assert "repeated chunk 0" in caplog.text
     assert assembler.accept("t", second) is None
@@ -182,18 +183,94 @@ def test_progress_resets_the_timeout() -> None:
     ("limits", "message"),
     [
         ({"max_payload_bytes": 100}, "over the limit"),
-        ({"max_transfers": 1}, "transfers already open"),
-        ({"max_total_bytes": 300}, "held across open transfers"),
+        ({"max_transfers": 1}, "pool's transfers are full"),
+        ({"max_total_bytes": 300}, "pool's declared bytes are full"),
     ],
 )
 def test_limits_refuse_new_transfers(limits: dict[str, int], message: str) -> None:
     assembler, _ = reassembler(**limits)
     small = next(split_payload(os.urandom(100), 50))
     if "max_payload_bytes" not in limits:
-        assembler.accept("t", small)
+        assembler.accept("other", small)  # another sender, holding no more than the newcomer
     big = next(split_payload(os.urandom(250), 50))
     with pytest.raises(PayloadTooLargeError, match=message):
         assembler.accept("t", big)
+
+
+def first_frames(count: int, total: int = 20, chunk: int = 10) -> list[ChunkFrame]:
+    """The first frame of each of `count` payloads of `total` bytes: never finished."""
+    return [next(split_payload(os.urandom(total), chunk)) for _ in range(count)]
+
+
+def test_a_senders_stalled_transfers_displace_only_its_own() -> None:
+    # issue 20, point 5: sixteen never-finished transfers (160 bytes) used to fill the
+    # receiver's 16 places and block every other topic.
+    assembler, clock = reassembler(max_transfers=16, sender_transfers=4)
+    for frame in first_frames(16):
+        clock.now += 1
+        assert assembler.accept("share/agg/site-c", frame) is None
+    assert assembler.open_transfers == 4  # its four newest; the twelve before, evicted
+    assert len(assembler.evicted) == 12
+    payload = os.urandom(300)
+    results = [assembler.accept(f"share/agg/{s}", f) for s in ("site-a", "site-b")
+               for f in split_payload(payload, 100)]  # fmt: skip
+    assert results.count(payload) == 2
+
+
+def test_oversized_declarations_displace_their_own_not_others() -> None:
+    # Two frames declaring 256 MiB each used to hold the whole 512 MiB budget.
+    assembler, _ = reassembler(
+        max_payload_bytes=256 << 20, max_total_bytes=512 << 20, spool_threshold=1 << 20
+    )
+    honest = list(split_payload(os.urandom(300), 100))
+    assembler.accept("site-a", honest[0])
+    for _ in range(2):
+        data = os.urandom(1 << 20)
+        frame = ChunkFrame(
+            os.urandom(16), 0, 256, 1 << 20, 256 << 20, os.urandom(32),
+            hashlib.sha256(data).digest(), data,
+        )  # fmt: skip
+        assert assembler.accept("site-c", frame) is None
+    assert [e.key for e in assembler.evicted] == ["site-c"]
+    assert assembler.accept("site-a", honest[1]) is None
+    assert assembler.accept("site-a", honest[2]) is not None
+
+
+def test_members_never_crowd_out_the_aggregators_pool() -> None:
+    def origin(key: str) -> Origin:
+        return Origin(key, "aggregators" if key == "round" else "members")
+
+    assembler = Reassembler(ReassemblyLimits(max_transfers=4), FakeClock(), origin)
+    for sender in ("site-a", "site-b", "site-c", "site-d"):
+        assembler.accept(sender, first_frames(1)[0])
+    with pytest.raises(PayloadTooLargeError, match="members pool"):
+        assembler.accept("site-e", first_frames(1)[0])
+    (round_open,) = split_payload(b"a RoundOpen", 100)
+    assert assembler.accept("round", round_open) == b"a RoundOpen"
+
+
+def test_a_full_pool_takes_from_the_sender_holding_most() -> None:
+    assembler, clock = reassembler(max_transfers=4, sender_transfers=4)
+    for frame in first_frames(3):
+        clock.now += 1
+        assembler.accept("greedy", frame)
+    assembler.accept("modest", first_frames(1)[0])
+    assembler.accept("newcomer", first_frames(1)[0])
+    (evicted,) = assembler.evicted
+    assert evicted.key == "greedy"
+    held = sorted(t.origin.sender for t in assembler._open.values())
+    assert held == ["greedy", "greedy", "modest", "newcomer"]
+
+
+def test_time_disconnected_does_not_count_as_idle() -> None:
+    first, second = split_payload(os.urandom(200), 100)
+    assembler, clock = reassembler(timeout_s=30)
+    assembler.accept("t", first)
+    clock.now += 29
+    assembler.resume()  # reconnected after an outage
+    clock.now += 29
+    assert assembler.expire() == []
+    assert assembler.accept("t", second) is not None
 
 
 def test_large_transfers_spool_to_disk_not_memory(tmp_path) -> None:  # type: ignore[no-untyped-def]

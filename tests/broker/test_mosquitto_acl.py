@@ -81,6 +81,23 @@ def test_only_the_leader_publishes_the_participant_set(
         connect("agg-2", mosquitto).publish(topics.participants_topic(FED, STUDY), b"x").wait(10)
 
 
+def test_every_site_reads_each_aggregators_receipts_and_only_it_writes_them(
+    mosquitto: MosquittoProcess, connect: SessionFactory
+) -> None:
+    inboxes = {site: Inbox() for site in ("site-a", "site-b")}
+    sites = {site: connect(site, mosquitto) for site in inboxes}
+    for site, inbox in inboxes.items():
+        sites[site].subscribe(topics.all_receipts(FED, STUDY), inbox)
+    own = topics.receipts_topic(FED, STUDY, "agg-2")
+    with pytest.raises(NotAuthorizedError):
+        sites["site-a"].publish(own, b"forged receipts").wait(10)
+    with pytest.raises(NotAuthorizedError):
+        connect("agg-1", mosquitto).publish(own, b"agg-1 posing as agg-2").wait(10)
+    connect("agg-2", mosquitto).publish(own, b"receipts").wait(10)
+    for inbox in inboxes.values():
+        assert inbox.wait_for(1) == [(own, b"receipts")]
+
+
 def test_a_release_sent_again_reaches_only_the_site_that_asked(
     mosquitto: MosquittoProcess, connect: SessionFactory
 ) -> None:

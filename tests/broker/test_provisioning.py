@@ -162,6 +162,7 @@ def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
             f"topic write tessera/fed-test/{study}/share/agg-2/site-a",
             f"topic write tessera/fed-test/{study}/audit/site-a",
             f"topic read tessera/fed-test/{study}/release/site-a",
+            f"topic read tessera/fed-test/{study}/receipts/+",
             f"topic write tessera/fed-test/{study}/fetch/site-a",
         ]
     assert sorted(site_block) == sorted(expected)
@@ -176,6 +177,8 @@ def test_acl_grants_exactly_the_roles(provisioned: Path) -> None:
     for block in (leader, other):  # any aggregator answers a node's release request
         assert "topic read tessera/fed-test/study-1/fetch/+" in block
         assert "topic write tessera/fed-test/study-1/release/site-b" in block
+    assert "topic write tessera/fed-test/study-1/receipts/agg-2" in other
+    assert "receipts/agg-1" not in other and "read tessera/fed-test/study-1/receipts" not in other
 
 
 def test_every_topic_a_member_may_write_is_concrete(provisioned: Path) -> None:
@@ -199,7 +202,7 @@ def test_mosquitto_conf_has_the_security_settings(provisioned: Path) -> None:
         "per_listener_settings true",
         "persistence true",
         "max_packet_size 2162688",
-        "max_queued_messages ",
+        "max_queued_messages 100000",
         "max_queued_bytes ",
         "protocol websockets",
         "listener 443 ",

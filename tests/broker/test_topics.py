@@ -19,6 +19,10 @@ from broker.topics import Kind, Topic
             topics.received_topic("f", "s", "agg-1"),
             Topic(Kind.RECEIVED, "f", "s", aggregator="agg-1"),
         ),
+        (
+            topics.receipts_topic("f", "s", "agg-1"),
+            Topic(Kind.RECEIPTS, "f", "s", aggregator="agg-1"),
+        ),
         (topics.participants_topic("f", "s"), Topic(Kind.PARTICIPANTS, "f", "s")),
         (
             topics.partial_topic("f", "s", "agg-2", "agg-1"),
@@ -113,3 +117,27 @@ def test_invalid_filters(bad: str) -> None:
 def test_publish_topics_have_no_wildcards(bad: str) -> None:
     with pytest.raises(TopicError):
         topics.validate_publish_topic(bad)
+
+
+@pytest.mark.parametrize(
+    ("topic", "member", "charged_to"),
+    [
+        (topics.share_topic("f", "s", "agg-1", "site-a"), "site-a", "site-a"),
+        (topics.audit_topic("f", "s", "site-b"), "site-b", "site-b"),
+        (topics.presence_topic("f", "site-c"), "site-c", "site-c"),
+        (topics.received_topic("f", "s", "agg-2"), None, "agg-2"),
+        (topics.partial_topic("f", "s", "agg-1", "agg-2"), None, "agg-2"),
+        (topics.round_topic("f", "s"), None, "tessera/f/s/round"),
+        (topics.release_topic("f", "s"), None, "tessera/f/s/release"),
+        (topics.candidate_topic("f", "s", "site-a"), None, "tessera/f/s/candidate/site-a"),
+        (topics.receipts_topic("f", "s", "agg-1"), None, "tessera/f/s/receipts/agg-1"),
+        (topics.fetch_topic("f", "s", "site-a"), "site-a", "site-a"),
+        (topics.release_copy_topic("f", "s", "site-a"), None, "tessera/f/s/release/site-a"),
+        ("tessera/f/s/unknown", "tessera/f/s/unknown", "tessera/f/s/unknown"),
+    ],
+)
+def test_the_writer_a_topic_names(topic: str, member: str | None, charged_to: str) -> None:
+    # The ACL lets only that member write a share, audit, fetch or presence topic: the topic is
+    # proof of the sender, so the intake gate and the transfer quotas key on it.
+    assert topics.member_writer(topic) == member
+    assert topics.writer_key(topic) == charged_to

@@ -52,6 +52,9 @@ SAMPLE_FIELDS = {
     "dicom-refused": {"reason": "overwrite", "instance": "5f" * 16, "calling_aet": "PACS1"},
     "ledger-rebuilt": {"study_id": "chest-xray", "rounds": 3, "restored": 3, "epsilon": 1.2},
     "state-rebuilt": {"study_id": "chest-xray", "versions": 3, "latest_round": 5},
+    "share-received": {"study_id": "chest-xray", "round": 3, "aggregator": "agg-1", "held": 4},
+    "share-not-received": {"study_id": "chest-xray", "round": 3, "aggregator": "agg-2", "held": 3},
+    "intake-throttled": {"sender": "site-c", "dropped": 41_000, "interval_s": 10.0},
 }
 TICK = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 

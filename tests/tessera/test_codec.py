@@ -21,6 +21,7 @@ from wire_examples import (
     model_releases,
     partial_sums,
     participant_sets,
+    receipt_sets,
     received_sets,
     round_aborts,
     round_opens,
@@ -29,14 +30,14 @@ from wire_examples import (
 )
 
 from tessera.errors import CodecError
-from tessera.wire.agreement import PartialSum, ParticipantSet, ReceivedSet
+from tessera.wire.agreement import PartialSum, ParticipantSet, ReceiptSet, ReceivedSet
 from tessera.wire.codec import MAGIC, VERSION, MessageType
 from tessera.wire.envelopes import Message, decode_message
 from tessera.wire.messages import ReleaseRequest, RoundAbort, RoundOpen, ShareEnvelope
 from tessera.wire.release import ModelRelease
 
 CLASSES = [RoundOpen, ShareEnvelope, ReceivedSet, ParticipantSet, PartialSum, ModelRelease]
-CLASSES.extend((RoundAbort, ReleaseRequest))
+CLASSES.extend((RoundAbort, ReleaseRequest, ReceiptSet))
 LIMIT = 1 << 20
 
 
@@ -60,6 +61,23 @@ def test_share_envelope_round_trips(message: ShareEnvelope) -> None:
 @given(received_sets())
 def test_received_set_round_trips(message: ReceivedSet) -> None:
     _round_trip(message)
+
+
+@given(receipt_sets)
+def test_receipt_set_round_trips(message: ReceiptSet) -> None:
+    _round_trip(message)
+
+
+def test_a_receipt_set_is_sorted_unique_and_refuses_unsorted_bytes() -> None:
+    a, b = b"a" * 32, b"b" * 32
+    message = ReceiptSet("fed-1", "study-1", 1, "agg-1", (b, a, b))
+    assert message.commitments == (a, b) and message.holds(a) and not message.holds(b"c" * 32)
+    data = message.to_bytes()
+    assert ReceiptSet.from_bytes(data) == message
+    with pytest.raises(CodecError, match="strictly sorted"):
+        ReceiptSet.from_bytes(data.replace(a + b, b + a))
+    with pytest.raises(CodecError):
+        ReceiptSet("fed-1", "study-1", 1, "agg-1", (b"short",))
 
 
 @given(participant_sets)

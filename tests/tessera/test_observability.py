@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tessera.errors import CodecError
+from tessera.observability.events import Event
 from tessera.observability.http import HealthServer, Request, Response
-from tessera.observability.logs import JsonFormatter, configure_logging
+from tessera.observability.logs import JsonFormatter, RepeatLimiter, configure_logging
 from tessera.observability.metrics import ServiceMetrics
 
 
@@ -281,3 +282,37 @@ def test_configure_logging_is_idempotent_and_rejects_unknown_levels() -> None:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         logging.getLogger("pydicom").disabled = saved[2]
+
+
+def test_repeats_of_one_senders_event_are_logged_once_per_interval_then_counted() -> None:
+    now = [0.0]
+    stream = io.StringIO()
+    logger = logging.getLogger("tessera.test.repeats")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    limiter = RepeatLimiter(10.0, clock=lambda: now[0])
+    handler.addFilter(limiter)
+    logger.addHandler(handler)
+    summaries = logging.getLogger("tessera.observability.logs")
+    summaries.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    summaries.setLevel(logging.INFO)
+    try:
+        for _ in range(500):
+            logger.warning(Event.CHUNK_REJECTED, extra={"fields": {"sender": "site-c"}})
+        logger.warning(Event.CHUNK_REJECTED, extra={"fields": {"sender": "site-a"}})
+        for _ in range(3):  # not a member's: never limited
+            logger.warning(Event.ROUND_ABORTED, extra={"fields": {"round": 1}})
+        limiter.flush()  # the interval is not over: nothing yet
+        now[0] = 10.0
+        limiter.flush()
+    finally:
+        logger.removeHandler(handler)
+        summaries.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["event"], e.get("sender")) for e in lines] == [
+        ("chunk-rejected", "site-c"), ("chunk-rejected", "site-a"),
+        *[("round-aborted", None)] * 3,
+        ("log-suppressed", "site-c"),
+    ]  # fmt: skip
+    assert (lines[-1]["suppressed_event"], lines[-1]["suppressed"]) == ("chunk-rejected", 499)

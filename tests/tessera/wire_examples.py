@@ -7,7 +7,7 @@ import hashlib
 from hypothesis import strategies as st
 
 from tessera.crypto.encoding import RingParams, derive_ring_params
-from tessera.wire.agreement import PartialSum, ParticipantSet, ReceivedSet
+from tessera.wire.agreement import PartialSum, ParticipantSet, ReceiptSet, ReceivedSet
 from tessera.wire.messages import RoundAbort, RoundOpen, ShareEnvelope
 from tessera.wire.release import ModelRelease, ReleaseBundle, build_release
 
@@ -84,6 +84,9 @@ def received_sets(draw: st.DrawFn) -> ReceivedSet:
     return ReceivedSet(draw(ids), draw(ids), draw(rounds), draw(ids), nodes, statements)
 
 
+receipt_sets = st.builds(
+    ReceiptSet, ids, ids, rounds, ids, st.lists(hashes, max_size=8).map(tuple)
+)
 participant_sets = st.builds(ParticipantSet, ids, ids, rounds, ids, unique_ids)
 partial_sums = st.builds(PartialSum, ids, ids, rounds, ids, ids, hashes, st.binary(max_size=300))
 round_aborts = st.builds(RoundAbort, ids, ids, rounds, ids, st.text(max_size=200))
@@ -110,6 +113,7 @@ any_message = st.one_of(
     round_opens(),
     share_envelopes(),
     received_sets(),
+    receipt_sets,
     participant_sets,
     partial_sums,
     model_releases(),
