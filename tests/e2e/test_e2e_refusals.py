@@ -35,7 +35,9 @@ SPEC = FederationSpec(
     sites=("site-a", "site-b", "site-c", "site-d"),
     federation_id="refusal-fed",
     min_participants=2,
-    round={"collect_timeout_s": 20, "agreement_timeout_s": 25, "start_wait_s": 60,
+    # Every node refuses within a second of the RoundOpen, so the round only waits out its
+    # collection deadline to abort below k: 8 s, not more.
+    round={"collect_timeout_s": 8, "agreement_timeout_s": 25, "start_wait_s": 60,
            "pause_s": 3, "max_rounds": 1, "local_epochs": 1},
     training={"batch_size": 16, "noise_multiplier": 0.8},
 )  # fmt: skip
