@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from pathlib import Path
 
 import pytest
-from support.mosquitto import MosquittoProcess, SessionFactory
+from support.mosquitto import Inbox, MosquittoProcess, SessionFactory
 
 from broker import topics
 from broker.chunking import ReassemblyLimits
@@ -19,22 +18,8 @@ from broker.transfer import PayloadReceiver, send_payload
 FED, STUDY = "fed-test", "study-1"
 
 
-class Payloads:
-    """Collects delivered payloads; wait_for blocks until ``count`` arrived."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, bytes]] = []
-        self._changed = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        with self._changed:
-            self.items.append((topic, payload))
-            self._changed.notify_all()
-
-    def wait_for(self, count: int, timeout: float) -> list[tuple[str, bytes]]:
-        with self._changed:
-            self._changed.wait_for(lambda: len(self.items) >= count, timeout)
-        return list(self.items)
+class Payloads(Inbox):
+    """Collects delivered payloads; also waits for one to be the last delivered."""
 
     def wait_until_last(self, item: tuple[str, bytes], timeout: float) -> bool:
         with self._changed:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.mosquitto import MosquittoProcess
+from support.mosquitto import Inbox, MosquittoProcess
 
 from broker import topics
 from broker.chunking import prepare_spool_dir
@@ -24,24 +23,6 @@ from tessera.observability.events import Event
 
 FED, STUDY = "fed-test", "study-outbox"
 PUBLISH_TIMEOUT_S = 1.0
-
-
-class Inbox:
-    """Payloads a link delivered, in order; `wait_for` blocks until `count` arrived."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, bytes]] = []
-        self._changed = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        with self._changed:
-            self.items.append((topic, payload))
-            self._changed.notify_all()
-
-    def wait_for(self, count: int, timeout: float) -> list[tuple[str, bytes]]:
-        with self._changed:
-            self._changed.wait_for(lambda: len(self.items) >= count, timeout)
-            return list(self.items)
 
 
 @pytest.fixture

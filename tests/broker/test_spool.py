@@ -19,13 +19,12 @@ import hashlib
 import logging
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support.mosquitto import MosquittoProcess, SessionFactory
+from support.mosquitto import Inbox, MosquittoProcess, SessionFactory
 
 from broker import topics
 from broker.chunking import Reassembler, ReassemblyLimits, prepare_spool_dir, split_payload
@@ -57,24 +56,6 @@ def fill(disk: Path, leave: int) -> Path:
     with filler.open("wb") as out:
         out.write(b"\0" * (os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize - leave))
     return filler
-
-
-class Delivered:
-    """Collects payloads handed to the receiver's callback."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, bytes]] = []
-        self._changed = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        with self._changed:
-            self.items.append((topic, payload))
-            self._changed.notify_all()
-
-    def wait_for(self, count: int, timeout: float) -> list[tuple[str, bytes]]:
-        with self._changed:
-            self._changed.wait_for(lambda: len(self.items) >= count, timeout)
-        return list(self.items)
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
@@ -135,7 +116,7 @@ def test_a_transfer_that_fills_the_disk_is_delivered_once_space_returns(
         connect("agg-1", mosquitto, deferred_retry_s=0.5),
         ReassemblyLimits(spool_threshold=THRESHOLD, spool_dir=folder, timeout_s=120),
     )
-    got = Delivered()
+    got = Inbox()
     receiver.subscribe(topics.shares_for_aggregator(FED, STUDY, "agg-1"), got)
     filler = fill(small_disk, leave=4 * CHUNK)
     send_payload(connect("site-a", mosquitto), topic, payload, chunk_size=CHUNK, timeout_s=60)
@@ -162,7 +143,7 @@ def test_chunks_that_found_no_spool_folder_reach_the_receiver_after_its_restart(
     folder = prepare_spool_dir(tmp_path / "spool")
     limits = ReassemblyLimits(spool_threshold=THRESHOLD, spool_dir=folder, timeout_s=120)
     first = PayloadReceiver(connect("agg-2", mosquitto), limits)
-    lost = Delivered()
+    lost = Inbox()
     first.subscribe(topics.shares_for_aggregator(FED, STUDY, "agg-2"), lost)
     folder.rmdir()  # removed under the running service
     send_payload(connect("site-b", mosquitto), topic, payload, chunk_size=CHUNK, timeout_s=60)
@@ -174,7 +155,7 @@ def test_chunks_that_found_no_spool_folder_reach_the_receiver_after_its_restart(
     prepare_spool_dir(folder)  # what the restarted daemon does at start-up
     session = connect("agg-2", mosquitto, start=False)  # the same persistent session
     second = PayloadReceiver(session, limits)
-    got = Delivered()
+    got = Inbox()
     second.subscribe(topics.shares_for_aggregator(FED, STUDY, "agg-2"), got)
     session.start().wait_connected(10)
     delivered = got.wait_for(1, timeout=60)
@@ -194,7 +175,7 @@ def test_a_payload_its_handler_defers_is_handed_over_again_and_once(
         ReassemblyLimits(spool_threshold=THRESHOLD, spool_dir=prepare_spool_dir(tmp_path / "s")),
     )
     calls: list[bytes] = []
-    got = Delivered()
+    got = Inbox()
 
     def handler(topic: str, data: bytes) -> None:
         calls.append(data)
